@@ -1,0 +1,1 @@
+"""rayfront, the client a designer runs inside a project directory."""

@@ -1,0 +1,180 @@
+"""Server settings from ``<home>/config/rayserver.toml``.
+
+Every key is documented, with its default, in ``conf/rayserver.toml``. A
+missing file means all defaults. An unknown key, a value of the wrong type or
+a TOML syntax error raises :class:`SettingsError` naming the file (and the
+line, where TOML says it) and what was expected, so a broken edit never
+silently changes behaviour.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 9182
+DEFAULT_ALLOW = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+class SettingsError(Exception):
+    """A settings file that cannot be used; the message names file and problem."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = str(path)
+        self.detail = message
+        super().__init__(f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every server and client setting, with the shipped defaults."""
+
+    bind: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    allow: tuple[str, ...] = DEFAULT_ALLOW
+    # None: <home>/config/token, created at first start. "": tokens switched off.
+    token_file: str | None = None
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    radiance_bin: str = ""
+    raypath: tuple[str, ...] = ()
+    max_body_bytes: int = 1_048_576
+    max_steps: int = 32
+    max_args: int = 256
+    max_arg_length: int = 4096
+    client_timeout: float = 60.0
+    cancel_grace: float = 5.0
+    log_level: str = "INFO"
+    executor: str = "local"
+    slurm_partition: str = ""
+    slurm_options: tuple[str, ...] = ()
+    slurm_bin: str = ""
+    slurm_poll_interval: float = 2.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def token_path(self, default: Path) -> Path | None:
+        """The token file in force: None when tokens are switched off."""
+        if self.token_file is None:
+            return default
+        if self.token_file == "":
+            return None
+        return Path(self.token_file).expanduser()
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+_INT_KEYS = {"port", "max_body_bytes", "max_steps", "max_args", "max_arg_length"}
+_FLOAT_KEYS = {"client_timeout", "cancel_grace", "slurm_poll_interval"}
+_STR_KEYS = {
+    "bind", "tls_cert", "tls_key", "tls_ca", "radiance_bin", "log_level",
+    "executor", "slurm_partition", "slurm_bin",
+}
+_LIST_KEYS = {"allow", "raypath", "slurm_options"}
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def known_keys() -> set[str]:
+    return {f.name for f in fields(Settings)} - {"extra"}
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read a settings file; a missing file gives the defaults."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return Settings()
+    except OSError as exc:
+        raise SettingsError(path, f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SettingsError(path, f"not UTF-8 text ({exc.reason})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(path, f"TOML syntax error: {exc}") from exc
+    return settings_from_dict(data, path)
+
+
+def settings_from_dict(data: dict[str, Any], path: str | Path = "<settings>") -> Settings:
+    """Validate a parsed TOML table into Settings."""
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known_keys():
+            raise SettingsError(
+                path, f"unknown key {key!r}; known keys: {', '.join(sorted(known_keys()))}"
+            )
+        values[key] = _check(path, key, value)
+    settings = Settings(**values)
+    _check_combination(path, settings)
+    return settings
+
+
+def _check(path: str | Path, key: str, value: Any) -> Any:
+    if key in _INT_KEYS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SettingsError(path, f"{key} must be a whole number, got {value!r}")
+        if key == "port" and not 0 <= value <= 65535:
+            raise SettingsError(path, f"port must be between 0 and 65535, got {value}")
+        if key != "port" and value < 1:
+            raise SettingsError(path, f"{key} must be at least 1, got {value}")
+        return value
+    if key in _FLOAT_KEYS:
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise SettingsError(path, f"{key} must be a number of seconds >= 0, got {value!r}")
+        return float(value)
+    if key == "token_file":
+        if not isinstance(value, str):
+            raise SettingsError(path, f"token_file must be a path string (\"\" = off), got {value!r}")
+        return value
+    if key in _STR_KEYS:
+        if not isinstance(value, str):
+            raise SettingsError(path, f"{key} must be a string, got {value!r}")
+        if key == "log_level" and value.upper() not in _LOG_LEVELS:
+            raise SettingsError(
+                path, f"log_level must be one of {', '.join(sorted(_LOG_LEVELS))}, got {value!r}"
+            )
+        if key == "executor" and value not in ("local", "slurm"):
+            raise SettingsError(path, f"executor must be \"local\" or \"slurm\", got {value!r}")
+        if key == "bind" and value:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError as exc:
+                raise SettingsError(
+                    path, f"bind must be an IP address such as \"0.0.0.0\" or \"::\", got {value!r}"
+                ) from exc
+        return value.upper() if key == "log_level" else value
+    if key in _LIST_KEYS:
+        if isinstance(value, str) and key != "allow":
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SettingsError(path, f"{key} must be a list of strings, got {value!r}")
+        if key == "allow":
+            for item in value:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError as exc:
+                    raise SettingsError(
+                        path, f"allow entry {item!r} is not a network (CIDR, e.g. \"10.0.0.0/8\")"
+                    ) from exc
+        return tuple(value)
+    raise SettingsError(path, f"unknown key {key!r}")
+
+
+def _check_combination(path: str | Path, settings: Settings) -> None:
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise SettingsError(path, "tls_cert and tls_key must be given together")
