@@ -1,0 +1,265 @@
+"""Shared fixtures: a temporary installation directory and a real rayserver process.
+
+Every server a test starts is stopped by a finalizer, even when the test
+fails: first the server's own process group (SIGTERM, then SIGKILL), then
+any process still carrying this test's unique RAYFRONT_HOME in its
+environment (procwraps run in sessions of their own, so the group alone
+does not reach them). Processes are only ever found by that environment
+entry and ended by pid, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HOSTNAME = "testhost"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHome:
+    """A temporary installation directory with a hosts file for this machine."""
+
+    path: Path
+    port: int
+    projects: Path
+    host: str = HOSTNAME
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["RAYFRONT_HOME"] = str(self.path)
+        env["RAYFRONT_HOSTNAME"] = self.host
+        env["RAYSERVER_BIND_RETRY_SECS"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def write_settings(self, text: str) -> None:
+        (self.path / "config" / "rayserver.toml").write_text(text)
+
+    def write_hosts(self, text: str) -> None:
+        (self.path / "config" / "hosts").write_text(text)
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "srvlogs" / self.host
+
+    @property
+    def pid_file(self) -> Path:
+        return self.path / "srvlogs" / f"{self.host}.pid"
+
+    def token(self) -> str | None:
+        tok = self.path / "config" / "token"
+        return tok.read_text().strip() if tok.exists() else None
+
+
+def make_home(base: Path, cpus: int = 2, settings_extra: str = "") -> RayHome:
+    home = base / "rayfront"
+    (home / "config").mkdir(parents=True)
+    projects = base / "projects"
+    projects.mkdir()
+    port = free_port()
+    (home / "config" / "hosts").write_text(
+        f'# test installation\n{HOSTNAME} {cpus} projects="{projects}"\nws-client 0 projects="{projects}"\n'
+    )
+    (home / "config" / "rayserver.toml").write_text(
+        f'bind = "127.0.0.1"\nport = {port}\n{settings_extra}'
+    )
+    return RayHome(home, port, projects)
+
+
+@pytest.fixture
+def rayhome(tmp_path: Path) -> RayHome:
+    return make_home(tmp_path)
+
+
+@dataclass
+class ServerProc:
+    """A rayserver process started by a test, with its output collected as it comes."""
+
+    proc: subprocess.Popen[str]
+    home: RayHome
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def start_reader(self) -> None:
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+
+        self._reader = threading.Thread(target=pump, daemon=True)
+        self._reader.start()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line:
+                    return line
+            if self.proc.poll() is not None and self._reader is not None:
+                self._reader.join(1)
+                for line in list(self.lines):
+                    if text in line:
+                        return line
+                raise AssertionError(
+                    f"server exited ({self.proc.returncode}) before printing {text!r}:\n{self.output}"
+                )
+            time.sleep(0.02)
+        raise AssertionError(f"no {text!r} within {timeout}s; output so far:\n{self.output}")
+
+    def request(self, method: str, path: str, body: object | None = None,
+                token: str | None | bool = True, timeout: float = 30.0
+                ) -> tuple[int, dict | str]:
+        return http_request(self.home, method, path, body, token, timeout)
+
+
+def http_request(home: RayHome, method: str, path: str, body: object | None = None,
+                 token: str | None | bool = True, timeout: float = 30.0
+                 ) -> tuple[int, dict | str]:
+    """One HTTP request to the test server; JSON answers are decoded."""
+    headers = {}
+    if token is True:
+        tok = home.token()
+        if tok:
+            headers["Authorization"] = f"Bearer {tok}"
+    elif isinstance(token, str):
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    conn = http.client.HTTPConnection("127.0.0.1", home.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        if resp.getheader("Content-Type", "").startswith("application/json"):
+            return resp.status, json.loads(raw)
+        return resp.status, raw.decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def our_pids(home: Path) -> list[int]:
+    """Pids of live processes whose environment carries this RAYFRONT_HOME."""
+    marker = f"RAYFRONT_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            continue
+        if marker in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def start_server(home: RayHome, *args: str, wait: str | None = "running.",
+                 extra_env: dict[str, str] | None = None) -> ServerProc:
+    env = home.env
+    if extra_env:
+        env.update(extra_env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayserver", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        text=True, env=env, start_new_session=True, cwd=str(home.path.parent),
+    )
+    server = ServerProc(proc, home)
+    server.start_reader()
+    if wait:
+        server.wait_for(wait)
+    return server
+
+
+def stop_everything(home: RayHome, procs: list[subprocess.Popen[str]]) -> list[int]:
+    """End what a test started; returns the pids that needed a SIGKILL."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    killed = []
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+            killed.append(proc.pid)
+    # Daemons and procwraps live in sessions of their own: find them by our home.
+    for _ in range(50):
+        left = our_pids(home.path)
+        if not left:
+            break
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if _ < 25 else signal.SIGKILL)
+            if _ >= 25:
+                killed.append(pid)
+        time.sleep(0.1)
+    return killed
+
+
+@pytest.fixture
+def server_factory(rayhome: RayHome) -> Iterator:
+    """Start rayserver processes for a test; all are stopped when it ends."""
+    started: list[ServerProc] = []
+
+    def factory(*args: str, home: RayHome | None = None, wait: str | None = "running.",
+                extra_env: dict[str, str] | None = None) -> ServerProc:
+        srv = start_server(home or rayhome, *(args or ("-f",)), wait=wait, extra_env=extra_env)
+        started.append(srv)
+        return srv
+
+    yield factory
+    homes = {id(s.home): s.home for s in started} or {id(rayhome): rayhome}
+    for home in homes.values():
+        stop_everything(home, [s.proc for s in started if s.home is home])
+
+
+@pytest.fixture
+def server(server_factory) -> ServerProc:
+    """A foreground rayserver on 127.0.0.1 with a temporary home, ready to answer."""
+    srv = server_factory("-f")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            status, _ = srv.request("GET", "/v1/info", timeout=2)
+            if status == 200:
+                return srv
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
