@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -41,9 +42,19 @@ def build_app(layout: Layout) -> web.Application:
     return app
 
 
-def run_worker(sock: socket.socket, layout: Layout) -> int:
-    """Serve on ``sock`` until SIGTERM/SIGINT; returns the exit code."""
+def run_worker(sock: socket.socket, layout: Layout,
+               notify_ready: Callable[[], None] = lambda: None) -> int:
+    """Serve on ``sock`` until SIGTERM/SIGINT; returns the exit code.
+
+    ``notify_ready`` is called once the app is serving, so the supervisor can
+    tell a worker that fails while booting from one that crashes later.
+    """
     app = build_app(layout)
+
+    async def ready(_app: web.Application) -> None:
+        notify_ready()
+
+    app.on_startup.append(ready)
     web.run_app(app, sock=sock, print=None, handle_signals=True)
     return 0
 
