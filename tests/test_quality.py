@@ -1,0 +1,48 @@
+"""Code standards as tests: ruff is clean and the layer contracts hold (import-linter)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed; install the test extras: pip install -e '.[test]'")
+    return found
+
+
+def test_ruff_clean() -> None:
+    out = subprocess.run([_tool("ruff"), "check", "."], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_layer_contracts() -> None:
+    """supervisor never imports rayserver; the client and procwrap stay off the HTTP layer."""
+    out = subprocess.run([_tool("lint-imports")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Contracts: 3 kept, 0 broken" in out.stdout or "0 broken" in out.stdout, out.stdout
+
+
+def test_every_module_has_a_docstring() -> None:
+    import ast
+
+    missing = []
+    for path in list((REPO / "rayserver").rglob("*.py")) + list((REPO / "supervisor").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        if not ast.get_docstring(tree):
+            missing.append(str(path.relative_to(REPO)))
+    assert not missing, f"modules without a docstring: {missing}"
