@@ -1,0 +1,610 @@
+"""Benchmarks: rayserver against running Radiance directly and against ssh.
+
+Run from a checkout with the project installed (see README):
+
+    .venv/bin/python bench/run.py [--quick] [--out docs/benchmarks.md]
+
+Everything is measured side by side in one run on this machine, with
+medians, and printed as a Markdown table (also written to --out). Nothing
+here is a pass/fail test; the targets are printed next to the numbers.
+Network traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rayserver import radiance  # noqa: E402
+from rayserver.settings import Settings  # noqa: E402
+
+SETTINGS = Settings()
+BIN = radiance.bin_dir(SETTINGS)
+ENV = radiance.simulation_env(SETTINGS)
+HOSTNAME = "benchhost"
+
+SCENE = """\
+void light bright 0 0 3 1000 1000 1000
+bright sphere lamp 0 0 4 1.5 1.5 2.6 0.15
+void plastic wall 0 0 5 .6 .6 .6 0 0
+wall polygon floor 0 0 12  0 0 0  3 0 0  3 3 0  0 3 0
+wall polygon ceiling 0 0 12  0 0 3  0 3 3  3 3 3  3 0 3
+wall polygon west 0 0 12  0 0 0  0 3 0  0 3 3  0 0 3
+wall polygon east 0 0 12  3 0 0  3 0 3  3 3 3  3 3 0
+wall polygon south 0 0 12  0 0 0  0 0 3  3 0 3  3 0 0
+wall polygon north 0 0 12  0 3 0  3 3 0  3 3 3  0 3 3
+void plastic red 0 0 5 .7 .1 .1 0 0
+red sphere ball 0 0 4 1 1.2 .5 .5
+"""
+VIEW = "-vtv -vp 2.5 0.3 1.6 -vd -0.5 1 -0.3 -vh 70 -vv 60"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Bench:
+    """One temporary installation with a real server; rows collect the results."""
+
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.tmp = Path(tempfile.mkdtemp(prefix="rayserver-bench-"))
+        self.home = self.tmp / "home"
+        self.project = self.tmp / "projects" / "room"
+        self.project.mkdir(parents=True)
+        (self.home / "config").mkdir(parents=True)
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.notes: list[str] = []
+        self.server: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.token: str | None = None
+        self._make_scene()
+
+    # ---- setup ---------------------------------------------------------------
+    def _make_scene(self) -> None:
+        (self.project / "room.rad").write_text(SCENE)
+        with (self.project / "room.oct").open("wb") as out:
+            subprocess.run([str(BIN / "oconv"), "room.rad"], cwd=self.project, env=ENV,
+                           stdout=out, check=True)
+        (self.project / "pt.txt").write_text("1.5 1.5 1 0 0 1\n")
+
+    def write_config(self, cpus: int) -> None:
+        self.port = free_port()
+        (self.home / "config" / "hosts").write_text(
+            f'{HOSTNAME} {cpus} projects="{self.project.parent}"\n')
+        (self.home / "config" / "rayserver.toml").write_text(
+            f'bind = "127.0.0.1"\nport = {self.port}\n')
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(RAYFRONT_HOME=str(self.home), RAYFRONT_HOSTNAME=HOSTNAME,
+                   PYTHONUNBUFFERED="1")
+        return env
+
+    def start_server(self, cpus: int = 2) -> float:
+        """Start `rayserver -f`; returns seconds until the first answered request."""
+        self.stop_server()
+        self.write_config(cpus)
+        t0 = time.perf_counter()
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "rayserver", "-f"], env=self.env, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        while True:
+            try:
+                status, _ = self.request("GET", "/v1/info", auth=False, timeout=1)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if self.server.poll() is not None:
+                raise SystemExit(f"rayserver exited with {self.server.returncode}; "
+                                 f"see {self.home}/srvlogs/{HOSTNAME}")
+            if time.perf_counter() - t0 > 30:
+                raise SystemExit("rayserver did not answer within 30 s")
+            time.sleep(0.002)
+        elapsed = time.perf_counter() - t0
+        tok = self.home / "config" / "token"
+        self.token = tok.read_text().strip() if tok.exists() else None
+        self._conn: http.client.HTTPConnection | None = None
+        return elapsed
+
+    def stop_server(self) -> None:
+        if self.server and self.server.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.server.pid, signal.SIGTERM)
+            try:
+                self.server.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.server.pid, signal.SIGKILL)
+                self.server.wait()
+        self.server = None
+
+    def close(self) -> None:
+        self.stop_server()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- HTTP ----------------------------------------------------------------
+    def headers(self, auth: bool = True) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        if auth and self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        return h
+
+    def request(self, method: str, path: str, body: object | None = None, auth: bool = True,
+                timeout: float = 60) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            return self._send(conn, method, path, body, auth)
+        finally:
+            conn.close()
+
+    def keepalive(self, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
+        """A request over one persistent connection, as a client library would hold it."""
+        if getattr(self, "_conn", None) is None:
+            self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            return self._send(self._conn, method, path, body, True)
+        except (http.client.HTTPException, OSError):
+            self._conn.close()
+            self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            return self._send(self._conn, method, path, body, True)
+
+    def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
+              body: object | None, auth: bool) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers=self.headers(auth))
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, {"raw": raw.decode("utf-8", "replace")}
+
+    def submit(self, steps: list[dict], name: str | None = None) -> int:
+        body: dict = {"location": "projects", "project": "room", "steps": steps}
+        if name:
+            body["name"] = name
+        status, job = self.keepalive("POST", "/v1/jobs", body)
+        if status != 201:
+            raise SystemExit(f"submit failed: {status} {job}")
+        return int(job["id"])
+
+    def wait(self, job_id: int) -> dict:
+        while True:
+            status, job = self.keepalive("GET", f"/v1/jobs/{job_id}?wait=120")
+            if status != 200:
+                raise SystemExit(f"status failed: {status} {job}")
+            if job["state"] in ("done", "failed", "cancelled", "interrupted"):
+                return job
+
+    def row(self, what: str, value: str, target: str, verdict: str) -> None:
+        self.rows.append((what, value, target, verdict))
+        print(f"  {what}: {value}   [{target}] {verdict}", flush=True)
+
+
+RTRACE_STEP = {"program": "rtrace", "args": ["-h", "room.oct"], "stdin": "pt.txt",
+               "stdout": "pt.out"}
+
+
+def direct_rtrace(project: Path) -> Callable[[], None]:
+    cmd = [str(BIN / "rtrace"), "-h", "room.oct"]
+
+    def run() -> None:
+        with (project / "pt.txt").open("rb") as src, (project / "pt-direct.out").open("wb") as dst:
+            subprocess.run(cmd, cwd=project, env=ENV, stdin=src, stdout=dst, check=True)
+
+    return run
+
+
+def timed(fn: Callable[[], object], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+# ---- the measurements ---------------------------------------------------------
+def bench_dispatch(b: Bench) -> float:
+    n = 20 if b.quick else 40
+    direct = direct_rtrace(b.project)
+
+    def through_server() -> None:
+        job = b.wait(b.submit([RTRACE_STEP]))
+        if job["state"] != "done":
+            raise SystemExit(f"rtrace job ended {job['state']}: {job}")
+
+    for _ in range(3):  # warm both paths
+        direct()
+        through_server()
+    d, s = [], []
+    for _ in range(n):  # interleaved, so drift hits both alike
+        d += timed(direct, 1)
+        s += timed(through_server, 1)
+    overhead = med(s) - med(d)
+    b.row("1. tiny rtrace, direct (median ms)", f"{med(d):.1f}", "", "")
+    b.row("1. tiny rtrace, through rayserver (median ms)", f"{med(s):.1f}",
+          "", f"ratio {med(s) / med(d):.2f}x")
+    b.row("1. dispatch overhead (median ms)", f"{overhead:.1f}", "< 5 ms",
+          "met" if overhead < 5 else "NOT met")
+    return overhead
+
+
+@contextlib.contextmanager
+def sshd(b: Bench) -> Iterator[list[str] | None]:
+    """A private sshd on 127.0.0.1 for the comparison; None when it cannot run."""
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd_bin).exists() and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("  installing openssh-server for the ssh comparison ...", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                        "openssh-server"], capture_output=True, check=False,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not Path(sshd_bin).exists() or not shutil.which("ssh"):
+        b.notes.append("ssh comparison skipped: openssh-server could not be installed here.")
+        yield None
+        return
+    d = b.tmp / "ssh"
+    d.mkdir()
+    for key, kind in (("host", "ed25519"), ("user", "ed25519")):
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(d / key)], check=True)
+    auth = Path.home() / ".ssh"
+    auth.mkdir(mode=0o700, exist_ok=True)
+    authorized = d / "authorized_keys"
+    authorized.write_text((d / "user.pub").read_text())
+    authorized.chmod(0o600)
+    port = free_port()
+    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True,
+                                                    text=True).stdout.strip()
+    cfg = d / "sshd_config"
+    cfg.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\n"
+        f"AuthorizedKeysFile {authorized}\nPasswordAuthentication no\nUsePAM no\n"
+        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nPermitRootLogin yes\n"
+        f"SetEnv RAYPATH={ENV['RAYPATH']} PATH={ENV['PATH']}\nAcceptEnv *\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = ["ssh", "-q", "-p", str(port), "-i", str(d / "user"), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={d / 'known'}",
+            "-l", user]
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        yield base
+    finally:
+        subprocess.run([*base, "-o", f"ControlPath={d / 'cm'}", "-O", "exit", "127.0.0.1"],
+                       capture_output=True, check=False, timeout=10)
+        proc.terminate()
+        proc.wait(10)
+
+
+def bench_ssh(b: Bench, overhead: float) -> None:
+    n = 10 if b.quick else 20
+    remote = f"cd {b.project} && rtrace -h room.oct < pt.txt > pt-ssh.out"
+    with sshd(b) as base:
+        if base is None:
+            return
+        plain = [*base, "127.0.0.1", remote]
+        probe = subprocess.run(plain, capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            b.notes.append(f"ssh comparison skipped: ssh to 127.0.0.1 failed ({probe.stderr.strip()})")
+            return
+        direct = direct_rtrace(b.project)
+        d = timed(direct, n)
+        s = timed(lambda: subprocess.run(plain, check=True, timeout=30), n)
+        cm = [*base, "-o", "ControlMaster=auto", "-o", f"ControlPath={b.tmp / 'ssh' / 'cm'}",
+              "-o", "ControlPersist=60", "127.0.0.1", remote]
+        subprocess.run(cm, check=True, timeout=30)
+        c = timed(lambda: subprocess.run(cm, check=True, timeout=30), n)
+        ssh_over = med(s) - med(d)
+        cm_over = med(c) - med(d)
+        b.row("2. ssh, new connection: overhead (median ms)", f"{ssh_over:.1f}", "", "")
+        b.row("2. ssh with ControlMaster: overhead (median ms)", f"{cm_over:.1f}", "", "")
+        ratio = overhead / cm_over if cm_over > 0 else float("nan")
+        b.row("2. rayserver overhead / ssh-ControlMaster overhead", f"{ratio:.2f}", "<= 0.25",
+              "met" if ratio <= 0.25 else "NOT met")
+
+
+def bench_throughput(b: Bench) -> None:
+    n = 100 if b.quick else 200
+    cmds = "\n".join(
+        f"cd {b.project} && rtrace -h room.oct < pt.txt > tp-{i}.out" for i in range(n)) + "\n"
+    t0 = time.perf_counter()
+    subprocess.run(["xargs", "-P", "2", "-I", "{}", "sh", "-c", "{}"], input=cmds, text=True,
+                   env=ENV, check=True)
+    xargs = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = [b.submit([{**RTRACE_STEP, "stdout": f"tps-{i}.out"}]) for i in range(n)]
+    for job_id in ids:
+        job = b.wait(job_id)
+        if job["state"] != "done":
+            raise SystemExit(f"throughput job {job_id} ended {job['state']}")
+    server = time.perf_counter() - t0
+    b.row(f"3. {n} tiny jobs, xargs -P 2 (s)", f"{xargs:.2f}", "", f"{n / xargs:.0f} jobs/s")
+    b.row(f"3. {n} tiny jobs, rayserver cpus=2 (s)", f"{server:.2f}", "",
+          f"{n / server:.0f} jobs/s")
+    b.row("3. rayserver / xargs wall time", f"{server / xargs:.2f}x", "<= 1.25x",
+          "met" if server / xargs <= 1.25 else "NOT met")
+
+
+def render_args(res: int) -> list[str]:
+    return [*VIEW.split(), "-x", str(res), "-y", str(res), "-ab", "2", "-aa", "0.1",
+            "-ad", "512", "-as", "128", "room.oct"]
+
+
+def calibrate_render(b: Bench, target: float) -> int:
+    res = 64
+    while True:
+        t0 = time.perf_counter()
+        subprocess.run([str(BIN / "rpict"), *render_args(res)], cwd=b.project, env=ENV,
+                       stdout=subprocess.DEVNULL, check=True)
+        took = time.perf_counter() - t0
+        if took >= target / 4 or res >= 4096:
+            scale = (target / took) ** 0.5
+            return max(64, int(res * scale))
+        res *= 2
+
+
+def bench_render(b: Bench) -> int:
+    target = 3.0 if b.quick else 10.0
+    res = calibrate_render(b, target)
+    n = 1 if b.quick else 3
+    d, s = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with (b.project / "direct.hdr").open("wb") as out:
+            subprocess.run([str(BIN / "rpict"), *render_args(res)], cwd=b.project, env=ENV,
+                           stdout=out, check=True)
+        d.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        job = b.wait(b.submit([{"program": "rpict", "args": render_args(res), "stdin": None,
+                                "stdout": "server.hdr"}]))
+        s.append(time.perf_counter() - t0)
+        if job["state"] != "done":
+            raise SystemExit(f"render job ended {job['state']}")
+    ratio = med(s) / med(d)
+    b.row(f"4. render {res}x{res}, direct (median s)", f"{med(d):.2f}", "", "")
+    b.row(f"4. render {res}x{res}, through rayserver (median s)", f"{med(s):.2f}", "",
+          f"{(ratio - 1) * 100:+.1f} %")
+    b.row("4. render slowdown through rayserver", f"{(ratio - 1) * 100:+.1f} %", "< 3 %",
+          "met" if ratio < 1.03 else "NOT met")
+    return res
+
+
+def bench_status_load(b: Bench, res: int) -> None:
+    import aiohttp
+
+    clients = 200
+    render = {"program": "rpict", "args": render_args(res), "stdin": None, "stdout": "load.hdr"}
+
+    def two_renders() -> float:
+        t0 = time.perf_counter()
+        ids = [b.submit([{**render, "stdout": f"load-{i}.hdr"}]) for i in range(2)]
+        for job_id in ids:
+            b.wait(job_id)
+        return time.perf_counter() - t0
+
+    alone = two_renders()
+    latencies: list[float] = []
+    errors = 0
+
+    async def poll(stop: asyncio.Event, job_id: int, session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                async with session.get(f"http://127.0.0.1:{b.port}/v1/jobs/{job_id}",
+                                       headers=b.headers()) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+            except aiohttp.ClientError:
+                errors += 1
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    async def load() -> float:
+        job_id = b.submit([RTRACE_STEP])
+        b.wait(job_id)
+        stop = asyncio.Event()
+        conn = aiohttp.TCPConnector(limit=clients)
+        async with aiohttp.ClientSession(connector=conn) as session:
+            tasks = [asyncio.create_task(poll(stop, job_id, session)) for _ in range(clients)]
+            t0 = time.perf_counter()
+            loaded = await asyncio.to_thread(two_renders)
+            stop.set()
+            await asyncio.gather(*tasks)
+            b.load_seconds = time.perf_counter() - t0
+        return loaded
+
+    loaded = asyncio.run(load())
+    rps = len(latencies) / b.load_seconds
+    slowdown = (loaded / alone - 1) * 100
+    b.row(f"5. {clients} clients polling status: requests/s", f"{rps:.0f}", "",
+          f"{errors} errors")
+    b.row("5. status latency p50 / p99 (ms)", f"{pct(latencies, .5):.1f} / {pct(latencies, .99):.1f}",
+          "", "")
+    b.row("5. two renders slowed by the polling", f"{slowdown:+.1f} %", "< 5 %",
+          "met" if slowdown < 5 else "NOT met")
+
+
+def bench_client(b: Bench) -> None:
+    n = 10
+    rayfront = [sys.executable, "-m", "rayserver.client"]
+    exe = Path(sys.executable).parent / "rayfront"
+    if exe.exists():
+        rayfront = [str(exe)]
+    env = {**b.env, "RAYFRONT_HOSTNAME": HOSTNAME}
+
+    def status() -> None:
+        subprocess.run([*rayfront, "status", "--json"], env=env, cwd=b.project, check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def submit() -> None:
+        subprocess.run([*rayfront, "submit", "--json", "--stdin", "pt.txt", "--stdout",
+                        "cli.out", "--", "rtrace", "-h", "room.oct"], env=env, cwd=b.project,
+                       check=True, stdout=subprocess.DEVNULL)
+
+    python = timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), n)
+    st = timed(status, n)
+    sb = timed(submit, n)
+    b.row("6. python -c pass (median ms, for scale)", f"{med(python):.0f}", "", "")
+    b.row("6. rayfront status (median ms)", f"{med(st):.0f}", "< 150 ms",
+          "met" if med(st) < 150 else "NOT met")
+    b.row("6. rayfront submit (median ms)", f"{med(sb):.0f}", "", "")
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in task.read_text().split():
+                out.append(int(child))
+                out.extend(descendants(int(child)))
+    return out
+
+
+def bench_footprint(b: Bench, starts: list[float]) -> None:
+    assert b.server is not None
+    time.sleep(0.5)
+    pids = [b.server.pid, *descendants(b.server.pid)]
+    total = sum(rss_kb(p) for p in pids)
+    b.row("7. RSS supervisor + idle worker (+ fork server) (MiB)", f"{total / 1024:.1f}", "",
+          f"{len(pids)} processes")
+    job = b.submit([{"program": "rpict", "args": render_args(256), "stdin": None,
+                     "stdout": "fp.hdr"}])
+    procwrap_rss = 0
+    for _ in range(200):
+        status, row = b.keepalive("GET", f"/v1/jobs/{job}")
+        if row.get("pid") and row.get("state") == "running":
+            procwrap_rss = rss_kb(int(row["pid"]))
+            break
+        time.sleep(0.01)
+    b.wait(job)
+    b.row("7. RSS of one procwrap (MiB)", f"{procwrap_rss / 1024:.1f}", "", "")
+    b.row("7. rayserver -f to first answered request (median ms)",
+          f"{med(starts) * 1000:.0f}", "", f"n={len(starts)}")
+
+
+def bench_growth(b: Bench) -> None:
+    sizes = (1000, 2000) if b.quick else (1000, 10000)
+    # cpus=1 and a long first job keep everything behind it queued.
+    b.start_server(cpus=1)
+    blocker = b.submit([{"program": "rpict", "args": render_args(2048), "stdin": None,
+                         "stdout": "block.hdr"}])
+    submitted = 0
+    for size in sizes:
+        t0 = time.perf_counter()
+        added = size - submitted
+        while submitted < size:
+            b.submit([RTRACE_STEP])
+            submitted += 1
+        took = time.perf_counter() - t0
+        lat = timed(lambda: b.keepalive("GET", "/v1/jobs?state=queued&limit=100"), 20)
+        _status, page = b.keepalive("GET", "/v1/jobs?state=queued&limit=100")
+        paged = len(page.get("jobs", [])) == 100 and page.get("next") is not None
+        b.row(f"8. queue growing to {size}: submit rate (jobs/s)", f"{added / took:.0f}", "", "")
+        b.row(f"8. queue of {size}: list first page (median ms)", f"{med(lat):.1f}", "",
+              "paged" if paged else "NOT paged")
+    b.keepalive("DELETE", f"/v1/jobs/{blocker}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--out", type=Path, help="write the Markdown report here")
+    parser.add_argument("--skip-ssh", action="store_true")
+    args = parser.parse_args()
+    b = Bench(args.quick)
+    started = time.perf_counter()
+    try:
+        print("starting rayserver (5 cold starts for the start-up time) ...", flush=True)
+        starts = [b.start_server(cpus=2) for _ in range(3 if args.quick else 5)]
+        overhead = bench_dispatch(b)
+        if not args.skip_ssh:
+            bench_ssh(b, overhead)
+        bench_throughput(b)
+        res = bench_render(b)
+        bench_status_load(b, res)
+        bench_client(b)
+        bench_footprint(b, starts)
+        bench_growth(b)
+    finally:
+        b.close()
+    total = time.perf_counter() - started
+    report = render_report(b, total)
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+    return 0
+
+
+def render_report(b: Bench, total: float) -> str:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    lines = [
+        f"Machine: {platform.node()}, {os.cpu_count()} cpus ({cpu}), "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"{radiance.version(str(BIN), ENV['RAYPATH'])}",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}, whole run {total:.0f} s"
+        f"{' (--quick)' if b.quick else ''}",
+        "",
+        "| measurement | value | target | result |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {w} | {v} | {t} | {r} |" for w, v, t, r in b.rows]
+    if b.notes:
+        lines += ["", *[f"- {n}" for n in b.notes]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
