@@ -1,0 +1,442 @@
+"""The job database: the queue and every job's state, in SQLite (WAL).
+
+One file, ``<home>/srvstate/jobs.sqlite3``, shared by the worker (HTTP layer
+and scheduler) and by every procwrap. Each process opens its own connection
+(a connection is never carried across ``fork``: :class:`JobDB` notices a new
+pid and reconnects). Every state change that two processes may race for is
+one guarded ``UPDATE ... WHERE state=...`` so exactly one side wins (see
+docs/internals.md, "Job database").
+
+A database that is locked at open or fails ``PRAGMA quick_check`` stops the
+server with :class:`JobDBError`: the queue is never silently lost or
+recreated. A corrupt file is left where it is, untouched, and a copy is put
+aside as ``<db>.corrupt-<time>`` for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+ALL_STATES = ("queued", "starting", "running", *FINAL_STATES)
+API_STATES = ("queued", "running", *FINAL_STATES)
+BUSY_TIMEOUT_MS = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    client TEXT NOT NULL DEFAULT '',
+    location TEXT NOT NULL DEFAULT '',
+    project TEXT NOT NULL DEFAULT '',
+    workdir TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    env TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    pid INTEGER,
+    pgid_children INTEGER,
+    progress REAL NOT NULL DEFAULT 0,
+    current_step INTEGER NOT NULL DEFAULT 0,
+    step_count INTEGER NOT NULL DEFAULT 0,
+    exit_status INTEGER,
+    signal INTEGER,
+    reason TEXT,
+    wall_time REAL,
+    cpu_time REAL,
+    max_rss_kb INTEGER,
+    cancel_request TEXT,
+    executor TEXT NOT NULL DEFAULT 'local',
+    external_id TEXT,
+    outputs TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, id);
+CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);
+"""
+
+# Columns that hold JSON text in the table and Python objects in a row dict.
+_JSON_COLUMNS = ("steps", "env", "outputs")
+
+
+class JobDBError(Exception):
+    """The job database cannot be used; the message says which file and why."""
+
+
+def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for key in _JSON_COLUMNS:
+        raw = out.get(key)
+        out[key] = json.loads(raw) if raw else ([] if key != "env" else {})
+    return out
+
+
+class JobDB:
+    """Access to the job database from one process (reconnects after fork)."""
+
+    def __init__(self, path: Path, *, check: bool = True) -> None:
+        """Open (and create if needed) the database at ``path``.
+
+        ``check`` runs ``PRAGMA quick_check``; procwraps skip it because
+        the worker already checked the file at start and a procwrap must
+        start in milliseconds.
+        """
+        self.path = Path(path)
+        self.state_dir = self.path.parent
+        self._local = threading.local()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            (self.state_dir / "jobs").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise JobDBError(
+                f"cannot create the job state folder {self.state_dir}: {exc.strerror or exc}"
+            ) from exc
+        conn = self._conn()
+        if check:
+            self._quick_check(conn)
+        try:
+            with self._write(conn):
+                # executescript would COMMIT our transaction; run statement by statement.
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+        except sqlite3.OperationalError as exc:
+            raise self._locked_or_broken(exc) from exc
+
+    # --- connections -----------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        # A connection inherited across fork must not be used (or closed:
+        # closing could touch the parent's locks); just drop the reference.
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise JobDBError(
+                    f"{self.path}: cannot switch the job database to WAL mode (got {mode!r}); "
+                    "is it on a file system without shared-memory support (NFS)?"
+                )
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as exc:
+            raise self._locked_or_broken(exc) from exc
+        self._local.conn = conn
+        self._local.pid = os.getpid()
+        return conn
+
+    def _locked_or_broken(self, exc: sqlite3.Error) -> JobDBError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return JobDBError(
+                f"{self.path}: the job database is locked by another process and stayed locked "
+                f"for {BUSY_TIMEOUT_MS // 1000} s ({text}); the server refuses to start rather "
+                "than lose the queue. Find the process holding it (fuser/lsof) and try again."
+            )
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            return self._corrupt(text)
+        return JobDBError(f"{self.path}: cannot open the job database: {text}")
+
+    def _corrupt(self, detail: str) -> JobDBError:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        copy = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            shutil.copy2(self.path, copy)
+            for suffix in ("-wal", "-shm"):
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    shutil.copy2(side, copy.with_name(copy.name + suffix))
+            copied = f"a copy for inspection is at {copy}"
+        except OSError as exc:
+            copied = f"copying it aside to {copy} failed too ({exc.strerror or exc})"
+        return JobDBError(
+            f"{self.path}: the job database is corrupt ({detail}); the server refuses to start, "
+            f"and the file was left untouched; {copied}. Restore it from a backup, or move it "
+            "away to start with an empty queue."
+        )
+
+    def _quick_check(self, conn: sqlite3.Connection) -> None:
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.OperationalError as exc:
+            raise self._locked_or_broken(exc) from exc
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(str(exc)) from exc
+        result = "; ".join(str(r[0]) for r in rows)
+        if result != "ok":
+            raise self._corrupt(result[:500])
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            # IMMEDIATE: take the write lock up front so a read-then-write
+            # never fails half-way with SQLITE_BUSY.
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            else:
+                self.conn.execute("ROLLBACK")
+
+    def _write(self, conn: sqlite3.Connection | None = None) -> JobDB._Tx:
+        return JobDB._Tx(conn or self._conn())
+
+    def close(self) -> None:
+        """Close this thread's connection (if it was opened by this process)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local.conn = None
+
+    # --- the pinned interface ---------------------------------------------
+
+    def submit(self, *, name: str | None, priority: int, client: str, location: str,
+               project: str, workdir: str, steps: list[dict], env: dict[str, str],
+               executor: str = "local") -> int:
+        """Queue a resolved job; returns its id."""
+        if not steps:
+            raise ValueError("a job needs at least one step")
+        for i, step in enumerate(steps, 1):
+            missing = {"program", "path", "args"} - set(step)
+            if missing:
+                raise ValueError(f"step {i} lacks {', '.join(sorted(missing))}")
+        clean = [{"program": s["program"], "path": s["path"], "args": list(s["args"]),
+                  "stdin": s.get("stdin"), "stdout": s.get("stdout")} for s in steps]
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT INTO jobs (name, priority, client, location, project, workdir, steps, "
+                "env, state, submitted_at, step_count, executor) "
+                "VALUES (?,?,?,?,?,?,?,?,'queued',?,?,?)",
+                (name, int(priority), client, location, project, workdir, json.dumps(clean),
+                 json.dumps(env), time.time(), len(clean), executor),
+            )
+            job_id = int(cur.lastrowid or 0)
+        return job_id
+
+    def get(self, job_id: int) -> dict[str, Any] | None:
+        """The full row as a dict (steps, env, outputs decoded), or None."""
+        row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _decode(row)
+
+    def public(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The API job object of docs/api-contract.md for a row from :meth:`get`."""
+        outputs: list[str] = []
+        for step in row["steps"]:
+            if step.get("stdout") and step["stdout"] not in outputs:
+                outputs.append(step["stdout"])
+        for extra in row.get("outputs") or []:
+            if extra not in outputs:
+                outputs.append(extra)
+        state = row["state"]
+        return {
+            "id": row["id"],
+            "name": row["name"],
+            "priority": row["priority"],
+            "state": "queued" if state == "starting" else state,
+            "location": row["location"],
+            "project": row["project"],
+            "steps": [{"program": s["program"], "args": s["args"], "stdin": s.get("stdin"),
+                       "stdout": s.get("stdout")} for s in row["steps"]],
+            "client": row["client"],
+            "submitted_at": row["submitted_at"],
+            "started_at": row["started_at"],
+            "ended_at": row["ended_at"],
+            "progress": row["progress"] or 0.0,
+            "current_step": row["current_step"],
+            "step_count": row["step_count"],
+            "exit_status": row["exit_status"],
+            "signal": row["signal"],
+            "reason": row["reason"],
+            "wall_time": row["wall_time"],
+            "cpu_time": row["cpu_time"],
+            "max_rss_kb": row["max_rss_kb"],
+            "cancel_requested": bool(row["cancel_request"]),
+            "outputs": outputs,
+            "pid": row["pid"],
+        }
+
+    def list(self, states: list[str] | None = None, limit: int = 100,
+             before: int | None = None) -> list[dict[str, Any]]:
+        """Rows newest first; ``before`` pages on the id (index-backed)."""
+        where, args = [], []  # type: ignore[var-annotated]
+        if states:
+            wanted = set()
+            for st in states:
+                if st not in API_STATES and st != "starting":
+                    raise ValueError(
+                        f"unknown job state {st!r}; expected one of {', '.join(API_STATES)}"
+                    )
+                wanted.add(st)
+                if st == "queued":
+                    wanted.add("starting")
+            where.append(f"state IN ({','.join('?' * len(wanted))})")
+            args.extend(sorted(wanted))
+        if before is not None:
+            where.append("id < ?")
+            args.append(int(before))
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(max(0, int(limit)))
+        return [r for r in map(_decode, self._conn().execute(sql, args).fetchall()) if r]
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per API state ('starting' counts as 'queued')."""
+        out = dict.fromkeys(API_STATES, 0)
+        for state, n in self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            key = "queued" if state == "starting" else state
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def cancel_queued(self, job_id: int) -> bool:
+        """Atomically queued -> cancelled; False when the job was not queued."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state='cancelled', ended_at=?, cancel_request='cancel', "
+                "reason='cancelled before it started' WHERE id=? AND state='queued'",
+                (time.time(), job_id),
+            )
+        return cur.rowcount == 1
+
+    def request_cancel(self, job_id: int, reason: str) -> dict[str, Any] | None:
+        """Mark a starting/running job for cancel ('cancel') or shutdown ('shutdown').
+
+        Returns the row after the change, or None when the job was not
+        starting or running. A 'cancel' is never downgraded to 'shutdown'.
+        """
+        if reason not in ("cancel", "shutdown"):
+            raise ValueError(f"cancel reason must be 'cancel' or 'shutdown', got {reason!r}")
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET cancel_request=CASE WHEN cancel_request='cancel' THEN 'cancel' "
+                "ELSE ? END WHERE id=? AND state IN ('starting','running')",
+                (reason, job_id),
+            )
+        if cur.rowcount != 1:
+            return None
+        return self.get(job_id)
+
+    def log_path(self, job_id: int) -> Path:
+        """The job's log file: <state dir>/jobs/<id>/log."""
+        return self.state_dir / "jobs" / str(int(job_id)) / "log"
+
+    # --- used by the scheduler and the procwrap ------------------------------
+
+    def next_queued(self, executor: str | None = None) -> dict[str, Any] | None:
+        """The job that should start next: highest priority, then oldest."""
+        sql = "SELECT * FROM jobs WHERE state='queued'"
+        args: list[Any] = []
+        if executor:
+            sql += " AND executor=?"
+            args.append(executor)
+        sql += " ORDER BY priority DESC, id LIMIT 1"
+        return _decode(self._conn().execute(sql, args).fetchone())
+
+    def mark_starting(self, job_id: int) -> bool:
+        """queued -> starting (the scheduler picked it); False if someone else did."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state='starting' WHERE id=? AND state='queued'", (job_id,)
+            )
+        return cur.rowcount == 1
+
+    def unstart(self, job_id: int, reason: str | None = None) -> bool:
+        """starting -> queued (a launch failed or a new worker found it half-started)."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state='queued', pid=NULL, reason=? "
+                "WHERE id=? AND state='starting'", (reason, job_id),
+            )
+        return cur.rowcount == 1
+
+    def reset_starting(self) -> list[int]:
+        """Every starting row back to queued (a new worker starts); returns their ids."""
+        with self._write() as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state='starting'")]
+            conn.execute("UPDATE jobs SET state='queued', pid=NULL WHERE state='starting'")
+        return ids
+
+    def claim(self, job_id: int, pid: int, *, from_states: tuple[str, ...] = ("starting",)
+              ) -> bool:
+        """The procwrap's exactly-once claim: from_states -> running with its pid."""
+        marks = ",".join("?" * len(from_states))
+        with self._write() as conn:
+            cur = conn.execute(
+                f"UPDATE jobs SET state='running', pid=?, started_at=?, progress=0, "
+                f"current_step=0 WHERE id=? AND state IN ({marks})",
+                (pid, time.time(), job_id, *from_states),
+            )
+        return cur.rowcount == 1
+
+    def update_progress(self, job_id: int, *, progress: float | None = None,
+                        current_step: int | None = None, step_count: int | None = None,
+                        pgid_children: int | None = None) -> None:
+        """Progress of a running job (only while it is running)."""
+        sets, args = [], []  # type: ignore[var-annotated]
+        for col, val in (("progress", progress), ("current_step", current_step),
+                         ("step_count", step_count), ("pgid_children", pgid_children)):
+            if val is not None:
+                sets.append(f"{col}=?")
+                args.append(val)
+        if not sets:
+            return
+        with self._write() as conn:
+            conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND state='running'",
+                         (*args, job_id))
+
+    def finish(self, job_id: int, state: str, *, exit_status: int | None = None,
+               signal: int | None = None, reason: str | None = None,
+               wall_time: float | None = None, cpu_time: float | None = None,
+               max_rss_kb: int | None = None, progress: float | None = None,
+               outputs: list[str] | None = None,
+               from_states: tuple[str, ...] = ("starting", "running")) -> bool:
+        """Record a final state, once: False if the job was already final."""
+        if state not in FINAL_STATES:
+            raise ValueError(f"final state must be one of {', '.join(FINAL_STATES)}, got {state!r}")
+        marks = ",".join("?" * len(from_states))
+        with self._write() as conn:
+            cur = conn.execute(
+                f"UPDATE jobs SET state=?, ended_at=?, exit_status=?, signal=?, reason=?, "
+                f"wall_time=COALESCE(?, wall_time), cpu_time=COALESCE(?, cpu_time), "
+                f"max_rss_kb=COALESCE(?, max_rss_kb), progress=COALESCE(?, progress), "
+                f"outputs=COALESCE(?, outputs), pgid_children=NULL "
+                f"WHERE id=? AND state IN ({marks})",
+                (state, time.time(), exit_status, signal, reason, wall_time, cpu_time,
+                 max_rss_kb, progress, json.dumps(outputs) if outputs is not None else None,
+                 job_id, *from_states),
+            )
+        return cur.rowcount == 1
+
+    def in_states(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
+        """All rows in the given states, oldest first (small sets: running, starting)."""
+        marks = ",".join("?" * len(states))
+        rows = self._conn().execute(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states
+        ).fetchall()
+        return [r for r in map(_decode, rows) if r]
+
+    def set_external_id(self, job_id: int, external_id: str) -> None:
+        """Remember the Slurm job id of a job."""
+        with self._write() as conn:
+            conn.execute("UPDATE jobs SET external_id=? WHERE id=?", (external_id, job_id))
