@@ -1,0 +1,439 @@
+"""``rayfront``: submit Radiance simulations from a project directory to a rayserver.
+
+    rayfront hosts                      servers of the hosts file, and whether they answer
+    rayfront submit [opts] -- rad x.rif queue a job (any Radiance program after --)
+    rayfront run [opts] -- rad x.rif    submit, follow with a progress bar, exit with its status
+    rayfront status [ID]                table of jobs, or one job
+    rayfront log [-f] ID                a job's log (follow it with -f)
+    rayfront cancel ID                  cancel a queued or running job
+    rayfront token new                  write a fresh random token file
+    rayfront demo                       render the example project through a temporary server
+
+``--json`` on every command prints machine-readable output (errors too, as
+``{"error": ..., "status": ...}``). Imports stay lazy: ``rayfront status``
+must start in well under 150 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rayserver.client.connection import EXIT_USAGE, ClientError
+from rayserver.client.context import Context, Project
+
+# rad options that take a value (rad [-s][-n|-N npr][-t][-e][-V][-w][-v view][-o dev] rfile [VAR=val ..])
+_RAD_VALUE_OPTIONS = {"-N", "-v", "-o"}
+
+
+def _common(json_default: Any = argparse.SUPPRESS) -> argparse.ArgumentParser:
+    # SUPPRESS on the sub-parsers keeps `rayfront --json status` and `rayfront status --json` both working.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=json_default,
+                        help="machine-readable output")
+    common.add_argument("--host", default=argparse.SUPPRESS if json_default is argparse.SUPPRESS
+                        else None, metavar="HOST",
+                        help="server: a host of the hosts file or ADDRESS[:PORT] "
+                             "(default: the first server in the hosts file)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rayfront", parents=[_common(False)],
+        description="Run Radiance simulations on a rayserver from a project directory.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common()
+
+    sub.add_parser("hosts", parents=[common], help="servers of the hosts file and whether they answer")
+
+    for name, what in (("submit", "queue a job and print its id"),
+                       ("run", "submit, follow with a progress bar, exit with the job's status")):
+        p = sub.add_parser(name, parents=[common], help=what,
+                           usage=f"rayfront {name} [options] -- PROGRAM [ARGS ...]")
+        p.add_argument("--name", help="a name for the job (default: the command)")
+        p.add_argument("--priority", type=_priority, default=0,
+                       help="-100..100, higher runs first (default 0)")
+        p.add_argument("--stdin", metavar="FILE", help="project file the program reads as input")
+        p.add_argument("--stdout", metavar="FILE", help="project file the program's output goes to")
+        if name == "run":
+            p.add_argument("--quiet", "-q", action="store_true", help="no log lines, only the bar")
+
+    p = sub.add_parser("status", parents=[common], help="table of jobs, or one job")
+    p.add_argument("id", nargs="?", type=_job_id, help="job id")
+    p.add_argument("--state", help="comma-separated states, e.g. queued,running")
+    p.add_argument("--limit", type=int, default=30, help="at most this many jobs (default 30)")
+
+    p = sub.add_parser("log", parents=[common], help="a job's log")
+    p.add_argument("id", type=_job_id, help="job id")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    p.add_argument("id", type=_job_id, help="job id")
+
+    p = sub.add_parser("token", parents=[common], help="manage the shared token")
+    p.add_argument("action", choices=["new"], help="new: write a fresh random token file")
+
+    p = sub.add_parser("demo", parents=[common], help="render the example project end to end")
+    p.add_argument("--home", type=Path, help="installation directory to create (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"),
+                   help="folder for the picture and PNG (default ./demo-out)")
+    return parser
+
+
+def _priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number -100..100, got {text!r}") from None
+    if not -100 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected -100..100, got {value}")
+    return value
+
+
+def _job_id(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a job id (a whole number >= 1), got {text!r}")
+    return int(text)
+
+
+# Building the job request.
+def _project_file(project: Project, text: str, what: str) -> str:
+    """A file named on the command line, as a path relative to the project directory."""
+    path = Path(text)
+    absolute = path if path.is_absolute() else project.local_dir / path
+    # Compare without resolving symlinks of the file itself: it may not exist yet (stdout).
+    parent = absolute.parent.resolve()
+    base = project.local_dir.resolve()
+    if parent != base and base not in parent.parents:
+        raise ClientError(f"{what} {text!r} is outside the project directory {project.local_dir}; "
+                          "expected a file inside it", exit_code=EXIT_USAGE)
+    return (parent / absolute.name).relative_to(base).as_posix()
+
+
+def _rad_request(args: list[str]) -> dict[str, Any]:
+    """rad's arguments as the API's rad shortcut: {rif, options}."""
+    rif = None
+    options: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word in _RAD_VALUE_OPTIONS:
+            if i + 1 >= len(args):
+                raise ClientError(f"rad option {word} needs a value", exit_code=EXIT_USAGE)
+            options += [word, args[i + 1]]
+            i += 2
+            continue
+        if word.startswith("-") or rif is not None:
+            options.append(word)
+        else:
+            rif = word
+        i += 1
+    if rif is None:
+        raise ClientError("rad needs a rif file, e.g. rayfront run -- rad scene.rif",
+                          exit_code=EXIT_USAGE)
+    return {"rif": rif, "options": options}
+
+
+def build_job(project: Project, command: list[str], name: str | None = None,
+              priority: int = 0, stdin: str | None = None,
+              stdout: str | None = None) -> dict[str, Any]:
+    """The POST /v1/jobs body for ``command`` run in ``project``."""
+    if not command:
+        raise ClientError("no command: give the Radiance program and its arguments after '--', "
+                          "e.g. rayfront submit -- rad scene.rif", exit_code=EXIT_USAGE)
+    program = command[0]
+    if "/" in program or not program:
+        raise ClientError(f"program {program!r}: give a Radiance program's name (e.g. rpict), "
+                          "not a path; the server runs its own Radiance", exit_code=EXIT_USAGE)
+    job: dict[str, Any] = {"location": project.location, "project": project.path,
+                           "priority": priority,
+                           "name": name or " ".join(command)[:200]}
+    if program == "rad":
+        if stdin or stdout:
+            raise ClientError("--stdin/--stdout do not apply to rad (it names its own files)",
+                              exit_code=EXIT_USAGE)
+        job["rad"] = _rad_request(command[1:])
+    else:
+        job["steps"] = [{
+            "program": program, "args": command[1:],
+            "stdin": _project_file(project, stdin, "--stdin") if stdin else None,
+            "stdout": _project_file(project, stdout, "--stdout") if stdout else None,
+        }]
+    return job
+
+
+# Output helpers.
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _job_table(jobs: list[dict[str, Any]]) -> str:
+    header = ("ID", "STATE", "PROG", "PRIO", "SUBMITTED", "WALL", "EXIT", "NAME")
+    rows = [header]
+    for j in jobs:
+        wall = j.get("wall_time")
+        if not isinstance(wall, int | float) and isinstance(j.get("started_at"), int | float):
+            wall = (j.get("ended_at") or time.time()) - j["started_at"]
+        rows.append((
+            str(j.get("id")), str(j.get("state")) + ("*" if j.get("cancel_requested") else ""),
+            f"{j.get('progress') or 0:.0f}%", str(j.get("priority", 0)), _when(j.get("submitted_at")),
+            f"{wall:.1f}s" if isinstance(wall, int | float) else "-",
+            "-" if j.get("exit_status") is None else str(j["exit_status"]),
+            str(j.get("name") or ""),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows)
+
+
+def _job_details(job: dict[str, Any]) -> str:
+    keys = ("id", "name", "state", "progress", "priority", "location", "project", "client",
+            "submitted_at", "started_at", "ended_at", "current_step", "step_count",
+            "exit_status", "signal", "reason", "wall_time", "cpu_time", "max_rss_kb",
+            "cancel_requested", "pid", "outputs")
+    lines = []
+    for key in keys:
+        value = job.get(key)
+        if key.endswith("_at"):
+            value = _when(value) if value is not None else "-"
+        elif key == "outputs":
+            value = ", ".join(value or []) or "-"
+        lines.append(f"{key:>16}: {'-' if value is None else value}")
+    for n, step in enumerate(job.get("steps") or [], start=1):
+        cmd = " ".join([step.get("program", "?"), *step.get("args", [])])
+        if step.get("stdin"):
+            cmd += f" < {step['stdin']}"
+        if step.get("stdout"):
+            cmd += f" > {step['stdout']}"
+        lines.append(f"{'step ' + str(n):>16}: {cmd}")
+    return "\n".join(lines)
+
+
+# Commands.
+def cmd_hosts(ctx: Context, opts: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rayserver.client.connection import Client
+
+    records = ctx.servers()
+    if not records:
+        raise ClientError(f"no servers (cpus > 0) in {ctx.layout.hosts_file}"
+                          if ctx.hosts is not None else
+                          f"no hosts file at {ctx.layout.hosts_file}: rayfront works locally only",
+                          exit_code=3)
+    token = None  # GET /v1/info needs no token
+
+    def probe(rec: Any) -> dict[str, Any]:
+        target = ctx.target(rec.name)
+        row: dict[str, Any] = {"host": rec.name, "cpus": rec.cpus, "address": target.address,
+                               "port": target.port, "tls": target.ssl_context is not None,
+                               "locations": sorted(rec.locations)}
+        try:
+            info = Client(target, token, timeout=2.0).info(timeout=2.0)
+            row.update(answering=True, info=info)
+        except ClientError as exc:
+            row.update(answering=False, error=str(exc))
+        return row
+
+    with ThreadPoolExecutor(max_workers=min(16, len(records))) as pool:
+        rows = list(pool.map(probe, records))
+    if opts.json:
+        _print_json({"hosts": rows})
+        return 0
+    for row in rows:
+        head = f"{row['host']:<20} cpus {row['cpus']:<4} {row['address']}:{row['port']}"
+        if row["answering"]:
+            info = row["info"]
+            print(f"{head}  answering: rayserver {info.get('version', '?')}, "
+                  f"{info.get('running', '?')} running, {info.get('queued', '?')} queued")
+        else:
+            print(f"{head}  not answering ({row['error'].rsplit('(', 1)[-1].rstrip(')')})")
+    return 0
+
+
+def cmd_submit(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
+    project = ctx.project()
+    job_request = build_job(project, command, opts.name, opts.priority, opts.stdin, opts.stdout)
+    client = ctx.client(opts.host)
+    job = client.submit(job_request)
+    if opts.json:
+        _print_json(job)
+    else:
+        print(f"job {job['id']} {job.get('state', 'queued')} on {client.target.host}: "
+              f"{job_request['name']}")
+    return 0
+
+
+def run_and_follow(client: Any, job_request: dict[str, Any], project_dir: Path | None,
+                   *, json_mode: bool, quiet: bool = False) -> tuple[int, dict[str, Any]]:
+    """Submit, follow to the end and summarise; (exit code, final job). Shared with demo."""
+    from rayserver.client.follow import follow, job_exit_code, summary_lines
+
+    job = client.submit(job_request)
+    if not json_mode:
+        print(f"job {job['id']} submitted to {client.target.host}: {job_request.get('name', '')}",
+              file=sys.stderr)
+    try:
+        final = follow(client, job, show_log=not (json_mode or quiet),
+                       show_bar=not json_mode)
+    except KeyboardInterrupt:
+        print(f"\nrayfront: stopped following; job {job['id']} goes on on {client.target.host} "
+              f"(rayfront cancel {job['id']} ends it)", file=sys.stderr)
+        raise
+    if json_mode:
+        _print_json(final)
+    else:
+        for line in summary_lines(final, project_dir):
+            print(line)
+    return job_exit_code(final), final
+
+
+def cmd_run(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
+    project = ctx.project()
+    job_request = build_job(project, command, opts.name, opts.priority, opts.stdin, opts.stdout)
+    code, _ = run_and_follow(ctx.client(opts.host), job_request, project.local_dir,
+                             json_mode=opts.json, quiet=opts.quiet)
+    return code
+
+
+def cmd_status(ctx: Context, opts: argparse.Namespace) -> int:
+    client = ctx.client(opts.host)
+    if opts.id is not None:
+        job = client.job(opts.id)
+        if opts.json:
+            _print_json(job)
+        else:
+            print(_job_details(job))
+        return 0
+    states = [s.strip() for s in opts.state.split(",") if s.strip()] if opts.state else None
+    if opts.limit < 1:
+        raise ClientError(f"--limit must be at least 1, got {opts.limit}", exit_code=EXIT_USAGE)
+    page = client.jobs(states, opts.limit)
+    if opts.json:
+        _print_json(page)
+    elif not page.get("jobs"):
+        print(f"no jobs on {client.target.host}")
+    else:
+        print(_job_table(page["jobs"]))
+    return 0
+
+
+def cmd_log(ctx: Context, opts: argparse.Namespace) -> int:
+    client = ctx.client(opts.host)
+    if opts.json:
+        if opts.follow:
+            text = b"".join(client.follow_log(opts.id))
+            job = client.job(opts.id, wait=30)
+        else:
+            text = client.log(opts.id)
+            job = client.job(opts.id)
+        _print_json({"id": opts.id, "state": job.get("state"),
+                     "log": text.decode("utf-8", "replace")})
+        return 0
+    out = sys.stdout.buffer
+    chunks = client.follow_log(opts.id) if opts.follow else [client.log(opts.id)]
+    for chunk in chunks:
+        out.write(chunk)
+        out.flush()
+    return 0
+
+
+def cmd_cancel(ctx: Context, opts: argparse.Namespace) -> int:
+    job = ctx.client(opts.host).cancel(opts.id)
+    if opts.json:
+        _print_json(job)
+    elif job.get("state") == "cancelled":
+        print(f"job {opts.id} cancelled")
+    else:
+        print(f"job {opts.id}: cancel requested (state {job.get('state')}; "
+              "it becomes 'cancelled' when its processes have ended)")
+    return 0
+
+
+def cmd_token(ctx: Context, opts: argparse.Namespace) -> int:
+    from rayserver.credentials import CredentialsError, new_token
+
+    path = ctx.settings.token_path(ctx.layout.default_token_file)
+    if path is None:
+        raise ClientError(f"tokens are switched off (token_file = \"\" in "
+                          f"{ctx.layout.settings_file}); nothing to write", exit_code=EXIT_USAGE)
+    try:
+        new_token(path)
+    except CredentialsError as exc:
+        raise ClientError(str(exc)) from exc
+    hint = (f"a running rayserver re-reads it when its configuration is reloaded: "
+            f"kill -HUP $(cat {ctx.layout.pid_file}); clients read it at their next command")
+    if opts.json:
+        _print_json({"token_file": str(path), "mode": "0640", "hint": hint})
+    else:
+        print(f"wrote a new token to {path} (mode 0640)")
+        print(hint)
+    return 0
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, command = _split_command(argv)
+    parser = build_parser()
+    opts = parser.parse_args(own)
+    if not hasattr(opts, "host"):
+        opts.host = None
+    ctx = Context()
+    _set_title(ctx, argv)
+    try:
+        if opts.command in ("submit", "run"):
+            if command is None:
+                raise ClientError(f"expected the Radiance command after '--', e.g. "
+                                  f"rayfront {opts.command} -- rad scene.rif", exit_code=EXIT_USAGE)
+            return (cmd_submit if opts.command == "submit" else cmd_run)(ctx, opts, command)
+        if command is not None:
+            raise ClientError(f"'rayfront {opts.command}' takes no command after '--'",
+                              exit_code=EXIT_USAGE)
+        if opts.command == "demo":
+            from rayserver.client.demo import run_demo
+
+            return run_demo(opts.home, opts.out, json_mode=opts.json)
+        handler = {"hosts": cmd_hosts, "status": cmd_status, "log": cmd_log,
+                   "cancel": cmd_cancel, "token": cmd_token}[opts.command]
+        return handler(ctx, opts)
+    except ClientError as exc:
+        if opts.json:
+            _print_json(exc.as_json())
+        print(f"rayfront: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _set_title(ctx: Context, argv: list[str]) -> None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:  # a title is a convenience for `ps x`, never a reason to fail
+        return
+    setproctitle(" ".join([ctx.layout.editor_title, *argv]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Following one job to its end: the log as it grows, a progress bar, a summary.
+
+``rayfront run`` and ``rayfront demo`` share this code. The log comes from
+``GET /v1/jobs/<id>/log?follow=1`` (a stream that ends when the job is final
+and its log is read to the end); the bar is fed by a small thread polling the
+job object, because the log stream blocks. A broken stream (server restart)
+is resumed from the byte offset already shown, so nothing is printed twice.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from rayserver.client.connection import Client, ClientError
+
+FINAL_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
+# rpict's `-t` reports: the bar shows them, so the log view leaves them out.
+_PROGRESS_LINE = re.compile(r"^\w+: \d+ rays, [\d.]+% after ")
+POLL_SECONDS = 0.5
+STREAM_RETRIES = 10
+
+
+def job_exit_code(job: dict[str, Any]) -> int:
+    """The exit status ``rayfront run`` ends with: the job's, or 128+signal, or 1."""
+    status = job.get("exit_status")
+    if isinstance(status, int) and status != 0:
+        return status if 0 < status < 256 else 1
+    sig = job.get("signal")
+    if isinstance(sig, int) and sig > 0:
+        return 128 + sig
+    return 0 if job.get("state") == "done" else 1
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def summary_lines(job: dict[str, Any], project_dir: Path | None) -> list[str]:
+    """A person's summary of a final job: state, exit status, times, output files."""
+    state = job.get("state")
+    head = f"job {job.get('id')} {state}"
+    if job.get("exit_status") is not None:
+        head += f", exit status {job['exit_status']}"
+    if job.get("signal"):
+        head += f", signal {job['signal']}"
+    if job.get("reason"):
+        head += f" ({job['reason']})"
+    lines = [head]
+    queued = None
+    if isinstance(job.get("started_at"), int | float) and isinstance(
+            job.get("submitted_at"), int | float):
+        queued = job["started_at"] - job["submitted_at"]
+    times = f"  wall {_seconds(job.get('wall_time'))}, cpu {_seconds(job.get('cpu_time'))}"
+    if queued is not None:
+        times += f", queued {_seconds(queued)}"
+    if isinstance(job.get("max_rss_kb"), int):
+        times += f", max memory {job['max_rss_kb'] / 1024:.1f} MB"
+    lines.append(times)
+    outputs = job.get("outputs") or []
+    if outputs:
+        lines.append("  outputs:")
+        for name in outputs:
+            lines.append(f"    {project_dir / name if project_dir else name}")
+    return lines
+
+
+class _Poller(threading.Thread):
+    """Polls the job object and moves the bar; the last job seen is kept for the caller."""
+
+    def __init__(self, client: Client, job: dict[str, Any], bar: Any) -> None:
+        super().__init__(daemon=True, name="rayfront-progress")
+        self.client = client
+        self.job = job
+        self.bar = bar
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(POLL_SECONDS):
+            try:
+                self.job = self.client.job(int(self.job["id"]))
+            except ClientError:
+                continue  # the log stream reports a lost server; the bar just pauses
+            self.show(self.job)
+            if self.job.get("state") in FINAL_STATES:
+                return
+
+    def show(self, job: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        progress = job.get("progress")
+        if isinstance(progress, int | float):
+            self.bar.n = max(0.0, min(100.0, float(progress)))
+        state = job.get("state", "?")
+        step, count = job.get("current_step"), job.get("step_count")
+        desc = f"job {job.get('id')} {state}"
+        if isinstance(step, int) and isinstance(count, int) and count > 1:
+            desc += f" step {min(step + 1, count)}/{count}"
+        self.bar.set_description_str(desc, refresh=False)
+        self.bar.refresh()
+
+
+def follow(client: Client, job: dict[str, Any], *, show_log: bool = True,
+           show_bar: bool = True, out: IO[str] | None = None) -> dict[str, Any]:
+    """Follow ``job`` until it is final; returns the final job object."""
+    out = out or sys.stdout
+    job_id = int(job["id"])
+    bar = None
+    if show_bar:
+        from tqdm import tqdm  # only `run` and `demo` pay for importing tqdm
+
+        bar = tqdm(total=100, unit="%", file=sys.stderr, dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+    poller = _Poller(client, job, bar)
+    poller.show(job)
+    poller.start()
+
+    def emit(line: str) -> None:
+        if not show_log or _PROGRESS_LINE.match(line):
+            return
+        if bar is not None:
+            bar.write(line, file=out)
+        else:
+            out.write(line + "\n")
+            out.flush()
+
+    offset = 0
+    pending = b""
+    failures = 0
+    try:
+        while True:
+            try:
+                for chunk in client.follow_log(job_id, offset):
+                    offset += len(chunk)
+                    failures = 0
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for raw in lines:
+                        emit(raw.decode("utf-8", "replace"))
+                break
+            except ClientError as exc:
+                # A 4xx is final (job gone, token refused); a lost connection is retried.
+                failures += 1
+                if exc.status is not None or failures > STREAM_RETRIES:
+                    raise
+                time.sleep(min(3.0, 0.3 * failures))
+        if pending:
+            emit(pending.decode("utf-8", "replace"))
+        final = client.job(job_id, wait=30)
+        while final.get("state") not in FINAL_STATES:
+            final = client.job(job_id, wait=60)
+    finally:
+        poller.stop.set()
+        poller.join(2)
+    if bar is not None:
+        poller.show(final)
+        bar.close()
+    return final
