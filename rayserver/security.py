@@ -1,0 +1,481 @@
+"""Server-side security: allow-list, bearer token, body limits, slow clients, TLS.
+
+Two pieces are plugged into the worker's aiohttp server:
+
+- :func:`filtered_factory` wraps the protocol factory of aiohttp's low-level
+  ``web.Server``. Each connection is checked against the ``allow`` networks
+  in ``connection_made``, before a single byte is read (with TLS: before the
+  handshake), and is closed when the client is idle or slow beyond
+  ``client_timeout``: a request's headers and body must arrive within that
+  time of its first byte, an idle keep-alive connection lasts that long, and
+  a client that stops reading its answer is dropped after that long.
+- :func:`middlewares` checks the token (``Authorization: Bearer``), reads
+  request bodies up to ``max_body_bytes`` (so the time spent receiving them
+  counts against the client), and turns every error into the API's JSON
+  shape ``{"error": ..., "status": ...}``; an unexpected exception becomes a
+  500 whose traceback goes to the log only.
+
+The context object ``ctx`` is the worker's: ``ctx.live.settings`` (current
+settings, replaced on reload), ``ctx.layout`` and ``ctx.token`` (the token in
+force, or None when tokens are off). Both pieces read them at every
+connection or request, so a reload takes effect without restarting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import os
+import posixpath
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from rayserver.credentials import (
+    CredentialsError,
+    ensure_token,
+    read_server_token,
+    server_ssl_context,
+    tokens_equal,
+)
+
+__all__ = [
+    "CredentialsError",
+    "ensure_token",
+    "filtered_factory",
+    "is_allowed",
+    "middlewares",
+    "read_server_token",
+    "server_ssl_context",
+]
+
+log = logging.getLogger("rayserver.security")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Paths anyone allowed to connect may GET without a token: no job data in them.
+_OPEN_PATHS = frozenset({"/", "/v1/info", "/v1/openapi.yaml"})
+_OPEN_PREFIX = "/static/"
+
+# One warning per refused address per interval, so a port scan cannot flood the log.
+_REFUSAL_LOG_INTERVAL = 60.0
+
+
+# ----------------------------------------------------------------- allow-list
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(allow: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(item, strict=False) for item in allow)
+
+
+def is_allowed(address: str, allow: tuple[str, ...] | list[str]) -> bool:
+    """True if ``address`` lies in one of the ``allow`` networks.
+
+    An IPv4-mapped IPv6 address (``::ffff:10.1.2.3``, what a dual-stack socket
+    reports for an IPv4 client) is checked as the IPv4 address it carries.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        candidates.append(ip.ipv4_mapped)
+    nets = _networks(tuple(allow))
+    return any(c in net for c in candidates for net in nets if c.version == net.version)
+
+
+class _RefusalLog:
+    """Warn once per address per interval; count what was left out."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def refused(self, address: str, port: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(address)
+        if last is not None and now - last[0] < _REFUSAL_LOG_INTERVAL:
+            self._last[address] = (last[0], last[1] + 1)
+            return
+        extra = f" ({last[1]} more refused since the last warning)" if last and last[1] else ""
+        log.warning("refused connection from %s port %s: address not in allow%s",
+                    address, port, extra)
+        self._last[address] = (now, 0)
+        if len(self._last) > 4096:
+            # Forget the oldest half; a scan across many addresses must not grow memory.
+            for key in sorted(self._last, key=lambda k: self._last[k][0])[:2048]:
+                del self._last[key]
+
+
+_refusals = _RefusalLog()
+
+
+# --------------------------------------------------------- connection guard
+
+# Guard of each live connection, keyed by id() of aiohttp's protocol object
+# (which has __slots__ and cannot be weakly referenced); entries are removed
+# in connection_lost. The middleware finds a request's guard through it.
+_GUARDS: dict[int, _Guard] = {}
+
+
+class _TLSCache:
+    """The server TLS context, rebuilt when the settings or the files change.
+
+    A certificate renewed on disk takes effect for new connections; a broken
+    renewal keeps the last good context and logs why.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._ctx: ssl.SSLContext | None = None
+
+    def get(self, settings: Any) -> ssl.SSLContext | None:
+        if not (settings.tls_cert and settings.tls_key):
+            return None
+        key: tuple[Any, ...] = (settings.tls_cert, settings.tls_key)
+        for name in key:
+            try:
+                st = os.stat(os.path.expanduser(name))
+                key += (st.st_mtime_ns, st.st_size)
+            except OSError:
+                key += (None,)
+        if key != self._key:
+            try:
+                self._ctx = server_ssl_context(settings)
+            except CredentialsError as exc:
+                if self._ctx is None:
+                    raise
+                log.error("keeping the previous TLS certificate: %s", exc)
+            self._key = key
+        return self._ctx
+
+
+class _Guard(asyncio.Protocol):
+    """Wraps one aiohttp RequestHandler: allow-list, optional TLS, client timeouts."""
+
+    def __init__(self, inner: Any, ctx: Any, tls: _TLSCache) -> None:
+        self._inner = inner
+        self._ctx = ctx
+        self._tls = tls
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._attached = False
+        self._closed = False
+        self._pending: list[bytes] = []
+        self._pending_eof = False
+        self._tls_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._peer = "?"
+        # Client-timeout bookkeeping (loop.time() values).
+        self._idle_since: float | None = None
+        self._request_since: float | None = None
+        self._write_paused_since: float | None = None
+        self.handling = 0          # handlers running (set by the middleware)
+        self.reading_body = False  # the middleware is receiving a body
+
+    # ---- connection set-up
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        settings = self._ctx.live.settings
+        if isinstance(peer, tuple) and peer:
+            host, port = str(peer[0]), peer[1]
+            self._peer = f"{host} port {port}"
+            if not is_allowed(host, settings.allow):
+                _refusals.refused(host, port)
+                self._closed = True
+                transport.abort()
+                return
+        # else: a Unix socket, reachable only through file permissions.
+        if transport.get_extra_info("sslcontext") is None:
+            try:
+                tls = self._tls.get(settings)
+            except CredentialsError as exc:
+                log.error("refusing connection from %s: %s", self._peer, exc)
+                self._closed = True
+                transport.abort()
+                return
+            if tls is not None:
+                # Hold the bytes in the kernel until the TLS layer takes over.
+                transport.pause_reading()
+                self._tls_task = self._loop.create_task(self._start_tls(transport, tls))
+                self._arm()
+                return
+        self._attach(transport)
+
+    async def _start_tls(self, transport: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        timeout = self._timeout()
+        try:
+            new = await self._loop.start_tls(
+                transport, self, tls, server_side=True,
+                ssl_handshake_timeout=timeout if timeout > 0 else None,
+            )
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except (OSError, ConnectionError, ssl.SSLError) as exc:
+            log.info("TLS handshake with %s failed: %s", self._peer, exc or type(exc).__name__)
+            transport.abort()
+            return
+        finally:
+            self._tls_task = None
+        if new is None or self._closed:
+            transport.abort()
+            return
+        self._attach(new)
+
+    def _attach(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._attached = True
+        _GUARDS[id(self._inner)] = self
+        self._idle_since = self._loop.time()
+        self._inner.connection_made(transport)
+        # Data the TLS layer decrypted before start_tls() returned.
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._note_data()
+            self._inner.data_received(data)
+        if self._pending_eof:
+            self._inner.eof_received()
+        self._arm()
+
+    # ---- protocol calls, passed on to aiohttp
+
+    def data_received(self, data: bytes) -> None:
+        if not self._attached:
+            self._pending.append(data)
+            return
+        self._note_data()
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if not self._attached:
+            self._pending_eof = True
+            return None
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._write_paused_since = self._loop.time()
+        if self._attached:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused_since = None
+        if self._attached:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+        if self._attached:
+            self._attached = False
+            _GUARDS.pop(id(self._inner), None)
+            self._inner.connection_lost(exc)
+
+    # ---- client timeouts
+
+    def _timeout(self) -> float:
+        return float(self._ctx.live.settings.client_timeout)
+
+    def _busy(self) -> bool:
+        """True while the server, not the client, is the one to act."""
+        if self.handling:
+            return True
+        # aiohttp sets this from the start of a request to the end of its answer.
+        in_progress = bool(getattr(self._inner, "_request_in_progress", False))
+        return in_progress and not self.reading_body
+
+    def _note_data(self) -> None:
+        if self._request_since is None and not self._busy():
+            self._request_since = self._loop.time()
+
+    def _arm(self) -> None:
+        if self._closed:
+            return
+        timeout = self._timeout()
+        # Check a few times per timeout: state changes (request done, body read)
+        # are noticed within a quarter of it without a callback per byte.
+        interval = min(max(timeout / 4, 0.05), 15.0) if timeout > 0 else 15.0
+        self._timer = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._closed or self._transport is None:
+            return
+        timeout = self._timeout()
+        now = self._loop.time()
+        if timeout > 0:
+            reason = self._overdue(now, timeout)
+            if reason:
+                level = logging.DEBUG if reason.startswith("idle") else logging.WARNING
+                log.log(level, "closed connection from %s: %s", self._peer, reason)
+                self._closed = True
+                self._transport.abort()
+                return
+        self._arm()
+
+    def _overdue(self, now: float, timeout: float) -> str | None:
+        if not self._attached:
+            # Still in the TLS handshake; start_tls has its own timeout, this is a backstop.
+            if self._idle_since is None:
+                self._idle_since = now
+            if now - self._idle_since >= 2 * timeout:
+                return f"TLS handshake not done within {timeout:g} s"
+            return None
+        if self._write_paused_since is not None and now - self._write_paused_since >= timeout:
+            return f"client stopped reading its answer for {timeout:g} s"
+        if self._busy():
+            self._idle_since = None
+            self._request_since = None
+            return None
+        if self._request_since is not None:
+            if now - self._request_since >= timeout:
+                return f"request not received completely within {timeout:g} s (slow client)"
+            return None
+        if self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= timeout:
+            return f"idle for {timeout:g} s"
+        return None
+
+
+def filtered_factory(server_factory: Callable[[], asyncio.BaseProtocol], ctx: Any
+                     ) -> Callable[[], asyncio.Protocol]:
+    """Wrap aiohttp's ``web.Server`` (``runner.server``) for ``loop.create_server``.
+
+    Connections from addresses outside ``ctx.live.settings.allow`` are
+    aborted in ``connection_made``. When tls_cert/tls_key are set, the TLS
+    handshake is done here, after the address check, so do not pass ``ssl=``
+    to ``create_server`` (if you do, it still works, but refused clients get
+    their handshake first). Raises :class:`CredentialsError` at once for a
+    bad certificate or key, so a worker fails while booting, not per
+    connection.
+    """
+    tls = _TLSCache()
+    tls.get(ctx.live.settings)
+
+    def factory() -> asyncio.Protocol:
+        return _Guard(server_factory(), ctx, tls)
+
+    return factory
+
+
+# ---------------------------------------------------------------- middlewares
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status,
+                             headers=headers)
+
+
+def _is_open(request: web.Request) -> bool:
+    if request.method not in ("GET", "HEAD"):
+        return False
+    path = request.path
+    if path in _OPEN_PATHS:
+        return True
+    # normpath: "/static/../v1/jobs" must not count as a static file.
+    return path.startswith(_OPEN_PREFIX) and posixpath.normpath(path) == path.rstrip("/")
+
+
+def _message_for(request: web.Request, exc: web.HTTPException, limit: int) -> str:
+    if exc.status == 404:
+        return f"not found: {request.method} {request.path}"
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return (f"method {request.method} is not allowed on {request.path}"
+                + (f"; allowed: {allowed}" if allowed else ""))
+    if exc.status == 413:
+        return f"request body too large: at most {limit} bytes are accepted"
+    text = (exc.text or "").strip()
+    if text and not text.startswith(f"{exc.status}:"):
+        return text
+    return exc.reason or f"HTTP {exc.status}"
+
+
+def middlewares(ctx: Any) -> list[Any]:
+    """The aiohttp middlewares, outermost first: errors, token, body."""
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        limit = ctx.live.settings.max_body_bytes
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or (exc.content_type or "").endswith("json"):
+                raise
+            headers = {k: v for k, v in exc.headers.items()
+                       if k.lower() not in ("content-type", "content-length")}
+            resp = _error(exc.status, _message_for(request, exc, limit), headers)
+            if exc.status == 413:
+                # The rest of the body is not read; this connection cannot be reused.
+                resp.force_close()
+            return resp
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("internal error on %s %s from %s",
+                          request.method, request.path, request.remote)
+            return _error(500, "internal server error; the details are in the server log")
+
+    @web.middleware
+    async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = ctx.token
+        if token is None or _is_open(request):
+            return await handler(request)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        given = given.strip()
+        if scheme.lower() != "bearer" or not given:
+            problem, message = "no token", (
+                "a token is required: send 'Authorization: Bearer <token>' "
+                "(rayfront reads it from <home>/config/token or $RAYFRONT_TOKEN)")
+        elif not tokens_equal(given, token):
+            problem, message = "wrong token", (
+                "wrong token: the server's token differs (it may have been rotated "
+                "with `rayfront token new`)")
+        else:
+            return await handler(request)
+        log.warning("refused %s %s from %s: %s", request.method, request.path,
+                    request.remote, problem)
+        return _error(401, message, {"WWW-Authenticate": 'Bearer realm="rayserver"'})
+
+    @web.middleware
+    async def body_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        guard = _GUARDS.get(id(request.protocol))
+        if request.body_exists:
+            limit = ctx.live.settings.max_body_bytes
+            length = request.content_length
+            if length is not None and length > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+            # Read the whole body here, so the time it takes counts against
+            # the client's timeout and the limit holds for chunked bodies too.
+            request = request.clone(client_max_size=limit)
+            if guard is not None:
+                guard.reading_body = True
+            try:
+                await request.read()
+            finally:
+                if guard is not None:
+                    guard.reading_body = False
+        if guard is None:
+            return await handler(request)
+        guard.handling += 1
+        try:
+            return await handler(request)
+        finally:
+            guard.handling -= 1
+
+    return [json_errors, bearer_token, body_limit]
