@@ -1,0 +1,511 @@
+"""The web dashboard: static page at ``/``, its files under ``/static/``, and picture previews.
+
+The page itself (``rayserver/dashboard/``: index.html, app.css, app.js) is
+plain HTML/CSS/JS shipped as package data and talks only to the JSON API.
+This module adds the one server-side piece the API lacks:
+``GET /v1/jobs/{id}/preview.png?step=<n>``, a tone-mapped PNG of a finished
+job's Radiance picture.
+
+A preview is only ever made of a job's own output: the stdout file of a step
+(or, for a ``rad`` step, the pictures that rad wrote), resolved inside the
+job's workdir with symlinks followed, and only if the file starts with the
+Radiance picture header. The conversion runs Radiance's ``pfilt`` (only to
+shrink big pictures), ``pcond`` and ``ra_ppm`` as asyncio subprocesses, one
+conversion per job at a time and a few at most overall, and the PNG is cached
+in ``<state_dir>/jobs/<id>/preview-<step>.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.resources
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from rayserver import radiance
+from rayserver.client.png import PPMError, ppm_to_png
+
+log = logging.getLogger("rayserver.dashboard")
+
+PICTURE_MAGIC = b"#?RADIANCE"
+# Bigger pictures are shrunk with pfilt first: a preview is for a browser, and
+# pcond/ra_ppm/zlib time grows with the pixel count.
+PREVIEW_MAX_SIDE = 1600
+CONVERT_TIMEOUT = 120.0
+MAX_CONCURRENT_CONVERSIONS = 2
+PICTURE_SUFFIXES = (".hdr", ".pic")
+
+# The only files /static/ serves, with their media types; index.html is served at /.
+STATIC_FILES: dict[str, str] = {
+    "app.css": "text/css",
+    "app.js": "text/javascript",
+}
+INDEX_FILE = "index.html"
+
+# The page loads nothing from elsewhere (the render host may have no internet);
+# previews are blob: URLs made by fetch(), so the token never goes in a URL.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+       "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+CTX_KEY = web.AppKey("dashboard_ctx", object)
+SERVICE_KEY: web.AppKey[PreviewService] = web.AppKey("dashboard_previews")
+FILES_KEY: web.AppKey[dict[str, tuple[bytes, str, str]]] = web.AppKey("dashboard_files")
+
+
+class PreviewError(Exception):
+    """A preview that cannot be made; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """The API's error shape: ``{"error": ..., "status": ...}``."""
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+# ---------------------------------------------------------------- static files
+
+
+def load_static_files() -> dict[str, tuple[bytes, str, str]]:
+    """name -> (bytes, content type, ETag) of the dashboard's files, read once."""
+    root = importlib.resources.files("rayserver") / "dashboard"
+    files = {}
+    for name, ctype in [(INDEX_FILE, "text/html"), *STATIC_FILES.items()]:
+        data = (root / name).read_bytes()
+        etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+        files[name] = (data, ctype, etag)
+    return files
+
+
+def _file_response(request: web.Request, name: str) -> web.Response:
+    data, ctype, etag = request.app[FILES_KEY][name]
+    # no-cache = revalidate every time, so an upgraded server never runs a stale app.js
+    headers = {"ETag": etag, "Cache-Control": "no-cache", **SECURITY_HEADERS}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=data, content_type=ctype, charset="utf-8", headers=headers)
+
+
+async def index(request: web.Request) -> web.Response:
+    return _file_response(request, INDEX_FILE)
+
+
+async def static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        return error_response(
+            404, f"no dashboard file {name!r}; known files: {', '.join(sorted(STATIC_FILES))}"
+        )
+    return _file_response(request, name)
+
+
+# ---------------------------------------------------------------- finding the picture
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def resolve_output(workdir: Path, name: str) -> Path:
+    """The real path of a job's output ``name`` (relative to workdir or absolute).
+
+    Raises PreviewError(403) when it leaves the workdir, symlinks included.
+    """
+    root = Path(os.path.realpath(workdir))
+    real = Path(os.path.realpath(workdir / name))
+    if not _inside(real, root):
+        raise PreviewError(403, f"output {name!r} resolves outside the job's folder {workdir}")
+    return real
+
+
+def is_picture(path: Path) -> bool:
+    """True when ``path`` is a regular file starting with the Radiance picture header."""
+    try:
+        # O_NONBLOCK: a job could leave a FIFO under a picture's name; opening it must not hang
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(PICTURE_MAGIC)) == PICTURE_MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def picture_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a Radiance picture's header and resolution line."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    end = head.find(b"\n\n")
+    if end < 0:
+        raise PreviewError(422, f"{path.name}: Radiance picture header has no end (blank line)")
+    line = head[end + 2:].split(b"\n", 1)[0].decode("ascii", "replace")
+    match = re.fullmatch(r"\s*([-+])([XY])\s+(\d+)\s+([-+])([XY])\s+(\d+)\s*", line)
+    if not match or match[2] == match[5]:
+        raise PreviewError(
+            422, f"{path.name}: bad resolution line {line[:40]!r}; expected e.g. '-Y 480 +X 640'"
+        )
+    sizes = {match[2]: int(match[3]), match[5]: int(match[6])}
+    if sizes["X"] < 1 or sizes["Y"] < 1:
+        raise PreviewError(422, f"{path.name}: empty picture ({sizes['X']}x{sizes['Y']})")
+    return sizes["X"], sizes["Y"]
+
+
+# rad's variable names may be abbreviated (rad.c: PICTURE to 3 letters, view to 2).
+_RIF_ASSIGN = re.compile(r"^\s*([A-Za-z]+)\s*=\s*(.*?)\s*$")
+# rad echoes each command; its pictures are the targets of '>' (pfilt ... > x.hdr) or mv.
+_LOG_PICTURE = re.compile(
+    r"(?:>\s*|^\s*mv\s+\S+\s+)([^\s>|;&]+\.(?:hdr|pic))\s*$", re.MULTILINE
+)
+
+
+def rif_pictures(rif: Path) -> list[str]:
+    """The pictures a rif makes: <PICTURE>_<view>.hdr/.pic for each view (rad's naming)."""
+    try:
+        text = rif.read_text(errors="replace")
+    except OSError:
+        return []
+    picture = rif.stem
+    views: list[str] = []
+    for raw in text.splitlines():
+        match = _RIF_ASSIGN.match(raw.split("#", 1)[0])
+        if not match:
+            continue
+        key, value = match[1], match[2]
+        if len(key) >= 3 and "PICTURE".startswith(key.upper()) and key.isupper() and value:
+            picture = value.split()[0]
+        elif len(key) >= 2 and "view".startswith(key) and key.islower():
+            first = value.split()[0] if value.split() else ""
+            # an unnamed view ("view= -vp ...") is called by its number, counting from 1
+            views.append(first if first and not first.startswith("-") else str(len(views) + 1))
+    names = []
+    for view in views or ["X"]:
+        names += [f"{picture}_{view}{suffix}" for suffix in PICTURE_SUFFIXES]
+    return names
+
+
+def log_pictures(text: str) -> list[str]:
+    """Pictures named as output in rad's echoed commands (in order, without repeats)."""
+    seen: dict[str, None] = {}
+    for match in _LOG_PICTURE.finditer(text):
+        seen.setdefault(match[1], None)
+    return list(seen)
+
+
+def _rad_rif(step: dict[str, Any]) -> str | None:
+    args = [str(a) for a in step.get("args") or []]
+    for arg in args:
+        if arg.endswith(".rif"):
+            return arg
+    plain = [a for a in args if not a.startswith("-")]
+    return plain[-1] if plain else None
+
+
+def _is_rad(step: dict[str, Any]) -> bool:
+    program = str(step.get("program") or step.get("path") or "")
+    return Path(program).name == "rad"
+
+
+def step_pictures(row: dict[str, Any], index: int, log_text: str = "") -> list[Path]:
+    """Real paths of the Radiance pictures step ``index`` of a job wrote, best first."""
+    workdir = Path(row["workdir"])
+    step = row["steps"][index]
+    names: list[str] = []
+    if step.get("stdout"):
+        names.append(str(step["stdout"]))
+    if _is_rad(step):
+        names += log_pictures(log_text)
+        rif = _rad_rif(step)
+        if rif:
+            with contextlib.suppress(PreviewError):
+                names += rif_pictures(resolve_output(workdir, rif))
+    found: list[Path] = []
+    for name in names:
+        try:
+            path = resolve_output(workdir, name)
+        except PreviewError:
+            continue  # a name pointing outside the project is never a job output
+        if path not in found and is_picture(path):
+            found.append(path)
+    return found
+
+
+def find_picture(row: dict[str, Any], step: int | None, log_text: str = "") -> tuple[int, Path]:
+    """(step index, picture) to preview; the last step with a picture when step is None."""
+    steps = row.get("steps") or []
+    if step is not None:
+        if not 0 <= step < len(steps):
+            raise PreviewError(
+                404, f"job {row.get('id')} has no step {step}; steps are numbered 0 to {len(steps) - 1}"
+            )
+        pictures = step_pictures(row, step, log_text)
+        if not pictures:
+            raise PreviewError(
+                404, f"step {step} of job {row.get('id')} wrote no Radiance picture "
+                     f"(a file starting with #?RADIANCE in the job's folder)"
+            )
+        return step, pictures[0]
+    for index in reversed(range(len(steps))):
+        pictures = step_pictures(row, index, log_text)
+        if pictures:
+            return index, pictures[0]
+    raise PreviewError(
+        404, f"job {row.get('id')} wrote no Radiance picture (a file starting with #?RADIANCE "
+             f"in the job's folder)"
+    )
+
+
+# ---------------------------------------------------------------- conversion
+
+
+async def _run(argv: list[str], env: dict[str, str], cwd: Path,
+               stdin: int | None = None, stdout: int | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv, env=env, cwd=str(cwd), stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _reap(procs: list[asyncio.subprocess.Process]) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+async def picture_to_png(picture: Path, bin_dir: Path, env: dict[str, str],
+                         scratch: Path, timeout: float = CONVERT_TIMEOUT) -> bytes:
+    """PNG bytes of a Radiance picture: [pfilt to shrink] -> pcond -> ra_ppm -> PNG.
+
+    pcond reads its input twice, so it gets a file, never a pipe; a picture
+    larger than PREVIEW_MAX_SIDE is first shrunk into ``scratch``.
+    """
+    width, height = picture_size(picture)
+    source = picture
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        async with asyncio.timeout(timeout):
+            if max(width, height) > PREVIEW_MAX_SIDE:
+                scale = PREVIEW_MAX_SIDE / max(width, height)
+                w, h = max(1, round(width * scale)), max(1, round(height * scale))
+                with open(scratch, "wb") as out:
+                    proc = await _run([str(bin_dir / "pfilt"), "-1", "-x", str(w), "-y", str(h),
+                                       "-p", "0", str(picture)], env, picture.parent,
+                                      stdout=out.fileno())
+                procs.append(proc)
+                _, err = await proc.communicate()
+                if proc.returncode != 0:
+                    raise PreviewError(500, f"pfilt failed (exit {proc.returncode}): "
+                                            f"{err.decode(errors='replace').strip()}")
+                source = scratch
+            read_end, write_end = os.pipe()
+            try:
+                pcond = await _run([str(bin_dir / "pcond"), str(source)], env, picture.parent,
+                                   stdout=write_end)
+                procs.append(pcond)
+                os.close(write_end)
+                write_end = -1
+                ra_ppm = await _run([str(bin_dir / "ra_ppm")], env, picture.parent,
+                                    stdin=read_end)
+                procs.append(ra_ppm)
+            finally:
+                os.close(read_end)
+                if write_end >= 0:
+                    os.close(write_end)
+            (ppm, ppm_err), pcond_err = await asyncio.gather(
+                ra_ppm.communicate(), pcond.stderr.read() if pcond.stderr else _empty())
+            await pcond.wait()
+    except TimeoutError as exc:
+        raise PreviewError(500, f"converting {picture.name} took longer than {timeout:g} s") from exc
+    finally:
+        await _reap(procs)
+        with contextlib.suppress(FileNotFoundError):
+            scratch.unlink()
+    if pcond.returncode != 0:
+        raise PreviewError(500, f"pcond failed on {picture.name} (exit {pcond.returncode}): "
+                                f"{pcond_err.decode(errors='replace').strip()}")
+    if ra_ppm.returncode != 0:
+        raise PreviewError(500, f"ra_ppm failed on {picture.name} (exit {ra_ppm.returncode}): "
+                                f"{ppm_err.decode(errors='replace').strip()}")
+    try:
+        # zlib releases the GIL; a thread keeps a big picture from stalling the event loop
+        return await asyncio.to_thread(ppm_to_png, ppm)
+    except PPMError as exc:
+        raise PreviewError(500, f"ra_ppm wrote an unreadable PPM for {picture.name}: {exc}") from exc
+
+
+async def _empty() -> bytes:
+    return b""
+
+
+@dataclass
+class PreviewService:
+    """Makes and caches previews; one conversion per job at a time, a few overall."""
+
+    jobs_dir: Path
+    max_concurrent: int = MAX_CONCURRENT_CONVERSIONS
+    # job id -> (lock, number of requests using it); dropped when unused
+    _locks: dict[int, tuple[asyncio.Lock, int]] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[Path]] = field(default_factory=set)
+    _slots: asyncio.Semaphore | None = None
+
+    def cache_path(self, job_id: int, step: int) -> Path:
+        return self.jobs_dir / str(job_id) / f"preview-{step}.png"
+
+    async def preview(self, job_id: int, step: int, picture: Path,
+                      bin_dir: Path, env: dict[str, str]) -> Path:
+        """The cached PNG for (job, step), made first if missing or older than the picture."""
+        task = asyncio.ensure_future(self._make(job_id, step, picture, bin_dir, env))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # shield: a client that goes away does not waste a half-done conversion
+        return await asyncio.shield(task)
+
+    def _fresh(self, png: Path, picture: Path) -> bool:
+        try:
+            return png.stat().st_mtime_ns >= picture.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+
+    async def _make(self, job_id: int, step: int, picture: Path,
+                    bin_dir: Path, env: dict[str, str]) -> Path:
+        png = self.cache_path(job_id, step)
+        lock, users = self._locks.get(job_id, (asyncio.Lock(), 0))
+        self._locks[job_id] = (lock, users + 1)
+        try:
+            async with lock:
+                if self._fresh(png, picture):
+                    return png
+                if self._slots is None:
+                    self._slots = asyncio.Semaphore(self.max_concurrent)
+                async with self._slots:
+                    png.parent.mkdir(parents=True, exist_ok=True)
+                    scratch = png.with_name(f".preview-{step}.{os.getpid()}.hdr")
+                    data = await picture_to_png(picture, bin_dir, env, scratch)
+                    tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, png)  # atomic: a reader never sees half a PNG
+                    log.info("preview of job %d step %d: %s (%d bytes)",
+                             job_id, step, picture, len(data))
+                    return png
+        finally:
+            lock, users = self._locks[job_id]
+            if users <= 1:
+                del self._locks[job_id]
+            else:
+                self._locks[job_id] = (lock, users - 1)
+
+    async def close(self) -> None:
+        """Cancel running conversions (their processes are killed and reaped)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# ---------------------------------------------------------------- the endpoint
+
+
+def _job_log(ctx: Any, job_id: int, row: dict[str, Any]) -> str:
+    """The job's log text (for rad's echoed command lines); empty if there is none."""
+    candidates = []
+    if row.get("log_path"):
+        candidates.append(Path(row["log_path"]))
+    candidates.append(ctx.layout.job_dir(job_id) / "log")
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as fh:
+                return fh.read(4 * 1024 * 1024).decode(errors="replace")
+    return ""
+
+
+def _parse_int(value: str, what: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise PreviewError(400, f"bad {what} {value!r}: expected a whole number >= {minimum}")
+    return number
+
+
+async def preview(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX_KEY]
+    try:
+        job_id = _parse_int(request.match_info["id"], "job id", 1)
+        step = request.query.get("step")
+        step_index = _parse_int(step, "step", 0) if step is not None else None
+        row = ctx.db.get(job_id)
+        if row is None:
+            raise PreviewError(404, f"no job {job_id}")
+        if row.get("state") != "done":
+            raise PreviewError(
+                409, f"job {job_id} is {row.get('state')}; a preview exists only for a job "
+                     f"that is done"
+            )
+        log_text = _job_log(ctx, job_id, row) if any(_is_rad(s) for s in row["steps"]) else ""
+        index, picture = find_picture(row, step_index, log_text)
+        settings = ctx.live.settings
+        try:
+            bin_dir = radiance.bin_dir(settings)
+            env = radiance.simulation_env(settings)
+        except FileNotFoundError as exc:
+            raise PreviewError(500, str(exc)) from exc
+        service = request.app[SERVICE_KEY]
+        png = await service.preview(job_id, index, picture, bin_dir, env)
+    except PreviewError as exc:
+        return error_response(exc.status, exc.message)
+    return web.FileResponse(png, headers={
+        "Content-Type": "image/png",
+        # the same URL shows another picture after a re-render of the file: revalidate
+        "Cache-Control": "private, no-cache",
+        "X-Preview-Step": str(index),
+        "X-Content-Type-Options": "nosniff",
+    })
+
+
+def setup_dashboard(app: web.Application, ctx: Any) -> None:
+    """Register GET /, GET /static/{name} and GET /v1/jobs/{id}/preview.png on ``app``.
+
+    ``ctx`` provides ``.layout`` (Layout), ``.live.settings`` (Settings, read
+    per request so a reload applies) and ``.db`` (JobDB with ``get(id)``).
+    The security middleware protects /v1/*; / and /static/* are open.
+    """
+    app[CTX_KEY] = ctx
+    app[FILES_KEY] = load_static_files()
+    service = PreviewService(ctx.layout.jobs_dir)
+    app[SERVICE_KEY] = service
+
+    async def close(_app: web.Application) -> None:
+        await service.close()
+
+    app.on_cleanup.append(close)
+    app.router.add_get("/", index)
+    app.router.add_get("/static/{name}", static)
+    app.router.add_get("/v1/jobs/{id}/preview.png", preview)
+
+
+__all__ = [
+    "PreviewError", "PreviewService", "find_picture", "log_pictures", "picture_size",
+    "picture_to_png", "resolve_output", "rif_pictures", "setup_dashboard",
+]

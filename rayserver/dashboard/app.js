@@ -1,0 +1,468 @@
+/* rayserver dashboard: polls the JSON API and keeps the page up to date in place.
+
+   No build step and no libraries. The token lives in sessionStorage (this tab
+   only) and travels only in the Authorization header; previews are fetched
+   with fetch() and shown through blob: URLs for the same reason. Every text
+   that comes from the server is put in with textContent, never as HTML. */
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "rayserver.token";
+  const JOBS_INTERVAL_MS = 1000;
+  const INFO_INTERVAL_MS = 5000;
+  const REQUEST_TIMEOUT_MS = 15000;
+  const FINISHED_SHOWN = 20;
+  const PREVIEWS_AT_ONCE = 2;
+  const LOG_KEEP_CHARS = 200000;
+  const FINAL = new Set(["done", "failed", "cancelled", "interrupted"]);
+  const PICTURE_RE = /\.(hdr|pic)$/i;
+
+  const $ = (id) => document.getElementById(id);
+
+  class ApiError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  const state = {
+    token: sessionStorage.getItem(TOKEN_KEY),
+    auth: true,
+    polling: false,
+    jobsTimer: null,
+    infoTimer: null,
+    cards: new Map(), // job id -> card record
+  };
+
+  // ------------------------------------------------------------------ API
+
+  async function api(path, { method = "GET", token = state.token, as = "json" } = {}) {
+    const headers = {};
+    if (token) headers["Authorization"] = "Bearer " + token;
+    if (as === "json") headers["Accept"] = "application/json";
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
+    let response;
+    try {
+      response = await fetch(path, { method, headers, cache: "no-store", signal: controller.signal });
+    } catch (err) {
+      throw new ApiError(0, err.name === "AbortError"
+        ? "the server did not answer within " + REQUEST_TIMEOUT_MS / 1000 + " s"
+        : "the server cannot be reached");
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!response.ok) {
+      let message = response.status + " " + response.statusText;
+      try {
+        const body = await response.json();
+        if (body && body.error) message = body.error;
+      } catch (_) { /* not JSON: keep the status line */ }
+      throw new ApiError(response.status, message);
+    }
+    if (as === "json") return response.json();
+    if (as === "blob") return response.blob();
+    return response.arrayBuffer();
+  }
+
+  // ------------------------------------------------------------------ helpers
+
+  function el(tag, props = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else if (key.startsWith("aria-") || key.startsWith("data-") || key === "role" || key === "for")
+        node.setAttribute(key, value);
+      else node[key] = value;
+    }
+    for (const child of children) if (child) node.append(child);
+    return node;
+  }
+
+  function announce(message) {
+    const region = $("announcer");
+    // clearing first makes screen readers repeat an identical message
+    region.textContent = "";
+    setTimeout(() => { region.textContent = message; }, 50);
+  }
+
+  function showConnection(message) {
+    const banner = $("connection");
+    banner.textContent = message || "";
+    banner.hidden = !message;
+  }
+
+  function clock(seconds) {
+    return seconds ? new Date(seconds * 1000).toLocaleString() : "";
+  }
+
+  function duration(seconds) {
+    if (seconds == null) return "";
+    const s = Math.max(0, Math.round(seconds));
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), r = s % 60;
+    return (h ? h + " h " : "") + (h || m ? m + " min " : "") + r + " s";
+  }
+
+  function jobLabel(job) {
+    return "job " + job.id + (job.name ? " (" + job.name + ")" : "");
+  }
+
+  function mayHavePicture(job) {
+    const steps = job.steps || [];
+    return steps.some((s) => s.program === "rad" || s.program === "rpict" ||
+                             PICTURE_RE.test(s.stdout || "")) ||
+           (job.outputs || []).some((o) => PICTURE_RE.test(o));
+  }
+
+  // ------------------------------------------------------------------ host info
+
+  async function refreshInfo() {
+    try {
+      const info = await api("/v1/info", { token: null });
+      state.auth = info.auth !== false;
+      $("title-host").textContent = "on " + info.hostname;
+      document.title = "rayserver on " + info.hostname;
+      $("info-hostname").textContent = info.hostname;
+      $("info-cpus").textContent = String(info.cpus);
+      $("info-load").textContent = Array.isArray(info.load)
+        ? info.load.map((v) => Number(v).toFixed(2)).join(", ") : "unknown";
+      $("info-radiance").textContent = info.radiance_version || "unknown";
+      $("info-jobs").textContent = (info.running ?? "?") + " / " + (info.queued ?? "?");
+      $("info-version").textContent = info.version || "";
+      return info;
+    } catch (err) {
+      showConnection("Host information is unavailable: " + err.message + ". Retrying…");
+      return null;
+    } finally {
+      clearTimeout(state.infoTimer);
+      state.infoTimer = setTimeout(refreshInfo, INFO_INTERVAL_MS);
+    }
+  }
+
+  // ------------------------------------------------------------------ sign in
+
+  function showLogin(message) {
+    stopPolling();
+    $("jobs").hidden = true;
+    $("signout").hidden = true;
+    $("login").hidden = false;
+    $("login-message").textContent = message || "";
+    $("token-input").focus();
+  }
+
+  async function onLogin(event) {
+    event.preventDefault();
+    const input = $("token-input");
+    const token = input.value.trim();
+    if (!token) {
+      $("login-message").textContent = "Enter the access token (from config/token on the server).";
+      input.focus();
+      return;
+    }
+    try {
+      await api("/v1/jobs?limit=1", { token });
+    } catch (err) {
+      $("login-message").textContent = err.status === 401
+        ? "The server refused this token. Check config/token on the server."
+        : "Cannot sign in: " + err.message;
+      input.select();
+      return;
+    }
+    sessionStorage.setItem(TOKEN_KEY, token);
+    state.token = token;
+    input.value = "";
+    $("login-message").textContent = "";
+    $("login").hidden = true;
+    startPolling();
+    announce("Signed in.");
+  }
+
+  function onSignout() {
+    sessionStorage.removeItem(TOKEN_KEY);
+    state.token = null;
+    for (const id of [...state.cards.keys()]) removeCard(id);
+    showLogin("Token forgotten. Enter it again to see the jobs.");
+  }
+
+  // ------------------------------------------------------------------ jobs
+
+  function startPolling() {
+    $("jobs").hidden = false;
+    $("signout").hidden = !state.token;
+    if (!state.polling) {
+      state.polling = true;
+      pollJobs();
+    }
+  }
+
+  function stopPolling() {
+    state.polling = false;
+    clearTimeout(state.jobsTimer);
+  }
+
+  async function pollJobs() {
+    if (!state.polling) return;
+    try {
+      const [active, finished] = await Promise.all([
+        api("/v1/jobs?state=queued,running&limit=200"),
+        api("/v1/jobs?state=done,failed,cancelled,interrupted&limit=" + FINISHED_SHOWN),
+      ]);
+      showConnection("");
+      render(active.jobs || [], finished.jobs || []);
+    } catch (err) {
+      if (err.status === 401) {
+        sessionStorage.removeItem(TOKEN_KEY);
+        state.token = null;
+        showLogin(state.auth ? "Please sign in with the server's access token." : err.message);
+        return;
+      }
+      showConnection("Cannot update the job list: " + err.message + ". Retrying…");
+    }
+    if (state.polling) state.jobsTimer = setTimeout(pollJobs, JOBS_INTERVAL_MS);
+  }
+
+  function render(activeJobs, finishedJobs) {
+    const seen = new Set();
+    placeJobs(activeJobs, $("active-jobs"), seen);
+    placeJobs(finishedJobs, $("finished-jobs"), seen);
+    for (const id of [...state.cards.keys()]) if (!seen.has(id)) removeCard(id);
+    $("active-empty").hidden = activeJobs.length > 0;
+    $("finished-empty").hidden = finishedJobs.length > 0;
+  }
+
+  function placeJobs(jobs, list, seen) {
+    // jobs come newest first; keep that order, moving nodes only when needed
+    let previous = null;
+    for (const job of jobs) {
+      if (seen.has(job.id)) continue;
+      seen.add(job.id);
+      let card = state.cards.get(job.id);
+      if (!card) {
+        card = createCard(job);
+        state.cards.set(job.id, card);
+      }
+      updateCard(card, job);
+      const wanted = previous ? previous.nextSibling : list.firstChild;
+      if (card.root !== wanted || card.root.parentNode !== list) {
+        list.insertBefore(card.root, wanted);
+      }
+      previous = card.root;
+    }
+  }
+
+  function createCard(job) {
+    const id = job.id;
+    const titleId = "job-" + id + "-title";
+    const card = {
+      id,
+      job: null,
+      announcedState: job.state,
+      announcedQuarter: Math.floor((job.progress || 0) / 25),
+      previewState: "none", // none | loading | shown | absent | error
+      blobUrl: null,
+      log: { offset: 0, busy: false, decoder: new TextDecoder(), finishedReads: 0 },
+    };
+    card.title = el("h4", { class: "job-title", id: titleId });
+    card.badge = el("span", { class: "state" });
+    card.meta = el("p", { class: "job-meta" });
+    card.times = el("p", { class: "job-meta" });
+    card.reason = el("p", { class: "job-reason" });
+    card.progress = el("progress", { max: 100, value: 0, "aria-labelledby": titleId });
+    card.progressText = el("span", { class: "progress-text", "aria-hidden": "true" });
+    card.cancel = el("button", { type: "button", class: "danger", text: "Cancel" });
+    card.cancel.addEventListener("click", () => cancelJob(card));
+    card.actions = el("div", { class: "job-actions" });
+    card.image = el("img", { alt: "" });
+    card.caption = el("figcaption");
+    card.figure = el("figure", { class: "preview", hidden: true }, card.image, card.caption);
+    card.logText = el("pre", { tabIndex: 0, "aria-label": "Log of job " + id });
+    card.details = el("details", { class: "log" }, el("summary", { text: "Log" }), card.logText);
+    card.details.addEventListener("toggle", () => { if (card.details.open) readLog(card); });
+    card.root = el("li", { class: "job", id: "job-" + id, "data-job-id": String(id) },
+      el("div", { class: "job-head" }, card.title, card.badge),
+      card.meta,
+      el("div", { class: "progress-row" }, card.progress, card.progressText),
+      card.times,
+      card.reason,
+      card.actions,
+      card.figure,
+      card.details);
+    return card;
+  }
+
+  function updateCard(card, job) {
+    const old = card.job;
+    card.job = job;
+    const label = jobLabel(job);
+    const progress = Math.max(0, Math.min(100, Number(job.progress) || 0));
+    const shownState = job.cancel_requested && !FINAL.has(job.state) ? "cancelling" : job.state;
+
+    card.title.textContent = "#" + job.id + (job.name ? " " + job.name : "");
+    card.badge.textContent = shownState;
+    card.badge.className = "state state-" + job.state;
+    const steps = job.step_count ? " · step " + Math.min(job.current_step + 1 || 1, job.step_count)
+      + " of " + job.step_count : "";
+    const programs = (job.steps || []).map((s) => s.program).join(", ");
+    card.meta.textContent = job.location + ":" + (job.project || ".") + " · " + programs + steps;
+    let times = "submitted " + clock(job.submitted_at);
+    if (job.started_at) times += " · started " + clock(job.started_at);
+    if (job.ended_at) times += " · ended " + clock(job.ended_at);
+    if (job.wall_time != null && FINAL.has(job.state)) times += " · took " + duration(job.wall_time);
+    card.times.textContent = times;
+    card.reason.textContent = FINAL.has(job.state) && job.state !== "done" && job.reason ? job.reason : "";
+
+    if (card.progress.value !== progress) card.progress.value = progress;
+    card.progress.setAttribute("aria-valuetext", progress.toFixed(0) + " percent, " + shownState);
+    card.progressText.textContent = progress.toFixed(progress < 100 && progress % 1 ? 1 : 0) + " %";
+
+    const cancellable = !FINAL.has(job.state);
+    if (cancellable) {
+      card.cancel.disabled = !!job.cancel_requested || card.cancelling === true;
+      card.cancel.textContent = card.cancel.disabled ? "Cancelling…" : "Cancel";
+      card.cancel.setAttribute("aria-label", "Cancel " + label);
+      if (!card.cancel.isConnected) card.actions.append(card.cancel);
+    } else if (card.cancel.isConnected) {
+      // focus would vanish with the button; keep it on the card's log toggle
+      const hadFocus = document.activeElement === card.cancel;
+      card.cancel.remove();
+      if (hadFocus) card.details.querySelector("summary").focus();
+    }
+
+    // Announce state changes and each quarter of progress, not every percent.
+    if (old && job.state !== card.announcedState) {
+      card.announcedState = job.state;
+      const why = job.reason && job.state !== "done" ? ": " + job.reason : "";
+      announce(label + " is " + (job.state === "done" ? "done" : job.state) + why + ".");
+    } else if (job.state === "running") {
+      const quarter = Math.floor(progress / 25);
+      if (quarter > card.announcedQuarter && quarter < 4) {
+        card.announcedQuarter = quarter;
+        announce(label + ": " + quarter * 25 + " percent.");
+      }
+    }
+
+    if (job.state === "done" && card.previewState === "none" && mayHavePicture(job)) {
+      queuePreview(card);
+    }
+    if (card.details.open && (!FINAL.has(job.state) || card.log.finishedReads < 1)) readLog(card);
+  }
+
+  function removeCard(id) {
+    const card = state.cards.get(id);
+    if (!card) return;
+    if (card.blobUrl) URL.revokeObjectURL(card.blobUrl);
+    card.root.remove();
+    state.cards.delete(id);
+  }
+
+  async function cancelJob(card) {
+    const label = jobLabel(card.job);
+    if (!window.confirm("Cancel " + label + "? A running simulation is stopped.")) return;
+    card.cancelling = true;
+    card.cancel.disabled = true;
+    card.cancel.textContent = "Cancelling…";
+    try {
+      const job = await api("/v1/jobs/" + card.id, { method: "DELETE" });
+      updateCard(card, job);
+      announce("Cancel requested for " + label + ".");
+    } catch (err) {
+      card.cancelling = false;
+      card.cancel.disabled = false;
+      card.cancel.textContent = "Cancel";
+      if (err.status === 401) { showLogin("Please sign in again."); return; }
+      announce("Could not cancel " + label + ": " + err.message);
+      card.reason.textContent = "Cancel failed: " + err.message;
+    }
+  }
+
+  // ------------------------------------------------------------------ preview and log
+
+  // A page full of finished renders must not ask for all their previews at once.
+  const previewQueue = [];
+  let previewsLoading = 0;
+
+  function queuePreview(card) {
+    card.previewState = "loading";
+    previewQueue.push(card);
+    pumpPreviews();
+  }
+
+  function pumpPreviews() {
+    while (previewsLoading < PREVIEWS_AT_ONCE && previewQueue.length) {
+      const card = previewQueue.shift();
+      if (!state.cards.has(card.id)) continue;
+      previewsLoading += 1;
+      loadPreview(card).finally(() => { previewsLoading -= 1; pumpPreviews(); });
+    }
+  }
+
+  async function loadPreview(card) {
+    card.figure.hidden = false;
+    card.root.classList.add("has-preview");
+    card.caption.textContent = "Loading preview…";
+    try {
+      const blob = await api("/v1/jobs/" + card.id + "/preview.png", { as: "blob" });
+      if (!state.cards.has(card.id)) return;
+      card.blobUrl = URL.createObjectURL(blob);
+      card.image.alt = "Preview of the picture of " + jobLabel(card.job) + " (tone-mapped)";
+      card.image.src = card.blobUrl;
+      card.caption.textContent = "Tone-mapped preview";
+      card.previewState = "shown";
+    } catch (err) {
+      if (err.status === 404) {
+        card.previewState = "absent";
+        card.figure.hidden = true;
+        card.root.classList.remove("has-preview");
+      } else {
+        card.previewState = "error";
+        card.caption.textContent = "No preview: " + err.message;
+        if (err.status === 401) showLogin("Please sign in again.");
+      }
+    }
+  }
+
+  async function readLog(card) {
+    const log = card.log;
+    if (log.busy) return;
+    log.busy = true;
+    const final = FINAL.has(card.job.state);
+    try {
+      const bytes = await api("/v1/jobs/" + card.id + "/log?offset=" + log.offset, { as: "bytes" });
+      log.offset += bytes.byteLength;
+      const text = log.decoder.decode(bytes, { stream: !final });
+      if (text) {
+        const pre = card.logText;
+        const atBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 8;
+        let all = pre.textContent + text;
+        if (all.length > LOG_KEEP_CHARS) all = "…\n" + all.slice(-LOG_KEEP_CHARS);
+        pre.textContent = all;
+        if (atBottom) pre.scrollTop = pre.scrollHeight;
+      } else if (final && log.offset === 0) {
+        card.logText.textContent = "(the log is empty)";
+      }
+      if (final) log.finishedReads += 1;
+    } catch (err) {
+      card.logText.textContent = "The log cannot be read: " + err.message;
+      if (err.status === 401) showLogin("Please sign in again.");
+    } finally {
+      log.busy = false;
+    }
+  }
+
+  // ------------------------------------------------------------------ start
+
+  async function start() {
+    $("login-form").addEventListener("submit", onLogin);
+    $("signout").addEventListener("click", onSignout);
+    const info = await refreshInfo();
+    // Without a token where one is needed, ask for it; otherwise poll (a refused
+    // or missing token comes back as 401, which shows the form).
+    if (info && info.auth !== false && !state.token) showLogin("");
+    else startPolling();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
