@@ -31,6 +31,7 @@ import re
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,8 +294,25 @@ class SlurmCommands:
         return list(nodes.values())
 
 
+_INFO_CACHE: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+
+
 async def cluster_info(settings: Settings) -> dict[str, Any]:
-    """What GET /v1/info says about Slurm: partition, nodes, free cpus (or the error)."""
+    """What GET /v1/info says about Slurm: partition, nodes, free cpus (or the error).
+
+    Cached for ``slurm_poll_interval``: /v1/info is unauthenticated, and
+    requests must never turn into a stream of sinfo calls on the controller.
+    """
+    key = (settings.slurm_bin, settings.slurm_partition)
+    cached = _INFO_CACHE.get(key)
+    if cached and time.monotonic() - cached[0] < max(0.5, settings.slurm_poll_interval):
+        return dict(cached[1])
+    info = await _cluster_info(settings)
+    _INFO_CACHE[key] = (time.monotonic(), info)
+    return dict(info)
+
+
+async def _cluster_info(settings: Settings) -> dict[str, Any]:
     info: dict[str, Any] = {"partition": settings.slurm_partition or None}
     try:
         nodes = await SlurmCommands(settings.slurm_bin, timeout=10).partition_nodes(
@@ -317,3 +335,229 @@ def batch_script(db_path: Path | str, job_id: int, python: str = sys.executable)
     argv = [python, "-m", "rayserver.procwrap", "--db", str(db_path), "--job", str(job_id),
             "--claim-queued"]
     return f"#!/bin/sh\n# rayserver job {job_id}\nexec {shlex.join(argv)}\n"
+
+
+# --- the executor -------------------------------------------------------------------
+
+# sbatch/squeue messages that mean "Slurm is not reachable right now", not "never".
+_TRANSIENT = ("Unable to contact slurm controller", "did not answer", "Socket timed out",
+              "Zero Bytes were transmitted", "Connection refused", "try again")
+
+
+def job_name(job_id: int) -> str:
+    return f"rayserver-{int(job_id)}"
+
+
+def job_comment(db_path: Path | str, job_id: int) -> str:
+    """Ties a Slurm job to one installation's job row (job ids repeat across homes)."""
+    return f"rayserver job {int(job_id)} db {db_path}"
+
+
+class SlurmExecutor:
+    """Hands jobs to Slurm and keeps the job database in step with what Slurm says.
+
+    The scheduler owns the queue and the cpu cap; it calls :meth:`launch`
+    for a row it moved to ``starting``, :meth:`cancel` for a running one,
+    and runs :meth:`run` as a background task. ``on_change`` is called when
+    a Slurm job ended, so the scheduler can start the next queued job.
+    """
+
+    def __init__(self, db: Any, settings: Settings, *, python: str = sys.executable,
+                 commands: SlurmCommands | None = None,
+                 on_change: Any = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.python = python
+        self.commands = commands or SlurmCommands.from_settings(settings)
+        self.on_change = on_change
+        self.interval = max(0.2, settings.slurm_poll_interval)
+        self._launching: set[int] = set()
+        self._cancel_after_launch: set[int] = set()
+        self._last_error = ""
+        self._retry_at = 0.0
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db.path).absolute()
+
+    def ready(self) -> bool:
+        """False for a while after Slurm could not be reached (the scheduler waits)."""
+        return time.monotonic() >= self._retry_at
+
+    def sbatch_options(self, job: dict[str, Any]) -> list[str]:
+        log_file = self.db.log_path(job["id"])
+        opts = [
+            f"--job-name={job_name(job['id'])}",
+            f"--comment={job_comment(self.db_path, job['id'])}",
+            f"--chdir={job['workdir']}",
+            f"--output={log_file}",
+            "--open-mode=append",
+            # A requeued job would start a second procwrap for a row already
+            # claimed; Slurm failures must end the job and be recorded instead.
+            "--no-requeue",
+            "--ntasks=1",
+        ]
+        if self.settings.slurm_partition:
+            opts.append(f"--partition={self.settings.slurm_partition}")
+        # Last, so a site's options can override ours.
+        opts.extend(self.settings.slurm_options)
+        return opts
+
+    async def launch(self, job: dict[str, Any]) -> bool:
+        """sbatch one job the scheduler moved to ``starting``; True when Slurm took it.
+
+        A refusal (bad partition, bad option) fails the job with Slurm's
+        message; an unreachable controller puts it back in the queue.
+        """
+        job_id = int(job["id"])
+        if job.get("external_id"):
+            known = await self.commands.squeue([job["external_id"]])
+            if job["external_id"] in known and known[job["external_id"]].active:
+                return True  # already with Slurm (found again after a restart)
+        self._launching.add(job_id)
+        try:
+            self.db.log_path(job_id).parent.mkdir(parents=True, exist_ok=True)
+            slurm_id = await self.commands.sbatch(batch_script(self.db_path, job_id, self.python),
+                                                  self.sbatch_options(job))
+        except (SlurmError, OSError) as exc:
+            self._launching.discard(job_id)
+            text = str(exc)
+            if any(t in text for t in _TRANSIENT):
+                self._retry_at = time.monotonic() + self.interval * 5
+                log.warning("job %d: Slurm unreachable, job stays queued: %s", job_id, text)
+                self.db.unstart(job_id, f"waiting for Slurm: {text}")
+            else:
+                log.error("job %d: Slurm refused the job: %s", job_id, text)
+                self.db.finish(job_id, "failed", reason=f"Slurm refused the job: {text}")
+            self._changed()
+            return False
+        self.db.set_external_id(job_id, slurm_id)
+        self._launching.discard(job_id)
+        log.info("job %d handed to Slurm as job %s", job_id, slurm_id)
+        if job_id in self._cancel_after_launch:
+            self._cancel_after_launch.discard(job_id)
+            await self.commands.scancel(slurm_id)
+        return True
+
+    async def cancel(self, job: dict[str, Any]) -> None:
+        """scancel the job's Slurm job (the caller set cancel_request first).
+
+        Slurm signals the batch script (the procwrap) with SIGTERM, which
+        ends its steps and records ``cancelled``; a job still pending in
+        Slurm never ran, and the poll records it.
+        """
+        job_id = int(job["id"])
+        row = self.db.get(job_id) or job
+        if row.get("external_id"):
+            await self.commands.scancel(row["external_id"])
+        elif job_id in self._launching:
+            self._cancel_after_launch.add(job_id)
+
+    async def adopt(self) -> None:
+        """At worker start: find every job handed to Slurm again by its Slurm id.
+
+        Rows that were put back to ``queued`` by the new worker but are still
+        with Slurm go back to ``starting``, so they are not submitted twice
+        and count against the cap. Rows without a Slurm id that a dead worker
+        may have submitted are looked up by job name and comment.
+        """
+        rows = [r for r in self.db.in_states(("queued", "starting"))
+                if r.get("executor") == "slurm" or r.get("external_id")]
+        with_id = [r for r in rows if r.get("external_id")]
+        known = await self.commands.squeue([r["external_id"] for r in with_id]) if with_id else {}
+        for row in rows:
+            sid = row.get("external_id")
+            if not sid:
+                sid = await self._find_by_name(row["id"])
+                if sid:
+                    self.db.set_external_id(row["id"], sid)
+                    known.update(await self.commands.squeue([sid]))
+            if sid and sid in known and known[sid].active:
+                if row["state"] == "queued" and self.db.mark_starting(row["id"]):
+                    log.info("job %d found again in Slurm as job %s", row["id"], sid)
+            elif row["state"] == "starting" and row["id"] not in self._launching:
+                # Started by a dead worker but never (or no longer) with Slurm.
+                self.db.unstart(row["id"], None)
+        await self.poll_once()
+
+    async def _find_by_name(self, job_id: int) -> str | None:
+        code, out, _ = await self.commands.run(
+            "squeue", ["-h", "-t", "all", f"--name={job_name(job_id)}", "-o", "%i|%k"],
+            check=False)
+        if code != 0:
+            return None
+        want = job_comment(self.db_path, job_id)
+        for line in out.splitlines():
+            sid, _, comment = line.partition("|")
+            if comment.strip() == want:
+                return sid.strip()
+        return None
+
+    async def poll_once(self) -> list[int]:
+        """One look at Slurm for every job with it; returns the ids recorded final here."""
+        rows = [r for r in self.db.in_states(("starting", "running"))
+                if r.get("external_id") and r["id"] not in self._launching]
+        if not rows:
+            return []
+        slurm = await self.commands.squeue([r["external_id"] for r in rows])
+        recorded: list[int] = []
+        changed = False
+        for row in rows:
+            seen = slurm.get(row["external_id"])
+            if seen is not None and seen.active:
+                continue
+            # Slurm is done with it; the procwrap normally recorded the result already.
+            fresh = self.db.get(row["id"])
+            if fresh is None or fresh["state"] not in ("starting", "running"):
+                changed = True
+                continue
+            detail = await self.commands.show_job(row["external_id"])
+            if self._record_from_slurm(fresh, detail or seen):
+                recorded.append(row["id"])
+                changed = True
+        if changed:
+            self._changed()
+        return recorded
+
+    def _record_from_slurm(self, row: dict[str, Any], job: SlurmJob | None) -> bool:
+        sid = row["external_id"]
+        if job is None:
+            return bool(self.db.finish(
+                row["id"], "interrupted",
+                reason=f"Slurm no longer knows job {sid} and the job recorded no result "
+                       "(finished longer ago than Slurm's MinJobAge, or the controller lost it)"))
+        state, reason = final_state(job.state)
+        if row.get("cancel_request") == "cancel" and state in ("cancelled", "failed"):
+            state, reason = "cancelled", "cancelled"
+        elif state == "done":
+            # Slurm says the batch script succeeded, but the procwrap recorded nothing.
+            state = "failed"
+            reason = ("the Slurm job ended without running the job's steps (the procwrap did "
+                      "not claim it; see the job's log)" if row["state"] == "starting"
+                      else "the procwrap ended without recording a result (see the job's log)")
+        reason = f"{reason} (Slurm job {sid}, state {job.state}" + (
+            f", {job.reason})" if job.reason else ")")
+        log.info("job %d: recorded %s from Slurm: %s", row["id"], state, reason)
+        return bool(self.db.finish(row["id"], state, exit_status=job.exit_status,
+                                   signal=job.signal, reason=reason))
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # the scheduler's wake-up must never stop the poll
+                log.exception("scheduler notification failed")
+
+    async def run(self) -> None:
+        """Poll forever (a background task); errors are logged once, not raised."""
+        while True:
+            try:
+                await self.poll_once()
+                if self._last_error:
+                    log.info("Slurm answers again")
+                    self._last_error = ""
+            except (SlurmError, OSError) as exc:
+                if str(exc) != self._last_error:
+                    log.warning("polling Slurm failed (will retry): %s", exc)
+                    self._last_error = str(exc)
+            await asyncio.sleep(self.interval)
