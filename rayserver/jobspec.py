@@ -1,0 +1,369 @@
+"""Validation of a submitted job: from request JSON to the resolved job stored in the queue.
+
+Order of checks, each failing with a :class:`JobSpecError` that carries the
+HTTP status and a message naming the field and what was expected:
+
+1. shape against ``components/schemas/JobRequest`` of ``rayserver/openapi.yaml``
+   (422), then the limits of the settings (``max_steps``, ``max_args``,
+   ``max_arg_length``; 422);
+2. the location, translated with this server's own host record (404 when
+   unknown, after one reload of the configuration);
+3. the project directory (403 when it leaves the location, 404 when missing);
+4. every program must be a Radiance program of the configured bin directory
+   (422), run without a shell;
+5. every path the job names (stdin, stdout, the rif, and every argument that
+   names an existing file or looks like a path) must stay inside the project
+   directory after resolving symlinks (403).
+
+The result, :class:`ResolvedJob`, is what ``JobDB.submit`` stores.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jsonschema
+import referencing
+import yaml
+from jsonschema.exceptions import ValidationError, best_match
+
+from rayserver import radiance
+from rayserver.hosts import HostRecord, HostsConfig
+from rayserver.settings import Settings
+
+log = logging.getLogger("rayserver.jobspec")
+
+_SCHEMA_URI = "urn:rayserver:openapi"
+
+
+class JobSpecError(Exception):
+    """A job that cannot be accepted; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        self.status = status
+        self.message = message
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    """A checked job, ready for ``JobDB.submit``."""
+
+    name: str | None
+    priority: int
+    location: str
+    project: str
+    workdir: str
+    steps: list[dict[str, Any]]
+    env: dict[str, str]
+    libraries: list[str] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=1)
+def openapi_document() -> dict[str, Any]:
+    """The API description shipped as package data (parsed once)."""
+    text = resources.files("rayserver").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+@functools.lru_cache(maxsize=16)
+def schema_validator(name: str) -> jsonschema.Draft202012Validator:
+    """A validator for ``components/schemas/<name>`` with the document's $refs resolvable."""
+    doc = openapi_document()
+    if name not in doc["components"]["schemas"]:
+        raise KeyError(f"no schema {name!r} in openapi.yaml")
+    resource = referencing.Resource.from_contents(
+        doc, default_specification=referencing.jsonschema.DRAFT202012)
+    registry = referencing.Registry().with_resource(_SCHEMA_URI, resource)
+    # $refs inside are document-relative ("#/components/..."); they resolve
+    # against the URI the document is registered under.
+    root = {"$ref": f"{_SCHEMA_URI}#/components/schemas/{name}"}
+    return jsonschema.Draft202012Validator(root, registry=registry)
+
+
+# ---------------------------------------------------------------- shape
+
+
+def _field_name(path: Any) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+_TYPE_WORDS = {
+    "string": "a string", "integer": "a whole number", "number": "a number",
+    "object": "an object", "array": "a list", "boolean": "true or false", "null": "null",
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
+    """(field, message) for one schema violation, in words a person understands."""
+    where = _field_name(error.absolute_path)
+    prefix = f"{where}: " if where else ""
+    kind = error.validator
+    value = error.validator_value
+    inst = error.instance
+    if kind == "required":
+        missing = [k for k in value if isinstance(inst, dict) and k not in inst]
+        name = missing[0] if missing else "?"
+        full = f"{where}.{name}" if where else name
+        return full, f"missing required field {full!r}"
+    if kind == "additionalProperties" and isinstance(inst, dict):
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(k for k in inst if k not in allowed)
+        full = f"{where}.{extra[0]}" if where and extra else (extra[0] if extra else where)
+        return full, (f"unknown field {full!r}; expected only: {', '.join(allowed)}")
+    if kind == "type":
+        types = value if isinstance(value, list) else [value]
+        wanted = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+        return where, f"{prefix}expected {wanted}, got {_json_type(inst)} {_short(inst)}"
+    if kind == "minLength":
+        return where, f"{prefix}must not be empty" if value == 1 else \
+            f"{prefix}must be at least {value} characters long"
+    if kind == "maxLength":
+        return where, f"{prefix}is longer than {value} characters"
+    if kind == "minimum":
+        return where, f"{prefix}must be at least {value}, got {_short(inst)}"
+    if kind == "maximum":
+        return where, f"{prefix}must be at most {value}, got {_short(inst)}"
+    if kind == "minItems":
+        return where, f"{prefix}needs at least {value} entr{'y' if value == 1 else 'ies'}"
+    if kind == "maxItems":
+        return where, f"{prefix}has more than {value} entries"
+    if kind == "enum":
+        return where, f"{prefix}must be one of {', '.join(map(str, value))}, got {_short(inst)}"
+    return where, f"{prefix}{error.message}"
+
+
+def check_shape(data: Any, settings: Settings) -> dict[str, Any]:
+    """The request body checked against the JobRequest schema and the settings' limits."""
+    if not isinstance(data, dict):
+        raise JobSpecError(
+            422, f"the job must be a JSON object with location, project and steps or rad; "
+            f"got {_json_type(data)}")
+    has_steps, has_rad = "steps" in data, "rad" in data
+    if has_steps == has_rad:
+        raise JobSpecError(
+            422, "give exactly one of 'steps' (a list of programs to run) and 'rad' "
+            "({\"rif\": ..., \"options\": [...]}); got " + ("both" if has_steps else "neither"),
+            "steps")
+    error = best_match(schema_validator("JobRequest").iter_errors(data))
+    if error is not None:
+        where, message = _describe(error)
+        raise JobSpecError(422, message, where or None)
+    _check_limits(data, settings)
+    return data
+
+
+def _check_limits(data: dict[str, Any], settings: Settings) -> None:
+    steps = data.get("steps") or []
+    if len(steps) > settings.max_steps:
+        raise JobSpecError(
+            422, f"steps: {len(steps)} steps given, this server accepts at most "
+            f"{settings.max_steps} (setting max_steps)", "steps")
+    lists: list[tuple[str, list[str]]] = [(f"steps[{i}].args", s.get("args") or [])
+                                         for i, s in enumerate(steps)]
+    if "rad" in data:
+        lists.append(("rad.options", data["rad"].get("options") or []))
+    for where, args in lists:
+        if len(args) > settings.max_args:
+            raise JobSpecError(
+                422, f"{where}: {len(args)} arguments given, this server accepts at most "
+                f"{settings.max_args} (setting max_args)", where)
+        for i, arg in enumerate(args):
+            if len(arg) > settings.max_arg_length:
+                raise JobSpecError(
+                    422, f"{where}[{i}]: argument is {len(arg)} characters long, this server "
+                    f"accepts at most {settings.max_arg_length} (setting max_arg_length)",
+                    f"{where}[{i}]")
+            if "\x00" in arg:
+                raise JobSpecError(422, f"{where}[{i}]: NUL character in argument",
+                                   f"{where}[{i}]")
+
+
+# ---------------------------------------------------------------- location
+
+
+def translate_location(location: str, *, record: Callable[[], HostRecord | None],
+                       reload: Callable[[], object], client: str) -> Path:
+    """The local root of ``location`` from this server's host record.
+
+    An unknown name makes the server re-read its configuration once (the
+    hosts file may have been edited a moment ago) before refusing with 404.
+    """
+    for attempt in (1, 2):
+        rec = record()
+        if rec is not None and location in rec.locations:
+            return Path(rec.locations[location])
+        if attempt == 1:
+            reload()
+    rec = record()
+    known = ", ".join(sorted(rec.locations)) if rec and rec.locations else "none"
+    log.warning("client %s asked for unknown location %r (known here: %s)",
+                client, location, known)
+    host = rec.name if rec else "this server"
+    raise JobSpecError(
+        404, f"location {location!r} is not known on {host}; its hosts record has: {known}",
+        "location")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _confine(rel: str, base: Path, root: Path, what: str) -> Path:
+    """``rel`` resolved against ``base``; refused unless it stays inside ``root``."""
+    if "\x00" in rel:
+        raise JobSpecError(422, f"{what}: NUL character in path", what)
+    pure = PurePosixPath(rel)
+    if pure.is_absolute():
+        raise JobSpecError(
+            403, f"{what}: absolute path {rel!r} refused; name files relative to the "
+            "project directory", what)
+    if ".." in pure.parts:
+        raise JobSpecError(
+            403, f"{what}: '..' in {rel!r} refused; files must stay inside the project "
+            "directory", what)
+    # realpath follows every symlink that exists, dangling ones included, so a
+    # link pointing out of the project is caught even before its target exists.
+    resolved = Path(os.path.realpath(base / rel))
+    if not _inside(resolved, root):
+        raise JobSpecError(
+            403, f"{what}: {rel!r} leads outside the project directory (a symlink to "
+            f"{resolved}); refused", what)
+    return resolved
+
+
+# Radiance arguments that can name files: plain paths, VAR=path (rad
+# overrides), @file (options files). Expressions like "$1=$2/$3" only contain
+# '/' and resolve harmlessly inside the project.
+def _path_candidates(arg: str) -> list[str]:
+    cands = [arg]
+    if arg.startswith("@") and len(arg) > 1:
+        cands.append(arg[1:])
+    if "=" in arg:
+        cands.extend(part for part in arg.split("=")[1:] if part)
+    return cands
+
+
+_DOTDOT = re.compile(r"(^|/)\.\.(/|$)")
+
+
+def _check_arg(arg: str, base: Path, root: Path, what: str) -> None:
+    for cand in _path_candidates(arg):
+        if cand.startswith("/"):
+            raise JobSpecError(
+                403, f"{what}: absolute path {arg!r} refused; name files relative to the "
+                "project directory", what)
+        if _DOTDOT.search(cand):
+            raise JobSpecError(
+                403, f"{what}: '..' in {arg!r} refused; files must stay inside the project "
+                "directory", what)
+        if "/" in cand or os.path.lexists(base / cand):
+            _confine(cand, base, root, what)
+
+
+# ---------------------------------------------------------------- whole job
+
+
+def resolve_job(data: dict[str, Any], *, settings: Settings, hosts: HostsConfig,
+                record: Callable[[], HostRecord | None], reload: Callable[[], object],
+                client: str) -> ResolvedJob:
+    """Check a shaped request (see :func:`check_shape`) and resolve it for the queue."""
+    location = data["location"]
+    loc_root_raw = translate_location(location, record=record, reload=reload, client=client)
+    loc_root = Path(os.path.realpath(loc_root_raw))
+    if not loc_root.is_dir():
+        raise JobSpecError(
+            404, f"location {location!r} is {loc_root_raw} on this server, which is not a "
+            "directory (is the volume mounted?)", "location")
+
+    project = data["project"]
+    project_dir = _confine(project, loc_root, loc_root, "project")
+    if not project_dir.is_dir():
+        raise JobSpecError(
+            404, f"project {project!r} does not exist in location {location!r} on this "
+            f"server (looked for {project_dir})", "project")
+
+    if "rad" in data:
+        steps_in, workdir = _rad_steps(data["rad"], project_dir)
+    else:
+        steps_in, workdir = data["steps"], project_dir
+
+    steps: list[dict[str, Any]] = []
+    for i, step in enumerate(steps_in):
+        where = f"steps[{i}]" if "steps" in data else "rad"
+        program = step["program"]
+        path = radiance.program_path(settings, program)
+        if path is None:
+            raise JobSpecError(
+                422, f"{where}.program: {program!r} is not a Radiance program on this server "
+                f"(programs come from {radiance.bin_dir(settings)}, given by name only)",
+                f"{where}.program")
+        args = list(step.get("args") or [])
+        for j, arg in enumerate(args):
+            what = f"{where}.args[{j}]" if "steps" in data else f"rad.options[{j}]"
+            if "steps" not in data and j == len(args) - 1:
+                what = "rad.rif"
+            _check_arg(arg, workdir, project_dir, what)
+        for key in ("stdin", "stdout"):
+            if step.get(key) is not None:
+                _confine(step[key], workdir, project_dir, f"{where}.{key}")
+        steps.append({"program": program, "path": str(path), "args": args,
+                      "stdin": step.get("stdin"), "stdout": step.get("stdout")})
+
+    libs = [str(p) for p in hosts.library_dirs(loc_root_raw) if p.is_dir()]
+    full_env = radiance.simulation_env(settings, libs)
+    env = {"RAYPATH": full_env["RAYPATH"], "PATH": full_env["PATH"]}
+    return ResolvedJob(
+        name=data.get("name"), priority=int(data.get("priority", 0)), location=location,
+        project=project, workdir=str(workdir), steps=steps, env=env, libraries=libs)
+
+
+def _rad_steps(rad: dict[str, Any], project_dir: Path) -> tuple[list[dict[str, Any]], Path]:
+    """The rad shortcut as one step; rad runs in the rif's folder (it resolves paths from cwd)."""
+    rif = rad["rif"]
+    rif_path = _confine(rif, project_dir, project_dir, "rad.rif")
+    if not rif_path.is_file():
+        raise JobSpecError(422, f"rad.rif: {rif!r} is not a file in the project directory",
+                           "rad.rif")
+    workdir = rif_path.parent
+    args = [*list(rad.get("options") or []), rif_path.name]
+    return [{"program": "rad", "args": args, "stdin": None, "stdout": None}], workdir
