@@ -171,3 +171,130 @@ def test_cluster_info_counts_nodes_and_free_cpus() -> None:
     assert set(node) >= {"name", "state", "cpus", "free_cpus", "partitions"}
     bad = run(cluster_info(Settings(slurm_partition="no-such-partition")))
     assert bad["available"] is False and "no-such-partition" in bad["error"]
+
+
+# --- the executor with a real job database and the real cluster ---------------------
+# The batch script normally execs the procwrap. Here a tiny shell script stands in
+# for a procwrap that dies without recording anything (what scancel before start, a
+# SIGKILL or a node failure leave behind): the executor must record Slurm's verdict.
+
+
+def _fake_procwrap(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "fake-procwrap"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _queued_job(tmp_path: Path):  # noqa: ANN202
+    from rayserver.jobdb import JobDB
+
+    db = JobDB(tmp_path / "state" / "jobs.sqlite3")
+    job_id = db.submit(name="t", priority=0, client="127.0.0.1", location="projects",
+                       project="p", workdir=str(tmp_path),
+                       steps=[{"program": "true", "path": "/bin/true", "args": []}],
+                       env={}, executor="slurm")
+    assert db.mark_starting(job_id)
+    return db, job_id
+
+
+async def _poll_until_final(executor, db, job_id: int, timeout: float = 20.0) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await executor.poll_once()
+        row = db.get(job_id)
+        if row["state"] not in ("queued", "starting", "running"):
+            return row
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"job {job_id} not final after {timeout} s: {db.get(job_id)}")
+
+
+@needs_slurm
+def test_executor_records_exit_status_from_slurm(tmp_path: Path) -> None:
+    from rayserver.slurm import SlurmExecutor
+
+    db, job_id = _queued_job(tmp_path)
+    fake = _fake_procwrap(tmp_path, 'echo "batch ran in $(pwd)"; exit 7')
+    changes: list[int] = []
+    ex = SlurmExecutor(db, Settings(executor="slurm", slurm_poll_interval=0.2), python=fake,
+                       on_change=lambda: changes.append(1))
+
+    async def scenario() -> dict:
+        assert await ex.launch(db.get(job_id))
+        return await _poll_until_final(ex, db, job_id)
+
+    row = run(scenario())
+    assert row["external_id"] and row["external_id"].isdigit()
+    assert (row["state"], row["exit_status"], row["signal"]) == ("failed", 7, None)
+    assert f"Slurm job {row['external_id']}" in row["reason"]
+    assert changes, "the scheduler was never told a slot became free"
+    # --chdir is the project directory and Slurm's output goes to the job's log.
+    assert f"batch ran in {tmp_path}" in db.log_path(job_id).read_text()
+
+
+@needs_slurm
+def test_executor_cancel_records_cancelled_with_signal(tmp_path: Path) -> None:
+    from rayserver.slurm import SlurmExecutor
+
+    db, job_id = _queued_job(tmp_path)
+    fake = _fake_procwrap(tmp_path, "exec sleep 60")
+    ex = SlurmExecutor(db, Settings(executor="slurm", slurm_poll_interval=0.2), python=fake)
+
+    async def scenario() -> dict:
+        assert await ex.launch(db.get(job_id))
+        sid = db.get(job_id)["external_id"]
+        deadline = time.monotonic() + 20
+        while (await ex.commands.squeue([sid]))[sid].state != "RUNNING":
+            assert time.monotonic() < deadline, "Slurm never started the job"
+            await asyncio.sleep(0.1)
+        assert db.request_cancel(job_id, "cancel")
+        await ex.cancel(db.get(job_id))
+        return await _poll_until_final(ex, db, job_id)
+
+    row = run(scenario())
+    assert (row["state"], row["signal"]) == ("cancelled", 15), row
+
+
+@needs_slurm
+def test_executor_refused_submission_fails_the_job_with_slurms_words(tmp_path: Path) -> None:
+    from rayserver.slurm import SlurmExecutor
+
+    db, job_id = _queued_job(tmp_path)
+    ex = SlurmExecutor(db, Settings(executor="slurm", slurm_partition="no-such-partition"))
+    assert run(ex.launch(db.get(job_id))) is False
+    row = db.get(job_id)
+    assert row["state"] == "failed"
+    assert "Slurm refused the job" in row["reason"] and "partition" in row["reason"]
+
+
+@needs_slurm
+def test_executor_adopts_jobs_after_a_restart(tmp_path: Path) -> None:
+    """A new worker resets 'starting' rows; adopt() finds them in Slurm again, no resubmit."""
+    from rayserver.slurm import SlurmExecutor
+
+    db, job_id = _queued_job(tmp_path)
+    fake = _fake_procwrap(tmp_path, "exec sleep 60")
+    settings = Settings(executor="slurm", slurm_poll_interval=0.2)
+    first = SlurmExecutor(db, settings, python=fake)
+    second = SlurmExecutor(db, settings, python=fake)
+
+    async def scenario() -> None:
+        assert await first.launch(db.get(job_id))
+        sid = db.get(job_id)["external_id"]
+        try:
+            db.reset_starting()
+            assert db.get(job_id)["state"] == "queued"
+            await second.adopt()
+            row = db.get(job_id)
+            assert (row["state"], row["external_id"]) == ("starting", sid)
+            # Launching it again must not submit a second Slurm job.
+            assert await second.launch(row)
+            assert db.get(job_id)["external_id"] == sid
+            _, out, _ = await second.commands.run(
+                "squeue", ["-h", "-t", "all", f"--name=rayserver-{job_id}", "-o", "%i|%k"])
+            mine = [ln for ln in out.splitlines() if ln.endswith(f"db {db.path.absolute()}")]
+            assert mine == [f"{sid}|rayserver job {job_id} db {db.path.absolute()}"]
+        finally:
+            await second.commands.scancel(sid)
+
+    run(scenario())
