@@ -9,6 +9,7 @@ directory: the project is local only, and the error says which it was.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from functools import cached_property
@@ -72,7 +73,7 @@ class Context:
 
     def project(self, directory: Path | None = None) -> Project:
         """Translate ``directory`` (default: the current one) into (location, relative path)."""
-        directory = Path.cwd() if directory is None else directory
+        directory = current_dir() if directory is None else directory
         record = self.own_record()
         found = locate(record, directory)
         if found is None:
@@ -143,6 +144,22 @@ class Context:
 
     def client(self, host: str | None = None, timeout: float = 30.0) -> Client:
         return Client(self.target(host), self.token(), timeout)
+
+
+def current_dir() -> Path:
+    """The current directory as the user's shell names it ($PWD), if that is still right.
+
+    getcwd() gives the physical path; $PWD keeps the path through a symlinked
+    mount, which is the one the user's host record is likely to name.
+    """
+    pwd = os.environ.get("PWD")
+    if pwd and os.path.isabs(pwd):
+        try:
+            if os.path.samefile(pwd, "."):
+                return Path(pwd)
+        except OSError:
+            pass
+    return Path.cwd()
 
 
 def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
