@@ -120,10 +120,14 @@ def test_client_only_host_refused_as_target(rayhome) -> None:
 
 def test_build_job_rad_shortcut_and_steps(tmp_path: Path) -> None:
     project = Project("projects", "a/b", tmp_path)
-    job = build_job(project, ["rad", "-v", "room", "-N", "2", "demo.rif", "QUALITY=Med"],
-                    name="x", priority=5)
+    job = build_job(project, ["rad", "-v", "room", "-N", "2", "demo.rif"], name="x", priority=5)
     assert job == {"location": "projects", "project": "a/b", "name": "x", "priority": 5,
-                   "rad": {"rif": "demo.rif", "options": ["-v", "room", "-N", "2", "QUALITY=Med"]}}
+                   "rad": {"rif": "demo.rif", "options": ["-v", "room", "-N", "2"]}}
+    # rad takes VAR=value only after the rif, which the shortcut cannot say: a plain step
+    job = build_job(project, ["rad", "-n", "demo.rif", "QUALITY=Med"])
+    assert "rad" not in job
+    assert job["steps"] == [{"program": "rad", "args": ["-n", "demo.rif", "QUALITY=Med"],
+                             "stdin": None, "stdout": None}]
     (tmp_path / "sub").mkdir()
     job = build_job(project, ["rtrace", "-h", "x.oct"], stdin=str(tmp_path / "sub" / "pts.txt"),
                     stdout="out.dat")

@@ -115,10 +115,16 @@ def _project_file(project: Project, text: str, what: str) -> str:
     return (parent / absolute.name).relative_to(base).as_posix()
 
 
-def _rad_request(args: list[str]) -> dict[str, Any]:
-    """rad's arguments as the API's rad shortcut: {rif, options}."""
+def _rad_request(args: list[str]) -> dict[str, Any] | None:
+    """rad's arguments as the API's rad shortcut {rif, options}; None if it cannot say them.
+
+    The shortcut runs ``rad <options> <rif>``, so VAR=value overrides (which rad
+    only takes after the rif) cannot go through it: those return None and the
+    command is sent as a plain step, run in the project directory like here.
+    """
     rif = None
     options: list[str] = []
+    overrides = False
     i = 0
     while i < len(args):
         word = args[i]
@@ -128,15 +134,17 @@ def _rad_request(args: list[str]) -> dict[str, Any]:
             options += [word, args[i + 1]]
             i += 2
             continue
-        if word.startswith("-") or rif is not None:
+        if word.startswith("-"):
             options.append(word)
-        else:
+        elif rif is None:
             rif = word
+        else:
+            overrides = True
         i += 1
     if rif is None:
         raise ClientError("rad needs a rif file, e.g. rayfront run -- rad scene.rif",
                           exit_code=EXIT_USAGE)
-    return {"rif": rif, "options": options}
+    return None if overrides else {"rif": rif, "options": options}
 
 
 def build_job(project: Project, command: list[str], name: str | None = None,
@@ -157,13 +165,15 @@ def build_job(project: Project, command: list[str], name: str | None = None,
         if stdin or stdout:
             raise ClientError("--stdin/--stdout do not apply to rad (it names its own files)",
                               exit_code=EXIT_USAGE)
-        job["rad"] = _rad_request(command[1:])
-    else:
-        job["steps"] = [{
-            "program": program, "args": command[1:],
-            "stdin": _project_file(project, stdin, "--stdin") if stdin else None,
-            "stdout": _project_file(project, stdout, "--stdout") if stdout else None,
-        }]
+        rad = _rad_request(command[1:])
+        if rad is not None:
+            job["rad"] = rad
+            return job
+    job["steps"] = [{
+        "program": program, "args": command[1:],
+        "stdin": _project_file(project, stdin, "--stdin") if stdin else None,
+        "stdout": _project_file(project, stdout, "--stdout") if stdout else None,
+    }]
     return job
 
 

@@ -1,0 +1,60 @@
+"""`rayfront demo` end to end: a real server, a real render, a real PNG, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import our_pids
+
+
+@pytest.mark.timeout(150)
+def test_demo_renders_the_example_and_stops_its_server(tmp_path: Path) -> None:
+    home = tmp_path / "demo-home"
+    out = tmp_path / "out"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAYFRONT_TOKEN"}
+    env["RAYFRONT_HOSTNAME"] = "demohost"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayserver.client.cli", "demo", "--json", "--home", str(home),
+         "--out", str(out)],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=140, check=False,
+    )
+    elapsed = time.monotonic() - started
+    try:
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+        result = json.loads(proc.stdout)
+        assert result["job"]["state"] == "done" and result["job"]["exit_status"] == 0
+        hdr, png = Path(result["picture"]), Path(result["png"])
+        assert hdr == out / "demo_room.hdr" and png == out / "demo_room.png"
+        assert hdr.read_bytes().startswith(b"#?RADIANCE")
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert (width, height) == (640, 476)  # rad keeps the view's aspect within 640 x 480
+        assert elapsed < 60, f"demo took {elapsed:.1f} s"
+        # the server's hosts file named this machine as RAYFRONT_HOSTNAME says
+        assert (home / "config" / "hosts").read_text().count("demohost 2 projects=") == 1
+    finally:
+        left = our_pids(home)
+        assert not left, f"demo left processes running: {left}"
+    print(f"demo wall time {elapsed:.1f} s")
+
+
+def test_demo_refuses_a_home_that_is_in_use(tmp_path: Path) -> None:
+    home = tmp_path / "used"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "hosts").write_text("somehost 4\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayserver.client.cli", "demo", "--home", str(home)],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert proc.returncode == 1
+    assert "not empty" in proc.stderr and str(home) in proc.stderr
+    assert (home / "config" / "hosts").read_text() == "somehost 4\n"  # untouched
