@@ -226,7 +226,11 @@ def _is_rad(step: dict[str, Any]) -> bool:
 
 
 def step_pictures(row: dict[str, Any], index: int, log_text: str = "") -> list[Path]:
-    """Real paths of the Radiance pictures step ``index`` of a job wrote, best first."""
+    """Real paths of the Radiance pictures step ``index`` of a job wrote, best first.
+
+    Raises PreviewError(403) when the step's only candidate leads out of the
+    job's folder, so a refused output is reported as refused, not as missing.
+    """
     workdir = Path(row["workdir"])
     step = row["steps"][index]
     names: list[str] = []
@@ -234,18 +238,23 @@ def step_pictures(row: dict[str, Any], index: int, log_text: str = "") -> list[P
         names.append(str(step["stdout"]))
     if _is_rad(step):
         names += log_pictures(log_text)
+        names += [o for o in row.get("outputs") or [] if str(o).endswith(PICTURE_SUFFIXES)]
         rif = _rad_rif(step)
         if rif:
             with contextlib.suppress(PreviewError):
                 names += rif_pictures(resolve_output(workdir, rif))
     found: list[Path] = []
+    refused: PreviewError | None = None
     for name in names:
         try:
             path = resolve_output(workdir, name)
-        except PreviewError:
-            continue  # a name pointing outside the project is never a job output
+        except PreviewError as exc:
+            refused = refused or exc  # never a job output; remember why, try the others
+            continue
         if path not in found and is_picture(path):
             found.append(path)
+    if not found and refused is not None:
+        raise refused
     return found
 
 
@@ -255,7 +264,8 @@ def find_picture(row: dict[str, Any], step: int | None, log_text: str = "") -> t
     if step is not None:
         if not 0 <= step < len(steps):
             raise PreviewError(
-                404, f"job {row.get('id')} has no step {step}; steps are numbered 0 to {len(steps) - 1}"
+                404, f"job {row.get('id')} has no step {step}; its steps are numbered "
+                     f"0 to {len(steps) - 1}"
             )
         pictures = step_pictures(row, step, log_text)
         if not pictures:
@@ -264,10 +274,17 @@ def find_picture(row: dict[str, Any], step: int | None, log_text: str = "") -> t
                      f"(a file starting with #?RADIANCE in the job's folder)"
             )
         return step, pictures[0]
+    refused: PreviewError | None = None
     for index in reversed(range(len(steps))):
-        pictures = step_pictures(row, index, log_text)
+        try:
+            pictures = step_pictures(row, index, log_text)
+        except PreviewError as exc:
+            refused = refused or exc
+            continue
         if pictures:
             return index, pictures[0]
+    if refused is not None:
+        raise refused
     raise PreviewError(
         404, f"job {row.get('id')} wrote no Radiance picture (a file starting with #?RADIANCE "
              f"in the job's folder)"
@@ -426,17 +443,15 @@ class PreviewService:
 # ---------------------------------------------------------------- the endpoint
 
 
-def _job_log(ctx: Any, job_id: int, row: dict[str, Any]) -> str:
+def _job_log(ctx: Any, job_id: int) -> str:
     """The job's log text (for rad's echoed command lines); empty if there is none."""
-    candidates = []
-    if row.get("log_path"):
-        candidates.append(Path(row["log_path"]))
-    candidates.append(ctx.layout.job_dir(job_id) / "log")
-    for path in candidates:
-        with contextlib.suppress(OSError):
-            with open(path, "rb") as fh:
-                return fh.read(4 * 1024 * 1024).decode(errors="replace")
-    return ""
+    log_path = getattr(ctx.db, "log_path", None)
+    path = log_path(job_id) if log_path else ctx.layout.job_dir(job_id) / "log"
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4 * 1024 * 1024).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _parse_int(value: str, what: str, minimum: int) -> int:
@@ -463,7 +478,7 @@ async def preview(request: web.Request) -> web.StreamResponse:
                 409, f"job {job_id} is {row.get('state')}; a preview exists only for a job "
                      f"that is done"
             )
-        log_text = _job_log(ctx, job_id, row) if any(_is_rad(s) for s in row["steps"]) else ""
+        log_text = _job_log(ctx, job_id) if any(_is_rad(s) for s in row["steps"]) else ""
         index, picture = find_picture(row, step_index, log_text)
         settings = ctx.live.settings
         try:
