@@ -330,10 +330,11 @@ async def _cluster_info(settings: Settings) -> dict[str, Any]:
     return info
 
 
-def batch_script(db_path: Path | str, job_id: int, python: str = sys.executable) -> str:
+def batch_script(db_path: Path | str, job_id: int, python: str = sys.executable,
+                 grace: float = 5.0) -> str:
     """The batch script of one job: exec the procwrap, so Slurm's signals reach it directly."""
     argv = [python, "-m", "rayserver.procwrap", "--db", str(db_path), "--job", str(job_id),
-            "--claim-queued"]
+            "--grace", f"{grace:g}", "--claim-queued"]
     return f"#!/bin/sh\n# rayserver job {job_id}\nexec {shlex.join(argv)}\n"
 
 
@@ -417,7 +418,8 @@ class SlurmExecutor:
         self._launching.add(job_id)
         try:
             self.db.log_path(job_id).parent.mkdir(parents=True, exist_ok=True)
-            slurm_id = await self.commands.sbatch(batch_script(self.db_path, job_id, self.python),
+            slurm_id = await self.commands.sbatch(batch_script(self.db_path, job_id, self.python,
+                                                               self.settings.cancel_grace),
                                                   self.sbatch_options(job))
         except (SlurmError, OSError) as exc:
             self._launching.discard(job_id)

@@ -99,10 +99,10 @@ def test_exit_code_and_states() -> None:
 
 def test_batch_script_execs_the_procwrap(tmp_path: Path) -> None:
     db = tmp_path / "my state" / "jobs.sqlite3"
-    script = batch_script(db, 42, python="/opt/venv/bin/python")
+    script = batch_script(db, 42, python="/opt/venv/bin/python", grace=2.5)
     assert script.startswith("#!/bin/sh\n")
     assert (f"exec /opt/venv/bin/python -m rayserver.procwrap --db '{db}' --job 42 "
-            "--claim-queued") in script
+            "--grace 2.5 --claim-queued") in script
 
 
 def test_missing_commands_are_named(tmp_path: Path) -> None:
