@@ -168,18 +168,22 @@ def http_request(home: RayHome, method: str, path: str, body: object | None = No
 def our_pids(home: Path) -> list[int]:
     """Pids of live processes whose environment carries this RAYFRONT_HOME."""
     marker = f"RAYFRONT_HOME={home}".encode()
+    # setproctitle overwrites the environ area of titled processes (server,
+    # worker, procwrap); their title names the unique home instead.
+    title = f"rfcore -O {home}/".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
             stat = (entry / "stat").read_text()
         except OSError:
             continue
         if stat.rsplit(")", 1)[-1].split()[0] == "Z":
             continue
-        if marker in environ.split(b"\0"):
+        if marker in environ.split(b"\0") or cmdline.startswith(title):
             found.append(int(entry.name))
     return found
 

@@ -1,0 +1,174 @@
+"""Live configuration: the hosts file and rayserver.toml, reloaded on change.
+
+:class:`LiveConfig` holds the last good configuration. :meth:`LiveConfig.reload`
+re-reads both files and swaps them in only if both parse and this host still
+has a record; otherwise it logs the error (file and line) at ERROR and keeps
+what it had, so a half-saved edit or a deleted hosts file never takes the
+server down. :meth:`LiveConfig.start_watching` runs a watchdog observer on
+``<home>/config`` (and the folders of included hosts files) and reloads,
+debounced, when one of the files changes. SIGHUP handling calls ``reload``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayserver.hosts import HostRecord, HostsConfig, HostsFileError, parse_hosts
+from rayserver.paths import Layout
+from rayserver.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("rayserver.confwatch")
+
+DEBOUNCE_SECS = 0.3
+
+
+class NoHostRecordError(HostsFileError):
+    """The hosts file has no record for this machine."""
+
+    def __init__(self, path: Path | str, host: str) -> None:
+        super().__init__(
+            path, None,
+            f"no record for this host {host!r}; expected a line "
+            f"'{host} <number_of_cpus> [<location>=\"<local path>\" ...]' "
+            "(RAYFRONT_HOSTNAME overrides the host name)",
+        )
+        self.host = host
+
+
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    """One consistent configuration: read all fields from the same snapshot."""
+
+    hosts: HostsConfig
+    settings: Settings
+    record: HostRecord
+    generation: int
+
+
+def load_config(layout: Layout, generation: int = 0) -> ConfigSnapshot:
+    """Read hosts and settings; raises HostsFileError (incl. NoHostRecordError) or SettingsError."""
+    hosts = parse_hosts(layout.hosts_file)
+    record = hosts.record_for(layout.host)
+    if record is None:
+        raise NoHostRecordError(layout.hosts_file, layout.host)
+    settings = load_settings(layout.settings_file)
+    return ConfigSnapshot(hosts, settings, record, generation)
+
+
+class LiveConfig:
+    """The configuration in force, reloaded on demand or when the files change."""
+
+    def __init__(self, layout: Layout, debounce: float = DEBOUNCE_SECS) -> None:
+        self.layout = layout
+        self.debounce = debounce
+        self._lock = threading.Lock()
+        self._current = load_config(layout, 0)
+        self._observer = None  # watchdog Observer while watching
+        self._timer: threading.Timer | None = None
+        self._listeners: list[Callable[[ConfigSnapshot], None]] = []
+
+    @property
+    def current(self) -> ConfigSnapshot:
+        return self._current
+
+    @property
+    def hosts(self) -> HostsConfig:
+        return self._current.hosts
+
+    @property
+    def settings(self) -> Settings:
+        return self._current.settings
+
+    @property
+    def record(self) -> HostRecord:
+        return self._current.record
+
+    @property
+    def generation(self) -> int:
+        return self._current.generation
+
+    def add_listener(self, callback: Callable[[ConfigSnapshot], None]) -> None:
+        """Call ``callback(snapshot)`` after each successful reload (from the reloading thread)."""
+        self._listeners.append(callback)
+
+    def reload(self) -> bool:
+        """Re-read both files; True if the new configuration is in force."""
+        with self._lock:
+            try:
+                fresh = load_config(self.layout, self._current.generation + 1)
+            except (HostsFileError, SettingsError) as exc:
+                log.error("configuration not reloaded, keeping the last good one: %s", exc)
+                return False
+            old = self._current
+            self._current = fresh
+        if fresh.settings.bind != old.settings.bind or fresh.settings.port != old.settings.port:
+            log.warning("bind/port changed in %s; this takes effect at the next server start",
+                        self.layout.settings_file)
+        log.info("configuration reloaded (generation %d)", fresh.generation)
+        for callback in list(self._listeners):
+            try:
+                callback(fresh)
+            except Exception:
+                log.exception("configuration listener failed")
+        return True
+
+    # ----------------------------------------------------------------- watching
+
+    def _watched(self) -> tuple[set[Path], set[Path]]:
+        files = {self.layout.hosts_file, self.layout.settings_file}
+        files.update(Path(f) for f in self._current.hosts.files)
+        resolved = {f.absolute() for f in files}
+        return resolved, {f.parent for f in resolved}
+
+    def start_watching(self) -> None:
+        """Watch the config folder (and included files' folders); reload on change."""
+        if self._observer is not None:
+            return
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        files, folders = self._watched()
+        outer = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                paths = {Path(str(event.src_path)).absolute()}
+                dest = getattr(event, "dest_path", "")
+                if dest:
+                    paths.add(Path(str(dest)).absolute())
+                if paths & files and event.event_type not in ("opened", "closed_no_write"):
+                    outer._schedule()
+
+        observer = Observer()
+        for folder in folders:
+            if folder.is_dir():
+                observer.schedule(Handler(), str(folder), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _schedule(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.debounce, self._reload_from_watch)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _reload_from_watch(self) -> None:
+        self.reload()
+
+    def stop_watching(self) -> None:
+        """Stop the observer and any pending reload."""
+        observer, self._observer = self._observer, None
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if observer is not None:
+            observer.stop()
+            observer.join(5)
