@@ -48,6 +48,7 @@ PICTURE_SUFFIXES = (".hdr", ".pic")
 STATIC_FILES: dict[str, str] = {
     "app.css": "text/css",
     "app.js": "text/javascript",
+    "favicon.svg": "image/svg+xml",
 }
 INDEX_FILE = "index.html"
 
@@ -101,7 +102,8 @@ def _file_response(request: web.Request, name: str) -> web.Response:
     headers = {"ETag": etag, "Cache-Control": "no-cache", **SECURITY_HEADERS}
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
-    return web.Response(body=data, content_type=ctype, charset="utf-8", headers=headers)
+    charset = None if ctype.startswith("image/") else "utf-8"
+    return web.Response(body=data, content_type=ctype, charset=charset, headers=headers)
 
 
 async def index(request: web.Request) -> web.Response:

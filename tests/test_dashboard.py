@@ -148,7 +148,7 @@ def test_index_and_static_files(tmp_path: Path) -> None:
             async with s.get(f"{base}/static/{bad}") as r:
                 assert r.status == 404, bad
                 err = await r.json()
-                assert err["status"] == 404 and "known files: app.css, app.js" in err["error"]
+                assert err["status"] == 404 and "known files: app.css, app.js, favicon.svg" in err["error"]
 
     run_app(e.ctx, body)
 
