@@ -9,9 +9,12 @@ cannot run (``sinfo`` fails) the cluster tests skip and say why. Nothing is mock
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -298,3 +301,247 @@ def test_executor_adopts_jobs_after_a_restart(tmp_path: Path) -> None:
             await second.commands.scancel(sid)
 
     run(scenario())
+
+
+# --- a real rayserver with executor = "slurm" ------------------------------------
+
+SCENE = """\
+void plastic red 0 0 5 .7 .1 .1 0 0
+red sphere ball 0 0 4 0 0 0 1
+void light bright 0 0 3 100 100 100
+bright sphere lamp 0 0 4 3 -3 3 0.5
+void plastic grey 0 0 5 .5 .5 .5 0 0
+grey polygon floor 0 0 12 -5 -5 -1  5 -5 -1  5 5 -1  -5 5 -1
+"""
+VIEW = ["-vp", "0", "-6", "1", "-vd", "0", "1", "-0.1"]
+
+
+def _slow(size: int) -> list[str]:
+    # No ambient cache (-aa 0): every pixel pays full ambient sampling. 200x200 took
+    # ~1.5 s on one core here; time grows with the pixel count.
+    return [*VIEW, "-x", str(size), "-y", str(size), "-ab", "2", "-ad", "256", "-aa", "0"]
+
+
+def _slurm_home(rayhome, cpus: int = 2) -> Path:  # noqa: ANN001
+    """Switch the test home to the Slurm executor; returns the project folder."""
+    settings = rayhome.path / "config" / "rayserver.toml"
+    settings.write_text(settings.read_text()
+                        + 'executor = "slurm"\nslurm_poll_interval = 0.3\ncancel_grace = 2\n')
+    hosts = rayhome.path / "config" / "hosts"
+    hosts.write_text(hosts.read_text().replace("testhost 2 ", f"testhost {cpus} "))
+    room = rayhome.projects / "room"
+    room.mkdir()
+    (room / "scene.rad").write_text(SCENE)
+    return room
+
+
+def _render_job(rpict_args: list[str], out: str = "out.hdr") -> dict:
+    return {"location": "projects", "project": "room", "steps": [
+        {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "scene.oct"},
+        {"program": "rpict", "args": [*rpict_args, "scene.oct"], "stdin": None, "stdout": out},
+    ]}
+
+
+def _submit(srv, body: dict) -> int:  # noqa: ANN001
+    status, job = srv.request("POST", "/v1/jobs", body)
+    assert status == 201, job
+    return job["id"]
+
+
+def _wait_final(srv, job_id: int, timeout: float = 60) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, job = srv.request("GET", f"/v1/jobs/{job_id}?wait=5")
+        assert status == 200, job
+        if job["state"] in ("done", "failed", "cancelled", "interrupted"):
+            return job
+    raise AssertionError(f"job {job_id} not final after {timeout} s: {job}")
+
+
+def _wait_running(srv, job_id: int, timeout: float = 30) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, job = srv.request("GET", f"/v1/jobs/{job_id}")
+        if job["state"] == "running":
+            return job
+        assert job["state"] in ("queued", "running"), job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never ran: {job}")
+
+
+def _our_slurm_jobs(home_path: Path) -> list[tuple[str, str]]:
+    """(Slurm id, state) of every job Slurm knows from this test's job database."""
+    marker = f" db {home_path / 'srvstate' / 'jobs.sqlite3'}"
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%k"], capture_output=True,
+                         text=True, timeout=10, check=True).stdout
+    return [(i, st) for i, st, k in (ln.split("|", 2) for ln in out.splitlines())
+            if k.endswith(marker)]
+
+
+@pytest.fixture
+def slurm_cleanup(rayhome) -> Iterator[None]:  # noqa: ANN001
+    """scancel whatever this test left with Slurm (pending jobs have no process to kill)."""
+    yield
+    if SLURM_PROBLEM is None:
+        for sid, state in _our_slurm_jobs(rayhome.path):
+            if state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+                subprocess.run(["scancel", sid], timeout=10, check=False)
+
+
+def _rpict_pids_in(folder: Path) -> list[int]:
+    """Live rpict processes working in ``folder`` (found through /proc, ended by nobody)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "rpict":
+                continue
+            if Path(os.readlink(entry / "cwd")) != folder:
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _direct_render(room: Path, rpict_args: list[str], out: str) -> None:
+    from rayserver.radiance import bin_dir, simulation_env
+
+    settings = Settings()
+    env = simulation_env(settings)
+    rpict = bin_dir(settings) / "rpict"
+    with open(room / out, "wb") as fh:
+        subprocess.run([str(rpict), *rpict_args, "scene.oct"], cwd=room, env=env, stdout=fh,
+                       check=True, timeout=60)
+
+
+def _pvalue(path: Path) -> bytes:
+    from rayserver.radiance import bin_dir, simulation_env
+
+    settings = Settings()
+    return subprocess.run([str(bin_dir(settings) / "pvalue"), "-h", "-H", "-d", str(path)],
+                          capture_output=True, check=True, timeout=30,
+                          env=simulation_env(settings)).stdout
+
+
+@needs_slurm
+def test_render_through_slurm_matches_direct_render(rayhome, server_factory,
+                                                    slurm_cleanup) -> None:  # noqa: ANN001
+    room = _slurm_home(rayhome)
+    srv = server_factory("-f")
+    status, info = srv.request("GET", "/v1/info")
+    assert status == 200 and info["executor"] == "slurm", info
+    args = [*VIEW, "-x", "64", "-y", "64", "-ab", "1", "-ad", "64"]
+    job = _wait_final(srv, _submit(srv, _render_job(args)))
+    assert job["state"] == "done", job
+    assert job["exit_status"] == 0 and job["progress"] == 100
+    ours = _our_slurm_jobs(rayhome.path)
+    assert len(ours) == 1 and ours[0][1] == "COMPLETED", ours
+    _direct_render(room, args, "direct.hdr")
+    pixels = _pvalue(room / "out.hdr")
+    assert len(pixels.splitlines()) == 64 * 64
+    assert pixels == _pvalue(room / "direct.hdr")
+    status, text = srv.request("GET", f"/v1/jobs/{job['id']}/log")
+    assert status == 200 and "rpict" in text
+
+
+@needs_slurm
+def test_cancel_mid_render_leaves_no_rpict(rayhome, server_factory,
+                                           slurm_cleanup) -> None:  # noqa: ANN001
+    room = _slurm_home(rayhome)
+    srv = server_factory("-f")
+    job_id = _submit(srv, _render_job(_slow(1200)))
+    _wait_running(srv, job_id)
+    deadline = time.monotonic() + 20
+    while not _rpict_pids_in(room):
+        assert time.monotonic() < deadline, "rpict never started under Slurm"
+        time.sleep(0.05)
+    status, _ = srv.request("DELETE", f"/v1/jobs/{job_id}")
+    assert status == 200
+    job = _wait_final(srv, job_id, timeout=30)
+    assert job["state"] == "cancelled", job
+    deadline = time.monotonic() + 10
+    while _rpict_pids_in(room) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _rpict_pids_in(room) == [], "an rpict survived the cancel"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        states = [st for _, st in _our_slurm_jobs(rayhome.path)]
+        if states and all(st == "CANCELLED" for st in states):
+            break
+        time.sleep(0.2)
+    assert states == ["CANCELLED"], states
+
+
+@needs_slurm
+def test_failing_radiance_command_reports_its_exit_status(rayhome, server_factory,
+                                                          slurm_cleanup) -> None:  # noqa: ANN001
+    _slurm_home(rayhome)
+    srv = server_factory("-f")
+    body = {"location": "projects", "project": "room", "steps": [
+        {"program": "oconv", "args": ["no-such-scene.rad"], "stdin": None,
+         "stdout": "broken.oct"}]}
+    job = _wait_final(srv, _submit(srv, body))
+    assert job["state"] == "failed", job
+    # oconv: "system - cannot open scene file" exits 2 (Radiance's convention).
+    assert job["exit_status"] == 2, job
+    status, text = srv.request("GET", f"/v1/jobs/{job['id']}/log")
+    assert "no-such-scene.rad" in text
+
+
+@needs_slurm
+def test_three_jobs_with_a_cap_of_two(rayhome, server_factory,
+                                      slurm_cleanup) -> None:  # noqa: ANN001
+    """The host record's 2 cpus cap what is with Slurm at once; the third waits here.
+
+    The Slurm node could hold more (a PENDING job in squeue would show it), so the
+    check samples squeue: never more than two of our jobs with Slurm at a time.
+    """
+    _slurm_home(rayhome, cpus=2)
+    srv = server_factory("-f")
+    ids = [_submit(srv, _render_job(_slow(160), out=f"out{i}.hdr")) for i in range(3)]
+    most, samples = 0, 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        active = [st for _, st in _our_slurm_jobs(rayhome.path)
+                  if st in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")]
+        most, samples = max(most, len(active)), samples + 1
+        _, listing = srv.request("GET", "/v1/jobs?limit=10")
+        if all(j["state"] not in ("queued", "running") for j in listing["jobs"]):
+            break
+        time.sleep(0.05)
+    jobs = [_wait_final(srv, i) for i in ids]
+    assert [j["state"] for j in jobs] == ["done"] * 3, jobs
+    assert most == 2, f"at most {most} of our jobs with Slurm at once ({samples} samples)"
+    assert len(_our_slurm_jobs(rayhome.path)) == 3
+    # The third started only after one of the first two ended.
+    first_end = min(j["ended_at"] for j in jobs[:2])
+    assert jobs[2]["started_at"] >= first_end - 0.05, jobs
+
+
+@needs_slurm
+def test_server_restart_finds_the_slurm_job_again(rayhome, server_factory,
+                                                  slurm_cleanup) -> None:  # noqa: ANN001
+    from rayserver.jobdb import JobDB
+
+    room = _slurm_home(rayhome)
+    srv = server_factory("-f")
+    job_id = _submit(srv, _render_job(_slow(420)))
+    _wait_running(srv, job_id)
+    db = JobDB(rayhome.path / "srvstate" / "jobs.sqlite3", check=False)
+    sid = db.get(job_id)["external_id"]
+    assert sid, "no Slurm id recorded"
+    os.killpg(srv.proc.pid, signal.SIGTERM)
+    srv.proc.wait(20)
+    # The Slurm job went on without its server.
+    assert _rpict_pids_in(room), "the render did not survive the server's stop"
+    assert dict(_our_slurm_jobs(rayhome.path))[sid] == "RUNNING"
+    again = server_factory("-f")
+    job = _wait_final(again, job_id, timeout=90)
+    assert job["state"] == "done", job
+    assert db.get(job_id)["external_id"] == sid
+    assert [i for i, _ in _our_slurm_jobs(rayhome.path)] == [sid], "the job was submitted twice"
+    assert len(_pvalue(room / "out.hdr").splitlines()) == 420 * 420
