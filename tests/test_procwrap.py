@@ -1,0 +1,338 @@
+"""procwrap: real Radiance jobs run by a real procwrap process against a real SQLite queue.
+
+Helpers here (tiny scene, job submission, process-group checks) are reused by
+the fork server and scheduler tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rayserver import procwrap
+from rayserver.jobdb import JobDB
+from rayserver.paths import Layout
+from rayserver.radiance import bin_dir, simulation_env
+from rayserver.settings import Settings
+
+SETTINGS = Settings()
+BIN = bin_dir(SETTINGS)
+
+SCENE = """\
+void light bright
+0
+0
+3 100 100 100
+
+bright sphere lamp
+0
+0
+4 0 0 1.5 0.3
+
+void plastic grey
+0
+0
+5 .5 .5 .5 0 0
+
+grey polygon floor
+0
+0
+12 -2 -2 -1  2 -2 -1  2 2 -1  -2 2 -1
+
+grey polygon wall
+0
+0
+12 -2 2 -1  2 2 -1  2 2 3  -2 2 3
+"""
+VIEW = ["-vp", "0", "-1.5", "0", "-vd", "0", "1", "-0.3", "-vh", "60", "-vv", "60"]
+TINY = ["-x", "32", "-y", "32"]
+
+
+def make_project(root: Path, name: str = "proj") -> Path:
+    """A project folder with a tiny scene (two grey polygons and a light)."""
+    proj = root / name
+    proj.mkdir(parents=True, exist_ok=True)
+    (proj / "scene.rad").write_text(SCENE)
+    return proj
+
+
+def sim_env(home: Path | None = None) -> dict[str, str]:
+    env = simulation_env(SETTINGS)
+    if home is not None:
+        env["RAYFRONT_HOME"] = str(home)
+    return env
+
+
+def step(program: str, args: list[str], stdin: str | None = None,
+         stdout: str | None = None) -> dict:
+    return {"program": program, "path": str(BIN / program), "args": args,
+            "stdin": stdin, "stdout": stdout}
+
+
+def render_steps(extra: list[str] | None = None, out: str = "out.hdr") -> list[dict]:
+    return [step("oconv", ["scene.rad"], stdout="scene.oct"),
+            step("rpict", [*VIEW, *TINY, *(extra or []), "scene.oct"], stdout=out)]
+
+
+def submit(db: JobDB, proj: Path, steps: list[dict], home: Path | None = None,
+           priority: int = 0, name: str | None = None) -> int:
+    return db.submit(name=name, priority=priority, client="127.0.0.1", location="projects",
+                     project=proj.name, workdir=str(proj), steps=steps, env=sim_env(home))
+
+
+def run_procwrap(db_path: Path, job_id: int, home: Path, *extra: str,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, RAYFRONT_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "rayserver.procwrap", "--db", str(db_path),
+                           "--job", str(job_id), *extra], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
+
+
+def pvalue(path: Path) -> str:
+    out = subprocess.run([str(BIN / "pvalue"), "-h", "-H", "-d", str(path)], capture_output=True,
+                         text=True, env=sim_env(), check=True, timeout=30)
+    return out.stdout
+
+
+def direct_render(proj: Path, out: str, extra: list[str] | None = None) -> Path:
+    env = sim_env()
+    with open(proj / "direct.oct", "wb") as fh:
+        subprocess.run([str(BIN / "oconv"), "scene.rad"], cwd=proj, env=env, stdout=fh,
+                       check=True, timeout=30)
+    with open(proj / out, "wb") as fh:
+        subprocess.run([str(BIN / "rpict"), *VIEW, *TINY, *(extra or []), "direct.oct"],
+                       cwd=proj, env=env, stdout=fh, stderr=subprocess.DEVNULL, check=True,
+                       timeout=60)
+    return proj / out
+
+
+def group_pids(pgid: int) -> list[int]:
+    return [pid for pid, _ in procwrap.group_members(pgid)]
+
+
+def wait_state(db: JobDB, job_id: int, states: tuple[str, ...], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = db.get(job_id)
+        if row and row["state"] in states:
+            return row
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached {states}: {db.get(job_id)}")
+
+
+@pytest.fixture
+def home(rayhome) -> Path:
+    return rayhome.path
+
+
+@pytest.fixture
+def db(home: Path) -> JobDB:
+    return JobDB(Layout(home, "testhost").db_path)
+
+
+def test_render_equals_direct_render(db: JobDB, home: Path, tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    job = submit(db, proj, render_steps(), home)
+    assert db.mark_starting(job)
+    res = run_procwrap(db.path, job, home)
+    row = db.get(job)
+    log = db.log_path(job).read_text()
+    assert res.returncode == procwrap.EXIT_DONE, (res.stderr, log)
+    assert row["state"] == "done", row
+    assert row["progress"] == 100.0
+    assert row["exit_status"] == 0 and row["signal"] is None
+    assert row["wall_time"] > 0 and row["cpu_time"] >= 0 and row["max_rss_kb"] > 0
+    assert row["started_at"] <= row["ended_at"]
+    assert "== step 1/2: oconv scene.rad > scene.oct ==" in log
+    assert "== step 2/2: rpict -vp" in log
+    assert "== done: exit status 0, wall" in log and "max rss" in log
+    assert pvalue(proj / "out.hdr") == pvalue(direct_render(proj, "direct.hdr"))
+    assert db.public(row)["outputs"] == ["scene.oct", "out.hdr"]
+
+
+def test_failing_command_records_its_exit_status(db: JobDB, home: Path, tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    # rpict on a missing octree: "rpict: system - cannot open", exit 2 (radiance-facts.md).
+    job = submit(db, proj, [step("rpict", [*TINY, "missing.oct"], stdout="x.hdr"),
+                            step("oconv", ["scene.rad"], stdout="never.oct")], home)
+    assert db.mark_starting(job)
+    res = run_procwrap(db.path, job, home)
+    row = db.get(job)
+    assert res.returncode == procwrap.EXIT_FAILED
+    assert row["state"] == "failed"
+    assert row["exit_status"] == 2 and row["signal"] is None
+    assert "step 1/2 (rpict) exit status 2" in row["reason"]
+    assert not (proj / "never.oct").exists(), "a step after a failed one must not run"
+    assert "missing.oct" in db.log_path(job).read_text()
+
+
+def test_symlinked_stdout_pointing_outside_is_refused(db: JobDB, home: Path,
+                                                      tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.oct"
+    victim.write_text("keep me")
+    (proj / "link.oct").symlink_to(victim)
+    (proj / "sub").symlink_to(outside, target_is_directory=True)
+    for target in ("link.oct", "sub/new.oct"):
+        job = submit(db, proj, [step("oconv", ["scene.rad"], stdout=target)], home)
+        assert db.mark_starting(job)
+        res = run_procwrap(db.path, job, home)
+        row = db.get(job)
+        assert res.returncode == procwrap.EXIT_FAILED, res.stderr
+        assert row["state"] == "failed" and "symbolic link" in row["reason"], row
+        assert "refused" in db.log_path(job).read_text()
+    assert victim.read_text() == "keep me"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.oct"]
+
+
+def test_confined_open_rejects_escapes(tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    for bad in ("../x", "/etc/passwd", "", "a/../../x"):
+        with pytest.raises(procwrap.ConfinementError):
+            procwrap.open_confined(str(proj), bad, write=True)
+    (tmp_path / "outside.txt").write_text("x")
+    os.link(tmp_path / "outside.txt", proj / "hard.txt")
+    with pytest.raises(procwrap.ConfinementError, match="hard links"):
+        procwrap.open_confined(str(proj), "hard.txt", write=True)
+    os.mkfifo(proj / "fifo")
+    with pytest.raises(procwrap.ConfinementError):
+        procwrap.open_confined(str(proj), "fifo", write=True)
+    (proj / "d").mkdir()
+    fd = procwrap.open_confined(str(proj), "d/./ok.txt", write=True)
+    os.write(fd, b"ok")
+    os.close(fd)
+    assert (proj / "d" / "ok.txt").read_text() == "ok"
+
+
+def test_cancel_mid_rpict_leaves_no_radiance_process(db: JobDB, home: Path,
+                                                     tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    slow = ["-x", "800", "-y", "800", "-ab", "2", "-ad", "2048", "-as", "512"]
+    steps = [step("oconv", ["scene.rad"], stdout="scene.oct"),
+             step("rpict", [*VIEW, *slow, "scene.oct"], stdout="big.hdr")]
+    job = submit(db, proj, steps, home)
+    assert db.mark_starting(job)
+    env = dict(os.environ, RAYFRONT_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "rayserver.procwrap", "--db", str(db.path),
+                             "--job", str(job), "--grace", "2"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        pgid = None
+        while time.monotonic() < deadline:
+            row = db.get(job)
+            if row["current_step"] == 2 and row["pgid_children"]:
+                pgid = row["pgid_children"]
+                if group_pids(pgid):
+                    break
+            time.sleep(0.02)
+        assert pgid and group_pids(pgid), f"rpict never ran: {db.get(job)}"
+        time.sleep(0.3)
+        assert db.request_cancel(job, "cancel") is not None
+        os.killpg(proc.pid, signal.SIGTERM)  # procwrap leads its own session/group
+        assert proc.wait(15) == procwrap.EXIT_CANCELLED, proc.stderr.read()
+        row = db.get(job)
+        assert row["state"] == "cancelled", row
+        assert row["reason"] == "cancelled by request"
+        assert group_pids(pgid) == [], "a Radiance process of the step survived the cancel"
+        assert "SIGTERM received" in db.log_path(job).read_text()
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def test_sigterm_without_request_is_interrupted(db: JobDB, home: Path, tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    # rtrace reading a FIFO-less stdin that never ends would hang; use a slow rpict instead.
+    slow = ["-x", "600", "-y", "600", "-ab", "2", "-ad", "2048"]
+    job = submit(db, proj, [step("oconv", ["scene.rad"], stdout="scene.oct"),
+                            step("rpict", [*VIEW, *slow, "scene.oct"], stdout="o.hdr")], home)
+    assert db.mark_starting(job)
+    env = dict(os.environ, RAYFRONT_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "rayserver.procwrap", "--db", str(db.path),
+                             "--job", str(job), "--grace", "1"], env=env)
+    try:
+        wait_state(db, job, ("running",))
+        deadline = time.monotonic() + 20
+        while db.get(job)["current_step"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == procwrap.EXIT_INTERRUPTED
+        row = db.get(job)
+        assert row["state"] == "interrupted" and "SIGTERM" in row["reason"], row
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def test_claim_lost_runs_nothing(db: JobDB, home: Path, tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    job = submit(db, proj, [step("oconv", ["scene.rad"], stdout="scene.oct")], home)
+    # Still 'queued': a plain procwrap claims only 'starting' rows.
+    res = run_procwrap(db.path, job, home)
+    assert res.returncode == procwrap.EXIT_CLAIM_LOST
+    assert "not ours" in res.stderr
+    assert not (proj / "scene.oct").exists()
+    assert db.get(job)["state"] == "queued"
+    # --claim-queued (Slurm/CLI) takes a queued row.
+    res = run_procwrap(db.path, job, home, "--claim-queued")
+    assert res.returncode == 0, res.stderr
+    assert db.get(job)["state"] == "done"
+
+
+def test_exactly_once_claim_under_a_race(db: JobDB, home: Path, tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    # Each run appends one line to count.txt... via a real Radiance program: rcalc
+    # writing to stdout; several runs of the same job would leave several outputs.
+    job = submit(db, proj, render_steps(), home)
+    assert db.mark_starting(job)
+    env = dict(os.environ, RAYFRONT_HOME=str(home))
+    procs = [subprocess.Popen([sys.executable, "-m", "rayserver.procwrap", "--db", str(db.path),
+                               "--job", str(job)], env=env, stderr=subprocess.DEVNULL)
+             for _ in range(6)]
+    codes = sorted(p.wait(60) for p in procs)
+    assert codes == [procwrap.EXIT_DONE] + [procwrap.EXIT_CLAIM_LOST] * 5
+    log = db.log_path(job).read_text()
+    assert log.count("== step 1/2") == 1
+    assert db.get(job)["state"] == "done"
+
+
+def test_rad_job_progress_and_outputs(db: JobDB, home: Path, tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    (proj / "room.rif").write_text(
+        "scene = scene.rad\nZONE = I -2 2 -2 2 -1 3\n"
+        "view = a -vp 0 -1.5 0 -vd 0 1 0\nview = b -vp 0 -1.5 0 -vd 1 1 0\n"
+        "RESOLUTION = 32\nQUALITY = low\n"
+    )
+    job = submit(db, proj, [step("rad", ["room.rif"])], home)
+    assert db.mark_starting(job)
+    res = run_procwrap(db.path, job, home)
+    log = db.log_path(job).read_text()
+    assert res.returncode == 0, log
+    assert "2 render(s)" in log
+    assert "REPORT=0.05" in log.splitlines()[2]  # the step header shows the real command
+    assert "rpict: " in log and "100.00%" in log  # -t 3 made rpict report
+    row = db.get(job)
+    assert row["state"] == "done" and row["progress"] == 100.0
+    outs = db.public(row)["outputs"]
+    assert "room_a.hdr" in outs and "room_b.hdr" in outs and "room.oct" in outs
+
+
+def test_cli_rejects_bad_input(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "rayserver.procwrap", "--db",
+                          str(tmp_path / "nope.sqlite3"), "--job", "1"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == procwrap.EXIT_USAGE
+    assert "no job database" in res.stderr
