@@ -1,45 +1,50 @@
 """The worker process: serves the HTTP API on the socket the supervisor bound.
 
-Entry point :func:`run_worker` is called in the forked worker child with the
-inherited listening socket. The worker is disposable: everything it knows is
-on disk (hosts file, settings, job database), so a crash loses nothing.
+:func:`run_worker` is called in the forked worker child with the inherited
+listening socket. Order matters:
+
+1. read the configuration (hosts, settings) and the token;
+2. start the fork server *before* any thread or event loop exists, so the
+   process that forks every procwrap is a clean single-threaded copy;
+3. run asyncio: the app, the scheduler, the config watcher; then tell the
+   supervisor we are ready;
+4. on SIGTERM/SIGINT stop accepting, let the scheduler shut down (running
+   jobs are interrupted by their procwraps, queued ones stay queued), exit 0.
+   SIGHUP reloads the configuration and wakes the scheduler.
+
+The worker is disposable: everything it knows is on disk (hosts file,
+settings, job database), so a crash loses nothing; a new worker adopts the
+procwraps still running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import logging
-import os
+import signal
 import socket
+import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
-from rayserver import __version__
-from rayserver.hosts import parse_hosts
+from rayserver import api, security
+from rayserver.api import AppContext
+from rayserver.hosts import HostsFileError
 from rayserver.paths import Layout
-from rayserver.settings import load_settings
+from rayserver.settings import SettingsError
 
 log = logging.getLogger("rayserver.worker")
 
-
-def build_app(layout: Layout) -> web.Application:
-    settings = load_settings(layout.settings_file)
-    hosts = parse_hosts(layout.hosts_file)
-    record = hosts.record_for(layout.host)
-    app = web.Application()
-
-    async def info(_request: web.Request) -> web.Response:
-        return web.json_response({
-            "hostname": layout.host,
-            "pid": os.getpid(),
-            "version": __version__,
-            "cpus": record.cpus if record else 0,
-            "port": settings.port,
-        })
-
-    app.router.add_get("/v1/info", info)
-    return app
+# sysexits: a worker that fails while booting exits with its own code and the
+# supervisor stops instead of respawning it in a loop.
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+# Open requests (followed logs, GET ?wait) get this long at shutdown.
+SHUTDOWN_GRACE = 2.0
 
 
 def run_worker(sock: socket.socket, layout: Layout,
@@ -49,15 +54,94 @@ def run_worker(sock: socket.socket, layout: Layout,
     ``notify_ready`` is called once the app is serving, so the supervisor can
     tell a worker that fails while booting from one that crashes later.
     """
-    app = build_app(layout)
+    from rayserver.confwatch import LiveConfig
+    from rayserver.forkserver import ForkServer
 
-    async def ready(_app: web.Application) -> None:
-        notify_ready()
+    try:
+        live = LiveConfig(layout)
+        token = security.ensure_token(layout, live.settings)
+    except (HostsFileError, SettingsError, security.CredentialsError) as exc:
+        log.critical("worker cannot start: %s", exc)
+        return EX_CONFIG
+    # Before any thread or event loop: the fork server must be forked from a
+    # single-threaded process (see docs/internals.md, "Process tree").
+    fork_server = ForkServer.start(layout, layout.db_path, live.settings)
+    return asyncio.run(_serve(sock, layout, live, token, fork_server, notify_ready))
 
-    app.on_startup.append(ready)
-    web.run_app(app, sock=sock, print=None, handle_signals=True)
+
+async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | None,
+                 fork_server: Any, notify_ready: Callable[[], None]) -> int:
+    from rayserver.forkserver import ForkServerClient
+    from rayserver.jobdb import JobDB, JobDBError
+    from rayserver.scheduler import Scheduler
+
+    loop = asyncio.get_running_loop()
+    try:
+        db = JobDB(layout.db_path)
+    except JobDBError as exc:
+        log.critical("worker cannot start: %s", exc)
+        return EX_CONFIG
+
+    ctx = AppContext(layout=layout, live=live, db=db, scheduler=None, started_at=time.time(),
+                     token=token)
+    ctx.radiance_version = await asyncio.to_thread(api.radiance_version, live.settings)
+    app = api.build_app(ctx, security.middlewares(ctx))
+    if importlib.util.find_spec("rayserver.dashboard") is not None:
+        from rayserver import dashboard
+
+        dashboard.setup_dashboard(app, ctx)
+
+    # The fork server reports each procwrap's exit; the scheduler exists only
+    # after the client, so the callback looks it up when it fires.
+    def on_exit(*args: Any) -> None:
+        if ctx.scheduler is not None:
+            ctx.scheduler.on_exit(*args)
+
+    client = ForkServerClient(fork_server, on_exit=on_exit)
+    scheduler = Scheduler(layout, db, live, client)
+    ctx.scheduler = scheduler
+    await scheduler.start()
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_GRACE)
+    await runner.setup()
+    assert runner.server is not None
+    # No ssl= here: filtered_factory checks the address first, then does the
+    # TLS handshake itself (see rayserver.security).
+    server = await loop.create_server(security.filtered_factory(runner.server, ctx), sock=sock)
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def on_hup() -> None:
+        async def reload() -> None:
+            if await asyncio.to_thread(live.reload):
+                log.info("configuration reloaded on SIGHUP")
+            scheduler.notify()
+
+        loop.create_task(reload())
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    live.start_watching()
+    log.info("worker serving the job API (%s)", layout.host)
+    notify_ready()
+
+    await stop.wait()
+    log.info("worker stopping: no new connections, shutting the scheduler down")
+    server.close()
+    try:
+        await scheduler.shutdown()
+    finally:
+        live.stop_watching()
+        with contextlib.suppress(Exception):
+            await _close(client)
+        await runner.cleanup()
+        db.close()
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover - manual debugging aid
-    asyncio.run(asyncio.sleep(0))
+async def _close(client: Any) -> None:
+    result = client.close()
+    if asyncio.iscoroutine(result):
+        await result

@@ -1,0 +1,337 @@
+"""The HTTP API under ``/v1`` (aiohttp), as described in ``rayserver/openapi.yaml``.
+
+Routes: server info, submit / list / status / cancel jobs, and the job log
+(optionally followed until the job ends). Every error is JSON,
+``{"error": ..., "status": ...}``, with the status code of
+docs/api-contract.md; the token check, body limit and the catch-all for
+unexpected errors come from :mod:`rayserver.security`'s middlewares.
+
+The app reads everything per request from the :class:`AppContext` (current
+settings and hosts through ``ctx.live``, jobs through ``ctx.db``), so a
+configuration reload applies without a restart, and the handlers never keep
+state of their own: the worker stays disposable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from rayserver import __version__, jobspec, radiance
+from rayserver.jobspec import JobSpecError
+from rayserver.paths import Layout
+
+log = logging.getLogger("rayserver.api")
+
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+API_STATES = ("queued", "running", *FINAL_STATES)
+MAX_WAIT = 300.0
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+# Beyond this many waiting jobs a submit is refused with 503: a runaway
+# script must not fill the disk with queue rows.
+MAX_QUEUED = 10_000
+# How often a followed log is checked for new bytes while the job runs.
+FOLLOW_INTERVAL = 0.2
+LOG_CHUNK = 64 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class AppContext:
+    """What the handlers (and the security and dashboard hooks) work with."""
+
+    layout: Layout
+    live: Any                # rayserver.confwatch.LiveConfig: .settings, .hosts, .record, reload()
+    db: Any                  # rayserver.jobdb.JobDB
+    scheduler: Any           # rayserver.scheduler.Scheduler
+    started_at: float = field(default_factory=time.time)
+    token: str | None = None
+    radiance_version: str = "unknown"
+
+
+CTX_KEY: web.AppKey[AppContext] = web.AppKey("ctx", AppContext)
+
+
+class ApiError(Exception):
+    """An answer other than success, raised anywhere below a handler."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ApiError and JobSpecError become the API's JSON error shape."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.message)
+    except JobSpecError as exc:
+        return error_response(exc.status, exc.message)
+
+
+def _ctx(request: web.Request) -> AppContext:
+    return request.app[CTX_KEY]
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def _job_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit() or not raw.isascii() or int(raw) < 1 or len(raw) > 18:
+        raise ApiError(400, f"job id must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
+def _int_param(request: web.Request, name: str, default: int | None, lo: int, hi: int
+               ) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name} must be a whole number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"query parameter {name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float_param(request: web.Request, name: str, lo: float, hi: float) -> float | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name} must be a number of seconds, got {raw!r}"
+                       ) from None
+    if not lo <= value <= hi:  # also false for nan
+        raise ApiError(400, f"query parameter {name} must be between {lo:g} and {hi:g} seconds, "
+                       f"got {raw}")
+    return value
+
+
+def _get_row(ctx: AppContext, job_id: int) -> dict[str, Any]:
+    row = ctx.db.get(job_id)
+    if row is None:
+        raise ApiError(404, f"no job {job_id} on this server")
+    return row
+
+
+def _job_response(ctx: AppContext, row: dict[str, Any], status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(ctx.db.public(row), status=status, headers=headers)
+
+
+# ------------------------------------------------------------------ handlers
+
+
+async def info(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    settings = ctx.live.settings
+    record = ctx.live.record
+    counts = ctx.db.counts()
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = [0.0, 0.0, 0.0]
+    return web.json_response({
+        "hostname": ctx.layout.host,
+        "pid": os.getpid(),
+        "version": __version__,
+        "radiance_version": ctx.radiance_version,
+        "cpus": record.cpus if record else 0,
+        "running": counts.get("running", 0),
+        "queued": counts.get("queued", 0),
+        "locations": sorted(record.locations) if record else [],
+        "executor": settings.executor,
+        "tls": bool(settings.tls_enabled),
+        "auth": ctx.token is not None,
+        "load": load,
+    })
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    text = resources.files("rayserver").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    return web.Response(text=text, content_type="application/yaml")
+
+
+async def submit(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    settings = ctx.live.settings
+    if request.content_type != "application/json":
+        raise ApiError(415, "send the job as JSON with 'Content-Type: application/json' "
+                       f"(got {request.content_type or 'no content type'!r})")
+    raw = await request.read()
+    if not raw:
+        raise ApiError(400, "empty request body; expected a JSON job object")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not UTF-8 text; expected a JSON job object"
+                       ) from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}") from None
+    jobspec.check_shape(data, settings)
+    client = request.remote or "?"
+    live = ctx.live
+    # Path checks touch the (possibly network) file system: keep them off the loop.
+    job = await asyncio.to_thread(
+        jobspec.resolve_job, data, settings=settings, hosts=live.hosts,
+        record=lambda: live.record, reload=live.reload, client=client)
+    queued = ctx.db.counts().get("queued", 0)
+    if queued >= MAX_QUEUED:
+        raise ApiError(503, f"the queue is full ({queued} jobs waiting); try again later")
+    job_id = await asyncio.to_thread(
+        ctx.db.submit, name=job.name, priority=job.priority, client=client,
+        location=job.location, project=job.project, workdir=job.workdir, steps=job.steps,
+        env=job.env, executor=settings.executor)
+    log.info("job %d submitted by %s: %s in %s/%s", job_id, client,
+             " | ".join(s["program"] for s in job.steps), job.location, job.project)
+    ctx.scheduler.notify()
+    row = _get_row(ctx, job_id)
+    return _job_response(ctx, row, 201, {"Location": f"/v1/jobs/{job_id}"})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    states: list[str] | None = None
+    raw_states = request.query.get("state", "")
+    if raw_states:
+        states = [s.strip() for s in raw_states.split(",") if s.strip()]
+        bad = [s for s in states if s not in API_STATES]
+        if bad:
+            raise ApiError(400, f"unknown job state {bad[0]!r} in state=; expected some of "
+                           f"{', '.join(API_STATES)}")
+    limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    before = _int_param(request, "before", None, 1, 2**63 - 1)
+    assert limit is not None
+    # One row more than asked tells whether there is a next page.
+    rows = ctx.db.list(states, limit + 1, before)
+    page = rows[:limit]
+    nxt = page[-1]["id"] if len(rows) > limit else None
+    return web.json_response({"jobs": [ctx.db.public(r) for r in page], "next": nxt})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    job_id = _job_id(request)
+    wait = _float_param(request, "wait", 0.0, MAX_WAIT)
+    row = _get_row(ctx, job_id)
+    if wait and row["state"] not in FINAL_STATES:
+        await ctx.scheduler.wait(job_id, wait)
+        row = _get_row(ctx, job_id)
+    return _job_response(ctx, row)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    job_id = _job_id(request)
+    row = _get_row(ctx, job_id)
+    if row["state"] in FINAL_STATES:
+        raise ApiError(409, f"job {job_id} has already ended ({row['state']}); "
+                       "there is nothing to cancel")
+    after = await ctx.scheduler.cancel(job_id)
+    row = after if after is not None else _get_row(ctx, job_id)
+    if after is None and row["state"] in FINAL_STATES and row["state"] != "cancelled":
+        raise ApiError(409, f"job {job_id} ended ({row['state']}) before it could be cancelled")
+    log.info("job %d cancel requested by %s", job_id, request.remote)
+    return _job_response(ctx, row)
+
+
+def _read_from(path: os.PathLike[str] | str, offset: int, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+async def job_log(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    job_id = _job_id(request)
+    offset = _int_param(request, "offset", 0, 0, 2**62) or 0
+    follow_raw = request.query.get("follow", "0")
+    if follow_raw not in ("0", "1", "true", "false", ""):
+        raise ApiError(400, f"query parameter follow must be 0 or 1, got {follow_raw!r}")
+    follow = follow_raw in ("1", "true")
+    _get_row(ctx, job_id)
+    path = ctx.db.log_path(job_id)
+    if not follow:
+        data = b""
+        while chunk := _read_from(path, offset + len(data), LOG_CHUNK):
+            data += chunk
+        return web.Response(body=data, content_type="text/plain", charset="utf-8")
+
+    resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+    resp.content_type = "text/plain"
+    resp.charset = "utf-8"
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    try:
+        while True:
+            # The state is read before draining: a job recorded as final has
+            # written its whole log, so what follows the drain is the end.
+            row = ctx.db.get(job_id)
+            final = row is None or row["state"] in FINAL_STATES
+            while chunk := _read_from(path, offset, LOG_CHUNK):
+                offset += len(chunk)
+                await resp.write(chunk)
+            if final:
+                break
+            await ctx.scheduler.wait(job_id, FOLLOW_INTERVAL)
+        await resp.write_eof()
+    except ConnectionError:
+        # The client went away mid-stream; there is no one left to answer.
+        log.debug("log follow of job %d: client %s went away", job_id, request.remote)
+    return resp
+
+
+# ------------------------------------------------------------------ the app
+
+
+def build_app(ctx: AppContext, extra_middlewares: list[Any] | None = None) -> web.Application:
+    """The aiohttp application for ``ctx`` (security middlewares are passed in by the worker)."""
+    app = web.Application(
+        middlewares=[*(extra_middlewares or []), api_errors],
+        client_max_size=ctx.live.settings.max_body_bytes,
+    )
+    # An AppKey rather than the plain string "ctx": aiohttp warns on string keys.
+    app[CTX_KEY] = ctx
+    app.router.add_get("/v1/info", info)
+    app.router.add_get("/v1/openapi.yaml", openapi)
+    app.router.add_post("/v1/jobs", submit)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{id}", get_job)
+    app.router.add_delete("/v1/jobs/{id}", cancel_job)
+    app.router.add_get("/v1/jobs/{id}/log", job_log)
+    return app
+
+
+def radiance_version(settings: Any) -> str:
+    """Radiance's version line for /v1/info (runs rpict once; cached by radiance.version)."""
+    try:
+        return radiance.version(str(radiance.bin_dir(settings)), radiance.raypath(settings))
+    except FileNotFoundError:
+        return "unknown"
