@@ -457,13 +457,11 @@ def _job_log(ctx: Any, job_id: int) -> str:
 
 
 def _parse_int(value: str, what: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
+    # digits only and at most 18 of them: int() would take "1_0" or " 5", and a
+    # bigger number overflows SQLite's INTEGER
+    if not (value.isascii() and value.isdigit() and len(value) <= 18) or int(value) < minimum:
         raise PreviewError(400, f"bad {what} {value!r}: expected a whole number >= {minimum}")
-    return number
+    return int(value)
 
 
 async def preview(request: web.Request) -> web.StreamResponse:

@@ -221,6 +221,8 @@ def test_preview_refusals(tmp_path: Path, picture: Path) -> None:
         ("/v1/jobs/9999/preview.png", 404, "no job 9999"),
         ("/v1/jobs/abc/preview.png", 400, "bad job id 'abc'"),
         ("/v1/jobs/0/preview.png", 400, "bad job id '0'"),
+        ("/v1/jobs/1_0/preview.png", 400, "bad job id '1_0'"),
+        ("/v1/jobs/99999999999999999999999/preview.png", 400, "expected a whole number >= 1"),
         (f"/v1/jobs/{text}/preview.png?step=x", 400, "bad step 'x'"),
         (f"/v1/jobs/{text}/preview.png?step=-1", 400, "bad step '-1'"),
         (f"/v1/jobs/{text}/preview.png?step=1", 404, "numbered 0 to 0"),
