@@ -106,6 +106,11 @@ class JobDB:
         if check:
             self._quick_check(conn)
         try:
+            have = conn.execute(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type='index' AND name='jobs_state_id'"
+            ).fetchone()[0]
+            if have:
+                return
             with self._write(conn):
                 # executescript would COMMIT our transaction; run statement by statement.
                 for stmt in _SCHEMA.split(";"):
