@@ -138,37 +138,70 @@ def resolve_output(workdir: Path, name: str) -> Path:
     return real
 
 
-def is_picture(path: Path) -> bool:
-    """True when ``path`` is a regular file starting with the Radiance picture header."""
+def open_regular(path: Path, root: Path | None = None) -> int:
+    """A read-only descriptor of the regular file ``path`` (the caller closes it).
+
+    O_NONBLOCK: a job could leave a FIFO under an output's name, and opening
+    it must not hang the server. With ``root``, the file actually opened must
+    lie inside it (checked on the descriptor, so a path swapped after
+    resolving cannot lead out).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
-        # O_NONBLOCK: a job could leave a FIFO under a picture's name; opening it must not hang
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError:
-        return False
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PreviewError(404, f"{path.name} is not a regular file")
+        if root is not None:
+            try:
+                opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                opened = Path(os.path.realpath(path))  # no /proc: the resolved path
+            if not _inside(opened, Path(os.path.realpath(root))):
+                raise PreviewError(403, f"{path.name} resolves outside the job's folder {root}")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_head(path: Path, limit: int) -> bytes:
+    """Up to ``limit`` bytes from the start of a regular file (never blocks on a FIFO)."""
+    fd = open_regular(path)
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(PICTURE_MAGIC)) == PICTURE_MAGIC
-    except OSError:
-        return False
+        return os.pread(fd, limit, 0)
     finally:
         os.close(fd)
 
 
-def picture_size(path: Path) -> tuple[int, int]:
-    """(width, height) from a Radiance picture's header and resolution line."""
-    with open(path, "rb") as fh:
-        head = fh.read(65536)
+def is_picture(path: Path) -> bool:
+    """True when ``path`` is a regular file starting with the Radiance picture header."""
+    try:
+        return read_head(path, len(PICTURE_MAGIC)) == PICTURE_MAGIC
+    except (OSError, PreviewError):
+        return False
+
+
+def picture_size(picture: Path | int, name: str = "") -> tuple[int, int]:
+    """(width, height) from a Radiance picture's header and resolution line.
+
+    ``picture`` is a path or an open descriptor (then ``name`` is used in messages).
+    """
+    if isinstance(picture, int):
+        head = os.pread(picture, 65536, 0)
+    else:
+        head = read_head(picture, 65536)
+        name = name or picture.name
     end = head.find(b"\n\n")
     if end < 0:
-        raise PreviewError(422, f"{path.name}: Radiance picture header has no end (blank line)")
+        raise PreviewError(422, f"{name}: Radiance picture header has no end (blank line)")
     line = head[end + 2:].split(b"\n", 1)[0].decode("ascii", "replace")
     match = re.fullmatch(r"\s*([-+])([XY])\s+(\d+)\s+([-+])([XY])\s+(\d+)\s*", line)
     if not match or match[2] == match[5]:
         raise PreviewError(
-            422, f"{path.name}: bad resolution line {line[:40]!r}; expected e.g. '-Y 480 +X 640'"
+            422, f"{name}: bad resolution line {line[:40]!r}; expected e.g. '-Y 480 +X 640'"
         )
     sizes = {match[2]: int(match[3]), match[5]: int(match[6])}
     if sizes["X"] < 1 or sizes["Y"] < 1:
-        raise PreviewError(422, f"{path.name}: empty picture ({sizes['X']}x{sizes['Y']})")
+        raise PreviewError(422, f"{name}: empty picture ({sizes['X']}x{sizes['Y']})")
     return sizes["X"], sizes["Y"]
 
 
@@ -183,8 +216,8 @@ _LOG_PICTURE = re.compile(
 def rif_pictures(rif: Path) -> list[str]:
     """The pictures a rif makes: <PICTURE>_<view>.hdr/.pic for each view (rad's naming)."""
     try:
-        text = rif.read_text(errors="replace")
-    except OSError:
+        text = read_head(rif, 1 << 20).decode(errors="replace")
+    except (OSError, PreviewError):
         return []
     picture = rif.stem
     views: list[str] = []
@@ -296,10 +329,12 @@ def find_picture(row: dict[str, Any], step: int | None, log_text: str = "") -> t
 # ---------------------------------------------------------------- conversion
 
 
-async def _run(argv: list[str], env: dict[str, str], cwd: Path,
-               stdin: int | None = None, stdout: int | None = None) -> asyncio.subprocess.Process:
+async def _run(argv: list[str], env: dict[str, str], cwd: Path, *, stdin: int | None = None,
+               stdout: int | None = None, pass_fds: tuple[int, ...] = ()
+               ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *argv, env=env, cwd=str(cwd), stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+        *argv, env=env, cwd=str(cwd), pass_fds=pass_fds,
+        stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -313,15 +348,21 @@ async def _reap(procs: list[asyncio.subprocess.Process]) -> None:
             await proc.wait()
 
 
-async def picture_to_png(picture: Path, bin_dir: Path, env: dict[str, str],
-                         scratch: Path, timeout: float = CONVERT_TIMEOUT) -> bytes:
-    """PNG bytes of a Radiance picture: [pfilt to shrink] -> pcond -> ra_ppm -> PNG.
+def _stderr(data: bytes) -> str:
+    return data.decode(errors="replace").strip()[-500:] or "no message"
 
-    pcond reads its input twice, so it gets a file, never a pipe; a picture
-    larger than PREVIEW_MAX_SIDE is first shrunk into ``scratch``.
+
+async def picture_to_png(picture_fd: int, name: str, bin_dir: Path, env: dict[str, str],
+                         scratch: Path, timeout: float = CONVERT_TIMEOUT) -> bytes:
+    """PNG bytes of an open Radiance picture: [pfilt to shrink] -> pcond -> ra_ppm -> PNG.
+
+    The programs read the already verified descriptor as /dev/fd/N, never the
+    path again. pcond reads its input twice, so it gets a file, never a pipe;
+    a picture larger than PREVIEW_MAX_SIDE is first shrunk into ``scratch``.
     """
-    width, height = picture_size(picture)
-    source = picture
+    width, height = picture_size(picture_fd, name)
+    source, fds = f"/dev/fd/{picture_fd}", (picture_fd,)
+    cwd = scratch.parent
     procs: list[asyncio.subprocess.Process] = []
     try:
         async with asyncio.timeout(timeout):
@@ -330,52 +371,48 @@ async def picture_to_png(picture: Path, bin_dir: Path, env: dict[str, str],
                 w, h = max(1, round(width * scale)), max(1, round(height * scale))
                 with open(scratch, "wb") as out:
                     proc = await _run([str(bin_dir / "pfilt"), "-1", "-x", str(w), "-y", str(h),
-                                       "-p", "0", str(picture)], env, picture.parent,
-                                      stdout=out.fileno())
+                                       "-p", "0", source], env, cwd, stdout=out.fileno(),
+                                      pass_fds=fds)
                 procs.append(proc)
                 _, err = await proc.communicate()
                 if proc.returncode != 0:
-                    raise PreviewError(500, f"pfilt failed (exit {proc.returncode}): "
-                                            f"{err.decode(errors='replace').strip()}")
-                source = scratch
+                    raise PreviewError(500, f"pfilt failed on {name} (exit {proc.returncode}): "
+                                            f"{_stderr(err)}")
+                source, fds = str(scratch), ()
             read_end, write_end = os.pipe()
             try:
-                pcond = await _run([str(bin_dir / "pcond"), str(source)], env, picture.parent,
-                                   stdout=write_end)
+                pcond = await _run([str(bin_dir / "pcond"), source], env, cwd,
+                                   stdout=write_end, pass_fds=fds)
                 procs.append(pcond)
                 os.close(write_end)
                 write_end = -1
-                ra_ppm = await _run([str(bin_dir / "ra_ppm")], env, picture.parent,
-                                    stdin=read_end)
+                ra_ppm = await _run([str(bin_dir / "ra_ppm")], env, cwd, stdin=read_end)
                 procs.append(ra_ppm)
             finally:
                 os.close(read_end)
                 if write_end >= 0:
                     os.close(write_end)
+            assert pcond.stderr is not None
             (ppm, ppm_err), pcond_err = await asyncio.gather(
-                ra_ppm.communicate(), pcond.stderr.read() if pcond.stderr else _empty())
+                ra_ppm.communicate(), pcond.stderr.read())
             await pcond.wait()
     except TimeoutError as exc:
-        raise PreviewError(500, f"converting {picture.name} took longer than {timeout:g} s") from exc
+        raise PreviewError(500, f"converting {name} took longer than {timeout:g} s") from exc
     finally:
         await _reap(procs)
         with contextlib.suppress(FileNotFoundError):
             scratch.unlink()
     if pcond.returncode != 0:
-        raise PreviewError(500, f"pcond failed on {picture.name} (exit {pcond.returncode}): "
-                                f"{pcond_err.decode(errors='replace').strip()}")
+        raise PreviewError(500, f"pcond failed on {name} (exit {pcond.returncode}): "
+                                f"{_stderr(pcond_err)}")
     if ra_ppm.returncode != 0:
-        raise PreviewError(500, f"ra_ppm failed on {picture.name} (exit {ra_ppm.returncode}): "
-                                f"{ppm_err.decode(errors='replace').strip()}")
+        raise PreviewError(500, f"ra_ppm failed on {name} (exit {ra_ppm.returncode}): "
+                                f"{_stderr(ppm_err)}")
     try:
         # zlib releases the GIL; a thread keeps a big picture from stalling the event loop
         return await asyncio.to_thread(ppm_to_png, ppm)
     except PPMError as exc:
-        raise PreviewError(500, f"ra_ppm wrote an unreadable PPM for {picture.name}: {exc}") from exc
-
-
-async def _empty() -> bytes:
-    return b""
+        raise PreviewError(500, f"ra_ppm wrote an unreadable PPM for {name}: {exc}") from exc
 
 
 @dataclass
@@ -392,42 +429,49 @@ class PreviewService:
     def cache_path(self, job_id: int, step: int) -> Path:
         return self.jobs_dir / str(job_id) / f"preview-{step}.png"
 
-    async def preview(self, job_id: int, step: int, picture: Path,
+    async def preview(self, job_id: int, step: int, picture: Path, workdir: Path,
                       bin_dir: Path, env: dict[str, str]) -> Path:
         """The cached PNG for (job, step), made first if missing or older than the picture."""
-        task = asyncio.ensure_future(self._make(job_id, step, picture, bin_dir, env))
+        task = asyncio.ensure_future(self._make(job_id, step, picture, workdir, bin_dir, env))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         # shield: a client that goes away does not waste a half-done conversion
         return await asyncio.shield(task)
 
-    def _fresh(self, png: Path, picture: Path) -> bool:
-        try:
-            return png.stat().st_mtime_ns >= picture.stat().st_mtime_ns
-        except FileNotFoundError:
-            return False
-
-    async def _make(self, job_id: int, step: int, picture: Path,
+    async def _make(self, job_id: int, step: int, picture: Path, workdir: Path,
                     bin_dir: Path, env: dict[str, str]) -> Path:
         png = self.cache_path(job_id, step)
         lock, users = self._locks.get(job_id, (asyncio.Lock(), 0))
         self._locks[job_id] = (lock, users + 1)
         try:
             async with lock:
-                if self._fresh(png, picture):
-                    return png
-                if self._slots is None:
-                    self._slots = asyncio.Semaphore(self.max_concurrent)
-                async with self._slots:
-                    png.parent.mkdir(parents=True, exist_ok=True)
-                    scratch = png.with_name(f".preview-{step}.{os.getpid()}.hdr")
-                    data = await picture_to_png(picture, bin_dir, env, scratch)
-                    tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp")
-                    tmp.write_bytes(data)
-                    os.replace(tmp, png)  # atomic: a reader never sees half a PNG
-                    log.info("preview of job %d step %d: %s (%d bytes)",
-                             job_id, step, picture, len(data))
-                    return png
+                # Opened (and checked to be inside the workdir) once; from here on
+                # only this descriptor is read, whatever happens to the path.
+                try:
+                    fd = open_regular(picture, workdir)
+                except OSError as exc:
+                    raise PreviewError(404, f"{picture.name} cannot be read: "
+                                            f"{exc.strerror or exc}") from exc
+                try:
+                    if os.pread(fd, len(PICTURE_MAGIC), 0) != PICTURE_MAGIC:
+                        raise PreviewError(404, f"{picture.name} is no longer a Radiance picture")
+                    with contextlib.suppress(FileNotFoundError):
+                        if png.stat().st_mtime_ns >= os.fstat(fd).st_mtime_ns:
+                            return png
+                    if self._slots is None:
+                        self._slots = asyncio.Semaphore(self.max_concurrent)
+                    async with self._slots:
+                        png.parent.mkdir(parents=True, exist_ok=True)
+                        scratch = png.with_name(f".preview-{step}.{os.getpid()}.hdr")
+                        data = await picture_to_png(fd, picture.name, bin_dir, env, scratch)
+                finally:
+                    os.close(fd)
+                tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, png)  # atomic: a reader never sees half a PNG
+                log.info("preview of job %d step %d: %s (%d bytes)",
+                         job_id, step, picture, len(data))
+                return png
         finally:
             lock, users = self._locks[job_id]
             if users <= 1:
@@ -487,7 +531,7 @@ async def preview(request: web.Request) -> web.StreamResponse:
         except FileNotFoundError as exc:
             raise PreviewError(500, str(exc)) from exc
         service = request.app[SERVICE_KEY]
-        png = await service.preview(job_id, index, picture, bin_dir, env)
+        png = await service.preview(job_id, index, picture, Path(row["workdir"]), bin_dir, env)
     except PreviewError as exc:
         return error_response(exc.status, exc.message)
     return web.FileResponse(png, headers={

@@ -409,3 +409,25 @@ def test_resolution_line_orientations(tmp_path: Path) -> None:
     p.write_bytes(b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 4 -Y 4\n")
     with pytest.raises(dashboard.PreviewError, match="expected e.g. '-Y 480 \\+X 640'"):
         dashboard.picture_size(p)
+
+
+def test_open_regular_checks_the_opened_file(tmp_path: Path, picture: Path) -> None:
+    """The descriptor the converter reads is checked, not just the path before it."""
+    root = tmp_path / "work"
+    root.mkdir()
+    shutil.copy(picture, tmp_path / "outside.hdr")
+    os.symlink(tmp_path / "outside.hdr", root / "link.hdr")
+    with pytest.raises(dashboard.PreviewError, match="outside the job's folder") as info:
+        dashboard.open_regular(root / "link.hdr", root)
+    assert info.value.status == 403
+    os.mkfifo(root / "fifo.hdr")
+    t0 = time.monotonic()
+    with pytest.raises(dashboard.PreviewError, match="not a regular file"):
+        dashboard.open_regular(root / "fifo.hdr", root)
+    assert time.monotonic() - t0 < 1
+    shutil.copy(picture, root / "in.hdr")
+    fd = dashboard.open_regular(root / "in.hdr", root)
+    try:
+        assert dashboard.picture_size(fd, "in.hdr") == dashboard.picture_size(picture)
+    finally:
+        os.close(fd)
