@@ -122,7 +122,11 @@ def build_app(ctx: Ctx) -> web.Application:
     async def crash(_r: web.Request) -> web.Response:
         raise RuntimeError("secret detail 4711")
 
+    async def big(r: web.Request) -> web.Response:
+        return web.Response(body=b"x" * int(r.query["n"]))
+
     app.router.add_get("/v1/info", info)
+    app.router.add_get("/v1/big", big)
     app.router.add_post("/v1/jobs", jobs)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/wait", wait)
@@ -135,6 +139,8 @@ def app_server(tmp_path: Path, settings: Settings, token: str | None = TOKEN,
                host: str = "127.0.0.1", ssl_ctx: Any = None) -> Iterator[AppServer]:
     """Serve build_app() on ``host`` (port 0) from a thread; stopped on exit."""
     ctx = Ctx(Live(settings), Layout(tmp_path / "home", "testhost"), token)
+    # Refusals are logged once a minute per address; each test starts afresh.
+    security._refusals = security._RefusalLog()
     records: list[logging.LogRecord] = []
     handler = _Collect(records)
     logger = logging.getLogger("rayserver.security")
@@ -171,8 +177,7 @@ def app_server(tmp_path: Path, settings: Settings, token: str | None = TOKEN,
     try:
         if "error" in state:
             raise state["error"]
-        yield AppServer(ctx, state["port"], "127.0.0.1" if host == "0.0.0.0" else host,
-                        loop, records)
+        yield AppServer(ctx, state["port"], host, loop, records)
     finally:
         if "stop" in state:
             loop.call_soon_threadsafe(state["stop"].set)
@@ -183,6 +188,12 @@ def app_server(tmp_path: Path, settings: Settings, token: str | None = TOKEN,
 
 
 def connect_from(source: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """Connect to 127.0.0.1:port from ``source``.
+
+    The servers listen on 127.0.0.1 only; Linux accepts a connection to it
+    from any 127/8 source address, so 127.0.0.2 plays a host outside the
+    allow-list without exposing anything beyond loopback.
+    """
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(timeout)
     s.bind((source, 0))
@@ -222,7 +233,7 @@ def test_is_allowed_networks_and_mapped_ipv6() -> None:
 
 def test_refused_address_gets_no_http_answer_and_is_logged(tmp_path: Path) -> None:
     settings = Settings(allow=("127.0.0.1/32",), client_timeout=5)
-    with app_server(tmp_path, settings, host="0.0.0.0") as srv:
+    with app_server(tmp_path, settings) as srv:
         # Allowed source: a normal answer.
         ok = connect_from("127.0.0.1", srv.port)
         ok.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -237,6 +248,19 @@ def test_refused_address_gets_no_http_answer_and_is_logged(tmp_path: Path) -> No
         line = srv.wait_log("refused connection from 127.0.0.2")
         assert "not in allow" in line
         assert "127.0.0.1 port" not in srv.log_text()
+
+
+def test_refusals_are_logged_once_per_address_per_interval(tmp_path: Path) -> None:
+    with app_server(tmp_path, Settings(allow=("127.0.0.1/32",))) as srv:
+        for _ in range(5):
+            s = connect_from("127.0.0.2", srv.port)
+            assert read_all(s) == b""
+            s.close()
+        s = connect_from("127.0.0.3", srv.port)
+        assert read_all(s) == b""
+        s.close()
+        srv.wait_log("refused connection from 127.0.0.3")
+        assert srv.log_text().count("refused connection from 127.0.0.2") == 1
 
 
 def test_allow_list_change_applies_to_next_connection(tmp_path: Path) -> None:
@@ -379,6 +403,19 @@ def test_long_poll_is_not_a_slow_client(tmp_path: Path) -> None:
         # The handler takes 4 timeouts to answer: the server is busy, not the client.
         status, body, _ = srv.request("GET", "/v1/wait?s=2")
         assert status == 200 and body == {"waited": True}
+
+
+def test_client_that_stops_reading_is_closed(tmp_path: Path) -> None:
+    size = 64 * 1024 * 1024  # far more than the socket buffers hold
+    with app_server(tmp_path, Settings(client_timeout=1.0)) as srv:
+        s = connect_from("127.0.0.1", srv.port, timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(f"GET /v1/big?n={size} HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+        srv.wait_log("client stopped reading its answer for 1 s")
+        got = len(read_all(s))
+        s.close()
+        assert got < size
 
 
 # ------------------------------------------------------------- token file unit

@@ -155,7 +155,7 @@ def test_refused_address_gets_no_tls_handshake(ca: trustme.CA, tmp_path: Path) -
     pki = write_pki(ca, tmp_path / "pki")
     settings = Settings(tls_cert=pki["tls_cert"], tls_key=pki["tls_key"], tls_ca=pki["tls_ca"],
                         allow=("127.0.0.1/32",))
-    with app_server(tmp_path, settings, host="0.0.0.0") as srv:
+    with app_server(tmp_path, settings) as srv:
         ctx = client_ssl_context(settings)
         assert ctx is not None
         raw = connect_from("127.0.0.2", srv.port)
