@@ -10,6 +10,7 @@
   const TOKEN_KEY = "rayserver.token";
   const JOBS_INTERVAL_MS = 1000;
   const INFO_INTERVAL_MS = 5000;
+  const HIDDEN_INTERVAL_MS = 10000;
   const REQUEST_TIMEOUT_MS = 15000;
   const FINISHED_SHOWN = 20;
   const PREVIEWS_AT_ONCE = 2;
@@ -30,6 +31,7 @@
     token: sessionStorage.getItem(TOKEN_KEY),
     auth: true,
     polling: false,
+    inFlight: false,
     jobsTimer: null,
     infoTimer: null,
     cards: new Map(), // job id -> card record
@@ -203,7 +205,9 @@
   }
 
   async function pollJobs() {
-    if (!state.polling) return;
+    // one poll at a time: a visibility change must not start a second loop
+    if (!state.polling || state.inFlight) return;
+    state.inFlight = true;
     try {
       const [active, finished] = await Promise.all([
         api("/v1/jobs?state=queued,running&limit=200"),
@@ -219,8 +223,14 @@
         return;
       }
       showConnection("Cannot update the job list: " + err.message + ". Retrying…");
+    } finally {
+      state.inFlight = false;
     }
-    if (state.polling) state.jobsTimer = setTimeout(pollJobs, JOBS_INTERVAL_MS);
+    if (state.polling) {
+      // a tab nobody looks at asks less often; it catches up when shown again
+      const wait = document.hidden ? HIDDEN_INTERVAL_MS : JOBS_INTERVAL_MS;
+      state.jobsTimer = setTimeout(pollJobs, wait);
+    }
   }
 
   function render(activeJobs, finishedJobs) {
@@ -246,7 +256,10 @@
       updateCard(card, job);
       const wanted = previous ? previous.nextSibling : list.firstChild;
       if (card.root !== wanted || card.root.parentNode !== list) {
+        // moving a node drops the focus inside it; put it back
+        const focused = card.root.contains(document.activeElement) ? document.activeElement : null;
         list.insertBefore(card.root, wanted);
+        if (focused && focused.isConnected) focused.focus({ preventScroll: true });
       }
       previous = card.root;
     }
@@ -456,6 +469,12 @@
   async function start() {
     $("login-form").addEventListener("submit", onLogin);
     $("signout").addEventListener("click", onSignout);
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && state.polling) {
+        clearTimeout(state.jobsTimer);
+        pollJobs();
+      }
+    });
     const info = await refreshInfo();
     // Without a token where one is needed, ask for it; otherwise poll (a refused
     // or missing token comes back as 401, which shows the form).
