@@ -17,6 +17,7 @@ import http.client
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import threading
@@ -497,3 +498,125 @@ def test_concurrent_first_starts_agree_on_one_token(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert len(set(results)) == 1 and results[0]
+
+
+# ------------------------------------------------------- the real rayserver
+
+
+def settings_text(home: Any, extra: str) -> str:
+    return f'bind = "127.0.0.1"\nport = {home.port}\n{extra}'
+
+
+def server_log(srv: Any) -> str:
+    """What the server wrote: its terminal output and its log file."""
+    text = srv.output
+    with contextlib.suppress(OSError):
+        text += "\n" + srv.home.log_file.read_text()
+    return text
+
+
+def wait_server_log(srv: Any, text: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server_log(srv).splitlines():
+            if text in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in the server's log:\n{server_log(srv)}")
+
+
+def wait_info(srv: Any) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if srv.request("GET", "/v1/info", timeout=2)[0] == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
+
+
+def test_server_makes_token_0640_and_demands_it(server: Any) -> None:
+    token_file = server.home.path / "config" / "token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o640
+    token = server.home.token()
+    assert token and len(token) >= 40
+
+    status, body = server.request("GET", "/v1/jobs", token=False)
+    assert status == 401 and body["status"] == 401 and "token" in body["error"]
+    wait_server_log(server, "refused GET /v1/jobs from 127.0.0.1: no token")
+    status, body = server.request("GET", "/v1/jobs", token="y" * 43)
+    assert status == 401
+    wait_server_log(server, "refused GET /v1/jobs from 127.0.0.1: wrong token")
+    assert "y" * 43 not in server_log(server)
+    assert server.request("GET", "/v1/jobs")[0] == 200
+    assert server.request("GET", "/v1/info", token=False)[0] == 200
+
+
+def test_server_refuses_to_start_with_world_readable_token(rayhome: Any,
+                                                           server_factory: Any) -> None:
+    token_file = rayhome.path / "config" / "token"
+    token_file.write_text("a-perfectly-good-token-but-readable-by-all\n")
+    token_file.chmod(0o644)
+    srv = server_factory("-f", wait=None)
+    code = srv.proc.wait(20)
+    if srv._reader is not None:
+        srv._reader.join(2)
+    assert code != 0
+    out = server_log(srv)
+    assert str(token_file) in out and "0644" in out and "chmod 640" in out, out
+
+
+def test_server_with_tokens_off_warns_at_start(rayhome: Any, server_factory: Any) -> None:
+    rayhome.write_settings(settings_text(rayhome, 'token_file = ""\n'))
+    srv = server_factory("-f")
+    wait_info(srv)
+    wait_server_log(srv, "tokens are switched off")
+    assert not (rayhome.path / "config" / "token").exists()
+    assert srv.request("GET", "/v1/jobs", token=False)[0] == 200
+
+
+def test_server_refuses_addresses_outside_allow(rayhome: Any, server_factory: Any) -> None:
+    # The server listens on 127.0.0.1; 127.0.0.2 as source plays an outside host.
+    rayhome.write_settings(settings_text(rayhome, 'allow = ["127.0.0.1/32"]\n'))
+    srv = server_factory("-f")
+    wait_info(srv)
+    bad = connect_from("127.0.0.2", rayhome.port)
+    with contextlib.suppress(OSError):
+        bad.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_all(bad) == b""
+    bad.close()
+    wait_server_log(srv, "refused connection from 127.0.0.2")
+
+    # Now exclude loopback altogether: even 127.0.0.1 gets no HTTP answer.
+    rayhome.write_settings(settings_text(rayhome, 'allow = ["10.0.0.0/8"]\n'))
+    os.killpg(srv.proc.pid, signal.SIGTERM)  # the fixture's own server, by its group
+    srv.proc.wait(20)
+    srv2 = server_factory("-f")
+    s = connect_from("127.0.0.1", rayhome.port)
+    with contextlib.suppress(OSError):
+        s.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_all(s) == b""
+    s.close()
+    wait_server_log(srv2, "refused connection from 127.0.0.1")
+
+
+def test_server_limits_body_and_slow_clients(rayhome: Any, server_factory: Any) -> None:
+    rayhome.write_settings(settings_text(rayhome, "max_body_bytes = 2000\nclient_timeout = 1\n"))
+    srv = server_factory("-f")
+    wait_info(srv)
+    status, body = srv.request("POST", "/v1/jobs", {"location": "projects", "project": "x" * 5000})
+    assert status == 413 and body["status"] == 413 and "2000 bytes" in body["error"]
+    status, body = srv.request("GET", "/v1/no-such-thing")
+    assert status == 404 and body["status"] == 404
+
+    s = connect_from("127.0.0.1", rayhome.port, timeout=10)
+    start = time.monotonic()
+    with contextlib.suppress(OSError):
+        s.sendall(b"GET /v1/info HTTP/1.1\r\n")
+        for _ in range(50):
+            s.sendall(b"X")
+            time.sleep(0.2)
+    assert read_all(s) == b""
+    s.close()
+    assert time.monotonic() - start < 3.5
+    wait_server_log(srv, "slow client")
