@@ -200,7 +200,7 @@ def run_demo(home: Path | None, out: Path, json_mode: bool = False) -> int:
             job_request = {"location": "projects", "project": "demo", "name": "rayfront demo",
                            "priority": 0, "rad": {"rif": RIF, "options": []}}
             try:
-                code, job = _render(client, job_request, project, json_mode)
+                code, job = _render(client, job_request, json_mode)
             except ClientError as exc:
                 raise DemoError(f"{exc}\n{log_tail(layout, output)}") from exc
             if code != 0:
@@ -236,10 +236,11 @@ def run_demo(home: Path | None, out: Path, json_mode: bool = False) -> int:
             print(f"rayfront demo: kept {home_dir} for a look at what went wrong", file=sys.stderr)
 
 
-def _render(client: Client, job_request: dict[str, Any], project: Path,
+def _render(client: Client, job_request: dict[str, Any],
             json_mode: bool) -> tuple[int, dict[str, Any]]:
     from rayserver.client.cli import run_and_follow
 
     # The summary goes to stderr so stdout carries only the paths (or the JSON).
     with contextlib.redirect_stdout(sys.stderr):
-        return run_and_follow(client, job_request, project, json_mode=False, quiet=json_mode)
+        # Output names stay project-relative: the temporary home is removed afterwards.
+        return run_and_follow(client, job_request, None, json_mode=False, quiet=json_mode)
