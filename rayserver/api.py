@@ -253,7 +253,7 @@ async def cancel_job(request: web.Request) -> web.Response:
                        "there is nothing to cancel")
     after = await ctx.scheduler.cancel(job_id)
     row = after if after is not None else _get_row(ctx, job_id)
-    if after is None and row["state"] in FINAL_STATES and row["state"] != "cancelled":
+    if row["state"] in FINAL_STATES and row["state"] != "cancelled":
         raise ApiError(409, f"job {job_id} ended ({row['state']}) before it could be cancelled")
     log.info("job %d cancel requested by %s", job_id, request.remote)
     return _job_response(ctx, row)

@@ -91,13 +91,8 @@ async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | No
 
         dashboard.setup_dashboard(app, ctx)
 
-    # The fork server reports each procwrap's exit; the scheduler exists only
-    # after the client, so the callback looks it up when it fires.
-    def on_exit(*args: Any) -> None:
-        if ctx.scheduler is not None:
-            ctx.scheduler.on_exit(*args)
-
-    client = ForkServerClient(fork_server, on_exit=on_exit)
+    # The scheduler takes over the client's on_exit (and on_lost) callbacks.
+    client = ForkServerClient(fork_server, on_exit=lambda *_args: None)
     scheduler = Scheduler(layout, db, live, client)
     ctx.scheduler = scheduler
     await scheduler.start()
