@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -179,3 +180,86 @@ def test_stalled_tls_handshake_is_closed(ca: trustme.CA, tmp_path: Path) -> None
         assert read_all(s) == b""
         assert time.monotonic() - start < 4.0
         s.close()
+
+
+# ----------------------------------------------- the whole job flow over TLS
+
+SCENE = """\
+void light bright 0 0 3 100 100 100
+bright sphere lamp 0 0 4 0 0 3 0.5
+void plastic grey 0 0 5 .5 .5 .5 0 0
+grey polygon floor 0 0 12 -5 -5 -1 5 -5 -1 5 5 -1 -5 5 -1
+"""
+VIEW = ["-vp", "0", "-6", "1", "-vd", "0", "1", "-0.2", "-vh", "50", "-vv", "40", "-x", "32",
+        "-y", "32", "-ab", "0"]
+
+
+def https(port: int, ctx: ssl.SSLContext, method: str, path: str, body: object = None,
+          token: str | None = None) -> tuple[int, dict | str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60)
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        if resp.getheader("Content-Type", "").startswith("application/json"):
+            return resp.status, json.loads(raw)
+        return resp.status, raw.decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def test_job_flow_over_tls(ca: trustme.CA, rayhome: Any, server_factory: Any,
+                           tmp_path: Path) -> None:
+    pki = write_pki(ca, tmp_path / "pki")
+    rayhome.write_settings(
+        f'bind = "127.0.0.1"\nport = {rayhome.port}\n'
+        f'tls_cert = "{pki["tls_cert"]}"\ntls_key = "{pki["tls_key"]}"\ntls_ca = "{pki["tls_ca"]}"\n')
+    project = rayhome.projects / "tlsdemo"
+    project.mkdir()
+    (project / "s.rad").write_text(SCENE)
+    srv = server_factory("-f")
+    ctx = client_ssl_context(Settings(tls_cert=pki["tls_cert"], tls_key=pki["tls_key"],
+                                      tls_ca=pki["tls_ca"]))
+    assert ctx is not None
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            status, info = https(rayhome.port, ctx, "GET", "/v1/info")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert status == 200 and info["tls"] is True and info["auth"] is True
+    token = rayhome.token()
+    assert token
+
+    status, job = https(rayhome.port, ctx, "POST", "/v1/jobs", {
+        "location": "projects", "project": "tlsdemo", "name": "over tls",
+        "steps": [
+            {"program": "oconv", "args": ["s.rad"], "stdin": None, "stdout": "s.oct"},
+            {"program": "rpict", "args": [*VIEW, "s.oct"], "stdin": None, "stdout": "s.hdr"},
+        ],
+    }, token=token)
+    assert status == 201, job
+    assert isinstance(job, dict)
+    status, done = https(rayhome.port, ctx, "GET", f"/v1/jobs/{job['id']}?wait=60", token=token)
+    assert status == 200 and isinstance(done, dict)
+    assert done["state"] == "done", done
+    assert (project / "s.hdr").read_bytes().startswith(b"#?RADIANCE")
+    status, log_text = https(rayhome.port, ctx, "GET", f"/v1/jobs/{job['id']}/log", token=token)
+    assert status == 200 and "rpict" in str(log_text)
+
+    # Without the token, over TLS: still 401; without TLS: no HTTP at all.
+    assert https(rayhome.port, ctx, "GET", "/v1/jobs")[0] == 401
+    plain = http.client.HTTPConnection("127.0.0.1", rayhome.port, timeout=10)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        plain.request("GET", "/v1/info")
+        plain.getresponse()
+    plain.close()
+    assert srv.proc.poll() is None
