@@ -143,6 +143,14 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     assert width > 0
     assert (home.path / "srvstate" / "jobs" / str(a) / "preview-1.png").exists()
 
+    # Accessible names: the progress bar is named after its job; the log opens.
+    assert page.get_by_role("progressbar", name="#" + str(a) + " watched render").count() == 1
+    assert page.get_by_role("status").count() == 1
+    page.click(f"#job-{a} summary")
+    log_text = poll(page, f"#job-{a} .log pre", "p => p.textContent",
+                    lambda v: bool(v) and "rpict" in v, timeout=10)[-1]
+    assert token not in log_text
+
     # Cancel the second job from the page (accepting the confirmation dialog).
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name=f"Cancel job {b} (to be cancelled)").click()
@@ -154,6 +162,14 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 10_000
+    # On a phone-sized screen nothing is wider than the screen.
+    page.set_viewport_size({"width": 390, "height": 844})
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+    phone = tmp_path / "dashboard-phone.png"
+    page.screenshot(path=str(phone), full_page=True)
+    print(f"phone screenshot: {phone}")
+    assert overflow <= 0, f"the page is {overflow}px wider than a 390px screen"
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     # Page load time: the navigation timing of five fresh loads (median).
     times = []
