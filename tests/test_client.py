@@ -324,3 +324,31 @@ def test_default_host_is_first_server_and_local_is_loopback(rayhome) -> None:
     assert ctx.target("10.1.2.3:9999").port == 9999
     with pytest.raises(ClientError, match="NAME:PORT"):
         ctx.target("farbox:http")
+
+
+def test_commands_over_tls_check_the_host_name(server_factory, rayhome, tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("testhost")  # the certificate names the host, not 127.0.0.1
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    cert.private_key_and_cert_chain_pem.write_to_path(str(pki / "server.pem"))
+    cert.private_key_pem.write_to_path(str(pki / "server.key"))
+    ca.cert_pem.write_to_path(str(pki / "ca.pem"))
+    rayhome.write_settings(
+        f'bind = "127.0.0.1"\nport = {rayhome.port}\ntls_cert = "{pki / "server.pem"}"\n'
+        f'tls_key = "{pki / "server.key"}"\ntls_ca = "{pki / "ca.pem"}"\n')
+    server_factory("-f")
+    project = new_project(rayhome)
+    deadline = time.monotonic() + 20
+    while True:
+        hosts = as_json(rayfront(rayhome, "hosts", "--json"))["hosts"]
+        if hosts[0]["answering"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert hosts[0]["answering"] and hosts[0]["tls"], hosts
+    run = rayfront(rayhome, "run", "--json", "--", "oconv", "materials.rad", cwd=project)
+    assert run.returncode == 0 and as_json(run)["state"] == "done", run.stderr
+    # Dialled by an address the certificate does not name: refused, and said so.
+    wrong = rayfront(rayhome, "status", "--host", f"127.0.0.1:{rayhome.port}")
+    assert wrong.returncode == 1 and "TLS handshake" in wrong.stderr, wrong.stderr

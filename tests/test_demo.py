@@ -58,3 +58,35 @@ def test_demo_refuses_a_home_that_is_in_use(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "not empty" in proc.stderr and str(home) in proc.stderr
     assert (home / "config" / "hosts").read_text() == "somehost 4\n"  # untouched
+
+
+@pytest.mark.timeout(90)
+def test_interrupted_demo_stops_its_server(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    home = tmp_path / "demo-home"
+    env = {k: v for k, v in os.environ.items() if k != "RAYFRONT_TOKEN"}
+    env["RAYFRONT_HOSTNAME"] = "demohost"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayserver.client.cli", "demo", "--home", str(home),
+         "--out", str(tmp_path / "out")],
+        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        seen = []
+        assert proc.stderr is not None
+        for line in proc.stderr:  # Ctrl-C as soon as the server answers
+            seen.append(line)
+            if "answers after" in line:
+                break
+        assert our_pids(home), "the server should be running now:\n" + "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    assert not our_pids(home), "the demo's server outlived the interrupted demo"
+    assert f"kept {home}" not in err  # --home given: nothing to keep or remove
