@@ -230,7 +230,7 @@ def test_cancel_mid_render_leaves_no_radiance_process(server: Any, rayhome: RayH
 
 def test_worker_killed_during_render(server: Any, rayhome: RayHome) -> None:
     make_project(rayhome)
-    job = submit(server, [rpict(260, "-ab", "2", "-ad", "512", "-t", "1")])
+    job = submit(server, [rpict(340, "-ab", "2", "-ad", "512", "-t", "1")])
     wait_until(lambda: "rpict" in radiance_pids(rayhome).values(), 20, "rpict running")
     old = worker_pid(server)
     assert old is not None
@@ -238,6 +238,9 @@ def test_worker_killed_during_render(server: Any, rayhome: RayHome) -> None:
     # The supervisor starts a new worker; the render goes on meanwhile.
     wait_until(lambda: (worker_pid(server) or old) != old and answering(server), 30,
                "a new worker answering")
+    # The new worker adopted the procwrap that is still rendering.
+    assert get(server, job["id"])["state"] == "running"
+    assert "rpict" in radiance_pids(rayhome).values()
     final = wait_final(server, job["id"], timeout=120)
     assert final["state"] == "done" and final["exit_status"] == 0, final
     assert final["progress"] == 100
@@ -248,7 +251,7 @@ def test_worker_killed_during_render(server: Any, rayhome: RayHome) -> None:
     res = subprocess.run([str(BIN / "getinfo"), "-d", str(picture)], capture_output=True,
                          text=True, check=True, env=rad_env()).stdout.split()
     width, height = int(res[-1]), int(res[-3])
-    assert width == 260 and len(pixels(picture).splitlines()) == width * height
+    assert width == 340 and len(pixels(picture).splitlines()) == width * height
     assert radiance_pids(rayhome) == {}
 
 
@@ -319,7 +322,7 @@ def test_four_jobs_share_one_ambient_file(server_factory: Any, rayhome: RayHome)
     ids = []
     for i, vp in enumerate(views):
         step = {"program": "rpict", "stdin": None, "stdout": f"amb{i}.hdr",
-                "args": [*vp, "-vd", "0", "1", "-0.5", "-x", "120", "-y", "120", "-ab", "2",
+                "args": [*vp, "-vd", "0", "1", "-0.5", "-x", "96", "-y", "96", "-ab", "2",
                          "-ad", "256", "-as", "64", "-aa", "0.1", "-af", "shared.amb",
                          "scene.oct"]}
         ids.append(submit(srv, [step])["id"])
