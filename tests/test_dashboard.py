@@ -9,6 +9,7 @@ ra_ppm. Nothing is mocked; one test wraps the converter to count its calls.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import shutil
 import struct
@@ -431,3 +432,34 @@ def test_open_regular_checks_the_opened_file(tmp_path: Path, picture: Path) -> N
         assert dashboard.picture_size(fd, "in.hdr") == dashboard.picture_size(picture)
     finally:
         os.close(fd)
+
+
+def test_rad_job_preview_through_the_real_server(server: Any) -> None:
+    """A rad job submitted to a real rayserver: its picture is found and previewed."""
+    project = server.home.projects / "radp"
+    project.mkdir()
+    (project / "s.rad").write_text(SCENE)
+    (project / "t.rif").write_text(RIF)
+    (project / "img").mkdir()
+    status, job = server.request("POST", "/v1/jobs", {
+        "location": "projects", "project": "radp", "rad": {"rif": "t.rif", "options": []}})
+    assert status == 201, job
+    status, job = server.request("GET", f"/v1/jobs/{job['id']}?wait=60", timeout=70)
+    assert status == 200 and job["state"] == "done", job
+    status, body = server.request("GET", f"/v1/jobs/{job['id']}/preview.png", token=False)
+    assert status == 401, body
+    conn_status, data, headers = _get_bytes(server, f"/v1/jobs/{job['id']}/preview.png")
+    assert conn_status == 200, data[:300]
+    assert headers["Content-Type"] == "image/png"
+    assert png_size(data) == dashboard.picture_size(project / "img" / "pic_front.hdr")
+
+
+def _get_bytes(server: Any, path: str) -> tuple[int, bytes, dict[str, str]]:
+    """GET with the server's token; the raw body (conftest's helper decodes text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.home.port, timeout=30)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {server.home.token()}"})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), dict(resp.getheaders())
+    finally:
+        conn.close()
