@@ -406,8 +406,53 @@ def _message_for(request: web.Request, exc: web.HTTPException, limit: int) -> st
     return exc.reason or f"HTTP {exc.status}"
 
 
+class _TokenWatch:
+    """Notices a changed token file, so `rayfront token new` works without a restart.
+
+    One stat per request that needs a token. The first signature is taken
+    when the middlewares are built, right after the worker read the token.
+    A changed file that fails the checks (world-readable, empty...) makes
+    the server refuse token-protected requests until it is fixed: failing
+    open would keep a possibly exposed token valid.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self.problem: str | None = None
+        self._sig = self._signature(ctx)
+
+    @staticmethod
+    def _signature(ctx: Any) -> tuple[Any, ...] | None:
+        path = ctx.live.settings.token_path(ctx.layout.default_token_file)
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return (str(path), exc.errno)
+        return (str(path), st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode)
+
+    def current(self, ctx: Any) -> str | None:
+        sig = self._signature(ctx)
+        if sig is None or sig == self._sig:
+            return ctx.token
+        self._sig = sig
+        try:
+            new = read_server_token(ctx.layout, ctx.live.settings)
+        except CredentialsError as exc:
+            self.problem = str(exc)
+            log.error("token file changed and cannot be used: %s; requests that need a "
+                      "token are refused until it is fixed", exc)
+            return ctx.token
+        self.problem = None
+        if new != ctx.token:
+            log.info("token file %s changed: the new token is in force", sig[0])
+            ctx.token = new
+        return new
+
+
 def middlewares(ctx: Any) -> list[Any]:
     """The aiohttp middlewares, outermost first: errors, token, body."""
+    watch = _TokenWatch(ctx)
 
     @web.middleware
     async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -433,9 +478,14 @@ def middlewares(ctx: Any) -> list[Any]:
 
     @web.middleware
     async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        token = ctx.token
-        if token is None or _is_open(request):
+        if _is_open(request):
             return await handler(request)
+        token = watch.current(ctx)
+        if token is None:
+            return await handler(request)
+        if watch.problem:
+            return _error(503, "the server's token file cannot be used; the reason is in "
+                               "the server log")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:

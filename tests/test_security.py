@@ -311,6 +311,26 @@ def test_tokens_off_lets_everyone_allowed_in(tmp_path: Path) -> None:
         assert srv.request("GET", "/v1/jobs", token=None)[0] == 200
 
 
+def test_rotated_token_is_in_force_without_restart(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "home", "testhost")
+    first = credentials.ensure_token(layout, Settings())
+    with app_server(tmp_path, Settings(), token=first) as srv:
+        assert srv.request("GET", "/v1/jobs", token=first)[0] == 200
+        second = credentials.new_token(layout.default_token_file)
+        assert srv.request("GET", "/v1/jobs", token=first)[0] == 401
+        assert srv.request("GET", "/v1/jobs", token=second)[0] == 200
+        assert srv.ctx.token == second
+        srv.wait_log("changed: the new token is in force")
+        # Made world-readable: fail closed until it is fixed.
+        layout.default_token_file.chmod(0o644)
+        status, body, _ = srv.request("GET", "/v1/jobs", token=second)
+        assert status == 503 and "token file" in body["error"]
+        srv.wait_log("chmod 640")
+        assert srv.request("GET", "/v1/info", token=None)[0] == 200
+        layout.default_token_file.chmod(0o640)
+        assert srv.request("GET", "/v1/jobs", token=second)[0] == 200
+
+
 # ------------------------------------------------------------ errors as JSON
 
 
@@ -550,6 +570,11 @@ def test_server_makes_token_0640_and_demands_it(server: Any) -> None:
     assert "y" * 43 not in server_log(server)
     assert server.request("GET", "/v1/jobs")[0] == 200
     assert server.request("GET", "/v1/info", token=False)[0] == 200
+
+    # Rotation (what `rayfront token new` does) is in force at the next request.
+    rotated = credentials.new_token(token_file)
+    assert server.request("GET", "/v1/jobs", token=token)[0] == 401
+    assert server.request("GET", "/v1/jobs", token=rotated)[0] == 200
 
 
 def test_server_refuses_to_start_with_world_readable_token(rayhome: Any,
