@@ -77,8 +77,10 @@ def step(program: str, args: list[str], stdin: str | None = None,
 
 
 def render_steps(extra: list[str] | None = None, out: str = "out.hdr") -> list[dict]:
-    return [step("oconv", ["scene.rad"], stdout="scene.oct"),
-            step("rpict", [*VIEW, *TINY, *(extra or []), "scene.oct"], stdout=out)]
+    """oconv + rpict; the octree is named after the picture so jobs can run side by side."""
+    octree = out.rsplit(".", 1)[0] + ".oct"
+    return [step("oconv", ["scene.rad"], stdout=octree),
+            step("rpict", [*VIEW, *TINY, *(extra or []), octree], stdout=out)]
 
 
 def submit(db: JobDB, proj: Path, steps: list[dict], home: Path | None = None,
@@ -150,11 +152,11 @@ def test_render_equals_direct_render(db: JobDB, home: Path, tmp_path: Path) -> N
     assert row["exit_status"] == 0 and row["signal"] is None
     assert row["wall_time"] > 0 and row["cpu_time"] >= 0 and row["max_rss_kb"] > 0
     assert row["started_at"] <= row["ended_at"]
-    assert "== step 1/2: oconv scene.rad > scene.oct ==" in log
+    assert "== step 1/2: oconv scene.rad > out.oct ==" in log
     assert "== step 2/2: rpict -vp" in log
     assert "== done: exit status 0, wall" in log and "max rss" in log
     assert pvalue(proj / "out.hdr") == pvalue(direct_render(proj, "direct.hdr"))
-    assert db.public(row)["outputs"] == ["scene.oct", "out.hdr"]
+    assert db.public(row)["outputs"] == ["out.oct", "out.hdr"]
 
 
 def test_failing_command_records_its_exit_status(db: JobDB, home: Path, tmp_path: Path) -> None:

@@ -1,0 +1,347 @@
+"""The scheduler (in the worker): starts queued jobs when a cpu slot is free.
+
+At most the host record's cpu count of jobs run at once; the rest wait,
+highest priority first, then oldest. Everything it knows is in the job
+database, so a new worker picks up where a crashed one stopped:
+
+- ``starting`` rows go back to ``queued`` (guarded: if the old worker's
+  procwrap claims its row first, the reset loses, and the other way round);
+- ``running`` rows whose procwrap is alive (the pid lives and its
+  ``/proc/<pid>/cmdline`` carries ``job=<id>``) are adopted and polled;
+- ``running`` rows whose procwrap is gone died with the server: they are
+  marked ``interrupted`` with the reason.
+
+Procwraps are started through the fork server (never forked from this
+threaded asyncio process). The fork server reports each exit; a procwrap
+that died without recording a final state gets one here, with a reason
+decoded from its wait status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from rayserver import procwrap
+from rayserver.forkserver import ForkServerClient, ForkServerError
+from rayserver.jobdb import FINAL_STATES, JobDB
+from rayserver.paths import Layout
+
+log = logging.getLogger("rayserver.scheduler")
+
+POLL_INTERVAL = 0.25       # adopted procwraps (not our fork server's children)
+IDLE_RESCAN = 1.0          # rows queued by another process are noticed this fast
+LAUNCH_RETRY = 2.0         # after the fork server failed a launch
+
+
+def procwrap_alive(pid: int | None, job_id: int) -> bool:
+    """True when ``pid`` is a live (non-zombie) procwrap of ``job_id``.
+
+    The title check guards against a reused pid: ``job=<id>`` must be one of
+    the words of its command line, next to the procwrap marker.
+    """
+    if not pid or pid <= 0:
+        return False
+    try:
+        raw = open(f"/proc/{pid}/cmdline", "rb").read()  # noqa: SIM115 - tiny read
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    if stat[stat.rfind(b")") + 2:].split()[:1] == [b"Z"]:
+        return False
+    words = raw.replace(b"\0", b" ").decode("utf-8", "replace").split()
+    return f"job={job_id}" in words and any("procwrap" in w for w in words)
+
+
+def describe_status(status: int) -> str:
+    """A person's reading of a raw wait status."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {sig} ({name})"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
+class Scheduler:
+    """Queue dispatch, adoption after a restart, cancel and shutdown (one per worker).
+
+    It takes over ``forkclient.on_exit`` (and ``on_lost``), so the worker may
+    create the client with any placeholder callback.
+    """
+
+    def __init__(self, layout: Layout, db: JobDB, live_config: Any,
+                 forkclient: ForkServerClient) -> None:
+        self.layout = layout
+        self.db = db
+        self.live = live_config
+        self.fork = forkclient
+        forkclient.on_exit = self._on_fork_exit
+        forkclient.on_lost = self._on_fork_lost
+        self._running: dict[int, int] = {}   # job id -> procwrap pid (0 while launching)
+        self._adopted: dict[int, int] = {}   # the subset we poll: not our fork server's
+        self._events: dict[int, asyncio.Event] = {}
+        self._backstops: dict[int, asyncio.Task[None]] = {}
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._fork_lost = False
+
+    # --- properties ---------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        record = getattr(self.live, "record", None)
+        return max(0, int(getattr(record, "cpus", 0) or 0))
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    @property
+    def grace(self) -> float:
+        settings = getattr(self.live, "settings", None)
+        return float(getattr(settings, "cancel_grace", 5.0))
+
+    # --- start ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover the state a previous worker left, then start dispatching."""
+        self._wake = asyncio.Event()
+        reset = self.db.reset_starting()
+        if reset:
+            log.info("jobs %s were being started by a previous worker; queued again", reset)
+        for row in self.db.in_states(("running",)):
+            if row["executor"] != "local":
+                continue
+            job_id, pid = row["id"], row["pid"]
+            if procwrap_alive(pid, job_id):
+                self._running[job_id] = pid
+                self._adopted[job_id] = pid
+                log.info("adopted job %s (procwrap pid %s)", job_id, pid)
+            else:
+                self._record_dead(row, f"its procwrap (pid {pid}) was gone when the server "
+                                       "restarted: the job died with the server")
+        self._tasks.append(asyncio.create_task(self._dispatch_loop(), name="dispatch"))
+        self._tasks.append(asyncio.create_task(self._poll_loop(), name="poll-adopted"))
+        self.notify()
+
+    def notify(self) -> None:
+        """A job was queued, or the cpu count changed: look at the queue now."""
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- dispatch ---------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        assert self._wake is not None
+        while not self._stopping:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_RESCAN)
+            self._wake.clear()
+            try:
+                await self._dispatch()
+            except ForkServerError as exc:
+                log.error("cannot start jobs: %s", exc)
+                await asyncio.sleep(LAUNCH_RETRY)
+            except Exception:  # noqa: BLE001 - the loop must survive a bad row
+                log.exception("dispatch failed; retrying")
+                await asyncio.sleep(LAUNCH_RETRY)
+
+    async def _dispatch(self) -> None:
+        while not self._stopping and len(self._running) < self.capacity:
+            if self._fork_lost:
+                return
+            row = self.db.next_queued(executor="local")
+            if row is None:
+                return
+            job_id = row["id"]
+            if not self.db.mark_starting(job_id):
+                continue  # cancelled or taken meanwhile
+            self._running[job_id] = 0  # hold the slot: the exit may come before the pid
+            try:
+                pid = await self.fork.launch(job_id)
+            except ForkServerError as exc:
+                self._running.pop(job_id, None)
+                self.db.unstart(job_id, reason=f"could not be started: {exc}")
+                raise
+            if job_id in self._running:
+                self._running[job_id] = pid
+            log.info("job %s started (procwrap pid %s)", job_id, pid)
+
+    # --- exits --------------------------------------------------------------------
+
+    def _on_fork_exit(self, job_id: int, pid: int, status: int) -> None:
+        """The fork server reaped a procwrap (called in the event loop)."""
+        self._running.pop(job_id, None)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == procwrap.EXIT_CLAIM_LOST:
+            # Its row was not 'starting' any more (cancelled while queued, or
+            # taken back): nothing ran, nothing to record.
+            log.info("job %s: procwrap %s found nothing to run", job_id, pid)
+        else:
+            row = self.db.get(job_id)
+            if row and row["state"] not in FINAL_STATES and row["pid"] in (pid, None):
+                self._record_dead(row, f"its procwrap (pid {pid}) {describe_status(status)} "
+                                       "before it recorded a result")
+        self._finished(job_id)
+
+    def _on_fork_lost(self) -> None:
+        self._fork_lost = True
+        log.error("the fork server exited: no new job can start until the worker restarts")
+
+    def _record_dead(self, row: dict[str, Any], reason: str) -> None:
+        """Final state for a job whose procwrap is gone; ends what is left of its steps."""
+        pgid = row.get("pgid_children")
+        if pgid:
+            members = procwrap.group_members(pgid)
+            if members:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                # SIGKILL lands asynchronously; wait briefly (rare path) so the
+                # recorded final state is only written once nothing is left.
+                deadline = time.monotonic() + 1.0
+                while procwrap.group_members(pgid) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                reason += f"; killed {len(members)} leftover step process(es)"
+        if row.get("cancel_request") == "cancel":
+            state = "cancelled"
+        elif row.get("cancel_request") == "shutdown" or "restarted" in reason \
+                or "killed by" in reason or "adopted" in reason:
+            # Ended from outside (a signal, the server going away): not the job's fault.
+            state = "interrupted"
+        else:
+            state = "failed"
+        if self.db.finish(row["id"], state, reason=reason):
+            log.warning("job %s %s: %s", row["id"], state, reason)
+
+    def _finished(self, job_id: int) -> None:
+        self._adopted.pop(job_id, None)
+        self._running.pop(job_id, None)
+        task = self._backstops.pop(job_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        event = self._events.pop(job_id, None)
+        if event is not None:
+            event.set()
+        self.notify()
+
+    async def _poll_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(POLL_INTERVAL)
+            for job_id, pid in list(self._adopted.items()):
+                if procwrap_alive(pid, job_id):
+                    continue
+                row = self.db.get(job_id)
+                if row and row["state"] not in FINAL_STATES:
+                    self._record_dead(row, f"its procwrap (pid {pid}) ended without recording "
+                                           "a result (exit status unknown: adopted process)")
+                self._finished(job_id)
+
+    # --- waiting, cancel, shutdown ---------------------------------------------
+
+    async def wait(self, job_id: int, timeout: float) -> None:
+        """Return when the job is final (or unknown), or after ``timeout`` seconds."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            row = self.db.get(job_id)
+            if row is None or row["state"] in FINAL_STATES:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            event = self._events.setdefault(job_id, asyncio.Event())
+            # Also re-read the row now and then: a procwrap records its state
+            # before it exits, and rows change from other processes too.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), min(left, POLL_INTERVAL))
+
+    async def cancel(self, job_id: int) -> dict[str, Any] | None:
+        """Cancel a job; returns its row (as :meth:`JobDB.get`) after the change, or None.
+
+        Queued: cancelled at once. Starting/running: ``cancel_request`` is
+        set and the procwrap's group gets SIGTERM; the procwrap records
+        ``cancelled``. A backstop SIGKILLs the procwrap's and the step's
+        groups if it is still alive after ``cancel_grace + 2 s``. Final
+        rows are returned unchanged (the HTTP layer answers 409).
+        """
+        row = self.db.get(job_id)
+        if row is None:
+            return None
+        if row["state"] == "queued" and self.db.cancel_queued(job_id):
+            self._finished(job_id)
+            return self.db.get(job_id)
+        if row["state"] in FINAL_STATES:
+            return row
+        updated = self.db.request_cancel(job_id, "cancel")
+        if updated is None:  # became final meanwhile (or was cancelled while queued)
+            return self.db.get(job_id)
+        pid = updated["pid"]
+        if updated["state"] == "running" and procwrap_alive(pid, job_id):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+        if job_id not in self._backstops:
+            self._backstops[job_id] = asyncio.create_task(self._backstop(job_id))
+        return self.db.get(job_id)
+
+    async def _backstop(self, job_id: int) -> None:
+        await asyncio.sleep(self.grace + 2.0)
+        row = self.db.get(job_id)
+        if row is None:
+            return
+        pid = row["pid"]
+        if row["state"] == "running" and procwrap_alive(pid, job_id):
+            log.warning("job %s: procwrap %s ignored the cancel for %.1f s; SIGKILL",
+                        job_id, pid, self.grace + 2.0)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            await asyncio.sleep(0.1)
+        row = self.db.get(job_id)
+        if row and row["state"] not in FINAL_STATES and not procwrap_alive(row["pid"], job_id):
+            self._record_dead(row, f"killed after not stopping within {self.grace + 2.0:g} s "
+                                   "of the cancel")
+        self._backstops.pop(job_id, None)
+
+    async def shutdown(self) -> None:
+        """Stop dispatching; running jobs are interrupted and record it; queued stay queued."""
+        self._stopping = True
+        self.notify()
+        for row in self.db.in_states(("starting",)):
+            # Not yet claimed: give it back to the queue (the procwrap's claim then fails).
+            self.db.unstart(row["id"])
+        waiting: list[int] = []
+        for row in self.db.in_states(("running",)):
+            job_id = row["id"]
+            if job_id not in self._running or row["executor"] != "local":
+                continue
+            self.db.request_cancel(job_id, "shutdown")
+            if procwrap_alive(row["pid"], job_id):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(row["pid"], signal.SIGTERM)
+                waiting.append(job_id)
+        deadline = time.monotonic() + self.grace + 1.0
+        while waiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            waiting = [j for j in waiting
+                       if (r := self.db.get(j)) is not None and r["state"] not in FINAL_STATES]
+        if waiting:
+            log.warning("jobs %s did not record their end within %.1f s of the shutdown",
+                        waiting, self.grace + 1.0)
+        for task in [*self._tasks, *self._backstops.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._backstops.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._backstops.clear()
+        for event in self._events.values():
+            event.set()
