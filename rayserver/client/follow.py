@@ -113,9 +113,22 @@ def follow(client: Client, job: dict[str, Any], *, show_log: bool = True,
     job_id = int(job["id"])
     bar = None
     if show_bar:
+        import os
+
         from tqdm import tqdm  # only `run` and `demo` pay for importing tqdm
 
-        bar = tqdm(total=100, unit="%", file=sys.stderr, dynamic_ncols=True,
+        # A terminal that reports no size (a bare pty, `script`) would hide the bar:
+        # tqdm takes 0 rows/columns literally.
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+            known = size.columns > 0 and size.lines > 0
+        except (OSError, ValueError, AttributeError):
+            known = False  # not a terminal: tqdm's own defaults apply
+            size = None
+        sized: dict[str, Any] = ({"dynamic_ncols": True} if known or size is None
+                                 else {"ncols": 80, "nrows": 24})
+        bar = tqdm(total=100, unit="%", file=sys.stderr, **sized,
+                   desc=f"job {job_id} {job.get('state', 'queued')}",
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
     poller = _Poller(client, job, bar)
     poller.show(job)
