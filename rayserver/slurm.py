@@ -441,6 +441,28 @@ class SlurmExecutor:
             await self.commands.scancel(slurm_id)
         return True
 
+    def active_count(self) -> int:
+        """Jobs with Slurm now (submitted or being submitted, not final): what the cap counts."""
+        rows = self.db.in_states(("starting", "running"))
+        return sum(1 for r in rows if r.get("executor") == "slurm" or r.get("external_id"))
+
+    async def dispatch(self, capacity: int) -> int:
+        """Hand queued Slurm jobs to Slurm while fewer than ``capacity`` are with it.
+
+        Called from the scheduler's dispatch loop (woken by submissions and by
+        :meth:`run` when a job ended); returns how many were submitted.
+        """
+        submitted = 0
+        while self.ready() and self.active_count() < capacity:
+            row = self.db.next_queued(executor="slurm")
+            if row is None:
+                break
+            if not self.db.mark_starting(row["id"]):
+                continue  # cancelled or taken meanwhile
+            if await self.launch(self.db.get(row["id"]) or row):
+                submitted += 1
+        return submitted
+
     async def cancel(self, job: dict[str, Any]) -> None:
         """scancel the job's Slurm job (the caller set cancel_request first).
 

@@ -557,3 +557,32 @@ def test_start_slurm_script_is_idempotent_and_never_fails() -> None:
         assert "Slurm already up" in out.stdout, out.stdout + out.stderr
     else:
         assert "Slurm tests will skip" in out.stderr or "Slurm up" in out.stdout, out.stderr
+
+
+@needs_slurm
+def test_executor_dispatch_respects_the_cap(tmp_path: Path) -> None:
+    from rayserver.slurm import SlurmExecutor
+
+    db, first = _queued_job(tmp_path)
+    db.unstart(first)
+    more = [db.submit(name="t", priority=0, client="c", location="projects", project="p",
+                      workdir=str(tmp_path), steps=[{"program": "true", "path": "/bin/true",
+                                                     "args": []}], env={}, executor="slurm")
+            for _ in range(2)]
+    fake = _fake_procwrap(tmp_path, "sleep 1")
+    ex = SlurmExecutor(db, Settings(executor="slurm", slurm_poll_interval=0.2), python=fake)
+
+    async def scenario() -> None:
+        assert await ex.dispatch(2) == 2
+        assert ex.active_count() == 2 and await ex.dispatch(2) == 0
+        assert db.get(more[1])["state"] == "queued" and not db.get(more[1])["external_id"]
+        await _poll_until_final(ex, db, first)
+        assert await ex.dispatch(2) == 1
+        assert db.get(more[1])["external_id"]
+        for job_id in more:
+            await _poll_until_final(ex, db, job_id)
+
+    run(scenario())
+    # The stand-in exits 0 without recording: never "done" on Slurm's word alone.
+    row = db.get(first)
+    assert row["state"] == "failed" and "procwrap did not claim it" in row["reason"], row
