@@ -8,7 +8,9 @@ conversion need no server; submit/status/log/cancel/run go through a real
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import sqlite3
 import struct
@@ -201,10 +203,15 @@ def test_ppm_to_png_round_trip() -> None:
 
 # ---------------------------------------------------------------- against a real server
 
-def wait_state(server, job_id: int, states: set[str], timeout: float = 30) -> dict:
+def wait_state(server, job_id: int, states: set[str], timeout: float = 30,
+               not_yet_ok: bool = False) -> dict:
     deadline = time.monotonic() + timeout
+    job: object = None
     while time.monotonic() < deadline:
         status, job = server.request("GET", f"/v1/jobs/{job_id}")
+        if status == 404 and not_yet_ok:  # the client has not submitted it yet
+            time.sleep(0.05)
+            continue
         assert status == 200, job
         if job["state"] in states:
             return job
@@ -352,3 +359,40 @@ def test_commands_over_tls_check_the_host_name(server_factory, rayhome, tmp_path
     # Dialled by an address the certificate does not name: refused, and said so.
     wrong = rayfront(rayhome, "status", "--host", f"127.0.0.1:{rayhome.port}")
     assert wrong.returncode == 1 and "TLS handshake" in wrong.stderr, wrong.stderr
+
+
+def test_run_survives_a_worker_crash(server) -> None:
+    home = server.home
+    project = new_project(home)
+    rif = project / "demo.rif"
+    rif.write_text(rif.read_text().replace("RESOLUTION = 640 480", "RESOLUTION = 3000 2250"))
+    run = subprocess.Popen([*RAYFRONT, "run", "--", "rad", "demo.rif"], cwd=str(project),
+                           env={k: v for k, v in home.env.items() if k != "RAYFRONT_TOKEN"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = wait_state(server, 1, {"running"}, not_yet_ok=True)
+        workers = [pid for pid in _titled(home, "/server/start.pyo worker")]
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)  # the supervisor starts a new worker; the job goes on
+        out, err = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, out + err
+    assert f"job {job['id']} done, exit status 0" in out
+    assert out.count("pfilt demo_room.unf") == 1  # the log resumed where it stopped, no repeats
+
+
+def _titled(home, text: str) -> list[int]:
+    from tests.conftest import our_pids
+
+    found = []
+    for pid in our_pids(home.path):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(pid)
+    return found
