@@ -109,13 +109,17 @@ async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | No
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    reloads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
     def on_hup() -> None:
         async def reload() -> None:
             if await asyncio.to_thread(live.reload):
                 log.info("configuration reloaded on SIGHUP")
             scheduler.notify()
 
-        loop.create_task(reload())
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     live.start_watching()

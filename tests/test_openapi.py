@@ -60,8 +60,8 @@ def test_docs_file_is_the_installed_package_file() -> None:
 def test_document_is_sound() -> None:
     doc = document()
     assert doc["openapi"].startswith("3.1")
-    for name, schema in doc["components"]["schemas"].items():
-        jsonschema.Draft202012Validator.check_schema(schema), name
+    for schema in doc["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
     loaded = schemathesis.openapi.from_dict(doc)
     ops = {(op.ok().method.upper(), op.ok().path) for op in loaded.get_all_operations()}
     assert ("POST", "/v1/jobs") in ops and len(ops) == 8
