@@ -376,6 +376,7 @@ class SlurmExecutor:
         self._cancel_after_launch: set[int] = set()
         self._last_error = ""
         self._retry_at = 0.0
+        self._adopted = False
 
     @property
     def db_path(self) -> Path:
@@ -485,18 +486,32 @@ class SlurmExecutor:
         and count against the cap. Rows without a Slurm id that a dead worker
         may have submitted are looked up by job name and comment.
         """
+        try:
+            await self._adopt()
+            self._adopted = True
+        except (SlurmError, OSError) as exc:
+            # Slurm down while the worker starts: serve anyway, adopt from run().
+            # Nothing is submitted twice meanwhile: launch() asks Slurm first.
+            log.warning("cannot reach Slurm to find its jobs again (will retry): %s", exc)
+
+    async def _adopt(self) -> None:
         rows = [r for r in self.db.in_states(("queued", "starting"))
                 if r.get("executor") == "slurm" or r.get("external_id")]
-        with_id = [r for r in rows if r.get("external_id")]
-        known = await self.commands.squeue([r["external_id"] for r in with_id]) if with_id else {}
+        if not rows:
+            await self.poll_once()
+            return
+        # One listing of our user's Slurm jobs finds those a dying worker
+        # submitted without storing the id (matched by the comment).
+        mine = await self._our_jobs()
         for row in rows:
             sid = row.get("external_id")
-            if not sid:
-                sid = await self._find_by_name(row["id"])
-                if sid:
+            if not sid and row["id"] not in self._launching:
+                found = mine.get(job_comment(self.db_path, row["id"]))
+                if found:
+                    sid = found.job_id
                     self.db.set_external_id(row["id"], sid)
-                    known.update(await self.commands.squeue([sid]))
-            if sid and sid in known and known[sid].active:
+            seen = mine.get(job_comment(self.db_path, row["id"]))
+            if sid and seen is not None and seen.job_id == sid and seen.active:
                 if row["state"] == "queued" and self.db.mark_starting(row["id"]):
                     log.info("job %d found again in Slurm as job %s", row["id"], sid)
             elif row["state"] == "starting" and row["id"] not in self._launching:
@@ -504,18 +519,20 @@ class SlurmExecutor:
                 self.db.unstart(row["id"], None)
         await self.poll_once()
 
-    async def _find_by_name(self, job_id: int) -> str | None:
-        code, out, _ = await self.commands.run(
-            "squeue", ["-h", "-t", "all", f"--name={job_name(job_id)}", "-o", "%i|%k"],
-            check=False)
-        if code != 0:
-            return None
-        want = job_comment(self.db_path, job_id)
+    async def _our_jobs(self) -> dict[str, SlurmJob]:
+        """Slurm jobs of this user that carry one of our comments: comment -> job."""
+        _, out, _ = await self.commands.run(
+            "squeue", ["-h", "-t", "all", "-u", str(os.getuid()), "-o", "%i|%T|%k"])
+        found: dict[str, SlurmJob] = {}
         for line in out.splitlines():
-            sid, _, comment = line.partition("|")
-            if comment.strip() == want:
-                return sid.strip()
-        return None
+            sid, _, rest = line.partition("|")
+            state, _, comment = rest.partition("|")
+            if comment.startswith("rayserver job "):
+                job = SlurmJob(sid.strip(), base_state(state))
+                # The newest submission wins if a job id was somehow submitted twice.
+                if comment not in found or found[comment].final:
+                    found[comment] = job
+        return found
 
     async def poll_once(self) -> list[int]:
         """One look at Slurm for every job with it; returns the ids recorded final here."""
@@ -576,6 +593,9 @@ class SlurmExecutor:
         """Poll forever (a background task); errors are logged once, not raised."""
         while True:
             try:
+                if not self._adopted:
+                    await self._adopt()
+                    self._adopted = True
                 await self.poll_once()
                 if self._last_error:
                     log.info("Slurm answers again")
