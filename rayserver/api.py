@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rayserver import __version__, jobspec, radiance
+from rayserver import __version__, jobspec, radiance, slurm
 from rayserver.jobspec import JobSpecError
 from rayserver.paths import Layout
 
@@ -167,6 +167,7 @@ async def info(request: web.Request) -> web.Response:
         "tls": bool(settings.tls_enabled),
         "auth": ctx.token is not None,
         "load": load,
+        **({"slurm": await slurm.cluster_info(settings)} if settings.executor == "slurm" else {}),
     })
 
 

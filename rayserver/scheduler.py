@@ -96,6 +96,7 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._fork_lost = False
+        self._slurm: Any = None              # rayserver.slurm.SlurmExecutor with executor=slurm
 
     # --- properties ---------------------------------------------------------
 
@@ -132,6 +133,12 @@ class Scheduler:
             else:
                 self._record_dead(row, f"its procwrap (pid {pid}) was gone when the server "
                                        "restarted: the job died with the server")
+        if self.live.settings.executor == "slurm":  # Slurm jobs: see rayserver/slurm.py
+            from rayserver.slurm import SlurmExecutor
+
+            self._slurm = SlurmExecutor(self.db, self.live.settings, on_change=self.notify)
+            await self._slurm.adopt()
+            self._tasks.append(asyncio.create_task(self._slurm.run(), name="slurm-poll"))
         self._tasks.append(asyncio.create_task(self._dispatch_loop(), name="dispatch"))
         self._tasks.append(asyncio.create_task(self._poll_loop(), name="poll-adopted"))
         self.notify()
@@ -159,6 +166,8 @@ class Scheduler:
                 await asyncio.sleep(LAUNCH_RETRY)
 
     async def _dispatch(self) -> None:
+        if self._slurm is not None and not self._stopping:
+            await self._slurm.dispatch(self.capacity)
         while not self._stopping and len(self._running) < self.capacity:
             if self._fork_lost:
                 return
@@ -285,6 +294,9 @@ class Scheduler:
         updated = self.db.request_cancel(job_id, "cancel")
         if updated is None:  # became final meanwhile (or was cancelled while queued)
             return self.db.get(job_id)
+        if updated["executor"] == "slurm" and self._slurm is not None:
+            await self._slurm.cancel(updated)  # scancel: Slurm signals and kills
+            return self.db.get(job_id)
         pid = updated["pid"]
         if updated["state"] == "running" and procwrap_alive(pid, job_id):
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -316,6 +328,8 @@ class Scheduler:
         self._stopping = True
         self.notify()
         for row in self.db.in_states(("starting",)):
+            if row["executor"] == "slurm":
+                continue  # with Slurm: it runs on without us, found again by its Slurm id
             # Not yet claimed: give it back to the queue (the procwrap's claim then fails).
             self.db.unstart(row["id"])
         waiting: list[int] = []
