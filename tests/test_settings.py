@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,9 @@ def test_shipped_example_documents_every_key(tmp_path: Path) -> None:
     undocumented = [k for k in sorted(known_keys()) if f"{k} =" not in text]
     assert not undocumented, f"keys not documented in conf/rayserver.toml: {undocumented}"
     # Uncommented, the example must still be valid settings.
-    active = "\n".join(line[2:] if line.startswith("# ") and " = " in line else line
-                       for line in text.splitlines() if "token_file" not in line)
+    setting = re.compile(r"^# ([a-z_]+ = .*)$")
+    active = "\n".join(m.group(1) for line in text.splitlines()
+                       if (m := setting.match(line)) and not line.startswith("# token_file"))
     tmp = tmp_path / "example-check.toml"
     tmp.write_text(active)
     load_settings(tmp)
