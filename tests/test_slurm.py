@@ -434,6 +434,8 @@ def test_render_through_slurm_matches_direct_render(rayhome, server_factory,
     srv = server_factory("-f")
     status, info = srv.request("GET", "/v1/info")
     assert status == 200 and info["executor"] == "slurm", info
+    assert info["slurm"]["available"] is True and info["slurm"]["nodes"], info
+    assert 0 <= info["slurm"]["free_cpus"] <= info["slurm"]["cpus"], info
     args = [*VIEW, "-x", "64", "-y", "64", "-ab", "1", "-ad", "64"]
     job = _wait_final(srv, _submit(srv, _render_job(args)))
     assert job["state"] == "done", job
@@ -529,7 +531,7 @@ def test_server_restart_finds_the_slurm_job_again(rayhome, server_factory,
 
     room = _slurm_home(rayhome)
     srv = server_factory("-f")
-    job_id = _submit(srv, _render_job(_slow(420)))
+    job_id = _submit(srv, _render_job(_slow(480)))
     _wait_running(srv, job_id)
     db = JobDB(rayhome.path / "srvstate" / "jobs.sqlite3", check=False)
     sid = db.get(job_id)["external_id"]
@@ -544,7 +546,7 @@ def test_server_restart_finds_the_slurm_job_again(rayhome, server_factory,
     assert job["state"] == "done", job
     assert db.get(job_id)["external_id"] == sid
     assert [i for i, _ in _our_slurm_jobs(rayhome.path)] == [sid], "the job was submitted twice"
-    assert len(_pvalue(room / "out.hdr").splitlines()) == 420 * 420
+    assert len(_pvalue(room / "out.hdr").splitlines()) == 480 * 480
 
 
 def test_start_slurm_script_is_idempotent_and_never_fails() -> None:
