@@ -90,3 +90,22 @@ def test_interrupted_demo_stops_its_server(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert not our_pids(home), "the demo's server outlived the interrupted demo"
     assert f"kept {home}" not in err  # --home given: nothing to keep or remove
+
+
+@pytest.mark.timeout(60)
+def test_demo_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
+    import os
+
+    home = tmp_path / "demo-home"
+    env = {k: v for k, v in os.environ.items() if k != "RAYFRONT_TOKEN"}
+    env["RAYFRONT_HOSTNAME"] = "bad!host"  # the hosts file the demo writes is then malformed
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayserver.client.cli", "demo", "--home", str(home),
+         "--out", str(tmp_path / "out")],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=50, check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "rayserver exited with status" in proc.stderr
+    assert "bad!host" in proc.stderr.split("while starting", 1)[1]  # the server's log tail
+    assert not our_pids(home)
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayserver.client.connection import EXIT_USAGE, ClientError
+from rayserver.client.connection import EXIT_LOCAL_ONLY, EXIT_USAGE, ClientError
 from rayserver.client.context import Context, Project
 
 # rad options that take a value (rad [-s][-n|-N npr][-t][-e][-V][-w][-v view][-o dev] rfile [VAR=val ..])
@@ -243,7 +243,7 @@ def cmd_hosts(ctx: Context, opts: argparse.Namespace) -> int:
         raise ClientError(f"no servers (cpus > 0) in {ctx.layout.hosts_file}"
                           if ctx.hosts is not None else
                           f"no hosts file at {ctx.layout.hosts_file}: rayfront works locally only",
-                          exit_code=3)
+                          exit_code=EXIT_LOCAL_ONLY)
     token = None  # GET /v1/info needs no token
 
     def probe(rec: Any) -> dict[str, Any]:
