@@ -241,10 +241,14 @@ def _serve(opts: Options, layout: Layout, config: LiveConfig, pidfile: PidFile,
     try:
         pidfile.acquire()
     except PidFileError as exc:
-        announce(log, str(exc), logging.CRITICAL)
-        if readiness is not None:
-            readiness.fail(1, f"rayserver: {exc}")
-        return 1
+        if exc.pid is None and not opts.daemon:
+            # In the foreground the pid file is a convenience, like the log file.
+            log.warning("running without a pid file: %s", exc)
+        else:
+            announce(log, str(exc), logging.CRITICAL)
+            if readiness is not None:
+                readiness.fail(1, f"rayserver: {exc}")
+            return 1
 
     def on_ready(_worker: int, first: bool) -> None:
         if not first:

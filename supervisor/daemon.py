@@ -41,7 +41,7 @@ class PidFile:
         """The pid of the live server holding the file, or None (absent or stale)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise PidFileError(f"cannot read pid file {self.path}: {exc.strerror}") from exc
@@ -68,9 +68,9 @@ class PidFile:
     def acquire(self) -> None:
         """Write our pid atomically and keep it locked; a stale file is replaced."""
         self.check()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise PidFileError(
