@@ -20,6 +20,14 @@ from rayserver import radiance
 from rayserver.settings import Settings
 
 BIN = radiance.bin_dir(Settings())
+# A lamp over a floor and a wall: with -ab, rpict has real work to do.
+SCENE = """\
+void light bright 0 0 3 100 100 100
+bright sphere lamp 0 0 4 2 2 2.5 0.3
+void plastic grey 0 0 5 .6 .6 .6 0 0
+grey polygon floor 0 0 12 0 0 0  4 0 0  4 4 0  0 4 0
+grey polygon wall 0 0 12 0 4 0  4 4 0  4 4 3  0 4 3
+"""
 
 
 def raw(home: RayHome, method: str, path: str, body: bytes | None = None,
@@ -50,7 +58,7 @@ def make_project(home: RayHome, name: str = "p") -> Path:
     proj = home.projects / name
     proj.mkdir()
     (proj / "pts.txt").write_text("0 0 0 0 0 1\n")
-    (proj / "scene.rad").write_text("void light l 0 0 3 1 1 1\nl sphere s 0 0 4 0 0 2 .5\n")
+    (proj / "scene.rad").write_text(SCENE)
     (proj / "scene.oct").write_bytes(b"")
     return proj
 
@@ -70,7 +78,7 @@ def slow(seconds_hint: str = "600") -> dict[str, Any]:
     """A render that runs for many seconds (it is cancelled or interrupted, never awaited)."""
     return tiny(steps=[
         {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "scene.oct"},
-        {"program": "rpict", "args": ["-vp", "0", "0", "-3", "-vd", "0", "0", "1", "-x",
+        {"program": "rpict", "args": ["-vp", "2", "-1", "2", "-vd", "0", "1", "-0.5", "-x",
                                       seconds_hint, "-y", seconds_hint, "-ab", "3", "-ad",
                                       "4096", "scene.oct"],
          "stdin": None, "stdout": "slow.hdr"}])
