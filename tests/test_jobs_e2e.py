@@ -230,7 +230,8 @@ def test_cancel_mid_render_leaves_no_radiance_process(server: Any, rayhome: RayH
 
 def test_worker_killed_during_render(server: Any, rayhome: RayHome) -> None:
     make_project(rayhome)
-    job = submit(server, [rpict(340, "-ab", "2", "-ad", "512", "-t", "1")])
+    # -aa 0 (no ambient cache): ~3 s of cpu, longer than a worker restart takes
+    job = submit(server, [rpict(300, "-ab", "2", "-ad", "512", "-aa", "0", "-t", "1")])
     wait_until(lambda: "rpict" in radiance_pids(rayhome).values(), 20, "rpict running")
     old = worker_pid(server)
     assert old is not None
@@ -251,7 +252,7 @@ def test_worker_killed_during_render(server: Any, rayhome: RayHome) -> None:
     res = subprocess.run([str(BIN / "getinfo"), "-d", str(picture)], capture_output=True,
                          text=True, check=True, env=rad_env()).stdout.split()
     width, height = int(res[-1]), int(res[-3])
-    assert width == 340 and len(pixels(picture).splitlines()) == width * height
+    assert width == 300 and len(pixels(picture).splitlines()) == width * height
     assert radiance_pids(rayhome) == {}
 
 
