@@ -56,7 +56,8 @@ def procwrap_alive(pid: int | None, job_id: int) -> bool:
     if stat[stat.rfind(b")") + 2:].split()[:1] == [b"Z"]:
         return False
     words = raw.replace(b"\0", b" ").decode("utf-8", "replace").split()
-    return f"job={job_id}" in words and any("procwrap" in w for w in words)
+    return f"job={job_id}" in words and any(
+        w.endswith("/procwrap.pyo") or w == "rayserver.procwrap" for w in words)
 
 
 def describe_status(status: int) -> str:

@@ -50,8 +50,11 @@ def cmdline(pid: int) -> str:
 
 def test_fork_server_runs_a_render(fork_server: ForkServer, db: JobDB, layout: Layout,
                                    tmp_path: Path) -> None:
-    assert "forkserver" in cmdline(fork_server.pid)
-    assert layout.server_title in cmdline(fork_server.pid)
+    title = f"{layout.server_title} forkserver"
+    deadline = time.monotonic() + 5  # the child sets its title just after the fork
+    while cmdline(fork_server.pid).strip() != title and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cmdline(fork_server.pid).strip() == title
     proj = make_project(tmp_path)
     job = submit(db, proj, render_steps(), layout.home)
     assert db.mark_starting(job)
