@@ -42,6 +42,7 @@ log = logging.getLogger("rayserver")
 
 NAME = "Rayserver"
 RETRY_ENV = "RAYSERVER_BIND_RETRY_SECS"
+BACKOFF_ENV = "RAYSERVER_RESTART_BACKOFF"
 DEFAULT_RETRY_SECS = 30.0
 BIND_ATTEMPTS = 3
 PLATFORM_MESSAGE = "Daemon mode and user/group switching not available on this platform."
@@ -146,6 +147,26 @@ def _retry_secs() -> float:
               f"using {DEFAULT_RETRY_SECS:g}", file=sys.stderr)
         return DEFAULT_RETRY_SECS
     return secs
+
+
+def _restart_backoff() -> dict[str, float]:
+    """Worker restart delays from RAYSERVER_RESTART_BACKOFF="first,cap" (seconds), if set.
+
+    Tests that crash the worker many times use it; without it the
+    supervisor's defaults apply (0.25 s doubling up to 30 s).
+    """
+    raw = os.environ.get(BACKOFF_ENV)
+    if not raw:
+        return {}
+    try:
+        first, cap = (float(x) for x in raw.split(","))
+    except ValueError:
+        first = cap = -1.0
+    if not 0 < first <= cap <= 3600:
+        print(f"rayserver: {BACKOFF_ENV}={raw!r} is not 'first,cap' with 0 < first <= cap <= 3600 "
+              "seconds; using the defaults", file=sys.stderr)
+        return {}
+    return {"backoff_first": first, "backoff_cap": cap}
 
 
 def _err(text: str) -> None:
@@ -273,7 +294,7 @@ def _serve(opts: Options, layout: Layout, config: LiveConfig, pidfile: PidFile,
         sock, _worker_target(layout), name=NAME,
         title=layout.server_title, worker_title=f"{layout.server_title} worker",
         on_ready=on_ready, on_reload=on_reload, on_reopen=logs.reopen,
-        child_setup=child_setup,
+        child_setup=child_setup, **_restart_backoff(),
     )
     try:
         code = sup.run()
