@@ -588,3 +588,32 @@ def test_executor_dispatch_respects_the_cap(tmp_path: Path) -> None:
     # The stand-in exits 0 without recording: never "done" on Slurm's word alone.
     row = db.get(first)
     assert row["state"] == "failed" and "procwrap did not claim it" in row["reason"], row
+
+
+@needs_slurm
+def test_adopt_finds_a_submission_whose_id_was_never_stored(tmp_path: Path) -> None:
+    """A worker that died between sbatch and storing the id: found by the job's comment."""
+    import sqlite3
+
+    from rayserver.slurm import SlurmExecutor
+
+    db, job_id = _queued_job(tmp_path)
+    fake = _fake_procwrap(tmp_path, "exec sleep 60")
+    settings = Settings(executor="slurm", slurm_poll_interval=0.2)
+
+    async def scenario() -> None:
+        first = SlurmExecutor(db, settings, python=fake)
+        assert await first.launch(db.get(job_id))
+        sid = db.get(job_id)["external_id"]
+        try:
+            # What the dead worker left: the row 'starting', no Slurm id.
+            with sqlite3.connect(db.path) as conn:
+                conn.execute("UPDATE jobs SET external_id=NULL WHERE id=?", (job_id,))
+            db.reset_starting()
+            await SlurmExecutor(db, settings, python=fake).adopt()
+            row = db.get(job_id)
+            assert (row["state"], row["external_id"]) == ("starting", sid)
+        finally:
+            await first.commands.scancel(sid)
+
+    run(scenario())
