@@ -185,7 +185,9 @@ class JobDB:
             raise self._corrupt(str(exc)) from exc
         result = "; ".join(str(r[0]) for r in rows)
         if result != "ok":
-            raise self._corrupt(result[:500])
+            # quick_check lists many problems over many lines: keep the message one line.
+            first = "; ".join(part.strip() for part in result.splitlines() if part.strip())
+            raise self._corrupt(first[:300] + ("..." if len(first) > 300 else ""))
 
     class _Tx:
         def __init__(self, conn: sqlite3.Connection) -> None:

@@ -1,0 +1,220 @@
+"""Job database: real SQLite files, real processes racing for the same rows."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rayserver import jobdb
+from rayserver.jobdb import JobDB, JobDBError
+
+STEP = {"program": "rpict", "path": "/abs/bin/rpict", "args": ["-vf", "v.vf", "s.oct"],
+        "stdin": None, "stdout": "out.hdr"}
+
+
+def submit(db: JobDB, priority: int = 0, name: str | None = None) -> int:
+    return db.submit(name=name, priority=priority, client="10.0.0.5", location="projects",
+                     project="office", workdir="/srv/projects/office", steps=[dict(STEP)],
+                     env={"RAYPATH": ".:/lib"})
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> JobDB:
+    return JobDB(tmp_path / "srvstate" / "jobs.sqlite3")
+
+
+def test_open_creates_wal_database_and_folders(tmp_path: Path) -> None:
+    path = tmp_path / "srvstate" / "jobs.sqlite3"
+    JobDB(path)
+    assert (tmp_path / "srvstate" / "jobs").is_dir()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    JobDB(path)  # a second open of an existing file works too
+
+
+def test_submit_get_public(db: JobDB) -> None:
+    job = submit(db, name="office")
+    row = db.get(job)
+    assert row["state"] == "queued" and row["steps"][0]["path"] == "/abs/bin/rpict"
+    assert row["env"] == {"RAYPATH": ".:/lib"} and row["step_count"] == 1
+    pub = db.public(row)
+    assert pub["steps"] == [{"program": "rpict", "args": ["-vf", "v.vf", "s.oct"],
+                             "stdin": None, "stdout": "out.hdr"}]
+    assert pub["outputs"] == ["out.hdr"] and pub["cancel_requested"] is False
+    assert set(pub) == {"id", "name", "priority", "state", "location", "project", "steps",
+                        "client", "submitted_at", "started_at", "ended_at", "progress",
+                        "current_step", "step_count", "exit_status", "signal", "reason",
+                        "wall_time", "cpu_time", "max_rss_kb", "cancel_requested", "outputs",
+                        "pid"}
+    assert db.mark_starting(job)
+    assert db.public(db.get(job))["state"] == "queued"  # 'starting' is internal
+    assert db.get(12345) is None
+    assert db.log_path(job) == db.path.parent / "jobs" / str(job) / "log"
+
+
+def test_submit_rejects_bad_steps(db: JobDB) -> None:
+    with pytest.raises(ValueError, match="at least one step"):
+        db.submit(name=None, priority=0, client="", location="", project="", workdir="/",
+                  steps=[], env={})
+    with pytest.raises(ValueError, match="step 1 lacks path"):
+        db.submit(name=None, priority=0, client="", location="", project="", workdir="/",
+                  steps=[{"program": "x", "args": []}], env={})
+
+
+def test_list_paging_counts_and_states(db: JobDB) -> None:
+    ids = [submit(db) for _ in range(7)]
+    assert [r["id"] for r in db.list(limit=3)] == ids[::-1][:3]
+    assert [r["id"] for r in db.list(limit=3, before=ids[4])] == [ids[3], ids[2], ids[1]]
+    assert db.mark_starting(ids[0]) and db.claim(ids[0], 4242)
+    assert db.finish(ids[0], "done", exit_status=0, progress=100.0)
+    assert db.cancel_queued(ids[1])
+    assert not db.cancel_queued(ids[1])
+    assert db.mark_starting(ids[2])
+    assert {r["id"] for r in db.list(["queued"])} == set(ids[2:])
+    assert [r["id"] for r in db.list(["done", "cancelled"])] == [ids[1], ids[0]]
+    assert db.counts() == {"queued": 5, "running": 0, "done": 1, "failed": 0,
+                           "cancelled": 1, "interrupted": 0}
+    with pytest.raises(ValueError, match="unknown job state 'bogus'"):
+        db.list(["bogus"])
+    plan = db._conn().execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE id < ? ORDER BY id DESC LIMIT 3", (5,)
+    ).fetchall()
+    assert "USING INTEGER PRIMARY KEY" in " ".join(str(r[3]) for r in plan)
+
+
+def test_queue_order_and_state_guards(db: JobDB) -> None:
+    low = submit(db, priority=-1)
+    a = submit(db)
+    b = submit(db)
+    high = submit(db, priority=9)
+    order = []
+    while (row := db.next_queued()) is not None:
+        assert db.mark_starting(row["id"])
+        order.append(row["id"])
+    assert order == [high, a, b, low]
+    assert db.reset_starting() == sorted(order)
+    assert db.claim(a, 1, from_states=("queued",))
+    assert not db.claim(a, 2, from_states=("queued", "starting"))
+    assert db.request_cancel(a, "shutdown")["cancel_request"] == "shutdown"
+    assert db.request_cancel(a, "cancel")["cancel_request"] == "cancel"
+    assert db.request_cancel(a, "shutdown")["cancel_request"] == "cancel"  # never downgraded
+    assert db.request_cancel(b, "cancel") is None  # queued: not running
+    with pytest.raises(ValueError):
+        db.request_cancel(a, "later")
+    db.update_progress(a, progress=42.0, current_step=1)
+    assert db.get(a)["progress"] == 42.0
+    assert db.finish(a, "cancelled", reason="cancelled by request")
+    assert not db.finish(a, "failed")  # final states are final
+    db.update_progress(a, progress=1.0)
+    assert db.get(a)["progress"] == 42.0
+    with pytest.raises(ValueError, match="final state"):
+        db.finish(b, "running")
+
+
+def _claimer(path: str, job: int, start: float, out: multiprocessing.Queue) -> None:
+    db = JobDB(Path(path), check=False)
+    while time.time() < start:
+        pass
+    out.put(db.claim(job, multiprocessing.current_process().pid or 0))
+
+
+def test_exactly_once_claim_across_processes(db: JobDB) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    for _ in range(3):
+        job = submit(db)
+        assert db.mark_starting(job)
+        out = ctx.Queue()
+        start = time.time() + 1.0
+        procs = [ctx.Process(target=_claimer, args=(str(db.path), job, start, out))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert sorted(results) == [False] * 5 + [True]
+        assert db.get(job)["pid"] in {p.pid for p in procs}
+
+
+def test_connection_is_not_shared_across_fork(db: JobDB) -> None:
+    job = submit(db)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+
+    def child() -> None:
+        out.put((id(db._conn()), db.get(job)["id"]))
+
+    parent_conn = id(db._conn())
+    p = ctx.Process(target=child)
+    p.start()
+    conn_id, got = out.get(timeout=10)
+    p.join(10)
+    assert got == job
+    assert db._local.pid == __import__("os").getpid() and id(db._conn()) == parent_conn
+    assert p.exitcode == 0
+
+
+def test_corrupt_file_refuses_and_is_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "srvstate" / "jobs.sqlite3"
+    path.parent.mkdir()
+    garbage = b"this is not an SQLite database, just bytes\n" * 200
+    path.write_bytes(garbage)
+    with pytest.raises(JobDBError) as info:
+        JobDB(path)
+    msg = str(info.value)
+    assert str(path) in msg and "corrupt" in msg and "refuses to start" in msg
+    assert "left untouched" in msg
+    assert path.read_bytes() == garbage
+    copies = list(path.parent.glob("jobs.sqlite3.corrupt-*"))
+    assert len(copies) == 1 and copies[0].read_bytes() == garbage
+    assert str(copies[0]) in msg
+
+
+def test_damaged_pages_fail_quick_check(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    db = JobDB(path)
+    for _ in range(300):
+        submit(db)
+    db.close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    raw = bytearray(path.read_bytes())
+    page = 4096
+    assert len(raw) > 6 * page
+    for off in range(2 * page + 100, len(raw) - page, page):
+        raw[off:off + 200] = b"\xff" * 200  # smash every page past the schema
+    path.write_bytes(bytes(raw))
+    before = path.read_bytes()
+    with pytest.raises(JobDBError, match="corrupt.*refuses to start.*left untouched"):
+        JobDB(path)
+    assert path.read_bytes() == before
+
+
+def test_locked_database_gives_a_clear_message(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    JobDB(path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3,sys,time\n"
+         f"c=sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+         "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN EXCLUSIVE')\n"
+         "c.execute('UPDATE jobs SET name=name')\n"
+         "print('held', flush=True); time.sleep(30)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(jobdb, "BUSY_TIMEOUT_MS", 300)
+        with pytest.raises(JobDBError, match="locked by another process.*refuses to start"):
+            JobDB(path)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    JobDB(path)  # usable again once the holder is gone
