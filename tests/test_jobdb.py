@@ -127,11 +127,11 @@ def _claimer(path: str, job: int, start: float, out: multiprocessing.Queue) -> N
 
 def test_exactly_once_claim_across_processes(db: JobDB) -> None:
     ctx = multiprocessing.get_context("spawn")
-    for _ in range(3):
+    for _ in range(2):
         job = submit(db)
         assert db.mark_starting(job)
         out = ctx.Queue()
-        start = time.time() + 1.0
+        start = time.time() + 0.8  # all spawned and connected, then claim together
         procs = [ctx.Process(target=_claimer, args=(str(db.path), job, start, out))
                  for _ in range(6)]
         for p in procs:

@@ -332,6 +332,22 @@ def test_rad_job_progress_and_outputs(db: JobDB, home: Path, tmp_path: Path) -> 
     assert "room_a.hdr" in outs and "room_b.hdr" in outs and "room.oct" in outs
 
 
+def test_rtrace_with_stdin_and_stdout(db: JobDB, home: Path, tmp_path: Path) -> None:
+    proj = make_project(tmp_path)
+    rays = "".join(f"0 -1.5 0 {x / 1000:.3f} 1 -0.2\n" for x in range(-1000, 1000))
+    (proj / "rays.txt").write_text(rays)
+    job = submit(db, proj, [step("oconv", ["scene.rad"], stdout="scene.oct"),
+                            step("rtrace", ["-h-", "-ov", "scene.oct"], stdin="rays.txt",
+                                 stdout="values.txt")], home)
+    assert db.mark_starting(job)
+    res = run_procwrap(db.path, job, home)
+    assert res.returncode == 0, db.log_path(job).read_text()
+    assert db.get(job)["progress"] == 100.0
+    assert len((proj / "values.txt").read_text().splitlines()) == 2000
+    assert "== step 2/2: rtrace -h- -ov scene.oct < rays.txt > values.txt ==" in \
+        db.log_path(job).read_text()
+
+
 def test_cli_rejects_bad_input(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "rayserver.procwrap", "--db",
                           str(tmp_path / "nope.sqlite3"), "--job", "1"],
