@@ -106,6 +106,12 @@ class JobDB:
         if check:
             self._quick_check(conn)
         try:
+            if check:
+                # In WAL mode readers pass another process's write lock, so only a
+                # write shows it: take the write lock once (waiting up to the busy
+                # timeout) rather than fail later, half-started, on the first write.
+                with self._write(conn):
+                    pass
             have = conn.execute(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type='index' AND name='jobs_state_id'"
             ).fetchone()[0]
