@@ -480,25 +480,54 @@ def _locked(db: Path) -> sqlite3.Connection:
 @pytest.mark.faults
 def test_database_locked_at_start(rayhome: RayHome, server_factory: Any,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """A DB held with BEGIN EXCLUSIVE by another process: what the server does, and no loss."""
+    """A DB held with BEGIN EXCLUSIVE by another process at start.
+
+    Held past the busy timeout (10 s): ``rayserver -f`` refuses to start with
+    a message naming the file and the lock, exit 78. Held briefly: the
+    server waits for it and then runs the queue. Either way no job is lost.
+    """
     make_project(rayhome)
     ids = _seed_queue(rayhome, 3)
     db = rayhome.path / "srvstate" / "jobs.sqlite3"
+
+    holder = _locked(db)
+    t0 = time.monotonic()
+    try:
+        res = _run_to_exit(rayhome)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    refused_after = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode == 78, out
+    assert f"{db}: the job database is locked by another process and stayed locked" in out, out
+    assert "the server refuses to start rather than lose the queue" in out, out
+    assert "Traceback" not in out and "Restarting" not in out, out
+    assert our_pids(rayhome.path) == []
+    con = sqlite3.connect(db)
+    try:
+        states = [r[0] for r in con.execute("SELECT state FROM jobs ORDER BY id")]
+    finally:
+        con.close()
+    assert states == ["queued"] * 3
+
     holder = _locked(db)
     t0 = time.monotonic()
     try:
         srv = server_factory("-f", wait=None)
-        # Held briefly: the server waits for the lock, then runs the queue.
         time.sleep(2.0)
+        assert info(srv) is None, "served while another process held the database"
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     wait_until(lambda: info(srv), 30, "server answering after the lock went away")
     jobs = [wait_final(srv, i) for i in ids]
     assert [j["state"] for j in jobs] == ["done"] * 3, jobs
-    waited = time.monotonic() - t0
-    report(capsys, f"DB locked for 2 s at start: server waited and ran all {len(ids)} "
-                   f"queued jobs ({waited:.1f} s)")
+    for job_id in ids:
+        assert job_log(srv, job_id).count(f"== job {job_id}:") == 1
+    report(capsys, f"DB locked at start: refused after {refused_after:.1f} s (exit 78, "
+                   f"3 queued jobs kept); locked for 2 s: waited, then ran all 3 "
+                   f"({time.monotonic() - t0:.1f} s)")
 
 
 # ------------------------------------------------------------------ hosts file
