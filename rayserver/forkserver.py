@@ -12,6 +12,13 @@ Protocol over a ``SOCK_SEQPACKET`` socketpair, one JSON object per packet:
                       {"op": "error", "job": <id>, "message": "..."}
                       {"op": "exited", "job": <id>, "pid": <pid>, "status": <raw wait status>}
 
+A second socketpair (``SOCK_DGRAM``) goes straight from every procwrap to
+the worker: right after a procwrap has committed its job's final state it
+sends the job id there, so a waiting client is answered and the cpu slot
+reused without waiting for the procwrap's exit, the fork server's reaping
+and its ``exited`` message (which still follows, and still decides for a
+procwrap that died without recording a result).
+
 On EOF from the worker the fork server exits at once; its procwraps live on
 (they run in sessions of their own; the supervisor, a subreaper, reaps them).
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import os
 import select
@@ -46,21 +54,24 @@ class ForkServerError(Exception):
 
 @dataclass
 class ForkServer:
-    """Handle of a running fork server: its pid and the worker's end of the socketpair."""
+    """Handle of a running fork server: its pid and the worker's ends of the socketpairs."""
 
     pid: int
     sock: socket.socket
+    final_sock: socket.socket | None = None  # procwraps' "final state recorded" datagrams
 
     @classmethod
     def start(cls, layout: Layout, db_path: Path, settings: Settings) -> ForkServer:
         """Fork the fork server. Call before any thread or event loop exists."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        final_r, final_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, covered by the tests' processes
             code = 1
             try:
                 parent_sock.close()
-                code = _serve(child_sock, layout, Path(db_path), settings)
+                final_r.close()
+                code = _serve(child_sock, layout, Path(db_path), settings, final_w)
             except BaseException:  # noqa: BLE001 - a child must never return into the worker
                 with contextlib.suppress(Exception):
                     import traceback
@@ -69,12 +80,16 @@ class ForkServer:
             finally:
                 os._exit(code)
         child_sock.close()
-        return cls(pid, parent_sock)
+        final_w.close()
+        return cls(pid, parent_sock, final_r)
 
     def stop(self, timeout: float = 2.0) -> int | None:
         """Close our end (the server exits on EOF) and reap it; returns its wait status."""
         with contextlib.suppress(OSError):
             self.sock.close()
+        if self.final_sock is not None:
+            with contextlib.suppress(OSError):
+                self.final_sock.close()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -94,7 +109,21 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
     sock.send(json.dumps(msg).encode())
 
 
-def _serve(sock: socket.socket, layout: Layout, db_path: Path, settings: Settings) -> int:
+def _final_reporter(final_sock: socket.socket | None) -> Callable[[int], None] | None:
+    """The procwrap's ``on_final``: one datagram to the worker, never blocking, never raising."""
+    if final_sock is None:
+        return None
+
+    def report(job_id: int) -> None:
+        # A worker that is gone (or too busy to read) still learns it from our exit.
+        with contextlib.suppress(OSError):
+            final_sock.send(b"%d" % job_id, socket.MSG_DONTWAIT)
+
+    return report
+
+
+def _serve(sock: socket.socket, layout: Layout, db_path: Path, settings: Settings,
+           final_sock: socket.socket | None = None) -> int:
     """The fork server's loop (in its own process)."""
     with contextlib.suppress(ImportError):
         import setproctitle
@@ -113,6 +142,12 @@ def _serve(sock: socket.socket, layout: Layout, db_path: Path, settings: Setting
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     children: dict[int, int] = {}  # pid -> job id
     grace = settings.cancel_grace
+    on_final = _final_reporter(final_sock)
+    # Everything alive now is shared with every procwrap: keep the garbage
+    # collector of a child away from it, or its first collection touches
+    # (and copies) every page of the inherited heap.
+    gc.collect()
+    gc.freeze()
 
     while True:
         try:
@@ -179,7 +214,7 @@ def _serve(sock: socket.socket, layout: Layout, db_path: Path, settings: Setting
                     # Final title (with the job's name) is set by run_job; this one
                     # already lets an adopting worker recognise us.
                     setproctitle.setproctitle(f"{layout.procwrap_title} job={job_id}")
-                code = procwrap.run_job(db_path, job_id, grace=grace)
+                code = procwrap.run_job(db_path, job_id, grace=grace, on_final=on_final)
             except BaseException:  # noqa: BLE001
                 with contextlib.suppress(Exception):
                     import traceback
@@ -208,10 +243,15 @@ class ForkServerClient:
         self.handle = handle
         self.on_exit = on_exit
         self.on_lost: Callable[[], None] | None = None
-        self._waiting: collections.deque[asyncio.Future[int]] = collections.deque()
+        # on_final(job_id): a procwrap committed its final state (it exits next).
+        self.on_final: Callable[[int], None] | None = None
+        self._waiting: collections.deque[Callable[[int | None, str | None], None]] = \
+            collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.handle.sock.setblocking(False)
+        if self.handle.final_sock is not None:
+            self.handle.final_sock.setblocking(False)
         with contextlib.suppress(RuntimeError):
             self._attach(asyncio.get_running_loop())
 
@@ -223,6 +263,23 @@ class ForkServerClient:
         if self._loop is None:
             self._loop = loop
             loop.add_reader(self.handle.sock.fileno(), self._readable)
+            if self.handle.final_sock is not None:
+                loop.add_reader(self.handle.final_sock.fileno(), self._final_readable)
+
+    def _final_readable(self) -> None:
+        assert self.handle.final_sock is not None
+        while True:
+            try:
+                raw = self.handle.final_sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                with contextlib.suppress(Exception):
+                    assert self._loop is not None
+                    self._loop.remove_reader(self.handle.final_sock.fileno())
+                return
+            if raw.isdigit() and self.on_final is not None:
+                self.on_final(int(raw))
 
     def _readable(self) -> None:
         while True:
@@ -243,52 +300,70 @@ class ForkServerClient:
             if op == "exited":
                 self.on_exit(int(msg["job"]), int(msg["pid"]), int(msg["status"]))
             elif op in ("started", "error") and self._waiting:
-                fut = self._waiting.popleft()
-                if fut.done():
-                    continue
+                done = self._waiting.popleft()
                 if op == "started":
-                    fut.set_result(int(msg["pid"]))
+                    done(int(msg["pid"]), None)
                 else:
-                    fut.set_exception(ForkServerError(msg.get("message", "launch failed")))
+                    done(None, str(msg.get("message", "launch failed")))
 
     def _lost(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self.handle.sock.fileno())
+        self._detach()
         while self._waiting:
-            fut = self._waiting.popleft()
-            if not fut.done():
-                fut.set_exception(ForkServerError("the fork server exited"))
+            self._waiting.popleft()(None, "the fork server exited")
         if self.on_lost is not None:
             self.on_lost()
 
-    async def launch(self, job_id: int) -> int:
-        """Fork a procwrap for ``job_id``; returns its pid (its own process group)."""
+    def _detach(self) -> None:
+        if self._loop is None:
+            return
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self.handle.sock.fileno())
+        if self.handle.final_sock is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.handle.final_sock.fileno())
+
+    def launch_nowait(self, job_id: int,
+                      done: Callable[[int | None, str | None], None]) -> None:
+        """Ask for a procwrap for ``job_id`` without waiting for the answer.
+
+        ``done(pid, None)`` follows once it is forked, or ``done(None, message)``
+        when the launch failed; both are called in the event loop, in launch
+        order. Raises ForkServerError at once when the fork server is gone.
+        """
         if self._closed:
             raise ForkServerError("the fork server is not running")
-        loop = asyncio.get_running_loop()
-        self._attach(loop)
-        fut: asyncio.Future[int] = loop.create_future()
-        self._waiting.append(fut)
+        self._attach(asyncio.get_running_loop())
+        self._waiting.append(done)
         try:
-            self.handle.sock.send(json.dumps({"op": "launch", "job": int(job_id)}).encode())
+            self.handle.sock.send(b'{"op": "launch", "job": %d}' % int(job_id))
         except OSError as exc:
-            self._waiting.remove(fut)
+            self._waiting.remove(done)
             self._lost()
             raise ForkServerError(f"cannot reach the fork server: {exc}") from exc
+
+    async def launch(self, job_id: int) -> int:
+        """Fork a procwrap for ``job_id``; returns its pid (its own process group)."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def done(pid: int | None, error: str | None) -> None:
+            if fut.done():
+                return
+            if pid is not None:
+                fut.set_result(pid)
+            else:
+                fut.set_exception(ForkServerError(error or "launch failed"))
+
+        self.launch_nowait(job_id, done)
         return await fut
 
     def close(self) -> None:
         """Detach from the loop, close the socket (the server exits) and reap it."""
-        if self._loop is not None and not self._closed:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self.handle.sock.fileno())
+        if not self._closed:
+            self._detach()
         self._closed = True
         while self._waiting:
-            fut = self._waiting.popleft()
-            if not fut.done():
-                fut.set_exception(ForkServerError("the fork server client was closed"))
+            self._waiting.popleft()(None, "the fork server client was closed")
         self.handle.stop()

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ EXIT_INTERRUPTED = 6
 
 PR_SET_CHILD_SUBREAPER = 36
 SAMPLE_INTERVAL = 0.5      # RSS sampling of the step group
+# The first /proc scan and rtrace line count wait this long: a step that ends
+# sooner (a tiny rtrace) costs no scan (~0.7 ms of CPU each on a busy
+# machine); its peak memory still comes from getrusage.
+FIRST_SAMPLE = 0.05
 PROGRESS_INTERVAL = 0.5    # at most ~2 progress writes per second
 RPICT_POKE_INTERVAL = 3.0  # SIGCONT asks rpict for one report (no -t needed)
 RAD_REPORT = "REPORT=0.05"  # minutes: rpict -t 3
@@ -165,6 +170,55 @@ def group_members(pgid: int) -> list[tuple[int, int]]:
     return out
 
 
+def group_gone(pgid: int) -> bool:
+    """True when process group ``pgid`` has no live member (zombies do not count).
+
+    ``killpg(pgid, 0)`` answers the common case (nothing left at all) with
+    one system call; only when something answers is /proc scanned, to tell
+    live members from zombies not yet reaped.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # a member that changed identity: it exists
+    return not group_members(pgid)
+
+
+class _RtraceCount:
+    """Progress of rtrace with stdin and stdout files: output records against input ones.
+
+    Both files are reopened through /proc at the start (own offsets), but
+    read only when the first sample is due, so a tiny job never reads them.
+    """
+
+    def __init__(self, in_fd: int, out_fd: int, header: bool) -> None:
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.counter = prog.LineCounter(header=header)
+        self.in_lines: int | None = None
+
+    def fraction(self) -> float | None:
+        if self.in_lines is None:
+            chunks = []
+            with contextlib.suppress(OSError):
+                while chunk := os.read(self.in_fd, 1 << 20):
+                    chunks.append(chunk)
+            self.in_lines = prog.count_lines(b"".join(chunks))
+        if not self.in_lines:
+            return None
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self.out_fd, 1 << 20):
+                self.counter.feed(chunk)
+        return self.counter.lines / self.in_lines
+
+    def close(self) -> None:
+        for fd in (self.in_fd, self.out_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _fmt_status(code: int | None, sig: int | None) -> str:
     if sig is not None:
         try:
@@ -177,16 +231,15 @@ def _fmt_status(code: int | None, sig: int | None) -> str:
 class _Job:
     """State of one procwrap run (one instance per process)."""
 
-    def __init__(self, db: JobDB, row: dict[str, Any], log_fd: int, grace: float) -> None:
+    def __init__(self, db: JobDB, job_id: int, log_fd: int, grace: float) -> None:
         self.db = db
-        self.row = row
-        self.id = int(row["id"])
+        self.id = job_id
         self.log_fd = log_fd
         self.grace = grace
-        self.steps: list[dict[str, Any]] = row["steps"]
-        self.env = dict(os.environ)
-        self.env.update(row["env"] or {})
-        self.workdir = row["workdir"]
+        self.row: dict[str, Any] = {}
+        self.steps: list[dict[str, Any]] = []
+        self.env: dict[str, str] = {}
+        self.workdir = ""
         self.term_signal: int | None = None
         self.max_rss_kb = 0
         self.outputs: list[str] = []
@@ -197,6 +250,14 @@ class _Job:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
         self._wake_w = wake_w
+
+    def load(self, row: dict[str, Any]) -> None:
+        """Take the job's steps and environment from its (claimed) row."""
+        self.row = row
+        self.steps = row["steps"]
+        self.env = dict(os.environ)
+        self.env.update(row["env"] or {})
+        self.workdir = row["workdir"]
 
     # --- signals ----------------------------------------------------------
 
@@ -249,8 +310,6 @@ class _Job:
         for idx, step in enumerate(self.steps):
             if self.term_signal is not None:
                 break
-            self.db.update_progress(self.id, current_step=idx + 1,
-                                    progress=prog.overall_percent(idx, n, 0.0))
             try:
                 code, sig = self.run_step(idx, step)
             except ConfinementError as exc:
@@ -316,16 +375,17 @@ class _Job:
             if stdin_fd is not None:
                 os.close(stdin_fd)
             raise
-        counter: prog.LineCounter | None = None
-        count_fd: int | None = None
-        in_lines = 0
+        counter: _RtraceCount | None = None
         if program == "rtrace" and stdin_fd is not None and stdout_fd is not None \
                 and not any(a.startswith("-f") and a not in ("-fa", "-faa") for a in args):
+            in_fd: int | None = None
             with contextlib.suppress(OSError):
-                with open(f"/proc/self/fd/{stdin_fd}", "rb") as fh:
-                    in_lines = prog.count_lines(fh.read())
+                in_fd = os.open(f"/proc/self/fd/{stdin_fd}", os.O_RDONLY | os.O_CLOEXEC)
                 count_fd = os.open(f"/proc/self/fd/{stdout_fd}", os.O_RDONLY | os.O_CLOEXEC)
-                counter = prog.LineCounter(header="-h-" not in args and "-h" not in args)
+                counter = _RtraceCount(in_fd, count_fd,
+                                       header="-h-" not in args and "-h" not in args)
+            if counter is None and in_fd is not None:
+                os.close(in_fd)
         out_r, out_w = os.pipe()
         try:
             proc = subprocess.Popen(
@@ -336,22 +396,26 @@ class _Job:
             )
         except OSError as exc:
             self.log(f"rayserver: cannot start {step['path']}: {exc.strerror or exc}\n")
-            for fd in (out_r, out_w, stdin_fd, stdout_fd, count_fd):
+            for fd in (out_r, out_w, stdin_fd, stdout_fd):
                 if fd is not None:
                     os.close(fd)
+            if counter is not None:
+                counter.close()
             return 127, None
         for fd in (out_w, stdin_fd, stdout_fd):
             if fd is not None:
                 os.close(fd)
         pgid = proc.pid
-        self.db.update_progress(self.id, pgid_children=pgid)
+        # One write per step: which step runs, and the group to kill should we die.
+        self.db.update_progress(self.id, current_step=idx + 1, pgid_children=pgid,
+                                progress=prog.overall_percent(idx, n, 0.0))
         try:
             code, sig = self.supervise(proc, pgid, out_r, idx, program, tracker,
-                                       counter, count_fd, in_lines, seen_outputs)
+                                       counter, seen_outputs)
         finally:
             os.close(out_r)
-            if count_fd is not None:
-                os.close(count_fd)
+            if counter is not None:
+                counter.close()
         for rel in seen_outputs:
             if not rel.startswith("/") and ".." not in rel.split("/") \
                     and rel not in self.outputs \
@@ -382,8 +446,8 @@ class _Job:
 
     def supervise(self, proc: subprocess.Popen[bytes], pgid: int, out_r: int, idx: int,
                   program: str, tracker: prog.RadProgress | None,
-                  counter: prog.LineCounter | None, count_fd: int | None,
-                  in_lines: int, seen_outputs: list[str]) -> tuple[int | None, int | None]:
+                  counter: _RtraceCount | None,
+                  seen_outputs: list[str]) -> tuple[int | None, int | None]:
         """Copy output to the log, parse progress, sample memory, handle cancel; reap."""
         n = len(self.steps)
         sel = selectors.DefaultSelector()
@@ -395,7 +459,7 @@ class _Job:
         term_at: float | None = None
         killed = False
         leader_gone_at: float | None = None
-        next_sample = 0.0
+        next_sample = time.monotonic() + FIRST_SAMPLE
         next_poke = time.monotonic() + 1.0
         try:
             while True:
@@ -431,15 +495,13 @@ class _Job:
                     self.log(f"rayserver: still running after {self.grace:g} s; SIGKILL\n")
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pgid, signal.SIGKILL)
-                if now >= next_sample:
+                if now >= next_sample and status is None:
                     next_sample = now + SAMPLE_INTERVAL
                     members = group_members(pgid)
                     self.max_rss_kb = max(self.max_rss_kb, sum(kb for _, kb in members))
-                    if counter is not None and count_fd is not None and in_lines:
-                        with contextlib.suppress(OSError):
-                            while chunk := os.read(count_fd, 1 << 20):
-                                counter.feed(chunk)
-                        self.progress(prog.overall_percent(idx, n, counter.lines / in_lines))
+                    frac = counter.fraction() if counter is not None else None
+                    if frac is not None:
+                        self.progress(prog.overall_percent(idx, n, frac))
                 if program == "rpict" and status is None and now >= next_poke:
                     # SIGCONT makes rpict print one progress report, without -t.
                     next_poke = now + RPICT_POKE_INTERVAL
@@ -449,18 +511,18 @@ class _Job:
                 if status is not None:
                     if leader_gone_at is None:
                         leader_gone_at = now
-                    members = group_members(pgid)
-                    if not members and eof:
+                    gone = group_gone(pgid)
+                    if gone and eof:
                         break
-                    if members and now - leader_gone_at > 1.0 and term_at is None:
+                    if not gone and now - leader_gone_at > 1.0 and term_at is None:
                         # The step's leader is gone but part of its group lives on
                         # (a background process): end it, nothing may outlive a step.
-                        self.log(f"rayserver: ending {len(members)} leftover process(es) of "
-                                 f"step {idx + 1}\n")
+                        self.log(f"rayserver: ending {len(group_members(pgid))} leftover "
+                                 f"process(es) of step {idx + 1}\n")
                         term_at = now
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(pgid, signal.SIGTERM)
-                    if not members and not eof and now - leader_gone_at > 2.0:
+                    if gone and not eof and now - leader_gone_at > 2.0:
                         # Someone outside the group holds the pipe; stop reading.
                         break
         finally:
@@ -500,42 +562,54 @@ class _Job:
 
 
 def run_job(db_path: Path, job_id: int, *, log_dir: Path | None = None, grace: float = 5.0,
-            claim_queued: bool = False) -> int:
-    """Claim job ``job_id``, run its steps, record the result; returns the exit code."""
-    db = JobDB(Path(db_path), check=False)
-    row = db.get(job_id)
-    if row is None:
-        print(f"procwrap: job {job_id} is not in {db_path}", file=sys.stderr)
-        return EXIT_CLAIM_LOST
-    with contextlib.suppress(ImportError):
-        import setproctitle
+            claim_queued: bool = False,
+            on_final: Callable[[int], None] | None = None) -> int:
+    """Claim job ``job_id``, run its steps, record the result; returns the exit code.
 
-        setproctitle.setproctitle(procwrap_title(db_path, job_id, row))
-    set_subreaper()
+    ``on_final(job_id)`` is called once the final state is committed (the
+    fork server uses it to tell the worker at once, before this process
+    has even exited); it must not raise.
+    """
+    db = JobDB(Path(db_path), check=False, prepared=True)
     log_path = (Path(log_dir) / "log") if log_dir else db.log_path(job_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    job = _Job(db, row, log_fd, grace)
+    job = _Job(db, job_id, log_fd, grace)
     # Handlers before the claim: a SIGTERM from here on is recorded, not fatal.
     job.install_signals()
     states = ("queued", "starting") if claim_queued else ("starting",)
-    if not db.claim(job_id, os.getpid(), from_states=states):
-        os.close(log_fd)
-        return EXIT_CLAIM_LOST
-    fresh = db.get(job_id) or row
-    if fresh.get("cancel_request") == "cancel":
-        job.term_signal = signal.SIGTERM
     try:
-        return job.run()
+        row = db.claim_row(job_id, os.getpid(), from_states=states)
+    except BaseException:
+        os.close(log_fd)
+        raise
+    if row is None:
+        os.close(log_fd)
+        if db.get(job_id) is None:
+            print(f"procwrap: job {job_id} is not in {db_path}", file=sys.stderr)
+        return EXIT_CLAIM_LOST
+    try:
+        with contextlib.suppress(ImportError):
+            import setproctitle
+
+            setproctitle.setproctitle(procwrap_title(db_path, job_id, row))
+        set_subreaper()
+        job.load(row)
+        if row.get("cancel_request") == "cancel":
+            job.term_signal = signal.SIGTERM
+        code = job.run()
     except Exception as exc:  # noqa: BLE001 - record any failure instead of dying silently
         with contextlib.suppress(Exception):
             job.log("rayserver: internal error in the procwrap:\n" + traceback.format_exc())
         with contextlib.suppress(Exception):
             db.finish(job_id, "failed", reason=f"internal error in the procwrap: {exc}",
                       from_states=("running",))
-        return EXIT_INTERNAL
+        code = EXIT_INTERNAL
     finally:
         os.close(log_fd)
+    if on_final is not None:
+        on_final(job_id)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,12 @@ Procwraps are started through the fork server (never forked from this
 threaded asyncio process). The fork server reports each exit; a procwrap
 that died without recording a final state gets one here, with a reason
 decoded from its wait status.
+
+Latency: :meth:`Scheduler.notify` dispatches at once, in the caller's
+turn of the event loop (no task switch, no polling), and a launch does not
+wait for the fork server's answer. A procwrap reports its committed final
+state straight to the worker (see rayserver.forkserver), which wakes the
+job's waiters and reuses its cpu slot before the procwrap has even exited.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ class Scheduler:
         self.fork = forkclient
         forkclient.on_exit = self._on_fork_exit
         forkclient.on_lost = self._on_fork_lost
+        forkclient.on_final = self._on_final
         self._running: dict[int, int] = {}   # job id -> procwrap pid (0 while launching)
         self._adopted: dict[int, int] = {}   # the subset we poll: not our fork server's
         self._events: dict[int, asyncio.Event] = {}
@@ -97,6 +104,8 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._fork_lost = False
+        self._dispatching = False
+        self._launch_paused_until = 0.0      # monotonic; after the fork server failed a launch
         self._slurm: Any = None              # rayserver.slurm.SlurmExecutor with executor=slurm
 
     # --- properties ---------------------------------------------------------
@@ -145,9 +154,20 @@ class Scheduler:
         self.notify()
 
     def notify(self) -> None:
-        """A job was queued, or the cpu count changed: look at the queue now."""
-        if self._wake is not None:
-            self._wake.set()
+        """A job was queued, or the cpu count changed, or a slot freed: start what can start.
+
+        Local jobs are dispatched right here (their launch is only sent, not
+        awaited); the dispatch task is woken too, for Slurm and retries.
+        """
+        if self._wake is None:
+            return
+        self._wake.set()
+        try:
+            self._dispatch_local()
+        except ForkServerError as exc:
+            log.error("cannot start jobs: %s", exc)
+        except Exception:  # noqa: BLE001 - a caller (an HTTP handler) must not fail for it
+            log.exception("dispatch failed; the dispatch task retries")
 
     # --- dispatch ---------------------------------------------------------------
 
@@ -169,27 +189,59 @@ class Scheduler:
     async def _dispatch(self) -> None:
         if self._slurm is not None and not self._stopping:
             await self._slurm.dispatch(self.capacity)
-        while not self._stopping and len(self._running) < self.capacity:
-            if self._fork_lost:
+        self._dispatch_local()
+
+    def _dispatch_local(self) -> None:
+        """Start queued local jobs while cpu slots are free (synchronous; no awaits)."""
+        if self._dispatching:
+            return  # re-entered from a callback below: the outer loop goes on
+        self._dispatching = True
+        try:
+            while not self._stopping and len(self._running) < self.capacity:
+                if self._fork_lost or time.monotonic() < self._launch_paused_until:
+                    return
+                row = self.db.next_queued(executor="local")
+                if row is None:
+                    return
+                job_id = row["id"]
+                if not self.db.mark_starting(job_id):
+                    continue  # cancelled or taken meanwhile
+                self._running[job_id] = 0  # hold the slot: the exit may come before the pid
+                try:
+                    self.fork.launch_nowait(job_id, self._launched_callback(job_id))
+                except ForkServerError as exc:
+                    self._running.pop(job_id, None)
+                    self.db.unstart(job_id, reason=f"could not be started: {exc}")
+                    raise
+        finally:
+            self._dispatching = False
+
+    def _launched_callback(self, job_id: int):  # noqa: ANN202 - a closure
+        def launched(pid: int | None, error: str | None) -> None:
+            if pid is not None:
+                if job_id in self._running:  # not yet over (its exit may come first)
+                    self._running[job_id] = pid
+                log.info("job %s started (procwrap pid %s)", job_id, pid)
                 return
-            row = self.db.next_queued(executor="local")
-            if row is None:
-                return
-            job_id = row["id"]
-            if not self.db.mark_starting(job_id):
-                continue  # cancelled or taken meanwhile
-            self._running[job_id] = 0  # hold the slot: the exit may come before the pid
-            try:
-                pid = await self.fork.launch(job_id)
-            except ForkServerError as exc:
-                self._running.pop(job_id, None)
-                self.db.unstart(job_id, reason=f"could not be started: {exc}")
-                raise
-            if job_id in self._running:
-                self._running[job_id] = pid
-            log.info("job %s started (procwrap pid %s)", job_id, pid)
+            self._running.pop(job_id, None)
+            self.db.unstart(job_id, reason=f"could not be started: {error}")
+            log.error("cannot start job %s: %s; retrying in %g s", job_id, error, LAUNCH_RETRY)
+            self._launch_paused_until = time.monotonic() + LAUNCH_RETRY
+            if self._wake is not None:
+                self._wake.set()
+
+        return launched
 
     # --- exits --------------------------------------------------------------------
+
+    def _on_final(self, job_id: int) -> None:
+        """A procwrap committed its job's final state (it is about to exit).
+
+        Its waiters are answered and its slot reused now; the exit report
+        that follows still checks the row (see :meth:`_on_fork_exit`).
+        """
+        if job_id in self._running and job_id not in self._adopted:
+            self._finished(job_id)
 
     def _on_fork_exit(self, job_id: int, pid: int, status: int) -> None:
         """The fork server reaped a procwrap (called in the event loop)."""
