@@ -29,8 +29,10 @@ def wait_text(path, text: str, timeout: float = 10) -> str:
 def test_rotation_by_move_and_by_usr1(server) -> None:
     log = server.home.log_file
     log.rename(log.with_name("testhost.1"))
-    server.request("GET", "/v1/info")  # the worker logs the access: a new file appears
-    wait_text(log, "GET /v1/info")
+    # A refused request is logged by the worker: its handler must write to a new file.
+    status, _ = server.request("GET", "/v1/jobs", token="wrong-token-1234567890")
+    assert status == 401
+    wait_text(log, "refused GET /v1/jobs")
     log.rename(log.with_name("testhost.2"))
     os.kill(server.proc.pid, signal.SIGUSR1)
     text = wait_text(log, "SIGUSR1: log files reopened")

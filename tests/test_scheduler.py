@@ -112,9 +112,9 @@ def test_concurrency_limit_and_priority(layout: Layout, db: JobDB, tmp_path: Pat
     async def go() -> None:
         async with Engine(layout, db, cpus=2) as sched:
             assert sched.capacity == 2
+            # Both slots fill at once; the overlap of the recorded run times below is
+            # the real check (a short job may already have ended by a later look).
             await wait_for(lambda: sched.running_count == 2, what="two running")
-            await asyncio.sleep(0.1)
-            assert sched.running_count == 2
             await wait_all(sched, db, [*jobs, urgent])
 
     asyncio.run(go())
