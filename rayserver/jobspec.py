@@ -350,7 +350,9 @@ def resolve_job(data: dict[str, Any], *, settings: Settings, hosts: HostsConfig,
                       "stdin": step.get("stdin"), "stdout": step.get("stdout")})
 
     libs = [str(p) for p in hosts.library_dirs(loc_root_raw) if p.is_dir()]
-    full_env = radiance.simulation_env(settings, libs)
+    # Only RAYPATH and PATH are kept: start from PATH alone, not a copy of os.environ.
+    full_env = radiance.simulation_env(
+        settings, libs, base={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     env = {"RAYPATH": full_env["RAYPATH"], "PATH": full_env["PATH"]}
     return ResolvedJob(
         name=data.get("name"), priority=int(data.get("priority", 0)), location=location,

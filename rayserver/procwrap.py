@@ -28,6 +28,8 @@ import os
 import resource
 import selectors
 import signal
+import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -561,16 +563,50 @@ class _Job:
                 status = st
 
 
+def run_spare(intake: socket.socket, db_path: Path, title: str, *, grace: float,
+              on_final: Callable[[int], None] | None = None) -> int:
+    """A procwrap started before its job: get ready, wait for the job id, run it.
+
+    Everything that does not depend on the job is done while waiting: the
+    database connection (and its schema), the subreaper flag, the title
+    ``<title> spare`` (no ``job=``: nothing adopts a spare). The fork server
+    sends the job id as one packet on ``intake``; EOF (the fork server is
+    gone) ends the spare with nothing done.
+    """
+    with contextlib.suppress(ImportError):
+        import setproctitle
+
+        setproctitle.setproctitle(f"{title} spare")
+    set_subreaper()
+    db = JobDB(Path(db_path), check=False, prepared=True)
+    with contextlib.suppress(sqlite3.Error):
+        db.get(0)  # opens the connection and reads the schema; no lock is kept
+    raw = intake.recv(64)
+    intake.close()
+    if not raw.isdigit():
+        return 0  # EOF: the fork server (or the worker) went away before a job came
+    job_id = int(raw)
+    with contextlib.suppress(ImportError):
+        import setproctitle
+
+        # Final title (with the job's name) is set by run_job; this one
+        # already lets an adopting worker recognise us.
+        setproctitle.setproctitle(f"{title} job={job_id}")
+    return run_job(db_path, job_id, grace=grace, on_final=on_final, db=db)
+
+
 def run_job(db_path: Path, job_id: int, *, log_dir: Path | None = None, grace: float = 5.0,
-            claim_queued: bool = False,
-            on_final: Callable[[int], None] | None = None) -> int:
+            claim_queued: bool = False, on_final: Callable[[int], None] | None = None,
+            db: JobDB | None = None) -> int:
     """Claim job ``job_id``, run its steps, record the result; returns the exit code.
 
     ``on_final(job_id)`` is called once the final state is committed (the
     fork server uses it to tell the worker at once, before this process
-    has even exited); it must not raise.
+    has even exited); it must not raise. ``db``: an already open JobDB of
+    ``db_path`` (a spare's).
     """
-    db = JobDB(Path(db_path), check=False, prepared=True)
+    if db is None:
+        db = JobDB(Path(db_path), check=False, prepared=True)
     log_path = (Path(log_dir) / "log") if log_dir else db.log_path(job_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
