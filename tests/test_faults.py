@@ -198,7 +198,7 @@ class StraySampler:
         while not self._stop.is_set():
             self.found += stray_radiance(self.home)
             self.samples += 1
-            self._stop.wait(0.03)
+            self._stop.wait(0.1)
 
     def __enter__(self) -> StraySampler:
         self._thread.start()
@@ -247,13 +247,22 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
     worker = first["pid"]
     with StraySampler(rayhome) as sampler:
         for round_ in range(20):
-            # Two jobs per round keep the queue busy all along; the kill lands at a
-            # random moment: in a submit's aftermath, a dispatch, a claim, a finish.
             for _ in range(2):
                 n = len(ids)
-                ids.append(submit(srv, [rpict(72 + 4 * (n % 4), "-ab", "1", "-ad", "256",
-                                              out=f"k{n}.hdr")])["id"])
-            time.sleep(rng.uniform(0.0, 0.35))
+                # 0.25-0.4 s each here (-aa 0: no ambient cache to make it vary).
+                ids.append(submit(srv, [rpict(36 + 4 * (n % 4), "-ab", "1", "-ad", "1024",
+                                              "-aa", "0", out=f"k{n}.hdr")])["id"])
+            # Where the kill lands: right after the submits (dispatch, launch, the
+            # procwrap's claim), while a render runs (adoption), or anywhere.
+            mode = round_ % 3
+            if mode == 0:
+                time.sleep(rng.uniform(0.0, 0.02))
+            elif mode == 1:
+                wait_until(lambda: "rpict" in radiance_pids(rayhome).values(), 10,
+                           "a render running")
+                time.sleep(rng.uniform(0.0, 0.1))
+            else:
+                time.sleep(rng.uniform(0.0, 0.4))
             os.kill(worker, signal.SIGKILL)
             kills += 1
             fresh = wait_until(lambda old=worker: (i := info(srv)) and i["pid"] != old and i, 30,
@@ -270,7 +279,16 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
         assert text.count("== done: exit status 0") == 1 and text.rstrip().endswith("=="), text
         assert text.count("== step 1/1:") == 1, text
         out = rayhome.projects / "room" / job["steps"][0]["stdout"]
-        assert out.stat().st_size > 10_000, out
+        size = job["steps"][0]["args"][job["steps"][0]["args"].index("-x") + 1]
+        res = subprocess.run([str(BIN / "getinfo"), "-d", str(out)], capture_output=True,
+                             text=True, env=radiance.simulation_env(SETTINGS), timeout=30)
+        dims = res.stdout.split()[-4:]  # -Y <height> +X <width>: the view keeps its aspect
+        assert dims[0] == "-Y" and dims[2:] == ["+X", size], (out, res.stdout)
+        # Whole: every pixel of the resolution decodes.
+        px = subprocess.run([str(BIN / "pvalue"), "-h", "-H", "-d", str(out)],
+                            capture_output=True, text=True, check=True,
+                            env=radiance.simulation_env(SETTINGS), timeout=30).stdout
+        assert len(px.splitlines()) == int(dims[1]) * int(size), out
         assert job["outputs"] == [out.name]
     assert sampler.found == [], sampler.found[:10]
     assert srv.output.count("internal error. Restarting.") == 20, srv.output[-3000:]
@@ -278,6 +296,7 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
     assert code == 0, srv.output[-3000:]
     adopted = srv.output.count("INFO adopted job")
     requeued = srv.output.count("were being started by a previous worker")
+    assert adopted >= 1, "no kill hit a running job: the test did not test adoption"
     report(capsys, f"worker SIGKILLs {kills} (running jobs adopted {adopted} times, half-started "
                    f"jobs queued again {requeued} times), jobs {len(jobs)}, lost 0, run twice 0, "
                    f"orphans seen 0 in {sampler.samples} samples, all gone {took:.1f} s after "
