@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rayserver.confwatch import LiveConfig
+from rayserver.credentials import CredentialsError, ensure_token
 from rayserver.hosts import HostsFileError
 from rayserver.logsetup import LogFileError, LogSetup
 from rayserver.paths import Layout
@@ -244,7 +245,15 @@ def _serve(opts: Options, layout: Layout, config: LiveConfig, pidfile: PidFile,
     announce(log, f"render_server: adding channel <render_server  at {id(sock)}>")
 
     if user is not None or group is not None:
-        logs.chown(user.uid if user else -1, group.gid if group else user.gid)  # type: ignore[union-attr]
+        uid = user.uid if user else -1
+        gid = group.gid if group else user.gid  # type: ignore[union-attr]
+        logs.chown(uid, gid)
+        try:
+            if os.geteuid() == 0:  # otherwise the switch itself fails, with the manual's message
+                _hand_over(layout, config, uid, gid)
+        except (CredentialsError, OSError) as exc:
+            announce(log, f"rayserver: cannot start: {exc}", logging.CRITICAL)
+            return 1
         try:
             switch_identity(user, group, name=NAME)
         except IdentityError as exc:
@@ -306,6 +315,26 @@ def _serve(opts: Options, layout: Layout, config: LiveConfig, pidfile: PidFile,
                                   f"{code}); see the log {layout.log_file}")
     log.info("%s %d stopped (exit code %d)", NAME, os.getpid(), code)
     return code
+
+
+def _hand_over(layout: Layout, config: LiveConfig, uid: int, gid: int) -> None:
+    """Before the identity switch: make what the switched server cannot make itself.
+
+    At boot the installation directory usually belongs to root. The state
+    folder is created for the new user, and the default token file is created
+    here (mode 0640) and given to the server's group, whose members (the
+    users) and the switched server then read it.
+    """
+    for folder in (layout.state_dir, layout.jobs_dir):
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            os.chown(folder, uid, gid)
+    if config.settings.token_file is None:
+        token = layout.default_token_file
+        existed = token.exists()
+        ensure_token(layout, config.settings)
+        if not existed:
+            os.chown(token, -1, gid)
 
 
 def _worker_target(layout: Layout) -> Callable[[socket.socket, Callable[[], None]], int]:

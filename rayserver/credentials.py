@@ -129,6 +129,9 @@ def _create_token_file(path: Path) -> bool:
     the link fails if the file exists (exclusive like O_EXCL), and a reader never
     sees a half-written file, even when two servers start at the same moment.
     """
+    if path.exists():
+        # Nothing to create; a server switched away from root may not write the folder.
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _write_new(path, secrets.token_urlsafe(32))
     try:
