@@ -88,6 +88,9 @@ def switch_identity(user: User | None, group: Group | None, *, name: str = "Serv
             raise PermissionError
         os.setresgid(gid, gid, gid)
     except PermissionError:
+        if group is None and user is not None:
+            # Only -u was given: the group is implied, so it is the user we cannot become.
+            raise IdentityError(f'Unable to run as user "{user.name}" ({user.uid}).') from None
         raise IdentityError(f'Unable to run as group "{group_label}" ({gid}).') from None
     if user is not None:
         try:
