@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import resource
 import selectors
@@ -67,18 +68,32 @@ class ConfinementError(Exception):
     """A stdin/stdout path that would leave the project directory (or is no plain file)."""
 
 
+_subreaper_pid = 0  # the process that set the flag (a fork does not inherit it)
+
+
 def set_subreaper() -> bool:
     """Make this process the reaper of its orphaned descendants (Linux)."""
+    global _subreaper_pid
+    if _subreaper_pid == os.getpid():
+        return True
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        ok = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+    if ok:
+        _subreaper_pid = os.getpid()
+    return ok
+
+
+@functools.lru_cache(maxsize=4)
+def _home_of(db_path: Path) -> Path:
+    return Path(db_path).resolve().parent.parent
 
 
 def procwrap_title(db_path: Path, job_id: int, row: dict[str, Any] | None) -> str:
     """``rfcore -O <home>/procwrap.pyo job=<id> <name or program>`` (home = db's grandparent)."""
-    home = Path(db_path).resolve().parent.parent
+    home = _home_of(Path(db_path))
     what = ""
     if row:
         what = row.get("name") or (row["steps"][0]["program"] if row.get("steps") else "")
@@ -578,6 +593,7 @@ def run_spare(intake: socket.socket, db_path: Path, title: str, *, grace: float,
 
         setproctitle.setproctitle(f"{title} spare")
     set_subreaper()
+    _home_of(Path(db_path))
     db = JobDB(Path(db_path), check=False, prepared=True)
     with contextlib.suppress(sqlite3.Error):
         db.get(0)  # opens the connection and reads the schema; no lock is kept
