@@ -47,7 +47,7 @@ grey sphere ball 0 0 4 2 2 0.5 0.5
 """
 # Worker restarts in the kill test come quickly; the default backoff (doubling
 # to 30 s) would make 20 kills take minutes (see rayserver/cli.py).
-FAST_RESTART = {"RAYSERVER_RESTART_BACKOFF": "0.05,0.2"}
+FAST_RESTART = {"RAYSERVER_RESTART_BACKOFF": "0.01,0.05"}
 
 
 # ------------------------------------------------------------------ helpers
@@ -249,8 +249,8 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
         for round_ in range(20):
             for _ in range(2):
                 n = len(ids)
-                # 0.25-0.4 s each here (-aa 0: no ambient cache to make it vary).
-                ids.append(submit(srv, [rpict(36 + 4 * (n % 4), "-ab", "1", "-ad", "1024",
+                # 0.25-0.5 s each here (-aa 0: no ambient cache to make it vary).
+                ids.append(submit(srv, [rpict(36 + 6 * (n % 4), "-ab", "1", "-ad", "1024",
                                               "-aa", "0", out=f"k{n}.hdr")])["id"])
             # Where the kill lands: right after the submits (dispatch, launch, the
             # procwrap's claim), while a render runs (adoption), or anywhere.
@@ -258,9 +258,11 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
             if mode == 0:
                 time.sleep(rng.uniform(0.0, 0.02))
             elif mode == 1:
+                # A new worker is up in ~0.3 s: kill early in the render so that
+                # it often still runs then and gets adopted.
                 wait_until(lambda: "rpict" in radiance_pids(rayhome).values(), 10,
                            "a render running")
-                time.sleep(rng.uniform(0.0, 0.1))
+                time.sleep(rng.uniform(0.0, 0.03))
             else:
                 time.sleep(rng.uniform(0.0, 0.4))
             os.kill(worker, signal.SIGKILL)
