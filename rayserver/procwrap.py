@@ -236,6 +236,39 @@ class _RtraceCount:
                 os.close(fd)
 
 
+# Python ignores these; a Radiance program must get them back (rad's pipelines need SIGPIPE).
+_DEFAULT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ")
+                         if hasattr(signal, name))
+
+
+def spawn(argv: list[str], *, cwd: str, env: dict[str, str], stdin_fd: int | None,
+          stdout_fd: int, stderr_fd: int) -> int:
+    """Start ``argv`` as the leader of a new process group; returns its pid.
+
+    What ``subprocess.Popen(..., process_group=0, close_fds=True)`` does,
+    through ``posix_spawn`` (vfork and exec in C), ~0.2 ms less of Python
+    per step. ``close_fds``: every descriptor above 2 is made close-on-exec
+    first (Python opens its own so; this catches any inherited one).
+    stdin is /dev/null when ``stdin_fd`` is None. This process moves to
+    ``cwd`` (all its own paths are absolute). OSError when it cannot start.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # (the listing's own descriptor is gone)
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+    os.chdir(cwd)
+    actions: list[tuple[Any, ...]] = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
+        else (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
+        (os.POSIX_SPAWN_DUP2, stdout_fd, 1),
+        (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
+    ]
+    return os.posix_spawn(argv[0], argv, env, file_actions=actions, setpgroup=0,
+                          setsigdef=_DEFAULT_SIGNALS)
+
+
 def _fmt_status(code: int | None, sig: int | None) -> str:
     if sig is not None:
         try:
@@ -243,6 +276,12 @@ def _fmt_status(code: int | None, sig: int | None) -> str:
         except ValueError:
             return f"killed by signal {sig}"
     return f"exit status {code}"
+
+
+@functools.lru_cache(maxsize=1)
+def _base_env() -> dict[str, str]:
+    # A copy decodes every variable: done once (in a spare, before its job).
+    return dict(os.environ)
 
 
 class _Job:
@@ -272,7 +311,7 @@ class _Job:
         """Take the job's steps and environment from its (claimed) row."""
         self.row = row
         self.steps = row["steps"]
-        self.env = dict(os.environ)
+        self.env = dict(_base_env())
         self.env.update(row["env"] or {})
         self.workdir = row["workdir"]
 
@@ -405,12 +444,9 @@ class _Job:
                 os.close(in_fd)
         out_r, out_w = os.pipe()
         try:
-            proc = subprocess.Popen(
-                [step["path"], *args], cwd=self.workdir, env=self.env,
-                stdin=stdin_fd if stdin_fd is not None else subprocess.DEVNULL,
-                stdout=stdout_fd if stdout_fd is not None else out_w, stderr=out_w,
-                process_group=0, close_fds=True,
-            )
+            pid = spawn([step["path"], *args], cwd=self.workdir, env=self.env,
+                        stdin_fd=stdin_fd,
+                        stdout_fd=stdout_fd if stdout_fd is not None else out_w, stderr_fd=out_w)
         except OSError as exc:
             self.log(f"rayserver: cannot start {step['path']}: {exc.strerror or exc}\n")
             for fd in (out_r, out_w, stdin_fd, stdout_fd):
@@ -422,13 +458,13 @@ class _Job:
         for fd in (out_w, stdin_fd, stdout_fd):
             if fd is not None:
                 os.close(fd)
-        pgid = proc.pid
+        pgid = pid
         # One write per step: which step runs, and the group to kill should we die.
         self.db.update_progress(self.id, current_step=idx + 1, pgid_children=pgid,
                                 progress=prog.overall_percent(idx, n, 0.0))
         try:
-            code, sig = self.supervise(proc, pgid, out_r, idx, program, tracker,
-                                       counter, seen_outputs)
+            code, sig = self.supervise(pid, out_r, idx, program, tracker, counter,
+                                       seen_outputs)
         finally:
             os.close(out_r)
             if counter is not None:
@@ -461,11 +497,15 @@ class _Job:
         self.log(f"rayserver: rad will run {len(plan)} command(s), {renders} render(s)\n")
         return args, prog.RadProgress(renders=renders) if renders else None
 
-    def supervise(self, proc: subprocess.Popen[bytes], pgid: int, out_r: int, idx: int,
+    def supervise(self, pid: int, out_r: int, idx: int,
                   program: str, tracker: prog.RadProgress | None,
                   counter: _RtraceCount | None,
                   seen_outputs: list[str]) -> tuple[int | None, int | None]:
-        """Copy output to the log, parse progress, sample memory, handle cancel; reap."""
+        """Copy output to the log, parse progress, sample memory, handle cancel; reap.
+
+        ``pid`` leads the step's process group (pgid == pid).
+        """
+        pgid = pid
         n = len(self.steps)
         sel = selectors.DefaultSelector()
         sel.register(out_r, selectors.EVENT_READ)
@@ -499,7 +539,7 @@ class _Job:
                                                tracker, seen_outputs)
                         if frac is not None:
                             self.progress(prog.overall_percent(idx, n, frac))
-                status = self.reap(proc.pid, status)
+                status = self.reap(pid, status)
                 now = time.monotonic()
                 if self.term_signal is not None and term_at is None:
                     term_at = now
@@ -523,7 +563,7 @@ class _Job:
                     # SIGCONT makes rpict print one progress report, without -t.
                     next_poke = now + RPICT_POKE_INTERVAL
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGCONT)
+                        os.kill(pid, signal.SIGCONT)
                 self.flush_progress()
                 if status is not None:
                     if leader_gone_at is None:
@@ -546,7 +586,6 @@ class _Job:
             sel.close()
         if partial:
             self.parse_line(partial.decode("utf-8", "replace"), program, tracker, seen_outputs)
-        proc.returncode = status  # reaped here, not by Popen
         assert status is not None
         if os.WIFSIGNALED(status):
             return None, os.WTERMSIG(status)
@@ -594,9 +633,10 @@ def run_spare(intake: socket.socket, db_path: Path, title: str, *, grace: float,
         setproctitle.setproctitle(f"{title} spare")
     set_subreaper()
     _home_of(Path(db_path))
+    _base_env()
     db = JobDB(Path(db_path), check=False, prepared=True)
     with contextlib.suppress(sqlite3.Error):
-        db.get(0)  # opens the connection and reads the schema; no lock is kept
+        _warm_statements(db)
     raw = intake.recv(64)
     intake.close()
     if not raw.isdigit():
@@ -611,6 +651,21 @@ def run_spare(intake: socket.socket, db_path: Path, title: str, *, grace: float,
     return run_job(db_path, job_id, grace=grace, on_final=on_final, db=db)
 
 
+def _warm_statements(db: JobDB) -> None:
+    """Run each statement a job needs once, on job id 0 (ids start at 1: no row changes).
+
+    Opens the connection, reads the schema and leaves the statements
+    compiled in the connection's cache, so the claim and the writes of the
+    first step cost a real job ~0.5 ms less. The writes change nothing, so
+    they commit without writing to the database.
+    """
+    db.get(0)
+    db.claim_row(0, 0)
+    db.update_progress(0, current_step=1, pgid_children=1, progress=0.0)
+    db.finish(0, "done", exit_status=0, signal=None, reason=None, wall_time=0.0,
+              cpu_time=0.0, max_rss_kb=0, progress=100.0, outputs=[], from_states=("running",))
+
+
 def run_job(db_path: Path, job_id: int, *, log_dir: Path | None = None, grace: float = 5.0,
             claim_queued: bool = False, on_final: Callable[[int], None] | None = None,
             db: JobDB | None = None) -> int:
@@ -621,8 +676,9 @@ def run_job(db_path: Path, job_id: int, *, log_dir: Path | None = None, grace: f
     has even exited); it must not raise. ``db``: an already open JobDB of
     ``db_path`` (a spare's).
     """
+    db_path = Path(db_path).absolute()  # steps run with their project as our cwd
     if db is None:
-        db = JobDB(Path(db_path), check=False, prepared=True)
+        db = JobDB(db_path, check=False, prepared=True)
     log_path = (Path(log_dir) / "log") if log_dir else db.log_path(job_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
