@@ -182,6 +182,7 @@ def _serve(sock: socket.socket, layout: Layout, db_path: Path, grace: float,
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     children: dict[int, int] = {}  # pid -> job id
     on_final = _final_reporter(final_sock)
+    procwrap.preload(db_path)
     # Everything alive now is shared with every procwrap: keep the garbage
     # collector of a child away from it, or its first collection touches
     # (and copies) every page of the inherited heap.

@@ -71,14 +71,18 @@ class ConfinementError(Exception):
 _subreaper_pid = 0  # the process that set the flag (a fork does not inherit it)
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def set_subreaper() -> bool:
     """Make this process the reaper of its orphaned descendants (Linux)."""
     global _subreaper_pid
     if _subreaper_pid == os.getpid():
         return True
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        ok = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        ok = _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
     if ok:
@@ -617,6 +621,15 @@ class _Job:
                 status = st
 
 
+def preload(db_path: Path) -> None:
+    """Work every procwrap would repeat, done once in the fork server before it forks:
+    the libc handle (a dlopen), the installation's real path, the environment copy."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc()
+    _home_of(Path(db_path).absolute())
+    _base_env()
+
+
 def run_spare(intake: socket.socket, db_path: Path, title: str, *, grace: float,
               on_final: Callable[[int], None] | None = None) -> int:
     """A procwrap started before its job: get ready, wait for the job id, run it.
@@ -632,8 +645,6 @@ def run_spare(intake: socket.socket, db_path: Path, title: str, *, grace: float,
 
         setproctitle.setproctitle(f"{title} spare")
     set_subreaper()
-    _home_of(Path(db_path))
-    _base_env()
     db = JobDB(Path(db_path), check=False, prepared=True)
     with contextlib.suppress(sqlite3.Error):
         _warm_statements(db)
