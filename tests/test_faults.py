@@ -23,85 +23,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import HOSTNAME, RayHome, our_pids
+from jobtools import BIN, SETTINGS, get, make_project, rpict, submit, wait_final, wait_until
 
 from rayserver import radiance
-from rayserver.settings import Settings
 
-SETTINGS = Settings()
-BIN = radiance.bin_dir(SETTINGS)
-FINAL = ("done", "failed", "cancelled", "interrupted")
-VIEW = ["-vp", "2", "-1", "2", "-vd", "0", "1", "-0.5", "-vh", "60", "-vv", "45"]
-SCENE = """\
-void light bright 0 0 3 100 100 100
-bright sphere lamp 0 0 4 2 2 2.5 0.3
-void plastic grey 0 0 5 .6 .6 .6 0 0
-grey polygon floor 0 0 12 0 0 0  4 0 0  4 4 0  0 4 0
-grey polygon wall 0 0 12 0 4 0  4 4 0  4 4 3  0 4 3
-grey sphere ball 0 0 4 2 2 0.5 0.5
-"""
 # Worker restarts in the kill test come quickly; the default backoff (doubling
 # to 30 s) would make 20 kills take minutes (see rayserver/cli.py).
 FAST_RESTART = {"RAYSERVER_RESTART_BACKOFF": "0.01,0.05"}
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def make_project(home: RayHome, name: str = "room") -> Path:
-    proj = home.projects / name
-    proj.mkdir()
-    (proj / "scene.rad").write_text(SCENE)
-    with open(proj / "scene.oct", "wb") as out:
-        subprocess.run([str(BIN / "oconv"), "scene.rad"], cwd=proj, stdout=out, check=True,
-                       env=radiance.simulation_env(SETTINGS), timeout=30)
-    return proj
-
-
-def rpict(size: int, *extra: str, out: str = "out.hdr") -> dict[str, Any]:
-    return {"program": "rpict", "args": [*VIEW, "-x", str(size), "-y", str(size), *extra,
-                                         "scene.oct"], "stdin": None, "stdout": out}
-
-
-def submit(srv: Any, steps: list[dict[str, Any]], location: str = "projects",
-           project: str = "room") -> dict[str, Any]:
-    status, body = srv.request("POST", "/v1/jobs", {"location": location, "project": project,
-                                                    "steps": steps})
-    assert status == 201, body
-    assert isinstance(body, dict)
-    return body
-
-
-def get(srv: Any, job_id: int, wait: float | None = None) -> dict[str, Any]:
-    path = f"/v1/jobs/{job_id}" + (f"?wait={wait}" if wait else "")
-    status, body = srv.request("GET", path, timeout=(wait or 0) + 30)
-    assert status == 200, body
-    assert isinstance(body, dict)
-    return body
-
-
-def wait_final(srv: Any, job_id: int, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        job = get(srv, job_id, wait=max(0.1, min(left, 30)))
-        if job["state"] in FINAL or left <= 0:
-            return job
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def info(srv: Any) -> dict[str, Any] | None:

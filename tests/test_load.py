@@ -11,43 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import RayHome
+from jobtools import VIEW, make_project
 
-from rayserver import radiance
-from rayserver.settings import Settings
-
-SETTINGS = Settings()
-BIN = radiance.bin_dir(SETTINGS)
 CLIENTS = 200
 DURATION = 10.0
-SCENE = """\
-void light bright 0 0 3 100 100 100
-bright sphere lamp 0 0 4 2 2 2.5 0.3
-void plastic grey 0 0 5 .6 .6 .6 0 0
-grey polygon floor 0 0 12 0 0 0  4 0 0  4 4 0  0 4 0
-grey polygon wall 0 0 12 0 4 0  4 4 0  4 4 3  0 4 3
-grey sphere ball 0 0 4 2 2 0.5 0.5
-"""
-VIEW = ["-vp", "2", "-1", "2", "-vd", "0", "1", "-0.5", "-vh", "60", "-vv", "45"]
-
-
-def make_project(home: RayHome) -> Path:
-    proj = home.projects / "room"
-    proj.mkdir()
-    (proj / "scene.rad").write_text(SCENE)
-    with open(proj / "scene.oct", "wb") as out:
-        subprocess.run([str(BIN / "oconv"), "scene.rad"], cwd=proj, stdout=out, check=True,
-                       env=radiance.simulation_env(SETTINGS), timeout=30)
-    return proj
-
-
 async def _client(n: int, base: str, token: str, ids: list[int], until: float,
                   latencies: list[float], errors: list[str]) -> int:
     """One polling client with a connection of its own; returns the answers it got."""
