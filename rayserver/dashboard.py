@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from rayserver import radiance
+from rayserver.api import error_response
 from rayserver.client.png import PPMError, ppm_to_png
 
 log = logging.getLogger("rayserver.dashboard")
@@ -75,11 +76,6 @@ class PreviewError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def error_response(status: int, message: str) -> web.Response:
-    """The API's error shape: ``{"error": ..., "status": ...}``."""
-    return web.json_response({"error": message, "status": status}, status=status)
 
 
 # ---------------------------------------------------------------- static files

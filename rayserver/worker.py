@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import signal
 import socket
@@ -31,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rayserver import api, security
+from rayserver import api, dashboard, security
 from rayserver.api import AppContext
 from rayserver.hosts import HostsFileError
 from rayserver.paths import Layout
@@ -91,10 +90,7 @@ async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | No
 
     await asyncio.to_thread(jobspec.schema_validator, "JobRequest")
     app = api.build_app(ctx, security.middlewares(ctx))
-    if importlib.util.find_spec("rayserver.dashboard") is not None:
-        from rayserver import dashboard
-
-        dashboard.setup_dashboard(app, ctx)
+    dashboard.setup_dashboard(app, ctx)
 
     # The scheduler takes over the client's on_exit (and on_lost) callbacks.
     client = ForkServerClient(fork_server, on_exit=lambda *_args: None)
