@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent("""
                         if ignore:
                             signal.signal(signal.SIGTERM, signal.SIG_IGN)
                         # One write: unbuffered print() makes several, and two orphans interleave.
-                        os.write(1, f"orphan {{os.getpid()}} {{ignore}}\n".encode())
+                        os.write(1, f"orphan {{os.getpid()}} {{ignore}}\\n".encode())
                         time.sleep(300)
                         os._exit(0)
                     os._exit(0)
