@@ -248,7 +248,19 @@ class Scheduler:
         self._running.pop(job_id, None)
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == procwrap.EXIT_CLAIM_LOST:
             # Its row was not 'starting' any more (cancelled while queued, or
-            # taken back): nothing ran, nothing to record.
+            # taken back): nothing ran, nothing to record. One case needs care:
+            # the previous worker died between marking the job 'starting' and
+            # its procwrap's claim, and that procwrap claimed the job after we
+            # queued it again. It runs the job (once); we watch it like any
+            # adopted one, so its slot counts and its waiters are answered.
+            row = self.db.get(job_id)
+            other = row["pid"] if row and row["state"] == "running" else None
+            if other and other != pid and procwrap_alive(other, job_id):
+                self._running[job_id] = other
+                self._adopted[job_id] = other
+                log.info("job %s: claimed by procwrap %s of the previous worker; adopted",
+                         job_id, other)
+                return
             log.info("job %s: procwrap %s found nothing to run", job_id, pid)
         else:
             row = self.db.get(job_id)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,3 +295,38 @@ def test_four_jobs_share_one_ambient_file(layout: Layout, db: JobDB, tmp_path: P
     assert magic == ref_magic
     assert len(data) > 0 and len(data) % record == 0
     assert lookamb_count(proj / "shared.amb") == len(data) // record
+
+
+def test_claim_lost_to_a_previous_workers_procwrap_is_adopted(layout: Layout, db: JobDB,
+                                                               tmp_path: Path) -> None:
+    """The previous worker died between 'starting' and its procwrap's claim; that procwrap
+    then claimed the job after the new worker had queued it again. The new worker's own
+    procwrap finds nothing to run; the job must still count and be watched to its end."""
+    proj = make_project(tmp_path)
+    job = submit(db, proj, render_steps(["-x", "16", "-y", "16"]), layout.home)
+    # A stand-in for the old procwrap: a live process whose title names the job.
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                            f"{layout.home}/procwrap.pyo", f"job={job}"])
+    try:
+        async def go() -> None:
+            async with Engine(layout, db, cpus=0) as sched:  # cpus 0: nothing dispatches
+                assert db.mark_starting(job)
+                assert db.claim(job, old.pid)
+                lost = 3 << 8  # exit status EXIT_CLAIM_LOST, as waitpid reports it
+                sched._on_fork_exit(job, old.pid + 100000, lost)
+                assert sched.running_count == 1, "the job's slot still counts"
+                waiter = asyncio.create_task(sched.wait(job, 20))
+                await asyncio.sleep(0.3)
+                assert not waiter.done(), "the job is still running"
+                old.kill()
+                old.wait()
+                await asyncio.wait_for(waiter, 10)
+                assert sched.running_count == 0
+
+        asyncio.run(go())
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+    row = db.get(job)
+    assert row["state"] == "interrupted" and "ended without recording" in row["reason"]
