@@ -363,21 +363,22 @@ def bench_throughput(b: Bench) -> None:
 
 
 def render_args(res: int) -> list[str]:
-    return [*VIEW.split(), "-x", str(res), "-y", str(res), "-ab", "2", "-aa", "0.1",
-            "-ad", "512", "-as", "128", "room.oct"]
+    return [*VIEW.split(), "-x", str(res), "-y", str(res), "-ab", "1", "-aa", "0.15",
+            "-ad", "256", "-as", "64", "room.oct"]
 
 
 def calibrate_render(b: Bench, target: float) -> int:
-    res = 64
-    while True:
+    """A resolution whose render takes about ``target`` seconds here."""
+    res = 128
+    for _ in range(5):
         t0 = time.perf_counter()
         subprocess.run([str(BIN / "rpict"), *render_args(res)], cwd=b.project, env=ENV,
                        stdout=subprocess.DEVNULL, check=True)
         took = time.perf_counter() - t0
-        if took >= target / 4 or res >= 4096:
-            scale = (target / took) ** 0.5
-            return max(64, int(res * scale))
-        res *= 2
+        if 0.8 * target <= took <= 1.25 * target:
+            break
+        res = max(32, min(4096, int(res * (target / took) ** 0.5)))
+    return res
 
 
 def bench_render(b: Bench) -> int:
@@ -406,17 +407,66 @@ def bench_render(b: Bench) -> int:
     return res
 
 
+def server_cpu_seconds(b: Bench) -> float:
+    """CPU seconds used so far by the server's own processes (not the simulations)."""
+    assert b.server is not None
+    total = 0.0
+    for pid in [b.server.pid, *descendants(b.server.pid)]:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"server/start.pyo" not in title:
+            continue  # procwraps and Radiance: the simulation side
+        fields = stat.rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def poll_clients(port: int, token: str | None, job_id: int, clients: int,
+                       interval: float, stop_file: Path) -> dict:
+    """The load generator (run in its own process): clients poll until stop_file appears."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"http://127.0.0.1:{port}/v1/jobs/{job_id}"
+
+    async def poll(session: aiohttp.ClientSession, offset: float) -> None:
+        nonlocal errors
+        await asyncio.sleep(offset)
+        while not stop_file.exists():
+            t0 = time.perf_counter()
+            try:
+                async with session.get(url, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+            except aiohttp.ClientError:
+                errors += 1
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if interval:
+                await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
+
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
+        await asyncio.gather(*(poll(session, interval * i / clients) for i in range(clients)))
+    return {"seconds": time.perf_counter() - t0, "latencies": latencies, "errors": errors}
+
+
 def bench_status_load(b: Bench, res: int) -> None:
     """200 clients poll a job's status while two renders run.
 
-    Two load shapes: each client polling every 0.5 s (what rayfront and the
-    dashboard do, at most once a second each), and a closed loop where every
-    client sends its next request as soon as the last one answered (the
-    server's ceiling; there the load generator itself needs a whole core of
-    the two the renders also want, so the slowdown mostly measures that).
+    The clients run in a separate process at nice 19: in real use they sit
+    on the designers' workstations, not on the render host, so on this
+    2-core machine they must not take cpu time from the renders. Two load
+    shapes: each client polling every 0.5 s (rayfront and the dashboard poll
+    at most once a second each), and a closed loop where every client sends
+    its next request as soon as the last one answered (the server's ceiling).
+    The server's own cpu time during the load is reported beside it.
     """
-    import aiohttp
-
     clients = 200
     render = {"program": "rpict", "args": render_args(res), "stdin": None, "stdout": "load.hdr"}
 
@@ -430,53 +480,31 @@ def bench_status_load(b: Bench, res: int) -> None:
     alone = two_renders()
     job_id = b.submit([RTRACE_STEP])
     b.wait(job_id)
-
-    async def load(interval: float) -> tuple[float, float, list[float], int]:
-        latencies: list[float] = []
-        errors = 0
-        stop = asyncio.Event()
-
-        async def poll(session: aiohttp.ClientSession, offset: float) -> None:
-            nonlocal errors
-            await asyncio.sleep(offset)
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    async with session.get(f"http://127.0.0.1:{b.port}/v1/jobs/{job_id}",
-                                           headers=b.headers()) as resp:
-                        await resp.read()
-                        if resp.status != 200:
-                            errors += 1
-                except aiohttp.ClientError:
-                    errors += 1
-                latencies.append((time.perf_counter() - t0) * 1000)
-                if interval:
-                    await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
-
-        conn = aiohttp.TCPConnector(limit=clients)
-        async with aiohttp.ClientSession(connector=conn) as session:
-            tasks = [asyncio.create_task(poll(session, interval * i / clients))
-                     for i in range(clients)]
-            t0 = time.perf_counter()
-            loaded = await asyncio.to_thread(two_renders)
-            stop.set()
-            await asyncio.gather(*tasks)
-            seconds = time.perf_counter() - t0
-        return loaded, seconds, latencies, errors
-
     for interval, label in ((0.5, "each every 0.5 s"), (0.0, "closed loop")):
-        loaded, seconds, latencies, errors = asyncio.run(load(interval))
+        stop = b.tmp / f"stop-{interval}"
+        out = b.tmp / f"poll-{interval}.json"
+        poller = subprocess.Popen(
+            [sys.executable, __file__, "--poller", json.dumps(
+                [b.port, b.token, job_id, clients, interval, str(stop), str(out)])],
+            preexec_fn=lambda: os.nice(19))
+        time.sleep(1.0)  # all clients connected and polling
+        cpu0 = server_cpu_seconds(b)
+        loaded = two_renders()
+        server_cpu = server_cpu_seconds(b) - cpu0
+        stop.touch()
+        poller.wait(60)
+        result = json.loads(out.read_text())
+        latencies = result["latencies"]
         slowdown = (loaded / alone - 1) * 100
         b.row(f"5. {clients} clients polling status, {label}: requests/s",
-              f"{len(latencies) / seconds:.0f}", "", f"{errors} errors")
+              f"{len(latencies) / result['seconds']:.0f}", "", f"{result['errors']} errors")
         b.row(f"5. status latency p50 / p99, {label} (ms)",
               f"{pct(latencies, .5):.1f} / {pct(latencies, .99):.1f}", "", "")
-        if interval:
-            b.row(f"5. two renders slowed by the polling, {label}", f"{slowdown:+.1f} %",
-                  "< 5 %", "met" if slowdown < 5 else "NOT met")
-        else:
-            b.row(f"5. two renders slowed by the polling, {label}", f"{slowdown:+.1f} %",
-                  "", "load generator shares the 2 cores")
+        b.row(f"5. server cpu while polled, {label} (% of one core)",
+              f"{server_cpu / loaded * 100:.0f} %", "", "")
+        b.row(f"5. two renders slowed by the polling, {label}", f"{slowdown:+.1f} %",
+              "< 5 %" if interval else "", ("met" if slowdown < 5 else "NOT met")
+              if interval else "")
 
 
 def bench_client(b: Bench) -> None:
@@ -575,7 +603,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--out", type=Path, help="write the Markdown report here")
     parser.add_argument("--skip-ssh", action="store_true")
+    parser.add_argument("--poller", help=argparse.SUPPRESS)  # internal: the load generator
     args = parser.parse_args()
+    if args.poller:
+        port, token, job_id, clients, interval, stop, out = json.loads(args.poller)
+        result = asyncio.run(poll_clients(port, token, job_id, clients, interval, Path(stop)))
+        Path(out).write_text(json.dumps(result))
+        return 0
     b = Bench(args.quick)
     started = time.perf_counter()
     try:
