@@ -58,6 +58,7 @@ class Settings:
     client_timeout: float = 60.0
     cancel_grace: float = 5.0
     log_level: str = "INFO"
+    server_nice: int = 5
     executor: str = "local"
     slurm_partition: str = ""
     slurm_options: tuple[str, ...] = ()
@@ -78,7 +79,8 @@ class Settings:
         return bool(self.tls_cert and self.tls_key)
 
 
-_INT_KEYS = {"port", "max_body_bytes", "max_steps", "max_args", "max_arg_length"}
+_INT_KEYS = {"port", "max_body_bytes", "max_steps", "max_args", "max_arg_length",
+             "server_nice"}
 _FLOAT_KEYS = {"client_timeout", "cancel_grace", "slurm_poll_interval"}
 _STR_KEYS = {
     "bind", "tls_cert", "tls_key", "tls_ca", "radiance_bin", "log_level",
@@ -130,7 +132,9 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
             raise SettingsError(path, f"{key} must be a whole number, got {value!r}")
         if key == "port" and not 0 <= value <= 65535:
             raise SettingsError(path, f"port must be between 0 and 65535, got {value}")
-        if key != "port" and value < 1:
+        if key == "server_nice" and not 0 <= value <= 19:
+            raise SettingsError(path, f"server_nice must be between 0 and 19, got {value}")
+        if key not in ("port", "server_nice") and value < 1:
             raise SettingsError(path, f"{key} must be at least 1, got {value}")
         return value
     if key in _FLOAT_KEYS:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -65,6 +66,11 @@ def run_worker(sock: socket.socket, layout: Layout,
     # Before any thread or event loop: the fork server must be forked from a
     # single-threaded process (see docs/internals.md, "Process tree").
     fork_server = ForkServer.start(layout, layout.db_path, live.settings)
+    # The simulations are what the render host is for: the worker (and every
+    # thread it starts later, which inherit it) yields the cpu to them. The
+    # fork server was started first, so procwraps and Radiance keep their nice.
+    if live.settings.server_nice:
+        os.nice(live.settings.server_nice)
     return asyncio.run(_serve(sock, layout, live, token, fork_server, notify_ready))
 
 

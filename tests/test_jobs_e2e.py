@@ -362,3 +362,20 @@ def test_measure_latency_and_tiny_job_overhead(server: Any, rayhome: RayHome,
         print(f"ratio server/direct (medians of 10): {ratio:.1f}")
     assert statistics.median(start_latency) < 1.0
     assert statistics.median(through) < 2.0
+
+
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_worker_yields_the_cpu_to_simulations(server: Any) -> None:
+    """server_nice (default 5) applies to the worker only, not to procwraps and Radiance."""
+    make_project(server.home)
+    status, info = server.request("GET", "/v1/info")
+    assert status == 200
+    assert _nice(info["pid"]) == os.nice(0) + 5
+    job = submit(server, [rpict(200, "-ab", "2")])
+    running = wait_until(lambda: (j := get(server, job["id"]))["state"] == "running"
+                         and j.get("pid") and j, 20, "job running")
+    assert _nice(running["pid"]) == os.nice(0)
+    server.request("DELETE", f"/v1/jobs/{job['id']}")
