@@ -39,6 +39,27 @@ from rayserver.settings import SettingsError
 
 log = logging.getLogger("rayserver.worker")
 
+
+class MalformedRequestFilter(logging.Filter):
+    """One line, not a traceback, for requests aiohttp could not even parse.
+
+    aiohttp answers them with 400 itself but logs the parser's exception with
+    its full traceback at ERROR: any client could fill the log that way.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            original = record.getMessage()
+            record.msg = "%s: malformed HTTP request refused (%s)"
+            record.args = (original, (str(exc).splitlines() or [""])[0][:200])
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
 # sysexits: a worker that fails while booting exits with its own code and the
 # supervisor stops instead of respawning it in a loop.
 EX_SOFTWARE = 70
@@ -66,6 +87,7 @@ def run_worker(sock: socket.socket, layout: Layout,
     # Before any thread or event loop: the fork server must be forked from a
     # single-threaded process (see docs/internals.md, "Process tree").
     fork_server = ForkServer.start(layout, layout.db_path, live.settings)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
     # The simulations are what the render host is for: the worker (and every
     # thread it starts later, which inherit it) yields the cpu to them. The
     # fork server was started first, so procwraps and Radiance keep their nice.

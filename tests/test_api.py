@@ -271,3 +271,24 @@ def test_json_that_is_not_an_object(server: Any, rayhome: RayHome, body: bytes) 
     status, _, answer = raw(rayhome, "POST", "/v1/jobs", body,
                             {"Content-Type": "application/json"})
     error_of(status, json.loads(answer), 422, "must be a JSON object")
+
+
+def test_malformed_request_is_one_log_line_not_a_traceback(server) -> None:
+    """A header with a NUL byte: aiohttp answers 400; our log gets one line, no traceback."""
+    import socket as _socket
+
+    with _socket.create_connection(("127.0.0.1", server.home.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n")
+        answer = sock.recv(4096)
+    assert answer.split(b" ", 2)[1] == b"400", answer
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline:
+        text = server.home.log_file.read_text()
+        if "malformed HTTP request refused" in text:
+            break
+        time.sleep(0.05)
+    assert "malformed HTTP request refused" in text, text
+    assert "Traceback" not in text
+    status, _ = server.request("GET", "/v1/info")
+    assert status == 200
