@@ -457,6 +457,13 @@ async def poll_clients(port: int, token: str | None, job_id: int, clients: int,
     return {"seconds": time.perf_counter() - t0, "latencies": latencies, "errors": errors}
 
 
+def idle_priority() -> None:
+    """The load generator only gets cpu time nobody else wants (it stands for other hosts)."""
+    os.nice(19)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def bench_status_load(b: Bench, res: int) -> None:
     """200 clients poll a job's status while two renders run.
 
@@ -478,34 +485,45 @@ def bench_status_load(b: Bench, res: int) -> None:
             b.wait(job_id)
         return time.perf_counter() - t0
 
-    alone = two_renders()
     job_id = b.submit([RTRACE_STEP])
     b.wait(job_id)
-    for interval, label in ((0.5, "each every 0.5 s"), (0.0, "closed loop")):
-        stop = b.tmp / f"stop-{interval}"
-        out = b.tmp / f"poll-{interval}.json"
-        poller = subprocess.Popen(
-            [sys.executable, __file__, "--poller", json.dumps(
-                [b.port, b.token, job_id, clients, interval, str(stop), str(out)])],
-            preexec_fn=lambda: os.nice(19))
-        time.sleep(1.0)  # all clients connected and polling
-        cpu0 = server_cpu_seconds(b)
-        loaded = two_renders()
-        server_cpu = server_cpu_seconds(b) - cpu0
-        stop.touch()
-        poller.wait(60)
-        result = json.loads(out.read_text())
-        latencies = result["latencies"]
-        slowdown = (loaded / alone - 1) * 100
+    # Repetitions alternate "alone" and "loaded", so drift on this shared machine
+    # hits both alike; the slowdown is the ratio of the medians.
+    reps = 1 if b.quick else 3
+    for interval, label, n in ((0.5, "each every 0.5 s", reps), (0.0, "closed loop", 1)):
+        alone_times: list[float] = []
+        loaded_times: list[float] = []
+        latencies: list[float] = []
+        errors = 0
+        seconds = server_cpu = 0.0
+        for rep in range(n):
+            alone_times.append(two_renders())
+            stop = b.tmp / f"stop-{interval}-{rep}"
+            out = b.tmp / f"poll-{interval}-{rep}.json"
+            poller = subprocess.Popen(
+                [sys.executable, __file__, "--poller", json.dumps(
+                    [b.port, b.token, job_id, clients, interval, str(stop), str(out)])],
+                preexec_fn=idle_priority)
+            time.sleep(1.0)  # all clients connected and polling
+            cpu0 = server_cpu_seconds(b)
+            loaded_times.append(two_renders())
+            server_cpu += server_cpu_seconds(b) - cpu0
+            stop.touch()
+            poller.wait(60)
+            result = json.loads(out.read_text())
+            latencies += result["latencies"]
+            errors += result["errors"]
+            seconds += result["seconds"]
+        slowdown = (med(loaded_times) / med(alone_times) - 1) * 100
         b.row(f"5. {clients} clients polling status, {label}: requests/s",
-              f"{len(latencies) / result['seconds']:.0f}", "", f"{result['errors']} errors")
+              f"{len(latencies) / seconds:.0f}", "", f"{errors} errors")
         b.row(f"5. status latency p50 / p99, {label} (ms)",
               f"{pct(latencies, .5):.1f} / {pct(latencies, .99):.1f}", "", "")
         b.row(f"5. server cpu while polled, {label} (% of one core)",
-              f"{server_cpu / loaded * 100:.0f} %", "", "")
-        b.row(f"5. two renders slowed by the polling, {label}", f"{slowdown:+.1f} %",
-              "< 5 %" if interval else "", ("met" if slowdown < 5 else "NOT met")
-              if interval else "")
+              f"{server_cpu / sum(loaded_times) * 100:.0f} %", "", "")
+        b.row(f"5. two renders slowed by the polling, {label} (median of {n})",
+              f"{slowdown:+.1f} %", "< 5 %" if interval else "",
+              ("met" if slowdown < 5 else "NOT met") if interval else "")
 
 
 def bench_client(b: Bench) -> None:
