@@ -336,9 +336,12 @@ def _slurm_home(rayhome, cpus: int = 2) -> Path:  # noqa: ANN001
 
 
 def _render_job(rpict_args: list[str], out: str = "out.hdr") -> dict:
+    # The octree is named after the picture: jobs running side by side in one
+    # project must not rewrite each other's octree while the other renders it.
+    octree = out.rsplit(".", 1)[0] + ".oct"
     return {"location": "projects", "project": "room", "steps": [
-        {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "scene.oct"},
-        {"program": "rpict", "args": [*rpict_args, "scene.oct"], "stdin": None, "stdout": out},
+        {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": octree},
+        {"program": "rpict", "args": [*rpict_args, octree], "stdin": None, "stdout": out},
     ]}
 
 
@@ -407,14 +410,15 @@ def _rpict_pids_in(folder: Path) -> list[int]:
     return found
 
 
-def _direct_render(room: Path, rpict_args: list[str], out: str) -> None:
+def _direct_render(room: Path, rpict_args: list[str], out: str,
+                   octree: str = "out.oct") -> None:
     from rayserver.radiance import bin_dir, simulation_env
 
     settings = Settings()
     env = simulation_env(settings)
     rpict = bin_dir(settings) / "rpict"
     with open(room / out, "wb") as fh:
-        subprocess.run([str(rpict), *rpict_args, "scene.oct"], cwd=room, env=env, stdout=fh,
+        subprocess.run([str(rpict), *rpict_args, octree], cwd=room, env=env, stdout=fh,
                        check=True, timeout=60)
 
 
