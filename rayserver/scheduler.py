@@ -37,6 +37,7 @@ from rayserver import procwrap
 from rayserver.forkserver import ForkServerClient, ForkServerError
 from rayserver.jobdb import FINAL_STATES, JobDB
 from rayserver.paths import Layout
+from supervisor.util import describe_status
 
 log = logging.getLogger("rayserver.scheduler")
 
@@ -64,20 +65,6 @@ def procwrap_alive(pid: int | None, job_id: int) -> bool:
     words = raw.replace(b"\0", b" ").decode("utf-8", "replace").split()
     return f"job={job_id}" in words and any(
         w.endswith("/procwrap.pyo") or w == "rayserver.procwrap" for w in words)
-
-
-def describe_status(status: int) -> str:
-    """A person's reading of a raw wait status."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = "unknown"
-        return f"killed by signal {sig} ({name})"
-    if os.WIFEXITED(status):
-        return f"exited with status {os.WEXITSTATUS(status)}"
-    return f"ended with wait status {status}"
 
 
 class Scheduler:
@@ -265,7 +252,7 @@ class Scheduler:
         else:
             row = self.db.get(job_id)
             if row and row["state"] not in FINAL_STATES and row["pid"] in (pid, None):
-                self._record_dead(row, f"its procwrap (pid {pid}) {describe_status(status)} "
+                self._record_dead(row, f"its procwrap (pid {pid}) ended ({describe_status(status)}) "
                                        "before it recorded a result")
         self._finished(job_id)
 
