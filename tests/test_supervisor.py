@@ -151,7 +151,10 @@ def test_orphans_are_reaped_and_stopped_even_when_they_ignore_sigterm(tmp_path: 
     proc = run_toy(tmp_path, "orphans")
     lines: list[str] = []
     wait_line(proc, "READY", lines)
-    found = [wait_line(proc, "orphan", lines).split()[1:] for _ in range(2)]
+    # The orphans may announce themselves before or after READY.
+    while sum(line.startswith("orphan ") for line in lines) < 2:
+        wait_line(proc, "orphan", lines)
+    found = [line.split()[1:] for line in lines if line.startswith("orphan ")]
     orphans = [int(pid) for pid, ignore in sorted(found, key=lambda f: f[1])]
     time.sleep(0.2)
     for pid in orphans:  # reparented to the supervisor (PR_SET_CHILD_SUBREAPER)
