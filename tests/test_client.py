@@ -155,7 +155,7 @@ def test_token_new_writes_private_random_token(rayhome) -> None:
     first = rayfront(rayhome, "token", "new")
     assert first.returncode == 0, first.stderr
     token_file = rayhome.path / "config" / "token"
-    assert str(token_file) in first.stdout and "kill -HUP" in first.stdout
+    assert str(token_file) in first.stdout and "next request" in first.stdout
     assert token_file.stat().st_mode & 0o777 == 0o640
     old = token_file.read_text().strip()
     second = rayfront(rayhome, "token", "new", "--json")

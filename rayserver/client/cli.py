@@ -384,8 +384,9 @@ def cmd_token(ctx: Context, opts: argparse.Namespace) -> int:
         new_token(path)
     except CredentialsError as exc:
         raise ClientError(str(exc)) from exc
-    hint = (f"a running rayserver re-reads it when its configuration is reloaded: "
-            f"kill -HUP $(cat {ctx.layout.pid_file}); clients read it at their next command")
+    hint = ("a running rayserver uses the new token from its next request on (no reload "
+            "needed); clients sharing this installation read it at their next command, "
+            "others need the new token copied to them (or in RAYFRONT_TOKEN)")
     if opts.json:
         _print_json({"token_file": str(path), "mode": "0640", "hint": hint})
     else:
