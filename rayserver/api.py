@@ -199,7 +199,7 @@ async def submit(request: web.Request) -> web.Response:
     # Path checks touch the (possibly network) file system: keep them off the loop.
     job = await asyncio.to_thread(
         jobspec.resolve_job, data, settings=settings, hosts=live.hosts,
-        record=lambda: live.record, reload=live.reload, client=client)
+        record=lambda: live.record, reload=live.reload_if_changed, client=client)
     queued = ctx.db.queued_count()
     if queued >= MAX_QUEUED:
         raise ApiError(503, f"the queue is full ({queued} jobs waiting); try again later")

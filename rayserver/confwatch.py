@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,35 @@ class LiveConfig:
         self._observer = None  # watchdog Observer while watching
         self._timer: threading.Timer | None = None
         self._listeners: list[Callable[[ConfigSnapshot], None]] = []
+        self._seen = self._signature()
+        self._tried_at = time.monotonic()
+
+    def _signature(self) -> tuple:
+        """What the config files look like on disk now (None for a missing file)."""
+        paths = [self.layout.settings_file, self.layout.hosts_file,
+                 *(Path(f) for f in self._current.hosts.files)]
+        sig = []
+        for path in paths:
+            try:
+                st = path.stat()
+                sig.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                sig.append((str(path), None))
+        return tuple(sig)
+
+    def reload_if_changed(self, min_interval: float = 1.0) -> bool:
+        """:meth:`reload`, unless it was tried under ``min_interval`` s ago and no file changed.
+
+        A client naming an unknown location triggers this, so a flood of bad
+        requests re-parses (and re-logs) the configuration at most once a
+        second. After that second it re-reads even when stat() shows no change:
+        on NFS stat() may answer from the attribute cache, while opening the
+        file revalidates it.
+        """
+        recent = time.monotonic() - self._tried_at < min_interval
+        if recent and self._signature() == self._seen:
+            return False
+        return self.reload()
 
     @property
     def current(self) -> ConfigSnapshot:
@@ -98,6 +128,8 @@ class LiveConfig:
     def reload(self) -> bool:
         """Re-read both files; True if the new configuration is in force."""
         with self._lock:
+            self._seen = self._signature()
+            self._tried_at = time.monotonic()
             try:
                 fresh = load_config(self.layout, self._current.generation + 1)
             except (HostsFileError, SettingsError) as exc:
@@ -105,6 +137,7 @@ class LiveConfig:
                 return False
             old = self._current
             self._current = fresh
+            self._seen = self._signature()  # the include list may have changed
         if fresh.settings.bind != old.settings.bind or fresh.settings.port != old.settings.port:
             log.warning("bind/port changed in %s; this takes effect at the next server start",
                         self.layout.settings_file)

@@ -74,3 +74,18 @@ def test_watching_reloads_after_an_edit(rayhome: RayHome) -> None:
         assert live.settings.port == 1 and live.generation == gen + 1
     finally:
         live.stop_watching()
+
+
+def test_reload_if_changed_rereads_only_for_a_change_or_after_a_second(
+        rayhome: RayHome) -> None:
+    """Unknown-location requests call this: a flood must not re-parse the files each time."""
+    live = LiveConfig(Layout(rayhome.path, rayhome.host))
+    assert live.reload_if_changed() is False, "nothing changed a moment after loading"
+    assert live.generation == 0
+    hosts = rayhome.path / "config" / "hosts"
+    hosts.write_text(hosts.read_text() + 'extra 1 p="/x"\n')
+    assert live.reload_if_changed() is True, "an edit is read at once"
+    assert live.generation == 1 and "extra" in live.hosts.records
+    assert live.reload_if_changed() is False
+    assert live.reload_if_changed(min_interval=0.0) is True, "after the interval: re-read"
+    assert live.generation == 2
