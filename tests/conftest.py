@@ -153,7 +153,13 @@ def http_request(home: RayHome, method: str, path: str, body: object | None = No
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    conn = http.client.HTTPConnection("127.0.0.1", home.port, timeout=timeout)
+    return exchange(http.client.HTTPConnection("127.0.0.1", home.port, timeout=timeout),
+                    method, path, data, headers)
+
+
+def exchange(conn: http.client.HTTPConnection, method: str, path: str, data: bytes | None,
+             headers: dict[str, str]) -> tuple[int, dict | str]:
+    """Send one request on ``conn`` and close it; JSON answers are decoded."""
     try:
         conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()

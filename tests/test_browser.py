@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_dashboard import SCENE
 
 from rayserver import radiance
 from rayserver.settings import Settings
@@ -34,14 +35,6 @@ pytestmark = [
                               "(apt-get install -y --no-install-recommends chromium)"),
 ]
 
-SCENE = """\
-void light bright 0 0 3 100 100 100
-bright sphere lamp 0 0 4 0 0 3 0.5
-void plastic red 0 0 5 .7 .1 .1 0 0
-red sphere ball 0 0 4 0 0 0 1
-void plastic grey 0 0 5 .5 .5 .5 0 0
-grey polygon floor 0 0 12 -5 -5 -1 5 -5 -1 5 5 -1 -5 5 -1
-"""
 # Two ambient bounces at 320 x 240 take a few seconds: long enough to watch progress.
 RENDER = ["-t", "1", "-vp", "0", "-6", "1", "-vd", "0", "1", "-0.2", "-vh", "50", "-vv", "40",
           "-ab", "2", "-aa", "0", "-ad", "256"]

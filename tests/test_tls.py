@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import trustme
+from conftest import exchange
 from cryptography.hazmat.primitives import serialization
 from test_security import TOKEN, app_server, connect_from, read_all
 
@@ -201,16 +202,8 @@ def https(port: int, ctx: ssl.SSLContext, method: str, path: str, body: object =
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60)
-    try:
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        if resp.getheader("Content-Type", "").startswith("application/json"):
-            return resp.status, json.loads(raw)
-        return resp.status, raw.decode("utf-8", "replace")
-    finally:
-        conn.close()
+    return exchange(http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60),
+                    method, path, data, headers)
 
 
 def test_job_flow_over_tls(ca: trustme.CA, rayhome: Any, server_factory: Any,
