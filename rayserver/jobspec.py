@@ -13,7 +13,10 @@ HTTP status and a message naming the field and what was expected:
    (422), run without a shell;
 5. every path the job names (stdin, stdout, the rif, and every argument that
    names an existing file or looks like a path) must stay inside the project
-   directory after resolving symlinks (403).
+   directory after resolving symlinks (403); no argument may start with
+   ``!`` (Radiance runs such a "file" as a shell command), and rad's
+   arguments, which rad pastes into sh command lines, may carry no shell
+   syntax and are checked word by word (403).
 
 The result, :class:`ResolvedJob`, is what ``JobDB.submit`` stores.
 """
@@ -284,10 +287,24 @@ def _path_candidates(arg: str) -> list[str]:
 
 
 _DOTDOT = re.compile(r"(^|/)\.\.(/|$)")
+# rad runs its commands through sh, with its options and VAR=value overrides
+# pasted in: these would let an argument run any command or redirect anywhere.
+_SHELL_SYNTAX = re.compile(r"[;&|$`<>()\n\r\\]")
 
 
-def _check_arg(arg: str, base: Path, root: Path, what: str) -> None:
-    for cand in _path_candidates(arg):
+def _check_arg(arg: str, base: Path, root: Path, what: str, *, shell: bool = False) -> None:
+    if shell and (bad := _SHELL_SYNTAX.search(arg)):
+        raise JobSpecError(
+            403, f"{what}: {bad.group()!r} in {arg!r} refused; rad passes its arguments to a "
+            "shell, so shell syntax (; & | $ ` < > ( ) \\ line breaks) is not accepted", what)
+    # sh splits "render=-af /x" into words for rad: each word may name a file.
+    words = [arg, *arg.split()[1:]] if shell else [arg]
+    for cand in (c for word in words for c in _path_candidates(word)):
+        if cand.startswith("!"):
+            # pcomb, oconv and others open a "file" named !cmd by running cmd in a shell.
+            raise JobSpecError(
+                403, f"{what}: {arg!r} refused; Radiance runs a name starting with '!' as a "
+                "shell command; name a file in the project directory instead", what)
         if cand.startswith("/"):
             raise JobSpecError(
                 403, f"{what}: absolute path {arg!r} refused; name files relative to the "
@@ -342,7 +359,7 @@ def resolve_job(data: dict[str, Any], *, settings: Settings, hosts: HostsConfig,
             what = f"{where}.args[{j}]" if "steps" in data else f"rad.options[{j}]"
             if "steps" not in data and j == len(args) - 1:
                 what = "rad.rif"
-            _check_arg(arg, workdir, project_dir, what)
+            _check_arg(arg, workdir, project_dir, what, shell=program == "rad")
         for key in ("stdin", "stdout"):
             if step.get(key) is not None:
                 _confine(step[key], workdir, project_dir, f"{where}.{key}")

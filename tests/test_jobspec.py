@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +225,57 @@ def test_rad_rif_checked(tree: dict[str, Any], rif: str, status: int) -> None:
     del data["steps"]
     err = refused(tree, data)
     assert err.status == status and err.field == "rad.rif", err.message
+
+
+# pcomb and oconv (among others) run an input "file" named "!cmd" as a shell
+# command: checked for real in test_bang_argument_really_runs_a_shell.
+@pytest.mark.parametrize("step, field", [
+    ({"program": "oconv", "args": ["!touch pwned"]}, "steps[0].args[0]"),
+    ({"program": "pcomb", "args": ["-e", "ro=1", "!sh -c id"]}, "steps[0].args[2]"),
+    ({"program": "rcontrib", "args": ["-o", "!cat >x"]}, "steps[0].args[1]"),
+    ({"program": "rad", "args": ["sub/scene.rif", "OCTREE=!x"]}, "steps[0].args[1]"),
+])
+def test_bang_commands_are_refused(tree: dict[str, Any], step: dict[str, Any],
+                                   field: str) -> None:
+    err = refused(tree, job(steps=[step]))
+    assert err.status == 403 and err.field == field, err.message
+    assert "'!'" in err.message and "shell command" in err.message
+
+
+def test_bang_argument_really_runs_a_shell(tmp_path: Path) -> None:
+    # Why the rule above exists: Radiance's own behaviour, not a guess.
+    marker = tmp_path / "ran"
+    env = radiance.simulation_env(SETTINGS, [])
+    subprocess.run([str(radiance.bin_dir(SETTINGS) / "oconv"), f"!touch {marker}"],
+                   env=env, capture_output=True, timeout=30, check=False)
+    assert marker.exists()
+
+
+# rad pastes its options and VAR=value overrides into sh command lines.
+@pytest.mark.parametrize("args, field, words", [
+    (["scene.rif", "render=-ab 0;touch /tmp/x"], "steps[0].args[1]", "';'"),
+    (["scene.rif", "render=-ab $(id)"], "steps[0].args[1]", "'$'"),
+    (["scene.rif", "view=x > ../y"], "steps[0].args[1]", "'>'"),
+    (["scene.rif", "render=-af /tmp/x.amb"], "steps[0].args[1]", "absolute path"),
+    (["scene.rif", "render=-ab 1 -af sub/../../x"], "steps[0].args[1]", "'..'"),
+    (["scene.rif", "render=-ab 1 -af outdir/x"], "steps[0].args[1]", "leads outside"),
+])
+def test_rad_arguments_cannot_carry_shell_syntax_or_hidden_paths(
+        tree: dict[str, Any], args: list[str], field: str, words: str) -> None:
+    err = refused(tree, job(steps=[{"program": "rad", "args": args}]))
+    assert err.status == 403 and err.field == field, err.message
+    assert words in err.message and "refused" in err.message
+
+
+def test_rad_shortcut_options_checked_like_rad_steps(tree: dict[str, Any]) -> None:
+    data = job(rad={"rif": "sub/scene.rif", "options": ["-v", "x|y"]})
+    del data["steps"]
+    err = refused(tree, data)
+    assert err.status == 403 and err.field == "rad.options[1]", err.message
+    data = job(rad={"rif": "sub/scene.rif", "options": ["-n", "-v", "nice", "-o", "x11"]})
+    del data["steps"]
+    ok = resolve(tree, data)
+    assert ok.steps[0]["args"] == ["-n", "-v", "nice", "-o", "x11", "scene.rif"]
+    fine = resolve(tree, job(steps=[{"program": "rad", "args": [
+        "sub/scene.rif", "render=-ab 2 -ad 1024 -af sub/x.amb", "QUALITY=HIGH"]}]))
+    assert fine.steps[0]["args"][1] == "render=-ab 2 -ad 1024 -af sub/x.amb"
