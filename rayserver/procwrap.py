@@ -279,6 +279,8 @@ def _fmt_status(code: int | None, sig: int | None) -> str:
             return f"killed by signal {sig} ({signal.Signals(sig).name})"
         except ValueError:
             return f"killed by signal {sig}"
+    if code is None:
+        return "not started"
     return f"exit status {code}"
 
 
@@ -418,6 +420,11 @@ class _Job:
         args = list(step["args"])
         tracker: Any = None
         seen_outputs: list[str] = []
+        if not os.path.isdir(self.workdir):
+            # Moved, deleted or unmounted since the submit: say so, rather than
+            # "cannot start <program>" (the chdir's error) or a traceback.
+            raise ConfinementError(f"the project directory {self.workdir} is missing "
+                                   "(moved, deleted or its volume unmounted?)")
         if program == "rad":
             args, tracker = self.prepare_rad(step["path"], args)
         shown = " ".join([program, *args])

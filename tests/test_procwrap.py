@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -354,3 +355,24 @@ def test_cli_rejects_bad_input(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode == procwrap.EXIT_USAGE
     assert "no job database" in res.stderr
+
+
+def test_project_gone_before_the_job_runs_is_named(db: JobDB, home: Path,
+                                                   tmp_path: Path) -> None:
+    # A queued job whose project was moved, deleted or unmounted meanwhile:
+    # the failure names the folder, not "cannot start oconv" or a traceback.
+    proj = make_project(tmp_path)
+    jobs = [submit(db, proj, [step("oconv", ["scene.rad"], stdout="x.oct")], home),
+            submit(db, proj, [step("oconv", ["scene.rad"])], home)]
+    shutil.rmtree(proj)
+    for job in jobs:
+        assert db.mark_starting(job)
+        res = run_procwrap(db.path, job, home)
+        row = db.get(job)
+        log = db.log_path(job).read_text()
+        assert res.returncode == procwrap.EXIT_FAILED, (res.stderr, log)
+        assert row["state"] == "failed", row
+        assert f"project directory {proj} is missing" in row["reason"], row["reason"]
+        assert "Traceback" not in log and "cannot start" not in log, log
+        assert f"project directory {proj} is missing" in log
+        assert "== failed:" in log and "exit status None" not in log, log
