@@ -396,3 +396,41 @@ def _titled(home, text: str) -> list[int]:
         if text in cmdline:
             found.append(pid)
     return found
+
+
+@pytest.mark.parametrize("args", [["status", "abc", "--json"], ["--json", "log"],
+                                  ["submit", "--json", "--priority", "500", "--", "oconv"]])
+def test_usage_errors_answer_in_json_too(rayhome, args: list[str]) -> None:
+    proc = rayfront(rayhome, *args)
+    assert proc.returncode == 2, proc.stderr
+    answer = as_json(proc)
+    assert answer["status"] is None and answer["error"].startswith("rayfront")
+    assert answer["error"].split(": ", 1)[1] in proc.stderr  # the same words as the usage line
+    plain = rayfront(rayhome, *[a for a in args if a != "--json"])
+    assert plain.returncode == 2 and plain.stdout == ""
+
+
+def test_interrupted_run_json_names_the_job_that_goes_on(server) -> None:
+    home = server.home
+    project = new_project(home)
+    assert as_json(rayfront(home, "run", "--json", "--stdout", "big.oct", "--", "oconv",
+                            "materials.rad", "room.rad", cwd=project))["state"] == "done"
+    run = subprocess.Popen(
+        [*RAYFRONT, "run", "--json", "--stdout", "big.hdr", "--", "rpict", "-x", "4000", "-y",
+         "4000", "-ab", "2", "-vf", "room.vf", "big.oct"], cwd=str(project),
+        env={k: v for k, v in home.env.items() if k != "RAYFRONT_TOKEN"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = wait_state(server, 2, {"running"}, not_yet_ok=True)
+        time.sleep(0.5)  # let rayfront reach its log stream
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+        server.request("DELETE", f"/v1/jobs/{2}")
+    assert run.returncode == 130, out + err
+    answer = json.loads(out)
+    assert answer["id"] == job["id"] and "goes on" in answer["error"], answer
+    assert f"rayfront cancel {job['id']}" in err

@@ -21,13 +21,24 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rayserver.client.connection import EXIT_LOCAL_ONLY, EXIT_USAGE, ClientError
 from rayserver.client.context import Context, Project
 
 # rad options that take a value (rad [-s][-n|-N npr][-t][-e][-V][-w][-v view][-o dev] rfile [VAR=val ..])
 _RAD_VALUE_OPTIONS = {"-N", "-v", "-o"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that also answers a usage error in JSON when --json was given."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_errors:
+            _print_json({"error": f"{self.prog}: {message}", "status": None})
+        super().error(message)
 
 
 def _common(json_default: Any = argparse.SUPPRESS) -> argparse.ArgumentParser:
@@ -43,7 +54,7 @@ def _common(json_default: Any = argparse.SUPPRESS) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rayfront", parents=[_common(False)],
         description="Run Radiance simulations on a rayserver from a project directory.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -299,9 +310,13 @@ def run_and_follow(client: Any, job_request: dict[str, Any], project_dir: Path |
     try:
         final = follow(client, job, show_log=not (json_mode or quiet),
                        show_bar=not json_mode)
-    except KeyboardInterrupt:
-        print(f"\nrayfront: stopped following; job {job['id']} goes on on {client.target.host} "
-              f"(rayfront cancel {job['id']} ends it)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        message = (f"stopped following; job {job['id']} goes on on {client.target.host} "
+                   f"(rayfront cancel {job['id']} ends it)")
+        if json_mode:
+            _print_json({"error": message, "status": None, "id": job["id"]})
+            exc.json_reported = True  # type: ignore[attr-defined]  # main() adds no second one
+        print(f"\nrayfront: {message}", file=sys.stderr)
         raise
     if json_mode:
         _print_json(final)
@@ -406,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, command = _split_command(argv)
     parser = build_parser()
+    _Parser.json_errors = "--json" in own
     opts = parser.parse_args(own)
     if not hasattr(opts, "host"):
         opts.host = None
@@ -432,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             _print_json(exc.as_json())
         print(f"rayfront: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if opts.json and not getattr(exc, "json_reported", False):
+            _print_json({"error": "interrupted", "status": None})
         return 130
     except BrokenPipeError:
         return 0
