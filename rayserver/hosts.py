@@ -2,7 +2,7 @@
 
 One record per line::
 
-    <hostname> <number_of_cpus> [<location>="<local path>" ...]
+    <hostname>[:<port>] <number_of_cpus> [<location>="<local path>" ...]
     __include__ <path of another hosts file>
     __library__ <relative path of a shared library directory>
 
@@ -10,10 +10,16 @@ Comments start with ``#``; blank lines are ignored. A malformed line raises
 :class:`HostsFileError` naming the file, the line number and what was
 expected. ``__include__`` paths are relative to the including file's folder;
 an include loop is an error, not a hang.
+
+A record's first word names the host: a host name, an IPv4 address or an
+IPv6 address (``[::1]``, or bare ``::1`` when no port follows), optionally
+with ``:<port>`` so several servers can share one machine. A record without
+a port means "the port in rayserver.toml" (:data:`DEFAULT_PORT` unless set).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -22,6 +28,8 @@ from pathlib import Path, PurePosixPath
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _LOCATION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 MAX_INCLUDE_DEPTH = 16
+DEFAULT_PORT = 9182
+_RECORD_SYNTAX = "'<hostname>[:<port>] <number_of_cpus> [<location>=\"<local path>\" ...]'"
 
 
 class HostsFileError(Exception):
@@ -35,19 +43,99 @@ class HostsFileError(Exception):
         super().__init__(f"{where}: {message}")
 
 
+def split_host(text: str) -> tuple[str, int | None]:
+    """``HOST[:PORT]`` -> (address without brackets, port or None).
+
+    HOST is a host name, an IPv4 address, ``[IPv6]`` or a bare IPv6 address
+    (then without a port: ``::1:9183`` would be ambiguous). Raises ValueError
+    saying what was wrong and what was expected.
+    """
+    expected = ("expected a host name, an IPv4 address or [IPv6 address], "
+                "optionally followed by :<port> (1-65535)")
+    if not text:
+        raise ValueError(f"empty host; {expected}")
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{text!r} has no closing ']'; {expected}")
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError as exc:
+            raise ValueError(f"{inner!r} in brackets is not an IPv6 address; {expected}") from exc
+        if not rest:
+            return inner, None
+        if not rest.startswith(":"):
+            raise ValueError(f"unexpected {rest!r} after ']' in {text!r}; {expected}")
+        return inner, _port(rest[1:], text)
+    if text.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError as exc:
+            raise ValueError(
+                f"{text!r} is not an IPv6 address; write an IPv6 address with a port as "
+                "[address]:port"
+            ) from exc
+        return text, None
+    host, sep, port_text = text.partition(":")
+    if not _HOSTNAME_RE.match(host):
+        raise ValueError(f"bad host name {host!r}; {expected}")
+    return host, (_port(port_text, text) if sep else None)
+
+
+def _port(text: str, whole: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"port {text!r} of {whole!r} is not a whole number from 1 to 65535")
+    return int(text)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _address_key(address: str) -> str:
+    """How two addresses compare: IPs in canonical form, names case-insensitively."""
+    ip = _ip(address)
+    return ip.compressed if ip is not None else address.lower()
+
+
 @dataclass(frozen=True)
 class HostRecord:
-    """One host: how many simulations it runs at once and where it mounts each location."""
+    """One host: how many simulations it runs at once and where it mounts each location.
+
+    ``name`` is the first word as written (``renderbox:9183``); ``address``
+    is its host part without brackets or port; ``port`` is None when the
+    record gives none (then the port of rayserver.toml applies).
+    """
 
     name: str
     cpus: int
     locations: dict[str, str] = field(default_factory=dict)
     source: str = ""
     line: int = 0
+    address: str = ""
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        # Records built in code (tests, tools) may give only the name.
+        if not self.address:
+            try:
+                address, port = split_host(self.name)
+            except ValueError:
+                address, port = self.name, None
+            object.__setattr__(self, "address", address)
+            if self.port is None:
+                object.__setattr__(self, "port", port)
 
     @property
     def is_server(self) -> bool:
         return self.cpus > 0
+
+    def effective_port(self, default_port: int) -> int:
+        """The port this host's server listens on: its own, else ``default_port``."""
+        return self.port if self.port is not None else default_port
 
 
 @dataclass
@@ -58,19 +146,49 @@ class HostsConfig:
     libraries: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
-    def record_for(self, host: str) -> HostRecord | None:
-        """The record of ``host``: exact name first, then case-insensitive, then short name."""
-        if host in self.records:
-            return self.records[host]
-        lowered = {name.lower(): rec for name, rec in self.records.items()}
-        if host.lower() in lowered:
-            return lowered[host.lower()]
-        short = host.split(".", 1)[0].lower()
-        if short in lowered:
-            return lowered[short]
-        for name, rec in lowered.items():
-            if name.split(".", 1)[0] == short:
-                return rec
+    def record_for(self, host: str, port: int | None = None,
+                   default_port: int = DEFAULT_PORT) -> HostRecord | None:
+        """The record of ``host`` (optionally on ``port``), or None.
+
+        ``host`` is matched against the records' full names first (so
+        ``renderbox:9183`` finds that record), then against their addresses:
+        exact, case-insensitive, then by short name (``box.lan`` ~ ``box``;
+        never for IP addresses). ``host`` may itself carry ``:PORT``.
+        Without a port the record without an explicit port is preferred
+        (else the first in file order); with a port only records whose
+        effective port (their own, else ``default_port``) equals it match,
+        an explicit one before an implicit one.
+        """
+        records = list(self.records.values())
+        for exact in (True, False):
+            named = [r for r in records if (r.name == host if exact
+                                            else r.name.lower() == host.lower())]
+            chosen = _pick(named, port, default_port)
+            if chosen is not None:
+                return chosen
+        try:
+            address, own_port = split_host(host)
+        except ValueError:
+            return None
+        if own_port is not None:
+            if port is not None and port != own_port:
+                return None
+            port = own_port
+        key = _address_key(address)
+        short = None if _ip(address) else key.split(".", 1)[0]
+        levels = [
+            lambda r: r.address == address,
+            lambda r: _address_key(r.address) == key,
+        ]
+        if short is not None:
+            levels += [
+                lambda r: not _ip(r.address) and r.address.lower() == short,
+                lambda r: not _ip(r.address) and r.address.lower().split(".", 1)[0] == short,
+            ]
+        for matches in levels:
+            chosen = _pick([r for r in records if matches(r)], port, default_port)
+            if chosen is not None:
+                return chosen
         return None
 
     def servers(self) -> list[HostRecord]:
@@ -80,6 +198,16 @@ class HostsConfig:
         """The ``__library__`` directories below one location's local root."""
         root = Path(location_root)
         return [root / lib for lib in self.libraries]
+
+
+def _pick(candidates: list[HostRecord], port: int | None,
+          default_port: int) -> HostRecord | None:
+    if port is None:
+        plain = [r for r in candidates if r.port is None]
+        return (plain or candidates or [None])[0]
+    explicit = [r for r in candidates if r.port == port]
+    implicit = [r for r in candidates if r.port is None and default_port == port]
+    return (explicit or implicit or [None])[0]
 
 
 def parse_hosts(path: str | Path) -> HostsConfig:
@@ -174,20 +302,30 @@ def _parse_lines(lines: list[str], path: Path, config: HostsConfig, stack: list[
                 path, number,
                 f"host {config_record.name!r} already defined at {first.source}:{first.line}",
             )
+        if config_record.port is not None:
+            key = _address_key(config_record.address)
+            for first in config.records.values():
+                if first.port == config_record.port and _address_key(first.address) == key:
+                    raise HostsFileError(
+                        path, number,
+                        f"host {config_record.name!r} is the same address and port as "
+                        f"{first.name!r} at {first.source}:{first.line}; expected one record "
+                        "per server (address and port)",
+                    )
         config.records[config_record.name] = config_record
 
 
 def _parse_record(words: list[str], path: Path, number: int) -> HostRecord:
     name = words[0]
-    if not _HOSTNAME_RE.match(name):
+    try:
+        address, port = split_host(name)
+    except ValueError as exc:
         raise HostsFileError(
-            path, number, f"bad host name {name!r}; expected '<hostname> <number_of_cpus> "
-            "[<location>=\"<local path>\" ...]'"
-        )
+            path, number, f"{exc}; a record is {_RECORD_SYNTAX}"
+        ) from exc
     if len(words) < 2:
         raise HostsFileError(
-            path, number, f"missing cpu count after host {name!r}; expected "
-            "'<hostname> <number_of_cpus> [<location>=\"<local path>\" ...]'"
+            path, number, f"missing cpu count after host {name!r}; expected {_RECORD_SYNTAX}"
         )
     cpus_text = words[1]
     if not cpus_text.isdigit() or not cpus_text.isascii():
@@ -217,7 +355,7 @@ def _parse_record(words: list[str], path: Path, number: int) -> HostRecord:
         if key in locations:
             raise HostsFileError(path, number, f"location {key!r} given twice for host {name!r}")
         locations[key] = value
-    return HostRecord(name, cpus, locations, str(path), number)
+    return HostRecord(name, cpus, locations, str(path), number, address, port)
 
 
 def locate(record: HostRecord, directory: str | Path) -> tuple[str, str] | None:
