@@ -320,24 +320,34 @@ def _check_arg(arg: str, base: Path, root: Path, what: str, *, shell: bool = Fal
 # ---------------------------------------------------------------- whole job
 
 
-def resolve_job(data: dict[str, Any], *, settings: Settings, hosts: HostsConfig,
-                record: Callable[[], HostRecord | None], reload: Callable[[], object],
-                client: str) -> ResolvedJob:
-    """Check a shaped request (see :func:`check_shape`) and resolve it for the queue."""
-    location = data["location"]
+def resolve_project(location: str, project: str, *, record: Callable[[], HostRecord | None],
+                    reload: Callable[[], object], client: str) -> tuple[Path, Path]:
+    """(location root as configured, resolved project directory), checked as for a job.
+
+    Shared by job submission and the share probe (rayserver.shareprobe), so
+    both translate, confine and refuse in the same words.
+    """
     loc_root_raw = translate_location(location, record=record, reload=reload, client=client)
     loc_root = Path(os.path.realpath(loc_root_raw))
     if not loc_root.is_dir():
         raise JobSpecError(
             404, f"location {location!r} is {loc_root_raw} on this server, which is not a "
             "directory (is the volume mounted?)", "location")
-
-    project = data["project"]
     project_dir = _confine(project, loc_root, loc_root, "project")
     if not project_dir.is_dir():
         raise JobSpecError(
             404, f"project {project!r} does not exist in location {location!r} on this "
             f"server (looked for {project_dir})", "project")
+    return loc_root_raw, project_dir
+
+
+def resolve_job(data: dict[str, Any], *, settings: Settings, hosts: HostsConfig,
+                record: Callable[[], HostRecord | None], reload: Callable[[], object],
+                client: str) -> ResolvedJob:
+    """Check a shaped request (see :func:`check_shape`) and resolve it for the queue."""
+    location, project = data["location"], data["project"]
+    loc_root_raw, project_dir = resolve_project(location, project, record=record,
+                                                reload=reload, client=client)
 
     if "rad" in data:
         steps_in, workdir = _rad_steps(data["rad"], project_dir)
