@@ -15,7 +15,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PORT = 9182
+from rayserver.hosts import DEFAULT_PORT, split_host
+
+__all__ = ["DEFAULT_PORT", "Settings", "SettingsError", "known_keys", "load_settings",
+           "settings_from_dict"]
 DEFAULT_ALLOW = (
     "127.0.0.0/8",
     "::1/128",
@@ -43,6 +46,9 @@ class Settings:
 
     bind: str = "0.0.0.0"
     port: int = DEFAULT_PORT
+    # The server's own host record is found by this name and `port`.
+    # "": the machine's name (RAYFRONT_HOSTNAME, else the system's host name).
+    name: str = ""
     allow: tuple[str, ...] = DEFAULT_ALLOW
     # None: <home>/config/token, created at first start. "": tokens switched off.
     token_file: str | None = None
@@ -83,7 +89,7 @@ _INT_KEYS = {"port", "max_body_bytes", "max_steps", "max_args", "max_arg_length"
              "server_nice"}
 _FLOAT_KEYS = {"client_timeout", "cancel_grace", "slurm_poll_interval"}
 _STR_KEYS = {
-    "bind", "tls_cert", "tls_key", "tls_ca", "radiance_bin", "log_level",
+    "bind", "name", "tls_cert", "tls_key", "tls_ca", "radiance_bin", "log_level",
     "executor", "slurm_partition", "slurm_bin",
 }
 _LIST_KEYS = {"allow", "raypath", "slurm_options"}
@@ -161,6 +167,8 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
                 raise SettingsError(
                     path, f"bind must be an IP address such as \"0.0.0.0\" or \"::\", got {value!r}"
                 ) from exc
+        if key == "name" and value:
+            return _check_name(path, value)
         return value.upper() if key == "log_level" else value
     if key in _LIST_KEYS:
         if isinstance(value, str) and key != "allow":
@@ -177,6 +185,18 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
                     ) from exc
         return tuple(value)
     raise SettingsError(path, f"unknown key {key!r}")
+
+
+def _check_name(path: str | Path, value: str) -> str:
+    expected = ("expected a host name or IP address without a port, as in the hosts file "
+                "(the port is the `port` setting), or \"\" for this machine's name")
+    try:
+        address, port = split_host(value)
+    except ValueError as exc:
+        raise SettingsError(path, f"name {value!r} is not usable: {exc}; {expected}") from exc
+    if port is not None or value.startswith("["):
+        raise SettingsError(path, f"name {value!r} carries a port or brackets; {expected}")
+    return address
 
 
 def _check_combination(path: str | Path, settings: Settings) -> None:
