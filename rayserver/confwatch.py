@@ -1,8 +1,9 @@
 """Live configuration: the hosts file and rayserver.toml, reloaded on change.
 
 :class:`LiveConfig` holds the last good configuration. :meth:`LiveConfig.reload`
-re-reads both files and swaps them in only if both parse and this host still
-has a record; otherwise it logs the error (file and line) at ERROR and keeps
+re-reads both files and swaps them in only if both parse and this server still
+has a record (matched by the ``name`` setting, else the machine's name, and
+the port it listens on); otherwise it logs the error (file and line) at ERROR and keeps
 what it had, so a half-saved edit or a deleted hosts file never takes the
 server down. :meth:`LiveConfig.start_watching` runs a watchdog observer on
 ``<home>/config`` (and the folders of included hosts files) and reloads,
@@ -28,16 +29,35 @@ DEBOUNCE_SECS = 0.3
 
 
 class NoHostRecordError(HostsFileError):
-    """The hosts file has no record for this machine."""
+    """The hosts file has no record for this server's name and port."""
 
-    def __init__(self, path: Path | str, host: str) -> None:
+    def __init__(self, path: Path | str, host: str, port: int | None = None,
+                 settings_file: Path | str | None = None,
+                 others: list[HostRecord] | None = None) -> None:
+        written = f"[{host}]" if ":" in host else host
+        settings = settings_file or "rayserver.toml"
+        if port is None:
+            expected = f"expected a line '{written} <number_of_cpus> [<location>=\"<local path>\" ...]'"
+            where = ""
+        else:
+            where = f" on port {port}"
+            expected = (
+                f"expected a line '{written}:{port} <number_of_cpus> "
+                f"[<location>=\"<local path>\" ...]' (or '{written} <number_of_cpus> ...' "
+                f"without a port, which means the port of {settings})"
+            )
+        seen = ""
+        if others:
+            seen = ("; records with that name but other ports: "
+                    + ", ".join(f"{r.name} ({r.source}:{r.line})" for r in others))
         super().__init__(
             path, None,
-            f"no record for this host {host!r}; expected a line "
-            f"'{host} <number_of_cpus> [<location>=\"<local path>\" ...]' "
-            "(RAYFRONT_HOSTNAME overrides the host name)",
+            f"no record for this host {host!r}{where}; {expected}, or set `name` in {settings} "
+            f"to the name of this server's record (RAYFRONT_HOSTNAME overrides the machine's "
+            f"name){seen}",
         )
         self.host = host
+        self.port = port
 
 
 @dataclass(frozen=True)
@@ -50,24 +70,56 @@ class ConfigSnapshot:
     generation: int
 
 
-def load_config(layout: Layout, generation: int = 0) -> ConfigSnapshot:
-    """Read hosts and settings; raises HostsFileError (incl. NoHostRecordError) or SettingsError."""
-    hosts = parse_hosts(layout.hosts_file)
-    record = hosts.record_for(layout.host)
+def server_name(layout: Layout, settings: Settings) -> str:
+    """The name of this server's own record: the ``name`` setting, else the machine's name."""
+    return settings.name or layout.host
+
+
+def own_record(layout: Layout, hosts: HostsConfig, settings: Settings,
+               port: int | None = None) -> HostRecord:
+    """This server's record: matched by :func:`server_name` and the port it listens on.
+
+    ``port`` defaults to the settings' port. A record without a port means
+    "the port of rayserver.toml", so a one-server installation matches
+    whatever port it is configured with.
+    """
+    name = server_name(layout, settings)
+    port = settings.port if port is None else port
+    # A record without a port means the port this server listens on.
+    record = hosts.record_for(name, port=port, default_port=port)
     if record is None:
-        raise NoHostRecordError(layout.hosts_file, layout.host)
+        # Name the records this name has on other ports: the usual slip.
+        others = [r for r in hosts.records.values()
+                  if HostsConfig(records={r.name: r}).record_for(name) is not None]
+        raise NoHostRecordError(layout.hosts_file, name, port, layout.settings_file, others)
+    return record
+
+
+def load_config(layout: Layout, generation: int = 0, port: int | None = None) -> ConfigSnapshot:
+    """Read hosts and settings; raises HostsFileError (incl. NoHostRecordError) or SettingsError.
+
+    ``port``: the port the server listens on, when it is running already (a
+    changed port in rayserver.toml only takes effect at the next start, so
+    the record stays the one of the port in use).
+    """
+    hosts = parse_hosts(layout.hosts_file)
     settings = load_settings(layout.settings_file)
+    record = own_record(layout, hosts, settings, port)
     return ConfigSnapshot(hosts, settings, record, generation)
 
 
 class LiveConfig:
     """The configuration in force, reloaded on demand or when the files change."""
 
-    def __init__(self, layout: Layout, debounce: float = DEBOUNCE_SECS) -> None:
+    def __init__(self, layout: Layout, debounce: float = DEBOUNCE_SECS,
+                 port: int | None = None) -> None:
+        """``port``: the port the server listens on, when known (default: the settings')."""
         self.layout = layout
         self.debounce = debounce
         self._lock = threading.Lock()
-        self._current = load_config(layout, 0)
+        self._current = load_config(layout, 0, port)
+        # bind/port changes wait for the next start: keep matching the port in use.
+        self._port = self._current.settings.port if port is None else port
         self._observer = None  # watchdog Observer while watching
         self._timer: threading.Timer | None = None
         self._listeners: list[Callable[[ConfigSnapshot], None]] = []
@@ -131,7 +183,7 @@ class LiveConfig:
             self._seen = self._signature()
             self._tried_at = time.monotonic()
             try:
-                fresh = load_config(self.layout, self._current.generation + 1)
+                fresh = load_config(self.layout, self._current.generation + 1, self._port)
             except (HostsFileError, SettingsError) as exc:
                 log.error("configuration not reloaded, keeping the last good one: %s", exc)
                 return False
