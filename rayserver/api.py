@@ -156,6 +156,9 @@ async def info(request: web.Request) -> web.Response:
         load = [0.0, 0.0, 0.0]
     return web.json_response({
         "hostname": ctx.layout.host,
+        # The own record's name as written in the hosts file ("box:9183"): tells
+        # apart several servers of one machine, which share the hostname.
+        "name": record.name if record else ctx.layout.host,
         "pid": os.getpid(),
         "version": __version__,
         "radiance_version": ctx.radiance_version,
