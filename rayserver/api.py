@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rayserver import __version__, jobspec, radiance, slurm
+from rayserver import __version__, jobspec, radiance, shareprobe, slurm
 from rayserver.jobspec import JobSpecError
 from rayserver.paths import Layout
 
@@ -332,6 +332,10 @@ def build_app(ctx: AppContext, extra_middlewares: list[Any] | None = None) -> we
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/jobs/{id}/log", job_log)
+    # The probe's locks live in this app (one per worker) and close with it.
+    probes = shareprobe.ShareProbes(ctx)
+    app.router.add_post("/v1/share-probe", probes.handle)
+    app.on_cleanup.append(probes.cleanup)
     return app
 
 

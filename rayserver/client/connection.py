@@ -195,6 +195,11 @@ class Client:
             params["before"] = before
         return self.request("GET", f"/v1/jobs?{urlencode(params)}")
 
+    def share_probe(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/share-probe (see docs/api-contract.md, 'Share probe')."""
+        # A read may wait up to 3 s on the server before it answers.
+        return self.request("POST", "/v1/share-probe", body, timeout=max(self.timeout, 15.0))
+
     def cancel(self, job_id: int) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/jobs/{job_id}")
 
