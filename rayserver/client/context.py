@@ -9,6 +9,7 @@ directory: the project is local only, and the error says which it was.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -17,7 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rayserver.client.connection import EXIT_LOCAL_ONLY, EXIT_USAGE, Client, ClientError, Target
-from rayserver.hosts import HostRecord, HostsConfig, HostsFileError, locate, parse_hosts
+from rayserver.hosts import (
+    HostRecord,
+    HostsConfig,
+    HostsFileError,
+    locate,
+    parse_hosts,
+    split_host,
+)
 from rayserver.paths import Layout
 from rayserver.settings import Settings, SettingsError, load_settings
 
@@ -63,6 +71,8 @@ class Context:
             raise ClientError(
                 f"this project is local only: there is no hosts file at {self.layout.hosts_file} "
                 f"(RAYFRONT_HOME is {self.layout.home})", exit_code=EXIT_LOCAL_ONLY)
+        # By the machine's name only: the `name` setting is the server's, and a
+        # workstation that also runs a server still mounts the volumes once.
         record = hosts.record_for(self.layout.host)
         if record is None:
             raise ClientError(
@@ -89,17 +99,20 @@ class Context:
         return self.hosts.servers() if self.hosts else []
 
     def is_this_host(self, name: str) -> bool:
+        if _is_ip(name):
+            return False  # an address is dialled as written, never swapped for 127.0.0.1
         names = {self.layout.host.lower(), socket.gethostname().lower()}
         shorts = {n.split(".", 1)[0] for n in names}
         return name.lower() in names or name.lower().split(".", 1)[0] in shorts
 
     def target(self, host: str | None = None) -> Target:
-        """The server named by ``--host`` (a hosts-file name or ADDRESS[:PORT]) or the default.
+        """The server named by ``--host``, or the default.
 
-        The default is the first server record (cpus > 0) of the hosts file.
-        The local host is dialled as 127.0.0.1; others by their name.
+        ``host`` is a record of the hosts file, by its full name
+        (``box:9183``) or its address, or ADDRESS[:PORT] / [IPv6]:PORT of a
+        server not in the file. The default is the first server record
+        (cpus > 0). Dialling rules: see :meth:`target_for`.
         """
-        port = self.settings.port
         if host is None:
             servers = self.servers()
             if not servers:
@@ -108,20 +121,67 @@ class Context:
                        f"the hosts file {self.layout.hosts_file} has no server (cpus > 0)")
                 raise ClientError(f"no rayserver to talk to: {why}; name one with --host",
                                   exit_code=EXIT_LOCAL_ONLY)
-            name = servers[0].name
-        else:
-            name, port = _split_host_port(host, port)
-            record = self.hosts.record_for(name) if self.hosts else None
-            if record is not None:
-                if not record.is_server:
-                    raise ClientError(
-                        f"host {record.name!r} has 0 cpus in {record.source}: it is a client "
-                        "only, not a server; servers: "
-                        + (", ".join(r.name for r in self.servers()) or "none"),
-                        exit_code=EXIT_USAGE)
-                name = record.name
-        address = "127.0.0.1" if self.is_this_host(name) else name
-        return Target(name, address, port, self.ssl_context())
+            return self.target_for(servers[0])
+        try:
+            address, port = split_host(host)
+        except ValueError as exc:
+            raise ClientError(f"--host {host!r}: {exc}; expected a server of the hosts file, "
+                              "NAME, NAME:PORT, IP:PORT or [IPv6]:PORT", exit_code=EXIT_USAGE) from exc
+        record = (self.hosts.record_for(host, default_port=self.settings.port)
+                  if self.hosts else None)
+        if record is not None:
+            self._check_server(record)
+            return self.target_for(record)
+        dial = "127.0.0.1" if self.is_this_host(address) else address
+        return Target(address, dial, port or self.settings.port, self.ssl_context())
+
+    def target_for(self, record: HostRecord) -> Target:
+        """How to reach ``record``'s server: its address and port (else the settings' port).
+
+        This host is dialled as 127.0.0.1; the certificate is checked against
+        the record's address (host name or IP).
+        """
+        dial = "127.0.0.1" if self.is_this_host(record.address) else record.address
+        return Target(record.address, dial, record.effective_port(self.settings.port),
+                      self.ssl_context())
+
+    def server_records(self, names: list[str] | None = None) -> list[HostRecord]:
+        """The servers named (full record name or address), in order, without repeats.
+
+        None or ``["all"]``: every record with cpus > 0. An unknown name or a
+        client-only (0 cpus) record is a usage error naming it and the servers.
+        """
+        if names is None or names == ["all"]:
+            servers = self.servers()
+            if not servers:
+                why = ("there is no hosts file at " + str(self.layout.hosts_file)
+                       if self.hosts is None else
+                       f"the hosts file {self.layout.hosts_file} has no server (cpus > 0)")
+                raise ClientError(f"no rayserver to talk to: {why}", exit_code=EXIT_LOCAL_ONLY)
+            return servers
+        chosen: list[HostRecord] = []
+        for name in names:
+            record = (self.hosts.record_for(name, default_port=self.settings.port)
+                      if self.hosts else None)
+            if record is None:
+                where = (f"the hosts file {self.layout.hosts_file}" if self.hosts is not None
+                         else f"the hosts file (there is none at {self.layout.hosts_file})")
+                raise ClientError(
+                    f"host {name!r} is not a server of {where}; expected one of: "
+                    + (", ".join(r.name for r in self.servers()) or "none") + " (or 'all')",
+                    exit_code=EXIT_USAGE)
+            self._check_server(record)
+            if record not in chosen:
+                chosen.append(record)
+        return chosen
+
+    def _check_server(self, record: HostRecord) -> None:
+        if not record.is_server:
+            raise ClientError(
+                f"host {record.name!r} has 0 cpus in {record.source}: it is a client "
+                "only, not a server; servers: "
+                + (", ".join(r.name for r in self.servers()) or "none"),
+                exit_code=EXIT_USAGE)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """TLS when the installation's settings say the server uses it."""
@@ -162,11 +222,9 @@ def current_dir() -> Path:
     return Path.cwd()
 
 
-def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
-    name, sep, port_text = text.rpartition(":")
-    if not sep or not name:
-        return text, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ClientError(f"--host {text!r}: expected NAME or NAME:PORT with a port 1-65535",
-                          exit_code=EXIT_USAGE)
-    return name, int(port_text)
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
