@@ -3,6 +3,7 @@
     rayfront hosts                      servers of the hosts file, and whether they answer
     rayfront submit [opts] -- rad x.rif queue a job (any Radiance program after --)
     rayfront run [opts] -- rad x.rif    submit, follow with a progress bar, exit with its status
+    rayfront run --hosts A,B|all ...    split one rpict/rtrace/rcontrib across servers, merge
     rayfront status [ID]                table of jobs, or one job
     rayfront log [-f] ID                a job's log (follow it with -f)
     rayfront cancel ID                  cancel a queued or running job
@@ -73,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stdout", metavar="FILE", help="project file the program's output goes to")
         if name == "run":
             p.add_argument("--quiet", "-q", action="store_true", help="no log lines, only the bar")
+            p.add_argument("--hosts", metavar="A,B|all",
+                           help="split one rpict, rtrace or rcontrib across these servers of the "
+                                "hosts file ('all': every server with cpus > 0 that answers) "
+                                "and merge the result")
+            p.add_argument("--parts", type=_positive_int, metavar="N",
+                           help="with --hosts: number of parts (default: one per cpu for rays, "
+                                "two per cpu for a picture)")
+            p.add_argument("--lost-after", type=_seconds_arg, default=15.0, metavar="SECS",
+                           help="with --hosts: give a server up after it has not answered for "
+                                "this long, and re-run its parts elsewhere (default 15)")
 
     p = sub.add_parser("status", parents=[common], help="table of jobs, or one job")
     p.add_argument("id", nargs="?", type=_job_id, help="job id")
@@ -103,6 +114,22 @@ def _priority(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number -100..100, got {text!r}") from None
     if not -100 <= value <= 100:
         raise argparse.ArgumentTypeError(f"expected -100..100, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 3600, got {text!r}")
     return value
 
 
@@ -327,11 +354,51 @@ def run_and_follow(client: Any, job_request: dict[str, Any], project_dir: Path |
 
 
 def cmd_run(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
+    if opts.hosts is not None:
+        return cmd_split(ctx, opts, command)
+    for option in ("parts",):
+        if getattr(opts, option) is not None:
+            raise ClientError(f"--{option} belongs to a split run: give --hosts too",
+                              exit_code=EXIT_USAGE)
     project = ctx.project()
     job_request = build_job(project, command, opts.name, opts.priority, opts.stdin, opts.stdout)
     code, _ = run_and_follow(ctx.client(opts.host), job_request, project.local_dir,
                              json_mode=opts.json, quiet=opts.quiet)
     return code
+
+
+def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
+    """``rayfront run --hosts``: one simulation split across servers, merged here."""
+    from rayserver.client.splitrun import SplitRun, summary_lines
+
+    if opts.host is not None:
+        raise ClientError("give --host (one server) or --hosts (a split run), not both",
+                          exit_code=EXIT_USAGE)
+    if not command:
+        raise ClientError("no command: give rpict, rtrace or rcontrib and its arguments after "
+                          "'--'", exit_code=EXIT_USAGE)
+    names = [n.strip() for n in opts.hosts.split(",") if n.strip()]
+    if not names:
+        raise ClientError("--hosts: expected host names separated by commas, or 'all'",
+                          exit_code=EXIT_USAGE)
+    explicit = names != ["all"]
+    project = ctx.project()
+    records = ctx.server_records(names if explicit else None)
+    stdin = _project_file(project, opts.stdin, "--stdin") if opts.stdin else None
+    stdout = _project_file(project, opts.stdout, "--stdout") if opts.stdout else None
+    run = SplitRun(ctx, project, command, hosts=records, explicit_hosts=explicit,
+                   stdin=stdin, stdout=stdout, parts=opts.parts, name=opts.name,
+                   priority=opts.priority, json_mode=opts.json, quiet=opts.quiet,
+                   lost_after=opts.lost_after)
+    result = run.run()
+    if opts.json:
+        _print_json(result.summary)
+    else:
+        # The merged rays may have gone to standard output: the account goes to stderr then.
+        out = sys.stdout if result.summary.get("output") else sys.stderr
+        for line in summary_lines(result.summary, project.local_dir):
+            print(line, file=out if not result.summary["error"] else sys.stderr)
+    return result.exit_code
 
 
 def cmd_status(ctx: Context, opts: argparse.Namespace) -> int:
