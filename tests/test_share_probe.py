@@ -371,3 +371,21 @@ def test_a_file_the_server_cannot_write_is_explained(server: Any, rayhome: RayHo
     answer = ok(rayhome, "hold", name, nonce)
     assert not answer["held"] and "permission denied" in answer["detail"], answer
     assert "write access to the project directory" in answer["detail"]
+
+
+def test_the_client_method(server: Any, rayhome: RayHome, project: Path,
+                           second: tuple[RayHome, Any]) -> None:
+    from rayserver.client.connection import Client, ClientError, Target
+
+    home_b, _srv_b = second
+    a = Client(Target(rayhome.host, "127.0.0.1", rayhome.port), rayhome.token())
+    b = Client(Target(home_b.host, "127.0.0.1", home_b.port), home_b.token())
+    name, nonce = probe_file(project)
+    body = {"location": "projects", "project": "p", "file": name, "nonce": nonce}
+    assert a.share_probe({**body, "op": "read"})["seen"]
+    held = a.share_probe({**body, "op": "hold", "hold_seconds": 10})
+    assert b.share_probe({**body, "op": "test"})["locked"]
+    assert a.share_probe({**body, "op": "release", "hold_id": held["hold_id"]})["released"]
+    with pytest.raises(ClientError) as err:
+        a.share_probe({**body, "op": "read", "nonce": "xyz"})
+    assert err.value.status == 422 and "nonce: expected" in str(err.value)
