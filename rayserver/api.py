@@ -1,7 +1,8 @@
 """The HTTP API under ``/v1`` (aiohttp), as described in ``rayserver/openapi.yaml``.
 
-Routes: server info, submit / list / status / cancel jobs, and the job log
-(optionally followed until the job ends). Every error is JSON,
+Routes: server info, submit / list / status / cancel jobs, the job log
+(optionally followed until the job ends), and the share probe (handled by
+:mod:`rayserver.shareprobe`, whose locks live in the app). Every error is JSON,
 ``{"error": ..., "status": ...}``, with the status code of
 docs/api-contract.md; the token check, body limit and the catch-all for
 unexpected errors come from :mod:`rayserver.security`'s middlewares.
@@ -9,7 +10,8 @@ unexpected errors come from :mod:`rayserver.security`'s middlewares.
 The app reads everything per request from the :class:`AppContext` (current
 settings and hosts through ``ctx.live``, jobs through ``ctx.db``), so a
 configuration reload applies without a restart, and the handlers never keep
-state of their own: the worker stays disposable.
+state of their own (the share probe's held locks excepted, which end with the
+process): the worker stays disposable.
 """
 
 from __future__ import annotations
