@@ -323,7 +323,7 @@ def merge_picture(bands: Sequence[tuple[Part, Path]], view: PictureView, target:
     for part, path in bands:
         assert part.rows is not None
         # pcompos places a picture by its lower left corner, counted from the bottom.
-        placement += [str(path), "0", str(view.height - part.rows[1])]
+        placement += [os.path.relpath(path, cwd), "0", str(view.height - part.rows[1])]
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:

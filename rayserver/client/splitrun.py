@@ -38,7 +38,7 @@ from rayserver.client.follow import FINAL_STATES, job_exit_code
 from rayserver.client.splitplan import Part, PictureView
 from rayserver.hosts import HostRecord
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.25
 DEFAULT_LOST_AFTER = 15.0
 SPLIT_DIR = ".rayfront-split"
 
@@ -450,13 +450,16 @@ class SplitRun:
                 attempt.state = "cancelled"
                 return f"{attempt.host.name} job {attempt.job_id}"
             except ClientError as exc:
+                if exc.status == 409:  # it ended by itself meanwhile: nothing to stop
+                    return ""
                 return f"{attempt.host.name} job {attempt.job_id} (not reached: {exc})"
 
         if not targets:
             return []
         with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
-            done = list(pool.map(cancel, targets))
-        self.say(f"rayfront: {why}; cancelled {len(done)} part job(s): {', '.join(done)}")
+            done = [d for d in pool.map(cancel, targets) if d]
+        if done:
+            self.say(f"rayfront: {why}; cancelled {len(done)} part job(s): {', '.join(done)}")
         return done
 
     # ------------------------------------------------------------ progress

@@ -1,0 +1,298 @@
+"""``rayfront run --hosts``: one simulation split across three real rayservers on 127.0.0.x.
+
+The servers have their own installation directories, ports and names (from
+the ``name`` setting) and share one project directory, as render hosts
+sharing a file server do. Direct-light runs (``-ab 0 -dt 0``) are
+deterministic, so a split run must give the very bytes / pixels of one run;
+with ambient sampling the picture is compared within a tolerance derived
+from the ambient accuracy ``-aa``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from conftest import free_port, our_pids
+from splittools import (
+    Cluster,
+    as_json,
+    jobs_of,
+    make_cluster,
+    picture_size,
+    picture_values,
+    run_local,
+    write_points,
+    write_scene,
+)
+
+DIRECT = ["-ab", "0", "-dt", "0"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three servers with one cpu each, plus a fourth record nobody answers on."""
+    base = tmp_path_factory.mktemp("split")
+    dead = f"127.0.0.4:{free_port()} 1 projects=\"{base / 'projects'}\"\n"
+    c = make_cluster(base, 3, extra_records=dead)
+    try:
+        write_scene(c.project)
+        write_points(c.project / "grid.pts", 2000)
+        yield c
+    finally:
+        c.stop()
+
+
+def test_grid_split_gives_the_bytes_of_one_rtrace_run(cluster: Cluster) -> None:
+    args = ["rtrace", "-h", "-I", *DIRECT, "-ds", "0.05", "scene.oct"]
+    run_local(args, cluster.project, cluster.project / "grid.pts", cluster.project / "one.dat")
+    proc = cluster.rayfront("run", "--json", "--hosts", "all", "--stdin", "grid.pts",
+                            "--stdout", "split.dat", "--", *args)
+    summary = as_json(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert (cluster.project / "split.dat").read_bytes() == (cluster.project / "one.dat").read_bytes()
+    # One part per cpu, each on its own server, in input order.
+    assert [p["label"] for p in summary["parts"]] == [
+        "rays 1-666 of 2000", "rays 667-1333 of 2000", "rays 1334-2000 of 2000"]
+    assert sorted(p["host"] for p in summary["parts"]) == sorted(cluster.names)
+    # --hosts all leaves out the record nobody answers on, and says so.
+    assert [h["host"] for h in summary["hosts"]] == cluster.names
+    assert any("leaving out 127.0.0.4:" in e for e in summary["events"])
+    assert not (cluster.project / ".rayfront-split").exists()
+
+
+def test_header_of_the_first_part_only_and_binary_rays(cluster: Cluster) -> None:
+    # Binary float input (-ff) is cut on 24-byte records, and the merged output
+    # carries one header although every part wrote one.
+    run_local(["rcalc", "-of", "-e", "$1=$1;$2=$2;$3=$3;$4=$4;$5=$5;$6=$6"], cluster.project,
+              cluster.project / "grid.pts", cluster.project / "grid.bin")
+    args = ["rtrace", "-ff", "-I", *DIRECT, "scene.oct"]
+    run_local(args, cluster.project, cluster.project / "grid.bin", cluster.project / "one.bin")
+    proc = cluster.rayfront("run", "--hosts", ",".join(cluster.names[:2]), "--parts", "5",
+                            "--stdin", "grid.bin", "--stdout", "split.bin", "--", *args)
+    assert proc.returncode == 0, proc.stderr
+    merged = (cluster.project / "split.bin").read_bytes()
+    assert merged == (cluster.project / "one.bin").read_bytes()
+    assert merged.count(b"#?RADIANCE") == 1
+    assert "merged 5 parts into" in proc.stdout
+
+
+def test_picture_split_has_every_scanline_once(cluster: Cluster) -> None:
+    # -ps 1 -pj 0: one sample at each pixel centre, so bands that cover the
+    # picture exactly once reproduce the single render pixel for pixel.
+    options = ["-vf", "room.vf", "-x", "320", "-y", "320", *DIRECT, "-ds", "0.2",
+               "-ps", "1", "-pj", "0"]
+    run_local(["rpict", *options, "scene.oct"], cluster.project, None,
+              cluster.project / "one.hdr")
+    proc = cluster.rayfront("run", "--json", "--hosts", "all", "--parts", "7",
+                            "--", "rpict", *options, "-o", "split.hdr", "scene.oct")
+    summary = as_json(proc)
+    assert proc.returncode == 0, proc.stderr
+    one, split = cluster.project / "one.hdr", cluster.project / "split.hdr"
+    assert picture_size(split) == picture_size(one) == tuple(summary["resolution"])
+    assert picture_values(split) == picture_values(one)
+    data = split.read_bytes()
+    header = data[:data.index(b"\n\n")].decode("latin-1")
+    top_view = [line for line in header.splitlines() if line.startswith("VIEW=")]
+    assert top_view and "-vv 55" in top_view[-1], header
+    rows = [p["label"] for p in summary["parts"]]
+    assert rows[0].startswith("rows 0-") and rows[-1].endswith(f"of {summary['resolution'][1]}")
+
+
+def test_picture_with_ambient_matches_within_sampling_noise(cluster: Cluster) -> None:
+    # Each band computes its own indirect light, so pixels differ by ambient
+    # sampling noise. The yardstick is Radiance's own noise: a second single
+    # render that differs only in the number of ambient divisions (-ad 300
+    # instead of 256). The split picture may not differ from the single one by
+    # more than that second render does (twice its figures, plus 1%):
+    # the mean brightness, the 95th percentile of per-pixel differences, and the
+    # 90th percentile of per-row mean differences.
+    options = ["-vf", "room.vf", "-x", "240", "-y", "240", "-ab", "1", "-aa", "0.1",
+               "-as", "64", "-ds", "0.2"]
+    for ad, name in (("256", "amb1.hdr"), ("300", "amb2.hdr")):
+        run_local(["rpict", *options, "-ad", ad, "scene.oct"], cluster.project, None,
+                  cluster.project / name)
+    proc = cluster.rayfront("run", "--hosts", "all", "--stdout", "amb_split.hdr",
+                            "--", "rpict", *options, "-ad", "256", "scene.oct")
+    assert proc.returncode == 0, proc.stderr
+    width, height = picture_size(cluster.project / "amb1.hdr")
+    assert picture_size(cluster.project / "amb_split.hdr") == (width, height)
+    one = picture_values(cluster.project / "amb1.hdr")
+
+    def deviations(other: Sequence[float]) -> tuple[float, float, float]:
+        mean = abs(statistics.fmean(other) / statistics.fmean(one) - 1)
+        pixels = sorted(abs(a - b) / max(b, 1e-3) for a, b in zip(other, one, strict=True))
+        rows = sorted(abs(statistics.fmean(other[r * width:(r + 1) * width])
+                          / max(statistics.fmean(one[r * width:(r + 1) * width]), 1e-3) - 1)
+                      for r in range(height))
+        return mean, pixels[int(0.95 * len(pixels))], rows[int(0.9 * len(rows))]
+
+    split = deviations(picture_values(cluster.project / "amb_split.hdr"))
+    noise = deviations(picture_values(cluster.project / "amb2.hdr"))
+    for what, got, floor in zip(("mean", "pixel p95", "row p90"), split, noise, strict=True):
+        assert got <= 2 * floor + 0.01, (what, got, floor)
+
+
+def test_a_failing_part_fails_the_run_and_cancels_the_rest(cluster: Cluster) -> None:
+    proc = cluster.rayfront("run", "--hosts", "all", "--stdin", "grid.pts", "--stdout", "x.dat",
+                            "--", "rtrace", "-I", "nothere.oct")
+    # rtrace's "system" errors exit 2; rayfront ends with the part's status.
+    assert proc.returncode == 2, proc.stderr
+    assert "failed on 127.0.0." in proc.stderr and "exit status 2" in proc.stderr
+    assert "nothere.oct" in proc.stderr  # the tail of the failed part's log
+    assert not (cluster.project / "x.dat").exists()
+    assert "part files kept in" in proc.stderr
+
+
+def test_ctrl_c_cancels_every_part(cluster: Cluster) -> None:
+    proc = cluster.popen("run", "--hosts", "all", "--stdout", "slow.hdr", "--", "rpict",
+                         "-vf", "room.vf", "-x", "900", "-y", "900", *DIRECT, "-ds", "0.005",
+                         "scene.oct")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            running = [j for s in cluster.servers for j in jobs_of(s)
+                       if j["state"] == "running" and "slow.hdr" not in j["name"]
+                       and "rpict" in j["name"]]
+            if len(running) >= 3:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the parts did not start on all three servers")
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "cancelled" in err
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        parts = [j for s in cluster.servers for j in jobs_of(s) if "-ds 0.005" in j["name"]]
+        if parts and all(j["state"] == "cancelled" for j in parts):
+            break
+        time.sleep(0.2)
+    assert parts and all(j["state"] == "cancelled" for j in parts), parts
+    assert not (cluster.project / "slow.hdr").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--hosts", "nosuch", "--", "rpict", "x.oct"], "nosuch"),
+    (["--hosts", "all", "--", "rad", "x.rif"], "runs on one host"),
+    (["--hosts", "all", "--", "rtrace", "scene.oct"], "--stdin FILE"),
+    (["--hosts", "all", "--", "rpict", "-vf", "room.vf", "scene.oct"], "needs an output file"),
+    (["--hosts", "all", "--host", "x", "--", "rpict", "x.oct"], "not both"),
+    (["--parts", "3", "--", "rpict", "x.oct"], "give --hosts too"),
+    (["--hosts", "ws-client", "--", "rpict", "x.oct"], "client only"),
+])
+def test_usage_errors_name_what_is_wrong(cluster: Cluster, args: list[str],
+                                         expected: str) -> None:
+    proc = cluster.rayfront("run", *args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert expected in proc.stderr
+
+
+def test_an_explicitly_named_host_that_does_not_answer_is_an_error(cluster: Cluster) -> None:
+    dead = [line.split()[0] for line in
+            (cluster.base / "shared" / "hosts").read_text().splitlines()
+            if line.startswith("127.0.0.4:")][0]
+    proc = cluster.rayfront("run", "--hosts", f"{cluster.names[0]},{dead}", "--stdin",
+                            "grid.pts", "--stdout", "y.dat", "--", "rtrace", "scene.oct")
+    assert proc.returncode == 1
+    assert f"host {dead} named in --hosts is not answering" in proc.stderr
+
+
+def test_a_server_killed_midway_has_its_part_run_elsewhere(tmp_path: Path) -> None:
+    c = make_cluster(tmp_path, 3)
+    try:
+        write_scene(c.project)
+        write_points(c.project / "grid.pts", 3000)
+        args = ["rtrace", "-h", "-I", *DIRECT, "-ds", "0.01", "scene.oct"]
+        proc = c.popen("run", "--json", "--hosts", "all", "--lost-after", "1",
+                       "--stdin", "grid.pts", "--stdout", "split.dat", "--", *args)
+        victim = c.servers[1]
+        victim_name = c.names[1]
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                    j["state"] == "running" for j in jobs_of(victim)):
+                time.sleep(0.05)
+            time.sleep(0.3)
+            # The whole host goes: server, worker and the procwraps with their rtrace.
+            os.killpg(victim.proc.pid, signal.SIGKILL)
+            for pid in our_pids(victim.home.path):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            victim.proc.wait(10)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 0, err
+        summary = as_json(subprocess_result(out, err, proc.returncode))
+        run_local(args, c.project, c.project / "grid.pts", c.project / "one.dat")
+        assert (c.project / "split.dat").read_bytes() == (c.project / "one.dat").read_bytes()
+        lost = [h for h in summary["hosts"] if h["lost"]]
+        assert [h["host"] for h in lost] == [victim_name]
+        retried = [p for p in summary["parts"] if len(p["attempts"]) > 1]
+        assert retried and retried[0]["attempts"][0]["host"] == victim_name
+        assert retried[0]["host"] != victim_name
+    finally:
+        c.stop()
+
+
+def test_a_share_that_does_not_lock_is_refused(tmp_path: Path) -> None:
+    # Server 2 mounts the location somewhere else, kept in step by a copying
+    # thread: a synced folder. It sees every file, but not the locks on them.
+    mirror = tmp_path / "mirror"
+    (mirror / "proj").mkdir(parents=True)
+    c = make_cluster(tmp_path, 2, mounts={2: mirror})
+    stop = threading.Event()
+
+    def sync() -> None:
+        while not stop.is_set():
+            for path in c.project.glob(".rayfront-probe-*"):
+                target = mirror / "proj" / path.name
+                if not target.exists():
+                    with contextlib.suppress(OSError):
+                        shutil.copy(path, target)
+            time.sleep(0.02)
+
+    syncer = threading.Thread(target=sync, daemon=True)
+    try:
+        write_scene(c.project)
+        # Without the copying, server 2 does not even see the project's files.
+        proc = c.rayfront("run", "--hosts", "all", "--stdout", "p.hdr", "--",
+                          "rpict", "-vf", "room.vf", "-x", "64", "-y", "64", "scene.oct")
+        assert proc.returncode == 1
+        assert "not every server sees this project directory" in proc.stderr
+        assert str(mirror / "proj") in proc.stderr
+        syncer.start()
+        proc = c.rayfront("run", "--hosts", "all", "--stdout", "p.hdr", "--",
+                          "rpict", "-vf", "room.vf", "-x", "64", "-y", "64", "scene.oct")
+        assert proc.returncode == 1, proc.stderr
+        assert "the share does not lock files between 127.0.0.1:" in proc.stderr
+        assert "refusing to split" in proc.stderr
+        assert all(not jobs_of(s) for s in c.servers)  # nothing was started
+        assert not (c.project / "p.hdr").exists()
+    finally:
+        stop.set()
+        if syncer.is_alive():
+            syncer.join(2)
+        c.stop()
+
+
+def subprocess_result(out: str, err: str, code: int):  # noqa: ANN201
+    import subprocess
+
+    return subprocess.CompletedProcess([], code, out, err)
