@@ -1,0 +1,230 @@
+"""Speed-up of ``rayfront run --hosts``: one simulation split across 1, 2 and 3 rayservers.
+
+Run from a checkout with the project installed (see README):
+
+    .venv/bin/python bench/split.py [--quick]
+
+Three real rayservers (1 cpu each) on 127.0.0.1-3 share one project directory
+(the cluster of tests/splittools.py); each workload runs directly (no server)
+and split on the first 1, 2 and 3 servers, the configurations interleaved in
+every repetition so load drift hits them alike. Medians are printed as a
+Markdown table. Nothing here is a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from splittools import (  # noqa: E402
+    Cluster,
+    as_json,
+    make_cluster,
+    picture_size,
+    write_points,
+    write_scene,
+)
+
+from rayserver import radiance  # noqa: E402
+from rayserver.settings import Settings  # noqa: E402
+
+SETTINGS = Settings()
+ENV = radiance.simulation_env(SETTINGS)
+SERVERS = 3
+AMB_FILE = "grid.amb"
+
+
+@dataclass
+class Workload:
+    """One simulation, run directly and split; ``times[config]`` collects wall seconds."""
+
+    key: str
+    title: str
+    program: str
+    args: list[str]                  # after the program name, octree last
+    stdin: str | None                # project-relative ray file (grids)
+    output: str                      # stem of the output file
+    shared_amb: bool = False         # -af AMB_FILE, removed before every run
+    times: dict[str, list[float]] = field(default_factory=dict)
+    part_seconds: dict[str, list[float]] = field(default_factory=dict)
+    parts: dict[str, int] = field(default_factory=dict)
+    size: str = ""
+
+    @property
+    def suffix(self) -> str:
+        return ".hdr" if self.program == "rpict" else ".dat"
+
+    @property
+    def command(self) -> str:
+        return " ".join([self.program, *self.args]) + (f" < {self.stdin}" if self.stdin else "")
+
+
+def workloads(quick: bool, points: int) -> list[Workload]:
+    # --quick: a quarter of the pixels / points; the grid's cost is mostly its
+    # ambient cache warming up, not the points, so -ad is cut too.
+    res = "400" if quick else "800"
+    ad_grid = "128" if quick else "512"
+    amb = ["-ab", "1", "-aa", "0.1", "-as", "128"]
+    grid = ["-h", "-I", *amb, "-ad", ad_grid, "-ds", "0.04"]
+    return [
+        Workload("picture", "(a) picture", "rpict",
+                 ["-vf", "room.vf", "-x", res, "-y", res, *amb, "-ad", "512", "-ds", "0.1",
+                  "scene.oct"], None, "pic"),
+        Workload("grid", f"(b) grid, {points:,} points", "rtrace", [*grid, "scene.oct"],
+                 "grid.pts", "grid"),
+        Workload("grid-af", f"(c) grid, {points:,} points, shared -af", "rtrace",
+                 [*grid, "-af", AMB_FILE, "scene.oct"], "grid.pts", "grid-af",
+                 shared_amb=True),
+    ]
+
+
+def run_direct(cluster: Cluster, w: Workload) -> float:
+    out = cluster.project / f"{w.output}-direct{w.suffix}"
+    stdin = cluster.project / w.stdin if w.stdin else Path(os.devnull)
+    t0 = time.perf_counter()
+    with open(stdin, "rb") as inp, open(out, "wb") as dst:
+        subprocess.run([w.program, *w.args], cwd=cluster.project, env=ENV, stdin=inp,
+                       stdout=dst, check=True)
+    return time.perf_counter() - t0
+
+
+def run_split(cluster: Cluster, w: Workload, hosts: int) -> tuple[float, dict]:
+    out = f"{w.output}-{hosts}{w.suffix}"
+    io = ["--stdin", w.stdin] if w.stdin else []
+    t0 = time.perf_counter()
+    proc = cluster.rayfront("run", "--json", "--hosts", ",".join(cluster.names[:hosts]),
+                            *io, "--stdout", out, "--", w.program, *w.args, timeout=900)
+    took = time.perf_counter() - t0
+    summary = as_json(proc)
+    if proc.returncode != 0 or summary.get("state") != "done":
+        raise SystemExit(f"split run on {hosts} server(s) failed (exit {proc.returncode}): "
+                         f"{summary.get('error')}\n{proc.stderr}")
+    return took, summary
+
+
+def check_output(cluster: Cluster, w: Workload, config: str, points: int) -> None:
+    """A fast run that lost work is no speed-up: the merged result must be whole."""
+    path = cluster.project / f"{w.output}-{config}{w.suffix}"
+    if w.program == "rpict":
+        size = "x".join(map(str, picture_size(path)))
+        if w.size and size != w.size:
+            raise SystemExit(f"{path.name} is {size}, the direct render {w.size}")
+        w.size = size
+    else:
+        lines = path.read_bytes().count(b"\n")
+        if lines != points:
+            raise SystemExit(f"{path.name} has {lines} lines for {points} points")
+
+
+def measure(cluster: Cluster, ws: list[Workload], reps: int, points: int) -> None:
+    configs = ["direct", *(str(k) for k in range(1, SERVERS + 1))]
+    for rep in range(reps):
+        for w in ws:
+            for config in configs:
+                if w.shared_amb:
+                    # Every run starts from an empty ambient file, as a first run would.
+                    (cluster.project / AMB_FILE).unlink(missing_ok=True)
+                if config == "direct":
+                    took = run_direct(cluster, w)
+                    detail = ""
+                else:
+                    took, summary = run_split(cluster, w, int(config))
+                    seconds = sum(p["seconds"] for p in summary["parts"])
+                    w.parts[config] = len(summary["parts"])
+                    w.part_seconds.setdefault(config, []).append(seconds)
+                    detail = (f", {len(summary['parts'])} parts, {seconds:.1f} part-s, "
+                              f"client wall_time {summary['wall_time']:.1f} s")
+                check_output(cluster, w, config, points)
+                w.times.setdefault(config, []).append(took)
+                print(f"  rep {rep + 1}/{reps} {w.key:8} "
+                      f"{'direct' if config == 'direct' else config + ' server(s)':12} "
+                      f"{took:6.2f} s{detail}", flush=True)
+    (cluster.project / AMB_FILE).unlink(missing_ok=True)
+
+
+def table(ws: list[Workload]) -> list[str]:
+    lines = ["| workload | run | wall s (median) | speed-up vs 1 server | vs direct | parts "
+             "| sum of part s | per-server efficiency |",
+             "|---|---|---|---|---|---|---|---|"]
+    for w in ws:
+        direct = statistics.median(w.times["direct"])
+        one = statistics.median(w.times["1"])
+        title = w.title + (f" {w.size}" if w.size else "")
+        lines.append(f"| {title} | direct (no server) | {direct:.2f} | | 1.00x | | | |")
+        for k in range(1, SERVERS + 1):
+            wall = statistics.median(w.times[str(k)])
+            part_s = statistics.median(w.part_seconds[str(k)])
+            speed = one / wall
+            lines.append(
+                f"| {title} | {k} server{'s' if k > 1 else ''} | {wall:.2f} | {speed:.2f}x "
+                f"| {direct / wall:.2f}x | {w.parts[str(k)]} | {part_s:.1f} "
+                f"| {speed / k * 100:.0f} % |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="1 repetition and ~1/4 of the work (a smoke run)")
+    args = parser.parse_args()
+    reps = 1 if args.quick else 3
+    points = 5000 if args.quick else 20000
+    load_start = os.getloadavg()
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="rayserver-split-bench-"))
+    ws = workloads(args.quick, points)
+    try:
+        print(f"starting {SERVERS} rayservers (1 cpu each) on 127.0.0.1-{SERVERS} ...",
+              flush=True)
+        cluster = make_cluster(tmp, SERVERS, cpus=1)
+        try:
+            write_scene(cluster.project)
+            write_points(cluster.project / "grid.pts", points)
+            # Warm the servers (spare procwraps, page cache) so the first measured
+            # split run does not pay for it alone.
+            run_split(cluster, Workload("warm", "", "rtrace", ["-h", "-ab", "0", "scene.oct"],
+                                        "grid.pts", "warm"), SERVERS)
+            measure(cluster, ws, reps, points)
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = time.perf_counter() - started
+    load_end = os.getloadavg()
+    bin_dir = radiance.bin_dir(SETTINGS)
+    lines = [
+        f"Machine: {platform.node()}, os.cpu_count() = {os.cpu_count()}, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"{radiance.version(str(bin_dir), ENV['RAYPATH'])}",
+        f"Load average (1/5/15 min) at start {' '.join(f'{x:.2f}' for x in load_start)}, "
+        f"at end {' '.join(f'{x:.2f}' for x in load_end)}",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}, whole run {total:.0f} s, "
+        f"{reps} repetition{'s' if reps > 1 else ''}{' (--quick)' if args.quick else ''}; "
+        f"{SERVERS} rayservers with 1 cpu each, runs on k servers use the first k",
+        "",
+        "Commands (in the project directory; split runs are `rayfront run --json --hosts H1,..,Hk"
+        " [--stdin F] --stdout OUT -- COMMAND`):",
+        "",
+        *[f"- {w.title}: `{w.command}`" for w in ws],
+        "",
+        *table(ws),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
