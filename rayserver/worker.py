@@ -79,7 +79,9 @@ def run_worker(sock: socket.socket, layout: Layout,
     from rayserver.forkserver import ForkServer
 
     try:
-        live = LiveConfig(layout)
+        # The port the socket really has: an edited port waits for a restart, and
+        # a restarted worker must keep matching its record by the port in use.
+        live = LiveConfig(layout, port=sock.getsockname()[1])
         token = security.ensure_token(layout, live.settings)
     except (HostsFileError, SettingsError, security.CredentialsError) as exc:
         log.critical("worker cannot start: %s", exc)
