@@ -25,6 +25,7 @@ from conftest import free_port, our_pids
 from splittools import (
     RADIANCE_ENV,
     Cluster,
+    api,
     as_json,
     jobs_of,
     make_cluster,
@@ -193,6 +194,43 @@ def test_ctrl_c_cancels_every_part(cluster: Cluster) -> None:
         time.sleep(0.2)
     assert parts and all(j["state"] == "cancelled" for j in parts), parts
     assert not (cluster.project / "slow.hdr").exists()
+
+
+def test_a_part_cancelled_elsewhere_cancels_the_run(cluster: Cluster) -> None:
+    proc = cluster.popen("run", "--json", "--hosts", "all", "--stdout", "slow2.hdr", "--",
+                         "rpict", "-vf", "room.vf", "-x", "800", "-y", "800", *DIRECT,
+                         "-ds", "0.006", "scene.oct")
+    try:
+        deadline = time.monotonic() + 30
+        victim = None
+        while victim is None and time.monotonic() < deadline:
+            for server in cluster.servers:
+                running = [j for j in jobs_of(server)
+                           if j["state"] == "running" and "-ds 0.006" in j["name"]]
+                if running:
+                    victim = (server, running[0]["id"])
+                    break
+            time.sleep(0.1)
+        assert victim is not None, "no part started"
+        status, _ = api(victim[0], "DELETE", f"/v1/jobs/{victim[1]}")  # as `rayfront cancel` does
+        assert status in (200, 202)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    summary = as_json(subprocess_result(out, err, proc.returncode))
+    assert summary["state"] == "cancelled" and "was cancelled on" in summary["error"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        parts = [j for s in cluster.servers for j in jobs_of(s) if "-ds 0.006" in j["name"]]
+        if all(j["state"] in ("cancelled", "done") for j in parts):
+            break
+        time.sleep(0.2)
+    assert parts and all(j["state"] in ("cancelled", "done") for j in parts), parts
+    assert not (cluster.project / "slow2.hdr").exists()
+    assert not list((cluster.project / ".rayfront-split").glob("*"))
 
 
 @pytest.mark.parametrize(("vtype", "size"), [
