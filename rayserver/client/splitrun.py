@@ -395,12 +395,12 @@ class SplitRun:
             if answer.status == 404:
                 self._lose(host, f"it no longer knows job {attempt.job_id}")
                 return False
-            if answer.status is not None:
-                return False  # a refused poll (token changed?) is retried next round
+            # Not answering, or refusing (a token changed, a full disk): the
+            # same patience for both, then the host is given up.
             if host.unreachable_since is None:
                 host.unreachable_since = now
             elif now - host.unreachable_since >= self.lost_after:
-                self._lose(host, f"not answering for {now - host.unreachable_since:.0f} s")
+                self._lose(host, f"no answer for {now - host.unreachable_since:.0f} s: {answer}")
             return False
         host.unreachable_since = None
         attempt.state = str(answer.get("state"))
