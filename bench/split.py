@@ -46,7 +46,6 @@ from rayserver.settings import Settings  # noqa: E402
 SETTINGS = Settings()
 ENV = radiance.simulation_env(SETTINGS)
 SERVERS = 3
-AMB_FILE = "grid.amb"
 
 
 @dataclass
@@ -59,7 +58,6 @@ class Workload:
     args: list[str]                  # after the program name, octree last
     stdin: str | None                # project-relative ray file (grids)
     output: str                      # stem of the output file
-    shared_amb: bool = False         # -af AMB_FILE, removed before every run
     times: dict[str, list[float]] = field(default_factory=dict)
     part_seconds: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)
@@ -86,11 +84,13 @@ def workloads(quick: bool, points: int) -> list[Workload]:
         Workload("picture", "(a) picture", "rpict",
                  ["-vf", "room.vf", "-x", res, "-y", res, *amb, "-ad", "512", "-ds", "0.1",
                   "scene.oct"], None, "pic"),
-        Workload("grid", f"(b) grid, {points:,} points", "rtrace", [*grid, "scene.oct"],
+        # rayfront gives the parts one ambient file of the run's own (-ab 1 caches).
+        Workload("grid", f"(b) grid, {points:,} points, -ab 1", "rtrace", [*grid, "scene.oct"],
                  "grid.pts", "grid"),
-        Workload("grid-af", f"(c) grid, {points:,} points, shared -af", "rtrace",
-                 [*grid, "-af", AMB_FILE, "scene.oct"], "grid.pts", "grid-af",
-                 shared_amb=True),
+        # Direct light only: parts independent of each other, no cache to share.
+        Workload("grid-direct", f"(c) grid, {points:,} points, -ab 0", "rtrace",
+                 ["-h", "-I", "-ab", "0", "-dt", "0", "-ds", "0.03" if quick else "0.015",
+                  "scene.oct"], "grid.pts", "grid-direct"),
     ]
 
 
@@ -161,9 +161,6 @@ def measure(cluster: Cluster, ws: list[Workload], reps: int, points: int) -> Non
     for rep in range(reps):
         for w in ws:
             for config in configs:
-                if w.shared_amb:
-                    # Every run starts from an empty ambient file, as a first run would.
-                    (cluster.project / AMB_FILE).unlink(missing_ok=True)
                 if config == "direct":
                     took, cpu = run_direct(cluster, w)
                     detail = f", cpu {cpu:.1f} s"
@@ -183,7 +180,6 @@ def measure(cluster: Cluster, ws: list[Workload], reps: int, points: int) -> Non
                 print(f"  rep {rep + 1}/{reps} {w.key:8} "
                       f"{'direct' if config == 'direct' else config + ' server(s)':12} "
                       f"{took:6.2f} s{detail}", flush=True)
-    (cluster.project / AMB_FILE).unlink(missing_ok=True)
 
 
 def table(ws: list[Workload]) -> list[str]:

@@ -9,12 +9,15 @@ installation (host ``ws-client``, 0 cpus) includes the same hosts file.
 from __future__ import annotations
 
 import array
+import contextlib
 import http.client
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +66,17 @@ class Cluster:
         return subprocess.Popen([*RAYFRONT, *args], cwd=str(self.project), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
+
+    @contextlib.contextmanager
+    def started(self, *args: str) -> Iterator[subprocess.Popen[str]]:
+        """rayfront running in the background; killed and reaped however the test ends."""
+        proc = self.popen(*args)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
     def stop(self) -> None:
         for srv in self.servers:
@@ -201,6 +215,12 @@ def jobs_of(server: ServerProc) -> list[dict]:
     assert status == 200, page
     assert isinstance(page, dict)
     return page["jobs"]
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Wait for a background rayfront; its exit status and output."""
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def as_json(proc: subprocess.CompletedProcess[str]) -> dict:

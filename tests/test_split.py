@@ -27,6 +27,7 @@ from splittools import (
     Cluster,
     api,
     as_json,
+    finish,
     jobs_of,
     make_cluster,
     picture_size,
@@ -186,10 +187,9 @@ def test_a_failing_part_fails_the_run_and_cancels_the_rest(cluster: Cluster) -> 
 
 
 def test_ctrl_c_cancels_every_part(cluster: Cluster) -> None:
-    proc = cluster.popen("run", "--hosts", "all", "--stdout", "slow.hdr", "--", "rpict",
+    with cluster.started("run", "--hosts", "all", "--stdout", "slow.hdr", "--", "rpict",
                          "-vf", "room.vf", "-x", "900", "-y", "900", *DIRECT, "-ds", "0.005",
-                         "scene.oct")
-    try:
+                         "scene.oct") as proc:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             running = [j for s in cluster.servers for j in jobs_of(s)
@@ -201,12 +201,9 @@ def test_ctrl_c_cancels_every_part(cluster: Cluster) -> None:
         else:
             raise AssertionError("the parts did not start on all three servers")
         os.kill(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err
+        result = finish(proc, 30)
+    err = result.stderr
+    assert result.returncode == 130, err
     assert "cancelled" in err
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -220,10 +217,9 @@ def test_ctrl_c_cancels_every_part(cluster: Cluster) -> None:
 
 def test_a_part_cancelled_elsewhere_cancels_the_run(cluster: Cluster) -> None:
     before = set((cluster.project / ".rayfront-split").glob("*"))
-    proc = cluster.popen("run", "--json", "--hosts", "all", "--stdout", "slow2.hdr", "--",
+    with cluster.started("run", "--json", "--hosts", "all", "--stdout", "slow2.hdr", "--",
                          "rpict", "-vf", "room.vf", "-x", "800", "-y", "800", *DIRECT,
-                         "-ds", "0.006", "scene.oct")
-    try:
+                         "-ds", "0.006", "scene.oct") as proc:
         deadline = time.monotonic() + 30
         victim = None
         while victim is None and time.monotonic() < deadline:
@@ -237,13 +233,9 @@ def test_a_part_cancelled_elsewhere_cancels_the_run(cluster: Cluster) -> None:
         assert victim is not None, "no part started"
         status, _ = api(victim[0], "DELETE", f"/v1/jobs/{victim[1]}")  # as `rayfront cancel` does
         assert status in (200, 202)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err
-    summary = as_json(subprocess_result(out, err, proc.returncode))
+        result = finish(proc, 30)
+    assert result.returncode == 130, result.stderr
+    summary = as_json(result)
     assert summary["state"] == "cancelled" and "was cancelled on" in summary["error"]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -321,11 +313,10 @@ def test_a_server_killed_midway_has_its_part_run_elsewhere(tmp_path: Path) -> No
         write_scene(c.project)
         write_points(c.project / "grid.pts", 3000)
         args = ["rtrace", "-h", "-I", *DIRECT, "-ds", "0.01", "scene.oct"]
-        proc = c.popen("run", "--json", "--hosts", "all", "--lost-after", "1",
-                       "--stdin", "grid.pts", "--stdout", "split.dat", "--", *args)
         victim = c.servers[1]
         victim_name = c.names[1]
-        try:
+        with c.started("run", "--json", "--hosts", "all", "--lost-after", "1",
+                       "--stdin", "grid.pts", "--stdout", "split.dat", "--", *args) as proc:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(
                     j["state"] == "running" for j in jobs_of(victim)):
@@ -337,13 +328,9 @@ def test_a_server_killed_midway_has_its_part_run_elsewhere(tmp_path: Path) -> No
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             victim.proc.wait(10)
-            out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        assert proc.returncode == 0, err
-        summary = as_json(subprocess_result(out, err, proc.returncode))
+            result = finish(proc, 120)
+        assert result.returncode == 0, result.stderr
+        summary = as_json(result)
         run_local(args, c.project, c.project / "grid.pts", c.project / "one.dat")
         assert (c.project / "split.dat").read_bytes() == (c.project / "one.dat").read_bytes()
         lost = [h for h in summary["hosts"] if h["lost"]]
@@ -394,9 +381,3 @@ def test_a_share_that_does_not_lock_is_refused(tmp_path: Path) -> None:
         if syncer.is_alive():
             syncer.join(2)
         c.stop()
-
-
-def subprocess_result(out: str, err: str, code: int):  # noqa: ANN201
-    import subprocess
-
-    return subprocess.CompletedProcess([], code, out, err)
