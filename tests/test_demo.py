@@ -80,8 +80,12 @@ def test_interrupted_demo_stops_its_server(tmp_path: Path) -> None:
             seen.append(line)
             if "answers after" in line:
                 break
+        # Freeze the demo first: on a loaded machine the 1 s render could end
+        # before the checks below, and the Ctrl-C would find nothing to stop.
+        proc.send_signal(signal.SIGSTOP)
         assert our_pids(home), "the server should be running now:\n" + "".join(seen)
         proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
