@@ -14,10 +14,12 @@ Markdown table. Nothing here is a pass/fail test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,10 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import our_pids  # noqa: E402
 from splittools import (  # noqa: E402
     Cluster,
     api,
     as_json,
+    finish,
+    jobs_of,
     make_cluster,
     picture_size,
     write_points,
@@ -62,6 +67,7 @@ class Workload:
     part_seconds: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)
     parts: dict[str, int] = field(default_factory=dict)
+    part_cpu: dict[str, list[float]] = field(default_factory=dict)  # last repetition, per part
     size: str = ""
 
     @property
@@ -111,7 +117,7 @@ def run_direct(cluster: Cluster, w: Workload) -> tuple[float, float]:
     return time.perf_counter() - t0, children_cpu() - cpu0
 
 
-def parts_cpu(cluster: Cluster, summary: dict) -> float:
+def parts_cpu(cluster: Cluster, summary: dict) -> list[float]:
     """CPU seconds of the part programs, from the servers' job records.
 
     Unlike the parts' wall seconds this is not inflated by parts sharing a
@@ -119,13 +125,13 @@ def parts_cpu(cluster: Cluster, summary: dict) -> float:
     own ambient cache).
     """
     servers = dict(zip(cluster.names, cluster.servers, strict=True))
-    total = 0.0
+    each = []
     for part in summary["parts"]:
         status, job = api(servers[part["host"]], "GET", f"/v1/jobs/{part['job']}")
         if status != 200 or not isinstance(job, dict):
             raise SystemExit(f"job {part['job']} on {part['host']}: {status} {job}")
-        total += float(job.get("cpu_time") or 0.0)
-    return total
+        each.append(float(job.get("cpu_time") or 0.0))
+    return each
 
 
 def run_split(cluster: Cluster, w: Workload, hosts: int) -> tuple[float, dict]:
@@ -167,7 +173,8 @@ def measure(cluster: Cluster, ws: list[Workload], reps: int, points: int) -> Non
                 else:
                     took, summary = run_split(cluster, w, int(config))
                     seconds = sum(p["seconds"] for p in summary["parts"])
-                    cpu = parts_cpu(cluster, summary)
+                    w.part_cpu[config] = parts_cpu(cluster, summary)
+                    cpu = sum(w.part_cpu[config])
                     w.parts[config] = len(summary["parts"])
                     w.part_seconds.setdefault(config, []).append(seconds)
                     each = " ".join(f"{p['seconds']:.1f}" for p in summary["parts"])
@@ -205,6 +212,92 @@ def table(ws: list[Workload]) -> list[str]:
     return lines
 
 
+def part_table(ws: list[Workload]) -> list[str]:
+    """The parts' own cpu seconds on 3 servers (last repetition), from the job records."""
+    lines = ["| workload (3 servers) | parts | cpu s, all parts | cpu s, costliest part "
+             "| cpu s, cheapest part | costliest / mean |", "|---|---|---|---|---|---|"]
+    for w in ws:
+        each = w.part_cpu.get(str(SERVERS), [])
+        if not each:
+            continue
+        mean = sum(each) / len(each)
+        lines.append(f"| {w.title}{' ' + w.size if w.size else ''} | {len(each)} "
+                     f"| {sum(each):.1f} | {max(each):.2f} | {min(each):.2f} "
+                     f"| {max(each) / mean if mean else 0:.2f} |")
+    return lines
+
+
+def share_check_times(cluster: Cluster, reps: int) -> list[str]:
+    """Seconds of the share check before a split (read on all, hold/test pairwise)."""
+    from rayserver.client.context import Context
+    from rayserver.client.splitrun import SplitRun
+
+    os.environ.update(cluster.client.env)
+    os.environ.pop("RAYFRONT_TOKEN", None)
+    ctx = Context()
+    project = ctx.project(cluster.project)
+    records = ctx.server_records(cluster.names)
+    lines = ["| servers | visibility only (s, median) | with the lock check (s, median) |",
+             "|---|---|---|"]
+    for k in range(1, SERVERS + 1):
+        run = SplitRun(ctx, project, ["rpict", "scene.oct"], hosts=records[:k],
+                       explicit_hosts=True, stdin=None, stdout="x.hdr")
+        run.connect()
+        took = {}
+        for locks in (False, True):
+            samples = []
+            for _ in range(max(5, reps * 3)):
+                t0 = time.perf_counter()
+                run.check_share(locks)
+                samples.append(time.perf_counter() - t0)
+            took[locks] = statistics.median(samples)
+        lines.append(f"| {k} | {took[False] * 1000:.1f} ms | {took[True] * 1000:.1f} ms |")
+    return lines
+
+
+def host_loss(cluster: Cluster, lost_after: float) -> list[str]:
+    """One server killed (server, worker, procwraps) while its part runs: wall time and result."""
+    # Finer source sampling than workload (c): the parts must outlast the kill.
+    args = ["-h", "-I", "-ab", "0", "-dt", "0", "-ds", "0.008", "scene.oct"]
+    command = ["run", "--json", "--hosts", ",".join(cluster.names), "--lost-after",
+               f"{lost_after:g}", "--stdin", "grid.pts"]
+    t0 = time.perf_counter()
+    calm = cluster.rayfront(*command, "--stdout", "calm.dat", "--", "rtrace", *args,
+                            timeout=600)
+    calm_wall = time.perf_counter() - t0
+    if calm.returncode != 0:
+        raise SystemExit(f"undisturbed run failed: {calm.stderr}")
+    victim = cluster.servers[-1]
+    t0 = time.perf_counter()
+    with cluster.started(*command, "--stdout", "lost.dat", "--", "rtrace", *args) as proc:
+        while not any(j["state"] == "running" for j in jobs_of(victim)):
+            if time.perf_counter() - t0 > 60:
+                raise SystemExit("the victim's part never started")
+            time.sleep(0.05)
+        time.sleep(1.0)
+        killed_at = time.perf_counter() - t0
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        for pid in our_pids(victim.home.path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        victim.proc.wait(10)
+        result = finish(proc, 600)
+    lost_wall = time.perf_counter() - t0
+    summary = as_json(result)
+    same = (cluster.project / "lost.dat").read_bytes() == (cluster.project / "calm.dat").read_bytes()
+    retried = [p for p in summary["parts"] if len(p["attempts"]) > 1]
+    if not retried:
+        raise SystemExit("the killed server's part had ended before the kill: nothing measured")
+    return [
+        "| run (3 servers, grid -ab 0) | wall s | parts re-run | result |",
+        "|---|---|---|---|",
+        f"| undisturbed | {calm_wall:.2f} | 0 | reference |",
+        f"| server 3 killed {killed_at:.1f} s in, --lost-after {lost_after:g} "
+        f"| {lost_wall:.2f} | {len(retried)} "
+        f"| {'byte-identical' if same and result.returncode == 0 else 'DIFFERENT'} |",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -228,6 +321,9 @@ def main() -> int:
             run_split(cluster, Workload("warm", "", "rtrace", ["-h", "-ab", "0", "scene.oct"],
                                         "grid.pts", "warm"), SERVERS)
             measure(cluster, ws, reps, points)
+            shares = share_check_times(cluster, reps)
+            # Last: it kills server 3.
+            loss = host_loss(cluster, 2.0)
         finally:
             cluster.stop()
     finally:
@@ -257,6 +353,19 @@ def main() -> int:
         "(submit to seen done, polled every 0.25 s; includes waiting for a core); cpu s: "
         "the part programs' CPU seconds from the servers' job records (direct: the "
         "program's own); per-server efficiency: speed-up / k.",
+        "",
+        "Per part, on 3 servers (last repetition; cpu seconds from the job records, so "
+        "not inflated by parts sharing a core):",
+        "",
+        *part_table(ws),
+        "",
+        "The share check before a split (medians):",
+        "",
+        *shares,
+        "",
+        "A server lost mid-way:",
+        "",
+        *loss,
     ]
     print("\n".join(lines))
     return 0
