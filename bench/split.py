@@ -237,7 +237,7 @@ def share_check_times(cluster: Cluster, reps: int) -> list[str]:
     ctx = Context()
     project = ctx.project(cluster.project)
     records = ctx.server_records(cluster.names)
-    lines = ["| servers | visibility only (s, median) | with the lock check (s, median) |",
+    lines = ["| servers | visibility only (median) | with the lock check (median) |",
              "|---|---|---|"]
     for k in range(1, SERVERS + 1):
         run = SplitRun(ctx, project, ["rpict", "scene.oct"], hosts=records[:k],
