@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rayserver import radiance  # noqa: E402
-from rayserver.settings import Settings  # noqa: E402
+from rayserver.common import radiance  # noqa: E402
+from rayserver.common.settings import Settings  # noqa: E402
 
 SETTINGS = Settings()
 BIN = radiance.bin_dir(SETTINGS)

@@ -45,8 +45,8 @@ from splittools import (  # noqa: E402
     write_scene,
 )
 
-from rayserver import radiance  # noqa: E402
-from rayserver.settings import Settings  # noqa: E402
+from rayserver.common import radiance  # noqa: E402
+from rayserver.common.settings import Settings  # noqa: E402
 
 SETTINGS = Settings()
 ENV = radiance.simulation_env(SETTINGS)

@@ -2,6 +2,6 @@
 
 import sys
 
-from rayserver.cli import main
+from rayserver.daemon.cli import main
 
 sys.exit(main())

@@ -11,8 +11,8 @@ from typing import Any
 
 from conftest import RayHome
 
-from rayserver import radiance
-from rayserver.settings import Settings
+from rayserver.common import radiance
+from rayserver.common.settings import Settings
 
 SETTINGS = Settings()
 BIN = radiance.bin_dir(SETTINGS)

@@ -32,8 +32,8 @@ from conftest import (  # noqa: E402
     stop_everything,
 )
 
-from rayserver import radiance  # noqa: E402
-from rayserver.settings import Settings  # noqa: E402
+from rayserver.common import radiance  # noqa: E402
+from rayserver.common.settings import Settings  # noqa: E402
 
 RAYFRONT = [sys.executable, "-m", "rayserver.client.cli"]
 RADIANCE_ENV = radiance.simulation_env(Settings())

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from conftest import RayHome
 
-from rayserver import radiance
-from rayserver.settings import Settings
+from rayserver.common import radiance
+from rayserver.common.settings import Settings
 
 BIN = radiance.bin_dir(Settings())
 # A lamp over a floor and a wall: with -ab, rpict has real work to do.

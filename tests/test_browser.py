@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from test_dashboard import SCENE
 
-from rayserver import radiance
-from rayserver.settings import Settings
+from rayserver.common import radiance
+from rayserver.common.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rayserver import cli
-from rayserver.settings import Settings, settings_from_dict
+from rayserver.common.settings import Settings, settings_from_dict
+from rayserver.daemon import cli
 from tests.conftest import REPO, RayHome
 
 
@@ -144,7 +144,7 @@ def test_shipped_settings_file_documents_every_key_with_its_default() -> None:
 
 
 def test_hosts_example_parses_and_the_package_runs_as_module() -> None:
-    from rayserver.hosts import parse_hosts
+    from rayserver.common.hosts import parse_hosts
 
     config = parse_hosts(REPO / "conf" / "hosts.example")
     assert config.record_for("renderbox").cpus == 8  # type: ignore[union-attr]

@@ -26,7 +26,7 @@ import pytest
 from rayserver.client.cli import build_job
 from rayserver.client.connection import ClientError
 from rayserver.client.context import Project
-from rayserver.client.png import PPMError, ppm_to_png
+from rayserver.common.png import PPMError, ppm_to_png
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "conf" / "demo"
@@ -322,7 +322,7 @@ def test_wrong_token_shows_servers_message(server) -> None:
 
 def test_default_host_is_first_server_and_local_is_loopback(rayhome) -> None:
     from rayserver.client.context import Context
-    from rayserver.paths import Layout
+    from rayserver.common.paths import Layout
 
     rayhome.write_hosts('ws-client 0 projects="/x"\nfarbox 4\ntesthost 2\n')
     ctx = Context(Layout(rayhome.path, "testhost"))

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from rayserver.confwatch import LiveConfig, NoHostRecordError
-from rayserver.hosts import HostsFileError
-from rayserver.paths import Layout
-from rayserver.settings import SettingsError
+from rayserver.common.hosts import HostsFileError
+from rayserver.common.paths import Layout
+from rayserver.common.settings import SettingsError
+from rayserver.server.confwatch import LiveConfig, NoHostRecordError
 from tests.conftest import RayHome
 
 
@@ -39,7 +39,7 @@ def test_reload_keeps_last_good(rayhome: RayHome, caplog: pytest.LogCaptureFixtu
     rayhome.write_hosts("testhost 6\n")
     assert live.reload() is True
     assert live.generation == 1 and live.record.cpus == 6
-    caplog.set_level(logging.ERROR, "rayserver.confwatch")
+    caplog.set_level(logging.ERROR, "rayserver.server.confwatch")
     rayhome.write_hosts("# fine\ntesthost 6 bad\n")
     assert live.reload() is False
     assert f"{rayhome.path}/config/hosts:2:" in caplog.text

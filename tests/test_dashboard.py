@@ -26,10 +26,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from rayserver import dashboard, radiance, security
-from rayserver.jobdb import JobDB
-from rayserver.paths import Layout
-from rayserver.settings import Settings
+from rayserver.common import radiance
+from rayserver.common.paths import Layout
+from rayserver.common.settings import Settings
+from rayserver.jobs.jobdb import JobDB
+from rayserver.server import security
+from rayserver.server.dashboard import routes as dashboard
 
 SCENE = """\
 void light bright 0 0 3 100 100 100
@@ -156,7 +158,7 @@ def test_index_and_static_files(tmp_path: Path) -> None:
 
 def test_page_loads_nothing_from_elsewhere() -> None:
     """No CDN, no web fonts: every URL in the page's files is local."""
-    root = Path(dashboard.__file__).with_name("dashboard")
+    root = Path(dashboard.__file__).with_name("static")
     for name in ("index.html", "app.css", "app.js"):
         text = (root / name).read_text()
         assert "http://" not in text and "https://" not in text, name

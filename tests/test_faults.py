@@ -31,7 +31,7 @@ import pytest
 from conftest import HOSTNAME, RayHome, our_pids
 from jobtools import BIN, SETTINGS, get, make_project, rpict, submit, wait_final, wait_until
 
-from rayserver import radiance
+from rayserver.common import radiance
 
 # Worker restarts in the kill test come quickly; the default backoff (doubling
 # to 30 s) would make 20 kills take minutes (see rayserver/cli.py).

@@ -20,11 +20,11 @@ from test_procwrap import (
     wait_state,
 )
 
-from rayserver import procwrap
-from rayserver.forkserver import ForkServer, ForkServerClient, ForkServerError
-from rayserver.jobdb import JobDB
-from rayserver.paths import Layout
-from rayserver.settings import Settings
+from rayserver.common.paths import Layout
+from rayserver.common.settings import Settings
+from rayserver.jobs import procwrap
+from rayserver.jobs.executors.forkserver import ForkServer, ForkServerClient, ForkServerError
+from rayserver.jobs.jobdb import JobDB
 
 
 @pytest.fixture

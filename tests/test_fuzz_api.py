@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 from conftest import REPO, RayHome
 
-from rayserver import radiance
-from rayserver.settings import Settings
+from rayserver.common import radiance
+from rayserver.common.settings import Settings
 
 SETTINGS = Settings()
 BIN = radiance.bin_dir(SETTINGS)

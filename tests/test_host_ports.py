@@ -20,10 +20,10 @@ from conftest import RayHome, exchange, free_port, make_home
 
 from rayserver.client.connection import EXIT_USAGE, ClientError
 from rayserver.client.context import Context
-from rayserver.confwatch import NoHostRecordError, load_config
-from rayserver.hosts import HostsFileError, parse_hosts, parse_hosts_text, split_host
-from rayserver.paths import Layout
-from rayserver.settings import SettingsError, settings_from_dict
+from rayserver.common.hosts import HostsFileError, parse_hosts, parse_hosts_text, split_host
+from rayserver.common.paths import Layout
+from rayserver.common.settings import SettingsError, settings_from_dict
+from rayserver.server.confwatch import NoHostRecordError, load_config
 
 RAYFRONT = [sys.executable, "-m", "rayserver.client.cli"]
 
@@ -154,7 +154,7 @@ def test_ip_addresses_match_exactly_never_by_short_name() -> None:
 
 
 def test_records_built_in_code_derive_address_and_port() -> None:
-    from rayserver.hosts import HostRecord
+    from rayserver.common.hosts import HostRecord
 
     rec = HostRecord("box:9183", 2)
     assert (rec.address, rec.port, rec.effective_port(1)) == ("box", 9183, 9183)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rayserver.hosts import HostsFileError, locate, parse_hosts, parse_hosts_text
+from rayserver.common.hosts import HostsFileError, locate, parse_hosts, parse_hosts_text
 
 EXAMPLE = """\
 # render box and two workstations sharing the project volume

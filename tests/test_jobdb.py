@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rayserver import jobdb
-from rayserver.jobdb import JobDB, JobDBError
+from rayserver.jobs import jobdb
+from rayserver.jobs.jobdb import JobDB, JobDBError
 
 STEP = {"program": "rpict", "path": "/abs/bin/rpict", "args": ["-vf", "v.vf", "s.oct"],
         "stdin": None, "stdout": "out.hdr"}

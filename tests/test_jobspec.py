@@ -1,4 +1,4 @@
-"""Job validation (rayserver.jobspec): shape, limits, location, confinement, programs.
+"""Job validation (rayserver.server.jobspec): shape, limits, location, confinement, programs.
 
 Real files and symlinks in a temporary project, the real Radiance bin
 directory of pyradiance; no server needed, so these run in milliseconds.
@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from rayserver import jobspec, radiance
-from rayserver.hosts import HostRecord, parse_hosts_text
-from rayserver.jobspec import JobSpecError
-from rayserver.settings import Settings
+from rayserver.common import radiance
+from rayserver.common.hosts import HostRecord, parse_hosts_text
+from rayserver.common.settings import Settings
+from rayserver.server import jobspec
+from rayserver.server.jobspec import JobSpecError
 
 SETTINGS = Settings()
 
@@ -124,7 +125,7 @@ def test_limits_from_settings_name_the_setting() -> None:
 def test_unknown_location_reloads_once_then_404_and_logs_client(
         tree: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     calls = []
-    caplog.set_level(logging.WARNING, "rayserver.jobspec")
+    caplog.set_level(logging.WARNING, "rayserver.server.jobspec")
     err = refused(tree, job(location="archive"), reload=lambda: calls.append(1))
     assert err.status == 404 and err.field == "location"
     assert "'archive'" in err.message and "projects" in err.message

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from rayserver.logsetup import ResilientFileHandler
+from rayserver.daemon.logsetup import ResilientFileHandler
 from tests.conftest import RayHome
 
 

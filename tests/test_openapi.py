@@ -17,9 +17,10 @@ import schemathesis
 import yaml
 from conftest import REPO, RayHome
 
-from rayserver import api, dashboard, jobspec
-from rayserver.confwatch import LiveConfig
-from rayserver.paths import Layout
+from rayserver.common.paths import Layout
+from rayserver.server import api, jobspec
+from rayserver.server.confwatch import LiveConfig
+from rayserver.server.dashboard import routes as dashboard
 
 DOC_URI = "urn:test:openapi"
 
@@ -51,7 +52,7 @@ def response_validator(doc: dict[str, Any], path: str, method: str, status: int,
 
 
 def test_docs_file_is_the_installed_package_file() -> None:
-    docs, package = REPO / "docs" / "openapi.yaml", REPO / "rayserver" / "openapi.yaml"
+    docs, package = REPO / "docs" / "openapi.yaml", REPO / "rayserver" / "server" / "openapi.yaml"
     assert os.path.samefile(docs, package)
     assert '"openapi.yaml"' in (REPO / "pyproject.toml").read_text()
     assert jobspec.openapi_document() == document()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayserver import cli
-from rayserver.hosts import HostsFileError, parse_hosts_text
+from rayserver.common.hosts import HostsFileError, parse_hosts_text
+from rayserver.daemon import cli
 
 CLI_MESSAGES = {
     "Duplicate user name argument.", "Duplicate group name argument.",

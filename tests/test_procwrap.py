@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from rayserver import procwrap
-from rayserver.jobdb import JobDB
-from rayserver.paths import Layout
-from rayserver.radiance import bin_dir, simulation_env
-from rayserver.settings import Settings
+from rayserver.common.paths import Layout
+from rayserver.common.radiance import bin_dir, simulation_env
+from rayserver.common.settings import Settings
+from rayserver.jobs import procwrap
+from rayserver.jobs.jobdb import JobDB
 
 SETTINGS = Settings()
 BIN = bin_dir(SETTINGS)

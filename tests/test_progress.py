@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayserver import progress as prog
+from rayserver.jobs.procwrap import progress as prog
 
 REPORT = "rpict: 982530 rays, 26.91% after 0.000u 0.000s 0.001r hours on HOST (PID 22721)"
 

@@ -30,11 +30,11 @@ from test_procwrap import (
     submit,
 )
 
-from rayserver.forkserver import ForkServer, ForkServerClient
-from rayserver.jobdb import FINAL_STATES, JobDB
-from rayserver.paths import Layout
-from rayserver.scheduler import Scheduler, procwrap_alive
-from rayserver.settings import Settings
+from rayserver.common.paths import Layout
+from rayserver.common.settings import Settings
+from rayserver.jobs.executors.forkserver import ForkServer, ForkServerClient
+from rayserver.jobs.jobdb import FINAL_STATES, JobDB
+from rayserver.jobs.scheduler import Scheduler, procwrap_alive
 
 SLOW = ["-x", "800", "-y", "800", "-ab", "2", "-ad", "2048", "-as", "512"]
 

@@ -30,10 +30,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from rayserver import credentials, security
-from rayserver.credentials import CredentialsError
-from rayserver.paths import Layout
-from rayserver.settings import Settings
+from rayserver.common import credentials
+from rayserver.common.credentials import CredentialsError
+from rayserver.common.paths import Layout
+from rayserver.common.settings import Settings
+from rayserver.server import security
 
 TOKEN = "test-token-0123456789abcdefghij"
 
@@ -144,7 +145,7 @@ def app_server(tmp_path: Path, settings: Settings, token: str | None = TOKEN,
     security._refusals = security._RefusalLog()
     records: list[logging.LogRecord] = []
     handler = _Collect(records)
-    logger = logging.getLogger("rayserver.security")
+    logger = logging.getLogger("rayserver.server.security")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.DEBUG)
@@ -481,7 +482,7 @@ def test_configured_token_file_is_never_created(tmp_path: Path) -> None:
 
 def test_tokens_off_warns_every_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     layout = Layout(tmp_path / "home", "testhost")
-    with caplog.at_level(logging.WARNING, logger="rayserver.security"):
+    with caplog.at_level(logging.WARNING, logger="rayserver.server.security"):
         assert credentials.ensure_token(layout, Settings(token_file="")) is None
         assert credentials.ensure_token(layout, Settings(token_file="")) is None
     assert sum("tokens are switched off" in r.getMessage() for r in caplog.records) == 2

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from rayserver.settings import DEFAULT_PORT, Settings, SettingsError, known_keys, load_settings
+from rayserver.common.settings import (
+    DEFAULT_PORT,
+    Settings,
+    SettingsError,
+    known_keys,
+    load_settings,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from rayserver.settings import Settings
-from rayserver.slurm import (
+from rayserver.common.settings import Settings
+from rayserver.jobs.executors.slurm import (
     SlurmCommands,
     SlurmError,
     base_state,
@@ -190,7 +190,7 @@ def _fake_procwrap(tmp_path: Path, body: str) -> str:
 
 
 def _queued_job(tmp_path: Path):  # noqa: ANN202
-    from rayserver.jobdb import JobDB
+    from rayserver.jobs.jobdb import JobDB
 
     db = JobDB(tmp_path / "state" / "jobs.sqlite3")
     job_id = db.submit(name="t", priority=0, client="127.0.0.1", location="projects",
@@ -214,7 +214,7 @@ async def _poll_until_final(executor, db, job_id: int, timeout: float = 20.0) ->
 
 @needs_slurm
 def test_executor_records_exit_status_from_slurm(tmp_path: Path) -> None:
-    from rayserver.slurm import SlurmExecutor
+    from rayserver.jobs.executors.slurm import SlurmExecutor
 
     db, job_id = _queued_job(tmp_path)
     fake = _fake_procwrap(tmp_path, 'echo "batch ran in $(pwd)"; exit 7')
@@ -237,7 +237,7 @@ def test_executor_records_exit_status_from_slurm(tmp_path: Path) -> None:
 
 @needs_slurm
 def test_executor_cancel_records_cancelled_with_signal(tmp_path: Path) -> None:
-    from rayserver.slurm import SlurmExecutor
+    from rayserver.jobs.executors.slurm import SlurmExecutor
 
     db, job_id = _queued_job(tmp_path)
     fake = _fake_procwrap(tmp_path, "exec sleep 60")
@@ -260,7 +260,7 @@ def test_executor_cancel_records_cancelled_with_signal(tmp_path: Path) -> None:
 
 @needs_slurm
 def test_executor_refused_submission_fails_the_job_with_slurms_words(tmp_path: Path) -> None:
-    from rayserver.slurm import SlurmExecutor
+    from rayserver.jobs.executors.slurm import SlurmExecutor
 
     db, job_id = _queued_job(tmp_path)
     ex = SlurmExecutor(db, Settings(executor="slurm", slurm_partition="no-such-partition"))
@@ -273,7 +273,7 @@ def test_executor_refused_submission_fails_the_job_with_slurms_words(tmp_path: P
 @needs_slurm
 def test_executor_adopts_jobs_after_a_restart(tmp_path: Path) -> None:
     """A new worker resets 'starting' rows; adopt() finds them in Slurm again, no resubmit."""
-    from rayserver.slurm import SlurmExecutor
+    from rayserver.jobs.executors.slurm import SlurmExecutor
 
     db, job_id = _queued_job(tmp_path)
     fake = _fake_procwrap(tmp_path, "exec sleep 60")
@@ -412,7 +412,7 @@ def _rpict_pids_in(folder: Path) -> list[int]:
 
 def _direct_render(room: Path, rpict_args: list[str], out: str,
                    octree: str = "out.oct") -> None:
-    from rayserver.radiance import bin_dir, simulation_env
+    from rayserver.common.radiance import bin_dir, simulation_env
 
     settings = Settings()
     env = simulation_env(settings)
@@ -423,7 +423,7 @@ def _direct_render(room: Path, rpict_args: list[str], out: str,
 
 
 def _pvalue(path: Path) -> bytes:
-    from rayserver.radiance import bin_dir, simulation_env
+    from rayserver.common.radiance import bin_dir, simulation_env
 
     settings = Settings()
     return subprocess.run([str(bin_dir(settings) / "pvalue"), "-h", "-H", "-d", str(path)],
@@ -531,7 +531,7 @@ def test_three_jobs_with_a_cap_of_two(rayhome, server_factory,
 @needs_slurm
 def test_server_restart_finds_the_slurm_job_again(rayhome, server_factory,
                                                   slurm_cleanup) -> None:  # noqa: ANN001
-    from rayserver.jobdb import JobDB
+    from rayserver.jobs.jobdb import JobDB
 
     room = _slurm_home(rayhome)
     srv = server_factory("-f")
@@ -567,7 +567,7 @@ def test_start_slurm_script_is_idempotent_and_never_fails() -> None:
 
 @needs_slurm
 def test_executor_dispatch_respects_the_cap(tmp_path: Path) -> None:
-    from rayserver.slurm import SlurmExecutor
+    from rayserver.jobs.executors.slurm import SlurmExecutor
 
     db, first = _queued_job(tmp_path)
     db.unstart(first)
@@ -599,7 +599,7 @@ def test_adopt_finds_a_submission_whose_id_was_never_stored(tmp_path: Path) -> N
     """A worker that died between sbatch and storing the id: found by the job's comment."""
     import sqlite3
 
-    from rayserver.slurm import SlurmExecutor
+    from rayserver.jobs.executors.slurm import SlurmExecutor
 
     db, job_id = _queued_job(tmp_path)
     fake = _fake_procwrap(tmp_path, "exec sleep 60")

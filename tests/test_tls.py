@@ -23,8 +23,8 @@ from conftest import exchange
 from cryptography.hazmat.primitives import serialization
 from test_security import TOKEN, app_server, connect_from, read_all
 
-from rayserver.credentials import CredentialsError, client_ssl_context, server_ssl_context
-from rayserver.settings import Settings
+from rayserver.common.credentials import CredentialsError, client_ssl_context, server_ssl_context
+from rayserver.common.settings import Settings
 
 
 @pytest.fixture(scope="module")

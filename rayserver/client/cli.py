@@ -456,7 +456,7 @@ def cmd_cancel(ctx: Context, opts: argparse.Namespace) -> int:
 
 
 def cmd_token(ctx: Context, opts: argparse.Namespace) -> int:
-    from rayserver.credentials import CredentialsError, new_token
+    from rayserver.common.credentials import CredentialsError, new_token
 
     path = ctx.settings.token_path(ctx.layout.default_token_file)
     if path is None:

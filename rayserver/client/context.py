@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rayserver.client.connection import EXIT_LOCAL_ONLY, EXIT_USAGE, Client, ClientError, Target
-from rayserver.hosts import (
+from rayserver.common.hosts import (
     HostRecord,
     HostsConfig,
     HostsFileError,
@@ -26,8 +26,8 @@ from rayserver.hosts import (
     parse_hosts,
     split_host,
 )
-from rayserver.paths import Layout
-from rayserver.settings import Settings, SettingsError, load_settings
+from rayserver.common.paths import Layout
+from rayserver.common.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     import ssl
@@ -188,7 +188,7 @@ class Context:
         s = self.settings
         if not (s.tls_ca or s.tls_enabled):
             return None
-        from rayserver.credentials import CredentialsError, client_ssl_context
+        from rayserver.common.credentials import CredentialsError, client_ssl_context
 
         try:
             return client_ssl_context(s)
@@ -198,7 +198,7 @@ class Context:
     def token(self) -> str | None:
         """$RAYFRONT_TOKEN, else the installation's token file, else None (tokens off)."""
         # credentials imports ssl; loaded here, not at start-up, to keep `status` quick.
-        from rayserver.credentials import read_client_token
+        from rayserver.common.credentials import read_client_token
 
         return read_client_token(self.layout, self.settings)
 

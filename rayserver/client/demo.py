@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rayserver.client.connection import Client, ClientError, Target
-from rayserver.paths import HOME_ENV, HOSTNAME_ENV, Layout, hostname
+from rayserver.common.paths import HOME_ENV, HOSTNAME_ENV, Layout, hostname
 
 # conf/demo of the checkout this package was installed from (pip install -e .)
 DEMO_SOURCE = Path(__file__).resolve().parents[2] / "conf" / "demo"
@@ -154,9 +154,9 @@ def wait_until_answering(client: Client, proc: subprocess.Popen[bytes], layout: 
 
 def tone_map(picture: Path, png: Path) -> None:
     """Radiance's pcond (human response) | ra_ppm, then PPM to PNG in pure Python."""
-    from rayserver.client.png import ppm_to_png
-    from rayserver.radiance import bin_dir, simulation_env
-    from rayserver.settings import Settings
+    from rayserver.common.png import ppm_to_png
+    from rayserver.common.radiance import bin_dir, simulation_env
+    from rayserver.common.settings import Settings
 
     settings = Settings()
     binaries = bin_dir(settings)
@@ -192,8 +192,8 @@ def run_demo(home: Path | None, out: Path, json_mode: bool = False) -> int:
             info = wait_until_answering(Client(target, None, timeout=5), proc, layout, output)
             say(f"rayfront demo: rayserver {info.get('version', '?')} (pid {info.get('pid')}) "
                 f"answers after {time.monotonic() - started:.1f} s")
-            from rayserver.credentials import read_client_token
-            from rayserver.settings import load_settings
+            from rayserver.common.credentials import read_client_token
+            from rayserver.common.settings import load_settings
 
             token = read_client_token(layout, load_settings(layout.settings_file))
             client = Client(target, token)

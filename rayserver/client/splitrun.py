@@ -36,7 +36,7 @@ from rayserver.client.connection import EXIT_ERROR, Client, ClientError
 from rayserver.client.context import Context, Project
 from rayserver.client.follow import FINAL_STATES, job_exit_code
 from rayserver.client.splitplan import Part, PictureView
-from rayserver.hosts import HostRecord
+from rayserver.common.hosts import HostRecord
 
 POLL_SECONDS = 0.25
 DEFAULT_LOST_AFTER = 15.0
@@ -631,7 +631,7 @@ class _PartFailed(Exception):
 
 
 def _radiance_env(ctx: Context) -> dict[str, str]:
-    from rayserver import radiance
+    from rayserver.common import radiance
 
     try:
         return radiance.simulation_env(ctx.settings)

@@ -44,10 +44,10 @@ from typing import Any
 from aiohttp import web
 from jsonschema.exceptions import best_match
 
-from rayserver import jobspec
-from rayserver.jobspec import JobSpecError, _describe
+from rayserver.server import jobspec
+from rayserver.server.jobspec import JobSpecError, _describe
 
-log = logging.getLogger("rayserver.shareprobe")
+log = logging.getLogger("rayserver.server.shareprobe")
 
 FILE_RE = re.compile(r"\.rayfront-probe-[0-9a-f]{16,64}")
 NONCE_RE = re.compile(r"[0-9a-f]{16,128}")
@@ -140,7 +140,7 @@ class ShareProbes:
     """The route handler and the worker's registry of holds."""
 
     def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx                  # rayserver.api.AppContext (live config)
+        self.ctx = ctx                  # rayserver.server.api.AppContext (live config)
         self.holds: dict[str, Hold] = {}
         self._by_key: dict[tuple[int, int], Hold] = {}
         self._lock: asyncio.Lock | None = None

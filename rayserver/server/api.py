@@ -1,11 +1,11 @@
-"""The HTTP API under ``/v1`` (aiohttp), as described in ``rayserver/openapi.yaml``.
+"""The HTTP API under ``/v1`` (aiohttp), as described in ``rayserver/server/openapi.yaml``.
 
 Routes: server info, submit / list / status / cancel jobs, the job log
 (optionally followed until the job ends), and the share probe (handled by
-:mod:`rayserver.shareprobe`, whose locks live in the app). Every error is JSON,
+:mod:`rayserver.server.shareprobe`, whose locks live in the app). Every error is JSON,
 ``{"error": ..., "status": ...}``, with the status code of
 docs/api-contract.md; the token check, body limit and the catch-all for
-unexpected errors come from :mod:`rayserver.security`'s middlewares.
+unexpected errors come from :mod:`rayserver.server.security`'s middlewares.
 
 The app reads everything per request from the :class:`AppContext` (current
 settings and hosts through ``ctx.live``, jobs through ``ctx.db``), so a
@@ -28,11 +28,14 @@ from typing import Any
 
 from aiohttp import web
 
-from rayserver import __version__, jobspec, radiance, shareprobe, slurm
-from rayserver.jobspec import JobSpecError
-from rayserver.paths import Layout
+from rayserver import __version__
+from rayserver.common import radiance
+from rayserver.common.paths import Layout
+from rayserver.jobs.executors import slurm
+from rayserver.server import jobspec, shareprobe
+from rayserver.server.jobspec import JobSpecError
 
-log = logging.getLogger("rayserver.api")
+log = logging.getLogger("rayserver.server.api")
 
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 API_STATES = ("queued", "running", *FINAL_STATES)
@@ -54,9 +57,9 @@ class AppContext:
     """What the handlers (and the security and dashboard hooks) work with."""
 
     layout: Layout
-    live: Any                # rayserver.confwatch.LiveConfig: .settings, .hosts, .record, reload()
-    db: Any                  # rayserver.jobdb.JobDB
-    scheduler: Any           # rayserver.scheduler.Scheduler
+    live: Any                # rayserver.server.confwatch.LiveConfig: .settings, .hosts, .record, reload()
+    db: Any                  # rayserver.jobs.jobdb.JobDB
+    scheduler: Any           # rayserver.jobs.scheduler.Scheduler
     started_at: float = field(default_factory=time.time)
     token: str | None = None
     radiance_version: str = "unknown"
@@ -177,7 +180,7 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def openapi(_request: web.Request) -> web.Response:
-    text = resources.files("rayserver").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    text = resources.files("rayserver.server").joinpath("openapi.yaml").read_text(encoding="utf-8")
     return web.Response(text=text, content_type="application/yaml")
 
 

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayserver.settings import Settings
+from rayserver.common.settings import Settings
 
-log = logging.getLogger("rayserver.slurm")
+log = logging.getLogger("rayserver.jobs.executors.slurm")
 
 COMMAND_TIMEOUT = 30.0
 

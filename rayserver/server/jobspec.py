@@ -3,7 +3,7 @@
 Order of checks, each failing with a :class:`JobSpecError` that carries the
 HTTP status and a message naming the field and what was expected:
 
-1. shape against ``components/schemas/JobRequest`` of ``rayserver/openapi.yaml``
+1. shape against ``components/schemas/JobRequest`` of ``rayserver/server/openapi.yaml``
    (422), then the limits of the settings (``max_steps``, ``max_args``,
    ``max_arg_length``; 422);
 2. the location, translated with this server's own host record (404 when
@@ -39,11 +39,11 @@ import referencing
 import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
-from rayserver import radiance
-from rayserver.hosts import HostRecord, HostsConfig
-from rayserver.settings import Settings
+from rayserver.common import radiance
+from rayserver.common.hosts import HostRecord, HostsConfig
+from rayserver.common.settings import Settings
 
-log = logging.getLogger("rayserver.jobspec")
+log = logging.getLogger("rayserver.server.jobspec")
 
 _SCHEMA_URI = "urn:rayserver:openapi"
 
@@ -75,7 +75,7 @@ class ResolvedJob:
 @functools.lru_cache(maxsize=1)
 def openapi_document() -> dict[str, Any]:
     """The API description shipped as package data (parsed once)."""
-    text = resources.files("rayserver").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    text = resources.files("rayserver.server").joinpath("openapi.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
 
 
@@ -324,7 +324,7 @@ def resolve_project(location: str, project: str, *, record: Callable[[], HostRec
                     reload: Callable[[], object], client: str) -> tuple[Path, Path]:
     """(location root as configured, resolved project directory), checked as for a job.
 
-    Shared by job submission and the share probe (rayserver.shareprobe), so
+    Shared by job submission and the share probe (rayserver.server.shareprobe), so
     both translate, confine and refuse in the same words.
     """
     loc_root_raw = translate_location(location, record=record, reload=reload, client=client)

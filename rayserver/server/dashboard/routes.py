@@ -1,6 +1,6 @@
 """The web dashboard: static page at ``/``, its files under ``/static/``, and picture previews.
 
-The page itself (``rayserver/dashboard/``: index.html, app.css, app.js) is
+The page itself (``rayserver/server/dashboard/static/``: index.html, app.css, app.js) is
 plain HTML/CSS/JS shipped as package data and talks only to the JSON API.
 This module adds the one server-side piece the API lacks:
 ``GET /v1/jobs/{id}/preview.png?step=<n>``, a tone-mapped PNG of a finished
@@ -31,11 +31,11 @@ from typing import Any
 
 from aiohttp import web
 
-from rayserver import radiance
-from rayserver.api import error_response
-from rayserver.client.png import PPMError, ppm_to_png
+from rayserver.common import radiance
+from rayserver.common.png import PPMError, ppm_to_png
+from rayserver.server.api import error_response
 
-log = logging.getLogger("rayserver.dashboard")
+log = logging.getLogger("rayserver.server.dashboard.routes")
 
 PICTURE_MAGIC = b"#?RADIANCE"
 # Bigger pictures are shrunk with pfilt first: a preview is for a browser, and
@@ -83,7 +83,7 @@ class PreviewError(Exception):
 
 def load_static_files() -> dict[str, tuple[bytes, str, str]]:
     """name -> (bytes, content type, ETag) of the dashboard's files, read once."""
-    root = importlib.resources.files("rayserver") / "dashboard"
+    root = importlib.resources.files("rayserver.server.dashboard") / "static"
     files = {}
     for name, ctype in [(INDEX_FILE, "text/html"), *STATIC_FILES.items()]:
         data = (root / name).read_bytes()

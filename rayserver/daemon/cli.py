@@ -20,12 +20,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rayserver.confwatch import LiveConfig
-from rayserver.credentials import CredentialsError, ensure_token
-from rayserver.hosts import HostsFileError
-from rayserver.logsetup import LogFileError, LogSetup
-from rayserver.paths import Layout
-from rayserver.settings import SettingsError
+from rayserver.common.credentials import CredentialsError, ensure_token
+from rayserver.common.hosts import HostsFileError
+from rayserver.common.paths import Layout
+from rayserver.common.settings import SettingsError
+from rayserver.daemon.logsetup import LogFileError, LogSetup
+from rayserver.server.confwatch import LiveConfig
 from supervisor.core import Supervisor
 from supervisor.daemon import PidFile, PidFileError, Readiness, detach
 from supervisor.identity import (
@@ -340,7 +340,7 @@ def _hand_over(layout: Layout, config: LiveConfig, uid: int, gid: int) -> None:
 def _worker_target(layout: Layout) -> Callable[[socket.socket, Callable[[], None]], int]:
     def target(sock: socket.socket, notify_ready: Callable[[], None]) -> int:
         # Imported in the worker only: the supervisor stays small and never serves.
-        from rayserver.worker import run_worker
+        from rayserver.daemon.worker import run_worker
 
         return run_worker(sock, layout, notify_ready)
 

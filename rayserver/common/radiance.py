@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from rayserver.settings import Settings
+from rayserver.common.settings import Settings
 
 
 @functools.lru_cache(maxsize=1)  # an import-system search: ~0.1 ms, on every submit

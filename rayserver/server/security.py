@@ -36,7 +36,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rayserver.credentials import (
+from rayserver.common.credentials import (
     CredentialsError,
     ensure_token,
     read_server_token,
@@ -54,7 +54,7 @@ __all__ = [
     "server_ssl_context",
 ]
 
-log = logging.getLogger("rayserver.security")
+log = logging.getLogger("rayserver.server.security")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

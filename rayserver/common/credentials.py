@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rayserver.paths import Layout
-    from rayserver.settings import Settings
+    from rayserver.common.paths import Layout
+    from rayserver.common.settings import Settings
 
-log = logging.getLogger("rayserver.security")
+log = logging.getLogger("rayserver.server.security")
 
 TOKEN_ENV = "RAYFRONT_TOKEN"
 TOKEN_MODE = 0o640

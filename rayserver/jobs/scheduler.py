@@ -19,7 +19,7 @@ decoded from its wait status.
 Latency: :meth:`Scheduler.notify` dispatches at once, in the caller's
 turn of the event loop (no task switch, no polling), and a launch does not
 wait for the fork server's answer. A procwrap reports its committed final
-state straight to the worker (see rayserver.forkserver), which wakes the
+state straight to the worker (see rayserver.jobs.executors.forkserver), which wakes the
 job's waiters and reuses its cpu slot before the procwrap has even exited.
 """
 
@@ -33,13 +33,13 @@ import signal
 import time
 from typing import Any
 
-from rayserver import procwrap
-from rayserver.forkserver import ForkServerClient, ForkServerError
-from rayserver.jobdb import FINAL_STATES, JobDB
-from rayserver.paths import Layout
+from rayserver.common.paths import Layout
+from rayserver.jobs import procwrap
+from rayserver.jobs.executors.forkserver import ForkServerClient, ForkServerError
+from rayserver.jobs.jobdb import FINAL_STATES, JobDB
 from supervisor.util import describe_status
 
-log = logging.getLogger("rayserver.scheduler")
+log = logging.getLogger("rayserver.jobs.scheduler")
 
 POLL_INTERVAL = 0.25       # adopted procwraps (not our fork server's children)
 IDLE_RESCAN = 1.0          # rows queued by another process are noticed this fast
@@ -93,7 +93,7 @@ class Scheduler:
         self._fork_lost = False
         self._dispatching = False
         self._launch_paused_until = 0.0      # monotonic; after the fork server failed a launch
-        self._slurm: Any = None              # rayserver.slurm.SlurmExecutor with executor=slurm
+        self._slurm: Any = None              # rayserver.jobs.executors.slurm.SlurmExecutor with executor=slurm
 
     # --- properties ---------------------------------------------------------
 
@@ -130,8 +130,8 @@ class Scheduler:
             else:
                 self._record_dead(row, f"its procwrap (pid {pid}) was gone when the server "
                                        "restarted: the job died with the server")
-        if self.live.settings.executor == "slurm":  # Slurm jobs: see rayserver/slurm.py
-            from rayserver.slurm import SlurmExecutor
+        if self.live.settings.executor == "slurm":  # Slurm jobs: see rayserver/jobs/executors/slurm.py
+            from rayserver.jobs.executors.slurm import SlurmExecutor
 
             self._slurm = SlurmExecutor(self.db, self.live.settings, on_change=self.notify)
             await self._slurm.adopt()

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayserver.hosts import HostRecord, HostsConfig, HostsFileError, parse_hosts
-from rayserver.paths import Layout
-from rayserver.settings import Settings, SettingsError, load_settings
+from rayserver.common.hosts import HostRecord, HostsConfig, HostsFileError, parse_hosts
+from rayserver.common.paths import Layout
+from rayserver.common.settings import Settings, SettingsError, load_settings
 
-log = logging.getLogger("rayserver.confwatch")
+log = logging.getLogger("rayserver.server.confwatch")
 
 DEBOUNCE_SECS = 0.3
 

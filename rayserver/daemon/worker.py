@@ -31,13 +31,14 @@ from typing import Any
 
 from aiohttp import web
 
-from rayserver import api, dashboard, security
-from rayserver.api import AppContext
-from rayserver.hosts import HostsFileError
-from rayserver.paths import Layout
-from rayserver.settings import SettingsError
+from rayserver.common.hosts import HostsFileError
+from rayserver.common.paths import Layout
+from rayserver.common.settings import SettingsError
+from rayserver.server import api, security
+from rayserver.server.api import AppContext
+from rayserver.server.dashboard import routes as dashboard
 
-log = logging.getLogger("rayserver.worker")
+log = logging.getLogger("rayserver.daemon.worker")
 
 
 class MalformedRequestFilter(logging.Filter):
@@ -75,8 +76,8 @@ def run_worker(sock: socket.socket, layout: Layout,
     ``notify_ready`` is called once the app is serving, so the supervisor can
     tell a worker that fails while booting from one that crashes later.
     """
-    from rayserver.confwatch import LiveConfig
-    from rayserver.forkserver import ForkServer
+    from rayserver.jobs.executors.forkserver import ForkServer
+    from rayserver.server.confwatch import LiveConfig
 
     try:
         # The port the socket really has: an edited port waits for a restart, and
@@ -100,9 +101,9 @@ def run_worker(sock: socket.socket, layout: Layout,
 
 async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | None,
                  fork_server: Any, notify_ready: Callable[[], None]) -> int:
-    from rayserver.forkserver import ForkServerClient
-    from rayserver.jobdb import JobDB, JobDBError
-    from rayserver.scheduler import Scheduler
+    from rayserver.jobs.executors.forkserver import ForkServerClient
+    from rayserver.jobs.jobdb import JobDB, JobDBError
+    from rayserver.jobs.scheduler import Scheduler
 
     loop = asyncio.get_running_loop()
     try:
@@ -116,7 +117,7 @@ async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | No
     ctx.radiance_version = await asyncio.to_thread(api.radiance_version, live.settings)
     # Parse openapi.yaml and build the job validator now, not in the first submit
     # (~0.1-0.2 s of YAML).
-    from rayserver import jobspec
+    from rayserver.server import jobspec
 
     await asyncio.to_thread(jobspec.schema_validator, "JobRequest")
     app = api.build_app(ctx, security.middlewares(ctx))
@@ -133,7 +134,7 @@ async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | No
     await runner.setup()
     assert runner.server is not None
     # No ssl= here: filtered_factory checks the address first, then does the
-    # TLS handshake itself (see rayserver.security).
+    # TLS handshake itself (see rayserver.server.security).
     server = await loop.create_server(security.filtered_factory(runner.server, ctx), sock=sock)
 
     stop = asyncio.Event()

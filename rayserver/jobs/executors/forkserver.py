@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rayserver import procwrap  # preimported: forked children start with it loaded
-from rayserver.paths import Layout
+from rayserver.common.paths import Layout
+from rayserver.jobs import procwrap  # preimported: forked children start with it loaded
 
 if TYPE_CHECKING:
     import asyncio
 
-    from rayserver.settings import Settings
+    from rayserver.common.settings import Settings
 
 _MAX_PACKET = 65536
 
@@ -80,7 +80,7 @@ class ForkServer:
         })
         # The package this worker runs, first on the path: the same code, whatever
         # the current directory holds.
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[3])
         try:
             child_sock.set_inheritable(True)
             final_w.set_inheritable(True)
@@ -136,7 +136,7 @@ def _final_reporter(final_sock: socket.socket | None) -> Callable[[int], None] |
 
 
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from rayserver.forkserver import boot; sys.exit(boot(sys.argv[2]))")
+         "from rayserver.jobs.executors.forkserver import boot; sys.exit(boot(sys.argv[2]))")
 
 
 def boot(config: str) -> int:

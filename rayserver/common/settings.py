@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rayserver.hosts import DEFAULT_PORT, split_host
+from rayserver.common.hosts import DEFAULT_PORT, split_host
 
 __all__ = ["DEFAULT_PORT", "Settings", "SettingsError", "known_keys", "load_settings",
            "settings_from_dict"]

@@ -1,0 +1,177 @@
+"""Procwrap entry points: the fork server's spare, a direct run, and ``python -m rayserver.procwrap``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rayserver.jobs.jobdb import JobDB
+from rayserver.jobs.procwrap.exits import EXIT_CLAIM_LOST, EXIT_INTERNAL, EXIT_USAGE
+from rayserver.jobs.procwrap.job import Job
+from rayserver.jobs.procwrap.procs import base_env, libc, set_subreaper
+
+
+def _home_of(db_path: Path) -> Path:
+    return Path(db_path).resolve().parent.parent
+
+
+def procwrap_title(db_path: Path, job_id: int, row: dict[str, Any] | None) -> str:
+    """``rfcore -O <home>/procwrap.pyo job=<id> <name or program>`` (home = db's grandparent)."""
+    home = _home_of(Path(db_path))
+    what = ""
+    if row:
+        what = row.get("name") or (row["steps"][0]["program"] if row.get("steps") else "")
+    return f"rfcore -O {home}/procwrap.pyo job={job_id} {what}".rstrip()
+
+
+
+def preload(db_path: Path) -> None:
+    """Work every procwrap would repeat, done once in the fork server before it forks:
+    the libc handle (a dlopen), the installation's real path, the environment copy."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc()
+    _home_of(Path(db_path).absolute())
+    base_env()
+
+
+def run_spare(intake: socket.socket, db_path: Path, title: str, *, grace: float,
+              on_final: Callable[[int], None] | None = None) -> int:
+    """A procwrap started before its job: get ready, wait for the job id, run it.
+
+    Everything that does not depend on the job is done while waiting: the
+    database connection (and its schema), the subreaper flag, the title
+    ``<title> spare`` (no ``job=``: nothing adopts a spare). The fork server
+    sends the job id as one packet on ``intake``; EOF (the fork server is
+    gone) ends the spare with nothing done.
+    """
+    with contextlib.suppress(ImportError):
+        import setproctitle
+
+        setproctitle.setproctitle(f"{title} spare")
+    set_subreaper()
+    db = JobDB(Path(db_path), check=False, prepared=True)
+    with contextlib.suppress(sqlite3.Error):
+        _warm_statements(db)
+    raw = intake.recv(64)
+    intake.close()
+    if not raw.isdigit():
+        return 0  # EOF: the fork server (or the worker) went away before a job came
+    job_id = int(raw)
+    with contextlib.suppress(ImportError):
+        import setproctitle
+
+        # Final title (with the job's name) is set by run_job; this one
+        # already lets an adopting worker recognise us.
+        setproctitle.setproctitle(f"{title} job={job_id}")
+    return run_job(db_path, job_id, grace=grace, on_final=on_final, db=db)
+
+
+def _warm_statements(db: JobDB) -> None:
+    """Run each statement a job needs once, on job id 0 (ids start at 1: no row changes).
+
+    Opens the connection, reads the schema and leaves the statements
+    compiled in the connection's cache, so the claim and the writes of the
+    first step cost a real job ~0.5 ms less. The writes change nothing, so
+    they commit without writing to the database.
+    """
+    db.get(0)
+    db.claim_row(0, 0)
+    db.update_progress(0, current_step=1, pgid_children=1, progress=0.0)
+    db.finish(0, "done", exit_status=0, signal=None, reason=None, wall_time=0.0,
+              cpu_time=0.0, max_rss_kb=0, progress=100.0, outputs=[], from_states=("running",))
+
+
+def run_job(db_path: Path, job_id: int, *, log_dir: Path | None = None, grace: float = 5.0,
+            claim_queued: bool = False, on_final: Callable[[int], None] | None = None,
+            db: JobDB | None = None) -> int:
+    """Claim job ``job_id``, run its steps, record the result; returns the exit code.
+
+    ``on_final(job_id)`` is called once the final state is committed (the
+    fork server uses it to tell the worker at once, before this process
+    has even exited); it must not raise. ``db``: an already open JobDB of
+    ``db_path`` (a spare's).
+    """
+    db_path = Path(db_path).absolute()  # steps run with their project as our cwd
+    if db is None:
+        db = JobDB(db_path, check=False, prepared=True)
+    log_path = (Path(log_dir) / "log") if log_dir else db.log_path(job_id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    job = Job(db, job_id, log_fd, grace)
+    # Handlers before the claim: a SIGTERM from here on is recorded, not fatal.
+    job.install_signals()
+    states = ("queued", "starting") if claim_queued else ("starting",)
+    try:
+        row = db.claim_row(job_id, os.getpid(), from_states=states)
+    except BaseException:
+        os.close(log_fd)
+        raise
+    if row is None:
+        os.close(log_fd)
+        if db.get(job_id) is None:
+            print(f"procwrap: job {job_id} is not in {db_path}", file=sys.stderr)
+        return EXIT_CLAIM_LOST
+    try:
+        with contextlib.suppress(ImportError):
+            import setproctitle
+
+            setproctitle.setproctitle(procwrap_title(db_path, job_id, row))
+        set_subreaper()
+        job.load(row)
+        if row.get("cancel_request") == "cancel":
+            job.term_signal = signal.SIGTERM
+        code = job.run()
+    except Exception as exc:  # noqa: BLE001 - record any failure instead of dying silently
+        with contextlib.suppress(Exception):
+            job.log("rayserver: internal error in the procwrap:\n" + traceback.format_exc())
+        with contextlib.suppress(Exception):
+            db.finish(job_id, "failed", reason=f"internal error in the procwrap: {exc}",
+                      from_states=("running",))
+        code = EXIT_INTERNAL
+    finally:
+        os.close(log_fd)
+    if on_final is not None:
+        on_final(job_id)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rayserver.procwrap --db DB --job ID [--grace S] [--claim-queued]``."""
+    parser = argparse.ArgumentParser(prog="python -m rayserver.procwrap",
+                                     description="Run one rayserver job and record its result.")
+    parser.add_argument("--db", required=True, type=Path, help="the job database file")
+    parser.add_argument("--job", required=True, type=int, help="the job id")
+    parser.add_argument("--grace", type=float, default=5.0,
+                        help="seconds between SIGTERM and SIGKILL on cancel (default 5)")
+    parser.add_argument("--claim-queued", action="store_true",
+                        help="claim a queued job (Slurm/CLI), not only a starting one")
+    parser.add_argument("--log-dir", type=Path, default=None)
+    ns = parser.parse_args(argv)
+    if not ns.db.is_file():
+        print(f"procwrap: no job database at {ns.db}", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.grace < 0:
+        print(f"procwrap: --grace must be >= 0 seconds, got {ns.grace}", file=sys.stderr)
+        return EXIT_USAGE
+    # Our own session, like a fork-server child (fails harmlessly if we lead one).
+    with contextlib.suppress(PermissionError):
+        os.setsid()
+    code = run_job(ns.db, ns.job, log_dir=ns.log_dir, grace=ns.grace,
+                   claim_queued=ns.claim_queued)
+    if code == EXIT_CLAIM_LOST:
+        print(f"procwrap: job {ns.job} was not ours to run (already claimed, finished or "
+              f"unknown)", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

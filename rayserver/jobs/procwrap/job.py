@@ -1,0 +1,370 @@
+"""One job's run inside a procwrap: its steps, log, progress, limits and final record."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import selectors
+import signal
+import subprocess
+import time
+from typing import Any
+
+from rayserver.jobs.jobdb import JobDB
+from rayserver.jobs.procwrap import progress as prog
+from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
+from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
+from rayserver.jobs.procwrap.procs import base_env, fmt_status, group_gone, group_members, spawn
+from rayserver.jobs.procwrap.rtcount import RtraceCount
+
+PR_SET_CHILD_SUBREAPER = 36
+SAMPLE_INTERVAL = 0.5      # RSS sampling of the step group
+# The first /proc scan and rtrace line count wait this long: a step that ends
+# sooner (a tiny rtrace) costs no scan (~0.7 ms of CPU each on a busy
+# machine); its peak memory still comes from getrusage.
+FIRST_SAMPLE = 0.05
+PROGRESS_INTERVAL = 0.5    # at most ~2 progress writes per second
+RPICT_POKE_INTERVAL = 3.0  # SIGCONT asks rpict for one report (no -t needed)
+RAD_REPORT = "REPORT=0.05"  # minutes: rpict -t 3
+DRY_RUN_TIMEOUT = 60.0
+_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+class Job:
+    """State of one procwrap run (one instance per process)."""
+
+    def __init__(self, db: JobDB, job_id: int, log_fd: int, grace: float) -> None:
+        self.db = db
+        self.id = job_id
+        self.log_fd = log_fd
+        self.grace = grace
+        self.row: dict[str, Any] = {}
+        self.steps: list[dict[str, Any]] = []
+        self.env: dict[str, str] = {}
+        self.workdir = ""
+        self.term_signal: int | None = None
+        self.max_rss_kb = 0
+        self.outputs: list[str] = []
+        self._last_progress = -1.0
+        self._last_progress_at = 0.0
+        self._pending_progress: float | None = None
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        self._wake_w = wake_w
+
+    def load(self, row: dict[str, Any]) -> None:
+        """Take the job's steps and environment from its (claimed) row."""
+        self.row = row
+        self.steps = row["steps"]
+        self.env = dict(base_env())
+        self.env.update(row["env"] or {})
+        self.workdir = row["workdir"]
+
+    # --- signals ----------------------------------------------------------
+
+    def install_signals(self) -> None:
+        def on_term(signum: int, _frame: object) -> None:
+            # Only record it; the main loop acts (no work in a handler).
+            if self.term_signal is None:
+                self.term_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_term)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    # --- log and progress -------------------------------------------------
+
+    def log(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")
+        while data:
+            n = os.write(self.log_fd, data)
+            data = data[n:]
+
+    def progress(self, percent: float, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if percent == self._last_progress:
+            return
+        if not force and now - self._last_progress_at < PROGRESS_INTERVAL:
+            self._pending_progress = percent
+            return
+        self.db.update_progress(self.id, progress=percent)
+        self._last_progress = percent
+        self._last_progress_at = now
+        self._pending_progress = None
+
+    def flush_progress(self) -> None:
+        if self._pending_progress is not None:
+            self.progress(self._pending_progress)
+
+    # --- the run ----------------------------------------------------------
+
+    def run(self) -> int:
+        started = time.monotonic()
+        n = len(self.steps)
+        code: int | None = 0
+        sig: int | None = None
+        failed_step = 0
+        state = "done"
+        reason: str | None = None
+        self.log(f"== job {self.id}: {n} step(s) in {self.workdir} ==\n")
+        for idx, step in enumerate(self.steps):
+            if self.term_signal is not None:
+                break
+            try:
+                code, sig = self.run_step(idx, step)
+            except ConfinementError as exc:
+                self.log(f"rayserver: refused: {exc}\n")
+                code, sig, failed_step = None, None, idx + 1
+                state, reason = "failed", f"step {idx + 1}/{n} ({step['program']}): {exc}"
+                break
+            if self.term_signal is None and (code != 0 or sig is not None):
+                failed_step = idx + 1
+                state = "failed"
+                reason = (f"step {idx + 1}/{n} ({step['program']}) "
+                          f"{fmt_status(code, sig)}")
+                break
+        if self.term_signal is not None:
+            state, reason = self.interrupted_state()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.monotonic() - started
+        cpu = usage.ru_utime + usage.ru_stime
+        rss = max(int(usage.ru_maxrss), self.max_rss_kb)
+        self.log(f"== {state}: {fmt_status(code, sig)}"
+                 f"{f' in step {failed_step}/{n}' if failed_step else ''}, wall {wall:.2f} s, "
+                 f"cpu {cpu:.2f} s, max rss {rss} kB"
+                 f"{f' ({reason})' if reason and state != 'failed' else ''} ==\n")
+        self.db.finish(
+            self.id, state, exit_status=code, signal=sig, reason=reason, wall_time=round(wall, 3),
+            cpu_time=round(cpu, 3), max_rss_kb=rss,
+            progress=100.0 if state == "done" else None, outputs=self.outputs,
+            from_states=("running",),
+        )
+        return {"done": EXIT_DONE, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}.get(
+            state, EXIT_INTERRUPTED)
+
+    def interrupted_state(self) -> tuple[str, str]:
+        row = self.db.get(self.id) or {}
+        request = row.get("cancel_request")
+        name = signal.Signals(self.term_signal or signal.SIGTERM).name
+        if request == "cancel":
+            return "cancelled", "cancelled by request"
+        if request == "shutdown":
+            return "interrupted", "the server shut down while the job ran"
+        return "interrupted", f"the procwrap received {name} (no cancel was requested)"
+
+    def run_step(self, idx: int, step: dict[str, Any]) -> tuple[int | None, int | None]:
+        n = len(self.steps)
+        program = step["program"]
+        args = list(step["args"])
+        tracker: Any = None
+        seen_outputs: list[str] = []
+        if not os.path.isdir(self.workdir):
+            # Moved, deleted or unmounted since the submit: say so, rather than
+            # "cannot start <program>" (the chdir's error) or a traceback.
+            raise ConfinementError(f"the project directory {self.workdir} is missing "
+                                   "(moved, deleted or its volume unmounted?)")
+        if program == "rad":
+            args, tracker = self.prepare_rad(step["path"], args)
+        shown = " ".join([program, *args])
+        if step.get("stdin"):
+            shown += f" < {step['stdin']}"
+        if step.get("stdout"):
+            shown += f" > {step['stdout']}"
+        self.log(f"== step {idx + 1}/{n}: {shown} ==\n")
+        stdin_fd = open_confined(self.workdir, step["stdin"], write=False) \
+            if step.get("stdin") else None
+        try:
+            stdout_fd = open_confined(self.workdir, step["stdout"], write=True) \
+                if step.get("stdout") else None
+        except BaseException:
+            if stdin_fd is not None:
+                os.close(stdin_fd)
+            raise
+        counter: RtraceCount | None = None
+        if program == "rtrace" and stdin_fd is not None and stdout_fd is not None \
+                and not any(a.startswith("-f") and a not in ("-fa", "-faa") for a in args):
+            in_fd: int | None = None
+            with contextlib.suppress(OSError):
+                in_fd = os.open(f"/proc/self/fd/{stdin_fd}", os.O_RDONLY | os.O_CLOEXEC)
+                count_fd = os.open(f"/proc/self/fd/{stdout_fd}", os.O_RDONLY | os.O_CLOEXEC)
+                counter = RtraceCount(in_fd, count_fd,
+                                       header="-h-" not in args and "-h" not in args)
+            if counter is None and in_fd is not None:
+                os.close(in_fd)
+        out_r, out_w = os.pipe()
+        try:
+            pid = spawn([step["path"], *args], cwd=self.workdir, env=self.env,
+                        stdin_fd=stdin_fd,
+                        stdout_fd=stdout_fd if stdout_fd is not None else out_w, stderr_fd=out_w)
+        except OSError as exc:
+            self.log(f"rayserver: cannot start {step['path']}: {exc.strerror or exc}\n")
+            for fd in (out_r, out_w, stdin_fd, stdout_fd):
+                if fd is not None:
+                    os.close(fd)
+            if counter is not None:
+                counter.close()
+            return 127, None
+        for fd in (out_w, stdin_fd, stdout_fd):
+            if fd is not None:
+                os.close(fd)
+        pgid = pid
+        # One write per step: which step runs, and the group to kill should we die.
+        self.db.update_progress(self.id, current_step=idx + 1, pgid_children=pgid,
+                                progress=prog.overall_percent(idx, n, 0.0))
+        try:
+            code, sig = self.supervise(pid, out_r, idx, program, tracker, counter,
+                                       seen_outputs)
+        finally:
+            os.close(out_r)
+            if counter is not None:
+                counter.close()
+        for rel in seen_outputs:
+            if not rel.startswith("/") and ".." not in rel.split("/") \
+                    and rel not in self.outputs \
+                    and os.path.isfile(os.path.join(self.workdir, rel)):
+                self.outputs.append(rel)
+        return code, sig
+
+    def prepare_rad(self, rad: str, args: list[str]
+                    ) -> tuple[list[str], prog.RadProgress | None]:
+        """Dry-run rad to count its renders; add REPORT so rpict reports progress."""
+        try:
+            dry = subprocess.run([rad, *prog.rad_dry_run_args(args)], cwd=self.workdir,
+                                 env=self.env, stdin=subprocess.DEVNULL, capture_output=True,
+                                 timeout=DRY_RUN_TIMEOUT, check=False, process_group=0)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.log(f"rayserver: rad dry run failed ({exc}); progress by steps only\n")
+            return args, None
+        text = dry.stdout.decode("utf-8", "replace")
+        variables = prog.rad_variables(text)
+        if not prog.has_report_variable(args, variables):
+            args = [*args, RAD_REPORT]
+        if dry.returncode != 0:
+            return args, None
+        plan = prog.parse_rad_plan(text)
+        renders = sum(1 for c in plan if c.is_render)
+        self.log(f"rayserver: rad will run {len(plan)} command(s), {renders} render(s)\n")
+        return args, prog.RadProgress(renders=renders) if renders else None
+
+    def supervise(self, pid: int, out_r: int, idx: int,
+                  program: str, tracker: prog.RadProgress | None,
+                  counter: RtraceCount | None,
+                  seen_outputs: list[str]) -> tuple[int | None, int | None]:
+        """Copy output to the log, parse progress, sample memory, handle cancel; reap.
+
+        ``pid`` leads the step's process group (pgid == pid).
+        """
+        pgid = pid
+        n = len(self.steps)
+        sel = selectors.DefaultSelector()
+        sel.register(out_r, selectors.EVENT_READ)
+        sel.register(self.wake_r, selectors.EVENT_READ)
+        status: int | None = None
+        eof = False
+        partial = b""
+        term_at: float | None = None
+        killed = False
+        leader_gone_at: float | None = None
+        next_sample = time.monotonic() + FIRST_SAMPLE
+        next_poke = time.monotonic() + 1.0
+        try:
+            while True:
+                for key, _ in sel.select(0.25):
+                    if key.fd == self.wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            while os.read(self.wake_r, 512):
+                                pass
+                        continue
+                    data = os.read(out_r, 65536)
+                    if not data:
+                        eof = True
+                        sel.unregister(out_r)
+                        continue
+                    self.log(data.decode("utf-8", "replace"))
+                    lines = (partial + data).split(b"\n")
+                    partial = lines.pop()
+                    for raw in lines:
+                        frac = self.parse_line(raw.decode("utf-8", "replace"), program,
+                                               tracker, seen_outputs)
+                        if frac is not None:
+                            self.progress(prog.overall_percent(idx, n, frac))
+                status = self.reap(pid, status)
+                now = time.monotonic()
+                if self.term_signal is not None and term_at is None:
+                    term_at = now
+                    self.log(f"\nrayserver: {signal.Signals(self.term_signal).name} received; "
+                             f"stopping step {idx + 1} (process group {pgid})\n")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pgid, signal.SIGTERM)
+                if term_at is not None and not killed and now - term_at >= self.grace:
+                    killed = True
+                    self.log(f"rayserver: still running after {self.grace:g} s; SIGKILL\n")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pgid, signal.SIGKILL)
+                if now >= next_sample and status is None:
+                    next_sample = now + SAMPLE_INTERVAL
+                    members = group_members(pgid)
+                    self.max_rss_kb = max(self.max_rss_kb, sum(kb for _, kb in members))
+                    frac = counter.fraction() if counter is not None else None
+                    if frac is not None:
+                        self.progress(prog.overall_percent(idx, n, frac))
+                if program == "rpict" and status is None and now >= next_poke:
+                    # SIGCONT makes rpict print one progress report, without -t.
+                    next_poke = now + RPICT_POKE_INTERVAL
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                self.flush_progress()
+                if status is not None:
+                    if leader_gone_at is None:
+                        leader_gone_at = now
+                    gone = group_gone(pgid)
+                    if gone and eof:
+                        break
+                    if not gone and now - leader_gone_at > 1.0 and term_at is None:
+                        # The step's leader is gone but part of its group lives on
+                        # (a background process): end it, nothing may outlive a step.
+                        self.log(f"rayserver: ending {len(group_members(pgid))} leftover "
+                                 f"process(es) of step {idx + 1}\n")
+                        term_at = now
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(pgid, signal.SIGTERM)
+                    if gone and not eof and now - leader_gone_at > 2.0:
+                        # Someone outside the group holds the pipe; stop reading.
+                        break
+        finally:
+            sel.close()
+        if partial:
+            self.parse_line(partial.decode("utf-8", "replace"), program, tracker, seen_outputs)
+        assert status is not None
+        if os.WIFSIGNALED(status):
+            return None, os.WTERMSIG(status)
+        return os.WEXITSTATUS(status), None
+
+    def parse_line(self, line: str, program: str, tracker: prog.RadProgress | None,
+                   seen_outputs: list[str]) -> float | None:
+        if program == "rad":
+            cmd = prog.parse_rad_command(line)
+            if cmd is not None and cmd.output and cmd.output != "/dev/null":
+                seen_outputs.append(cmd.output)
+            return tracker.feed(line) if tracker is not None else None
+        if program == "rpict":
+            rep = prog.parse_rpict_report(line)
+            if rep is not None:
+                return rep.percent / 100.0
+        return None
+
+    def reap(self, leader: int, status: int | None) -> int | None:
+        """Reap every exited child (orphans come to us as subreaper); the leader's status."""
+        while True:
+            try:
+                pid, st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return status
+            if pid == 0:
+                return status
+            if pid == leader:
+                status = st
+
+
