@@ -95,22 +95,24 @@ class Bench:
     def _make_scene(self) -> None:
         (self.project / "room.rad").write_text(SCENE)
         with (self.project / "room.oct").open("wb") as out:
-            subprocess.run([str(BIN / "oconv"), "room.rad"], cwd=self.project, env=ENV,
-                           stdout=out, check=True)
+            subprocess.run(
+                [str(BIN / "oconv"), "room.rad"], cwd=self.project, env=ENV, stdout=out, check=True
+            )
         (self.project / "pt.txt").write_text("1.5 1.5 1 0 0 1\n")
 
     def write_config(self, cpus: int) -> None:
         self.port = free_port()
         (self.home / "config" / "hosts").write_text(
-            f'{HOSTNAME} {cpus} projects="{self.project.parent}"\n')
+            f'{HOSTNAME} {cpus} projects="{self.project.parent}"\n'
+        )
         (self.home / "config" / "rayserver.toml").write_text(
-            f'bind = "127.0.0.1"\nport = {self.port}\n')
+            f'bind = "127.0.0.1"\nport = {self.port}\n'
+        )
 
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(RAYFRONT_HOME=str(self.home), RAYFRONT_HOSTNAME=HOSTNAME,
-                   PYTHONUNBUFFERED="1")
+        env.update(RAYFRONT_HOME=str(self.home), RAYFRONT_HOSTNAME=HOSTNAME, PYTHONUNBUFFERED="1")
         return env
 
     def start_server(self, cpus: int = 2) -> float:
@@ -119,8 +121,13 @@ class Bench:
         self.write_config(cpus)
         t0 = time.perf_counter()
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "rayserver", "-f"], env=self.env, text=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [sys.executable, "-m", "rayserver", "-f"],
+            env=self.env,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         while True:
             try:
                 status, _ = self.request("GET", "/v1/info", auth=False, timeout=1)
@@ -129,8 +136,10 @@ class Bench:
             except OSError:
                 pass
             if self.server.poll() is not None:
-                raise SystemExit(f"rayserver exited with {self.server.returncode}; "
-                                 f"see {self.home}/srvlogs/{HOSTNAME}")
+                raise SystemExit(
+                    f"rayserver exited with {self.server.returncode}; "
+                    f"see {self.home}/srvlogs/{HOSTNAME}"
+                )
             if time.perf_counter() - t0 > 30:
                 raise SystemExit("rayserver did not answer within 30 s")
             time.sleep(0.002)
@@ -162,8 +171,14 @@ class Bench:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
-    def request(self, method: str, path: str, body: object | None = None, auth: bool = True,
-                timeout: float = 60) -> tuple[int, dict]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object | None = None,
+        auth: bool = True,
+        timeout: float = 60,
+    ) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             return self._send(conn, method, path, body, auth)
@@ -181,8 +196,14 @@ class Bench:
             self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
             return self._send(self._conn, method, path, body, True)
 
-    def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
-              body: object | None, auth: bool) -> tuple[int, dict]:
+    def _send(
+        self,
+        conn: http.client.HTTPConnection,
+        method: str,
+        path: str,
+        body: object | None,
+        auth: bool,
+    ) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
         conn.request(method, path, body=data, headers=self.headers(auth))
         resp = conn.getresponse()
@@ -214,8 +235,12 @@ class Bench:
         print(f"  {what}: {value}   [{target}] {verdict}", flush=True)
 
 
-RTRACE_STEP = {"program": "rtrace", "args": ["-h", "room.oct"], "stdin": "pt.txt",
-               "stdout": "pt.out"}
+RTRACE_STEP = {
+    "program": "rtrace",
+    "args": ["-h", "room.oct"],
+    "stdin": "pt.txt",
+    "stdout": "pt.out",
+}
 
 
 def direct_rtrace(project: Path) -> Callable[[], None]:
@@ -256,10 +281,18 @@ def bench_dispatch(b: Bench) -> float:
         s += timed(through_server, 1)
     overhead = med(s) - med(d)
     b.row("1. tiny rtrace, direct (median ms)", f"{med(d):.1f}", "", "")
-    b.row("1. tiny rtrace, through rayserver (median ms)", f"{med(s):.1f}",
-          "", f"ratio {med(s) / med(d):.2f}x")
-    b.row("1. dispatch overhead (median ms)", f"{overhead:.1f}", "< 5 ms",
-          "met" if overhead < 5 else "NOT met")
+    b.row(
+        "1. tiny rtrace, through rayserver (median ms)",
+        f"{med(s):.1f}",
+        "",
+        f"ratio {med(s) / med(d):.2f}x",
+    )
+    b.row(
+        "1. dispatch overhead (median ms)",
+        f"{overhead:.1f}",
+        "< 5 ms",
+        "met" if overhead < 5 else "NOT met",
+    )
     return overhead
 
 
@@ -269,9 +302,12 @@ def sshd(b: Bench) -> Iterator[list[str] | None]:
     sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
     if not Path(sshd_bin).exists() and os.geteuid() == 0 and shutil.which("apt-get"):
         print("  installing openssh-server for the ssh comparison ...", flush=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                        "openssh-server"], capture_output=True, check=False,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openssh-server"],
+            capture_output=True,
+            check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
     if not Path(sshd_bin).exists() or not shutil.which("ssh"):
         b.notes.append("ssh comparison skipped: openssh-server could not be installed here.")
         yield None
@@ -286,20 +322,37 @@ def sshd(b: Bench) -> Iterator[list[str] | None]:
     authorized.write_text((d / "user.pub").read_text())
     authorized.chmod(0o600)
     port = free_port()
-    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True,
-                                                    text=True).stdout.strip()
+    user = (
+        os.environ.get("USER")
+        or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    )
     cfg = d / "sshd_config"
     cfg.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\n"
         f"AuthorizedKeysFile {authorized}\nPasswordAuthentication no\nUsePAM no\n"
         f"PidFile {d / 'sshd.pid'}\nStrictModes no\nPermitRootLogin yes\n"
-        f"SetEnv RAYPATH={ENV['RAYPATH']} PATH={ENV['PATH']}\nAcceptEnv *\n")
+        f"SetEnv RAYPATH={ENV['RAYPATH']} PATH={ENV['PATH']}\nAcceptEnv *\n"
+    )
     Path("/run/sshd").mkdir(exist_ok=True)
-    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = ["ssh", "-q", "-p", str(port), "-i", str(d / "user"), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={d / 'known'}",
-            "-l", user]
+    proc = subprocess.Popen(
+        [sshd_bin, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = [
+        "ssh",
+        "-q",
+        "-p",
+        str(port),
+        "-i",
+        str(d / "user"),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        f"UserKnownHostsFile={d / 'known'}",
+        "-l",
+        user,
+    ]
     try:
         for _ in range(100):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
@@ -307,8 +360,12 @@ def sshd(b: Bench) -> Iterator[list[str] | None]:
             time.sleep(0.05)
         yield base
     finally:
-        subprocess.run([*base, "-o", f"ControlPath={d / 'cm'}", "-O", "exit", "127.0.0.1"],
-                       capture_output=True, check=False, timeout=10)
+        subprocess.run(
+            [*base, "-o", f"ControlPath={d / 'cm'}", "-O", "exit", "127.0.0.1"],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
         proc.terminate()
         proc.wait(10)
 
@@ -322,13 +379,24 @@ def bench_ssh(b: Bench, overhead: float) -> None:
         plain = [*base, "127.0.0.1", remote]
         probe = subprocess.run(plain, capture_output=True, text=True, timeout=30)
         if probe.returncode != 0:
-            b.notes.append(f"ssh comparison skipped: ssh to 127.0.0.1 failed ({probe.stderr.strip()})")
+            b.notes.append(
+                f"ssh comparison skipped: ssh to 127.0.0.1 failed ({probe.stderr.strip()})"
+            )
             return
         direct = direct_rtrace(b.project)
         d = timed(direct, n)
         s = timed(lambda: subprocess.run(plain, check=True, timeout=30), n)
-        cm = [*base, "-o", "ControlMaster=auto", "-o", f"ControlPath={b.tmp / 'ssh' / 'cm'}",
-              "-o", "ControlPersist=60", "127.0.0.1", remote]
+        cm = [
+            *base,
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={b.tmp / 'ssh' / 'cm'}",
+            "-o",
+            "ControlPersist=60",
+            "127.0.0.1",
+            remote,
+        ]
         subprocess.run(cm, check=True, timeout=30)
         c = timed(lambda: subprocess.run(cm, check=True, timeout=30), n)
         ssh_over = med(s) - med(d)
@@ -336,17 +404,28 @@ def bench_ssh(b: Bench, overhead: float) -> None:
         b.row("2. ssh, new connection: overhead (median ms)", f"{ssh_over:.1f}", "", "")
         b.row("2. ssh with ControlMaster: overhead (median ms)", f"{cm_over:.1f}", "", "")
         ratio = overhead / cm_over if cm_over > 0 else float("nan")
-        b.row("2. rayserver overhead / ssh-ControlMaster overhead", f"{ratio:.2f}", "<= 0.25",
-              "met" if ratio <= 0.25 else "NOT met")
+        b.row(
+            "2. rayserver overhead / ssh-ControlMaster overhead",
+            f"{ratio:.2f}",
+            "<= 0.25",
+            "met" if ratio <= 0.25 else "NOT met",
+        )
 
 
 def bench_throughput(b: Bench) -> None:
     n = 100 if b.quick else 200
-    cmds = "\n".join(
-        f"cd {b.project} && rtrace -h room.oct < pt.txt > tp-{i}.out" for i in range(n)) + "\n"
+    cmds = (
+        "\n".join(f"cd {b.project} && rtrace -h room.oct < pt.txt > tp-{i}.out" for i in range(n))
+        + "\n"
+    )
     t0 = time.perf_counter()
-    subprocess.run(["xargs", "-P", "2", "-I", "{}", "sh", "-c", "{}"], input=cmds, text=True,
-                   env=ENV, check=True)
+    subprocess.run(
+        ["xargs", "-P", "2", "-I", "{}", "sh", "-c", "{}"],
+        input=cmds,
+        text=True,
+        env=ENV,
+        check=True,
+    )
     xargs = time.perf_counter() - t0
     t0 = time.perf_counter()
     ids = [b.submit([{**RTRACE_STEP, "stdout": f"tps-{i}.out"}]) for i in range(n)]
@@ -356,16 +435,35 @@ def bench_throughput(b: Bench) -> None:
             raise SystemExit(f"throughput job {job_id} ended {job['state']}")
     server = time.perf_counter() - t0
     b.row(f"3. {n} tiny jobs, xargs -P 2 (s)", f"{xargs:.2f}", "", f"{n / xargs:.0f} jobs/s")
-    b.row(f"3. {n} tiny jobs, rayserver cpus=2 (s)", f"{server:.2f}", "",
-          f"{n / server:.0f} jobs/s")
-    b.row("3. rayserver / xargs wall time", f"{server / xargs:.2f}x", "<= 1.25x",
-          "met" if server / xargs <= 1.25 else "NOT met")
+    b.row(
+        f"3. {n} tiny jobs, rayserver cpus=2 (s)", f"{server:.2f}", "", f"{n / server:.0f} jobs/s"
+    )
+    b.row(
+        "3. rayserver / xargs wall time",
+        f"{server / xargs:.2f}x",
+        "<= 1.25x",
+        "met" if server / xargs <= 1.25 else "NOT met",
+    )
 
 
 def render_args(res: int) -> list[str]:
     # -aa 0: no ambient cache, so the cost grows with the pixel count (calibratable).
-    return [*VIEW.split(), "-x", str(res), "-y", str(res), "-ab", "1", "-aa", "0",
-            "-ad", "128", "-as", "0", "room.oct"]
+    return [
+        *VIEW.split(),
+        "-x",
+        str(res),
+        "-y",
+        str(res),
+        "-ab",
+        "1",
+        "-aa",
+        "0",
+        "-ad",
+        "128",
+        "-as",
+        "0",
+        "room.oct",
+    ]
 
 
 def calibrate_render(b: Bench, target: float) -> int:
@@ -373,8 +471,13 @@ def calibrate_render(b: Bench, target: float) -> int:
     res = 128
     for _ in range(5):
         t0 = time.perf_counter()
-        subprocess.run([str(BIN / "rpict"), *render_args(res)], cwd=b.project, env=ENV,
-                       stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [str(BIN / "rpict"), *render_args(res)],
+            cwd=b.project,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )
         took = time.perf_counter() - t0
         if 0.8 * target <= took <= 1.25 * target:
             break
@@ -390,21 +493,44 @@ def bench_render(b: Bench) -> int:
     for _ in range(n):
         t0 = time.perf_counter()
         with (b.project / "direct.hdr").open("wb") as out:
-            subprocess.run([str(BIN / "rpict"), *render_args(res)], cwd=b.project, env=ENV,
-                           stdout=out, check=True)
+            subprocess.run(
+                [str(BIN / "rpict"), *render_args(res)],
+                cwd=b.project,
+                env=ENV,
+                stdout=out,
+                check=True,
+            )
         d.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        job = b.wait(b.submit([{"program": "rpict", "args": render_args(res), "stdin": None,
-                                "stdout": "server.hdr"}]))
+        job = b.wait(
+            b.submit(
+                [
+                    {
+                        "program": "rpict",
+                        "args": render_args(res),
+                        "stdin": None,
+                        "stdout": "server.hdr",
+                    }
+                ]
+            )
+        )
         s.append(time.perf_counter() - t0)
         if job["state"] != "done":
             raise SystemExit(f"render job ended {job['state']}")
     ratio = med(s) / med(d)
     b.row(f"4. render {res}x{res}, direct (median s)", f"{med(d):.2f}", "", "")
-    b.row(f"4. render {res}x{res}, through rayserver (median s)", f"{med(s):.2f}", "",
-          f"{(ratio - 1) * 100:+.1f} %")
-    b.row("4. render slowdown through rayserver", f"{(ratio - 1) * 100:+.1f} %", "< 3 %",
-          "met" if ratio < 1.03 else "NOT met")
+    b.row(
+        f"4. render {res}x{res}, through rayserver (median s)",
+        f"{med(s):.2f}",
+        "",
+        f"{(ratio - 1) * 100:+.1f} %",
+    )
+    b.row(
+        "4. render slowdown through rayserver",
+        f"{(ratio - 1) * 100:+.1f} %",
+        "< 3 %",
+        "met" if ratio < 1.03 else "NOT met",
+    )
     return res
 
 
@@ -425,8 +551,9 @@ def server_cpu_seconds(b: Bench) -> float:
     return total
 
 
-async def poll_clients(port: int, token: str | None, job_id: int, clients: int,
-                       interval: float, stop_file: Path) -> dict:
+async def poll_clients(
+    port: int, token: str | None, job_id: int, clients: int, interval: float, stop_file: Path
+) -> dict:
     """The load generator (run in its own process): clients poll until stop_file appears."""
     import aiohttp
 
@@ -501,9 +628,14 @@ def bench_status_load(b: Bench, res: int) -> None:
             stop = b.tmp / f"stop-{interval}-{rep}"
             out = b.tmp / f"poll-{interval}-{rep}.json"
             poller = subprocess.Popen(
-                [sys.executable, __file__, "--poller", json.dumps(
-                    [b.port, b.token, job_id, clients, interval, str(stop), str(out)])],
-                preexec_fn=idle_priority)
+                [
+                    sys.executable,
+                    __file__,
+                    "--poller",
+                    json.dumps([b.port, b.token, job_id, clients, interval, str(stop), str(out)]),
+                ],
+                preexec_fn=idle_priority,
+            )
             time.sleep(1.0)  # all clients connected and polling
             cpu0 = server_cpu_seconds(b)
             loaded_times.append(two_renders())
@@ -515,15 +647,30 @@ def bench_status_load(b: Bench, res: int) -> None:
             errors += result["errors"]
             seconds += result["seconds"]
         slowdown = (med(loaded_times) / med(alone_times) - 1) * 100
-        b.row(f"5. {clients} clients polling status, {label}: requests/s",
-              f"{len(latencies) / seconds:.0f}", "", f"{errors} errors")
-        b.row(f"5. status latency p50 / p99, {label} (ms)",
-              f"{pct(latencies, .5):.1f} / {pct(latencies, .99):.1f}", "", "")
-        b.row(f"5. server cpu while polled, {label} (% of one core)",
-              f"{server_cpu / sum(loaded_times) * 100:.0f} %", "", "")
-        b.row(f"5. two renders slowed by the polling, {label} (median of {n})",
-              f"{slowdown:+.1f} %", "< 5 %" if interval else "",
-              ("met" if slowdown < 5 else "NOT met") if interval else "")
+        b.row(
+            f"5. {clients} clients polling status, {label}: requests/s",
+            f"{len(latencies) / seconds:.0f}",
+            "",
+            f"{errors} errors",
+        )
+        b.row(
+            f"5. status latency p50 / p99, {label} (ms)",
+            f"{pct(latencies, 0.5):.1f} / {pct(latencies, 0.99):.1f}",
+            "",
+            "",
+        )
+        b.row(
+            f"5. server cpu while polled, {label} (% of one core)",
+            f"{server_cpu / sum(loaded_times) * 100:.0f} %",
+            "",
+            "",
+        )
+        b.row(
+            f"5. two renders slowed by the polling, {label} (median of {n})",
+            f"{slowdown:+.1f} %",
+            "< 5 %" if interval else "",
+            ("met" if slowdown < 5 else "NOT met") if interval else "",
+        )
 
 
 def bench_client(b: Bench) -> None:
@@ -535,20 +682,45 @@ def bench_client(b: Bench) -> None:
     env = {**b.env, "RAYFRONT_HOSTNAME": HOSTNAME}
 
     def status() -> None:
-        subprocess.run([*rayfront, "status", "--json"], env=env, cwd=b.project, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*rayfront, "status", "--json"],
+            env=env,
+            cwd=b.project,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
     def submit() -> None:
-        subprocess.run([*rayfront, "submit", "--json", "--stdin", "pt.txt", "--stdout",
-                        "cli.out", "--", "rtrace", "-h", "room.oct"], env=env, cwd=b.project,
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                *rayfront,
+                "submit",
+                "--json",
+                "--stdin",
+                "pt.txt",
+                "--stdout",
+                "cli.out",
+                "--",
+                "rtrace",
+                "-h",
+                "room.oct",
+            ],
+            env=env,
+            cwd=b.project,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
     python = timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), n)
     st = timed(status, n)
     sb = timed(submit, n)
     b.row("6. python -c pass (median ms, for scale)", f"{med(python):.0f}", "", "")
-    b.row("6. rayfront status (median ms)", f"{med(st):.0f}", "< 150 ms",
-          "met" if med(st) < 150 else "NOT met")
+    b.row(
+        "6. rayfront status (median ms)",
+        f"{med(st):.0f}",
+        "< 150 ms",
+        "met" if med(st) < 150 else "NOT met",
+    )
     b.row("6. rayfront submit (median ms)", f"{med(sb):.0f}", "", "")
 
 
@@ -577,10 +749,15 @@ def bench_footprint(b: Bench, starts: list[float]) -> None:
     time.sleep(0.5)
     pids = [b.server.pid, *descendants(b.server.pid)]
     total = sum(rss_kb(p) for p in pids)
-    b.row("7. RSS supervisor + idle worker (+ fork server) (MiB)", f"{total / 1024:.1f}", "",
-          f"{len(pids)} processes")
-    job = b.submit([{"program": "rpict", "args": render_args(256), "stdin": None,
-                     "stdout": "fp.hdr"}])
+    b.row(
+        "7. RSS supervisor + idle worker (+ fork server) (MiB)",
+        f"{total / 1024:.1f}",
+        "",
+        f"{len(pids)} processes",
+    )
+    job = b.submit(
+        [{"program": "rpict", "args": render_args(256), "stdin": None, "stdout": "fp.hdr"}]
+    )
     procwrap_rss = 0
     for _ in range(200):
         status, row = b.keepalive("GET", f"/v1/jobs/{job}")
@@ -590,16 +767,21 @@ def bench_footprint(b: Bench, starts: list[float]) -> None:
         time.sleep(0.01)
     b.wait(job)
     b.row("7. RSS of one procwrap (MiB)", f"{procwrap_rss / 1024:.1f}", "", "")
-    b.row("7. rayserver -f to first answered request (median ms)",
-          f"{med(starts) * 1000:.0f}", "", f"n={len(starts)}")
+    b.row(
+        "7. rayserver -f to first answered request (median ms)",
+        f"{med(starts) * 1000:.0f}",
+        "",
+        f"n={len(starts)}",
+    )
 
 
 def bench_growth(b: Bench) -> None:
     sizes = (1000, 2000) if b.quick else (1000, 10000)
     # cpus=1 and a long first job keep everything behind it queued.
     b.start_server(cpus=1)
-    blocker = b.submit([{"program": "rpict", "args": render_args(2048), "stdin": None,
-                         "stdout": "block.hdr"}])
+    blocker = b.submit(
+        [{"program": "rpict", "args": render_args(2048), "stdin": None, "stdout": "block.hdr"}]
+    )
     submitted = 0
     for size in sizes:
         t0 = time.perf_counter()
@@ -612,8 +794,12 @@ def bench_growth(b: Bench) -> None:
         _status, page = b.keepalive("GET", "/v1/jobs?state=queued&limit=100")
         paged = len(page.get("jobs", [])) == 100 and page.get("next") is not None
         b.row(f"8. queue growing to {size}: submit rate (jobs/s)", f"{added / took:.0f}", "", "")
-        b.row(f"8. queue of {size}: list first page (median ms)", f"{med(lat):.1f}", "",
-              "paged" if paged else "NOT paged")
+        b.row(
+            f"8. queue of {size}: list first page (median ms)",
+            f"{med(lat):.1f}",
+            "",
+            "paged" if paged else "NOT paged",
+        )
     b.keepalive("DELETE", f"/v1/jobs/{blocker}")
 
 

@@ -60,9 +60,9 @@ class Workload:
     key: str
     title: str
     program: str
-    args: list[str]                  # after the program name, octree last
-    stdin: str | None                # project-relative ray file (grids)
-    output: str                      # stem of the output file
+    args: list[str]  # after the program name, octree last
+    stdin: str | None  # project-relative ray file (grids)
+    output: str  # stem of the output file
     times: dict[str, list[float]] = field(default_factory=dict)
     part_seconds: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)
@@ -87,16 +87,32 @@ def workloads(quick: bool, points: int) -> list[Workload]:
     amb = ["-ab", "1", "-aa", "0.1", "-as", "128"]
     grid = ["-h", "-I", *amb, "-ad", ad_grid, "-ds", "0.04"]
     return [
-        Workload("picture", "(a) picture", "rpict",
-                 ["-vf", "room.vf", "-x", res, "-y", res, *amb, "-ad", "512", "-ds", "0.1",
-                  "scene.oct"], None, "pic"),
+        Workload(
+            "picture",
+            "(a) picture",
+            "rpict",
+            ["-vf", "room.vf", "-x", res, "-y", res, *amb, "-ad", "512", "-ds", "0.1", "scene.oct"],
+            None,
+            "pic",
+        ),
         # rayfront gives the parts one ambient file of the run's own (-ab 1 caches).
-        Workload("grid", f"(b) grid, {points:,} points, -ab 1", "rtrace", [*grid, "scene.oct"],
-                 "grid.pts", "grid"),
+        Workload(
+            "grid",
+            f"(b) grid, {points:,} points, -ab 1",
+            "rtrace",
+            [*grid, "scene.oct"],
+            "grid.pts",
+            "grid",
+        ),
         # Direct light only: parts independent of each other, no cache to share.
-        Workload("grid-direct", f"(c) grid, {points:,} points, -ab 0", "rtrace",
-                 ["-h", "-I", "-ab", "0", "-dt", "0", "-ds", "0.03" if quick else "0.015",
-                  "scene.oct"], "grid.pts", "grid-direct"),
+        Workload(
+            "grid-direct",
+            f"(c) grid, {points:,} points, -ab 0",
+            "rtrace",
+            ["-h", "-I", "-ab", "0", "-dt", "0", "-ds", "0.03" if quick else "0.015", "scene.oct"],
+            "grid.pts",
+            "grid-direct",
+        ),
     ]
 
 
@@ -112,8 +128,9 @@ def run_direct(cluster: Cluster, w: Workload) -> tuple[float, float]:
     cpu0 = children_cpu()
     t0 = time.perf_counter()
     with open(stdin, "rb") as inp, open(out, "wb") as dst:
-        subprocess.run([w.program, *w.args], cwd=cluster.project, env=ENV, stdin=inp,
-                       stdout=dst, check=True)
+        subprocess.run(
+            [w.program, *w.args], cwd=cluster.project, env=ENV, stdin=inp, stdout=dst, check=True
+        )
     return time.perf_counter() - t0, children_cpu() - cpu0
 
 
@@ -138,13 +155,26 @@ def run_split(cluster: Cluster, w: Workload, hosts: int) -> tuple[float, dict]:
     out = f"{w.output}-{hosts}{w.suffix}"
     io = ["--stdin", w.stdin] if w.stdin else []
     t0 = time.perf_counter()
-    proc = cluster.rayfront("run", "--json", "--hosts", ",".join(cluster.names[:hosts]),
-                            *io, "--stdout", out, "--", w.program, *w.args, timeout=900)
+    proc = cluster.rayfront(
+        "run",
+        "--json",
+        "--hosts",
+        ",".join(cluster.names[:hosts]),
+        *io,
+        "--stdout",
+        out,
+        "--",
+        w.program,
+        *w.args,
+        timeout=900,
+    )
     took = time.perf_counter() - t0
     summary = as_json(proc)
     if proc.returncode != 0 or summary.get("state") != "done":
-        raise SystemExit(f"split run on {hosts} server(s) failed (exit {proc.returncode}): "
-                         f"{summary.get('error')}\n{proc.stderr}")
+        raise SystemExit(
+            f"split run on {hosts} server(s) failed (exit {proc.returncode}): "
+            f"{summary.get('error')}\n{proc.stderr}"
+        )
     return took, summary
 
 
@@ -178,28 +208,34 @@ def measure(cluster: Cluster, ws: list[Workload], reps: int, points: int) -> Non
                     w.parts[config] = len(summary["parts"])
                     w.part_seconds.setdefault(config, []).append(seconds)
                     each = " ".join(f"{p['seconds']:.1f}" for p in summary["parts"])
-                    detail = (f", {len(summary['parts'])} parts, {seconds:.1f} part-s ({each}), "
-                              f"parts' cpu {cpu:.1f} s, "
-                              f"client wall_time {summary['wall_time']:.1f} s")
+                    detail = (
+                        f", {len(summary['parts'])} parts, {seconds:.1f} part-s ({each}), "
+                        f"parts' cpu {cpu:.1f} s, "
+                        f"client wall_time {summary['wall_time']:.1f} s"
+                    )
                 w.cpu.setdefault(config, []).append(cpu)
                 check_output(cluster, w, config, points)
                 w.times.setdefault(config, []).append(took)
-                print(f"  rep {rep + 1}/{reps} {w.key:8} "
-                      f"{'direct' if config == 'direct' else config + ' server(s)':12} "
-                      f"{took:6.2f} s{detail}", flush=True)
+                print(
+                    f"  rep {rep + 1}/{reps} {w.key:8} "
+                    f"{'direct' if config == 'direct' else config + ' server(s)':12} "
+                    f"{took:6.2f} s{detail}",
+                    flush=True,
+                )
 
 
 def table(ws: list[Workload]) -> list[str]:
-    lines = ["| workload | run | wall s (median) | speed-up vs 1 server | vs direct | parts "
-             "| sum of part s | cpu s | per-server efficiency |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | run | wall s (median) | speed-up vs 1 server | vs direct | parts "
+        "| sum of part s | cpu s | per-server efficiency |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for w in ws:
         direct = statistics.median(w.times["direct"])
         one = statistics.median(w.times["1"])
         title = w.title + (f" {w.size}" if w.size else "")
         cpu = statistics.median(w.cpu["direct"])
-        lines.append(f"| {title} | direct (no server) | {direct:.2f} | | 1.00x | | "
-                     f"| {cpu:.1f} | |")
+        lines.append(f"| {title} | direct (no server) | {direct:.2f} | | 1.00x | | | {cpu:.1f} | |")
         for k in range(1, SERVERS + 1):
             wall = statistics.median(w.times[str(k)])
             part_s = statistics.median(w.part_seconds[str(k)])
@@ -208,22 +244,28 @@ def table(ws: list[Workload]) -> list[str]:
             lines.append(
                 f"| {title} | {k} server{'s' if k > 1 else ''} | {wall:.2f} | {speed:.2f}x "
                 f"| {direct / wall:.2f}x | {w.parts[str(k)]} | {part_s:.1f} | {cpu:.1f} "
-                f"| {speed / k * 100:.0f} % |")
+                f"| {speed / k * 100:.0f} % |"
+            )
     return lines
 
 
 def part_table(ws: list[Workload]) -> list[str]:
     """The parts' own cpu seconds on 3 servers (last repetition), from the job records."""
-    lines = ["| workload (3 servers) | parts | cpu s, all parts | cpu s, costliest part "
-             "| cpu s, cheapest part | costliest / mean |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| workload (3 servers) | parts | cpu s, all parts | cpu s, costliest part "
+        "| cpu s, cheapest part | costliest / mean |",
+        "|---|---|---|---|---|---|",
+    ]
     for w in ws:
         each = w.part_cpu.get(str(SERVERS), [])
         if not each:
             continue
         mean = sum(each) / len(each)
-        lines.append(f"| {w.title}{' ' + w.size if w.size else ''} | {len(each)} "
-                     f"| {sum(each):.1f} | {max(each):.2f} | {min(each):.2f} "
-                     f"| {max(each) / mean if mean else 0:.2f} |")
+        lines.append(
+            f"| {w.title}{' ' + w.size if w.size else ''} | {len(each)} "
+            f"| {sum(each):.1f} | {max(each):.2f} | {min(each):.2f} "
+            f"| {max(each) / mean if mean else 0:.2f} |"
+        )
     return lines
 
 
@@ -237,11 +279,20 @@ def share_check_times(cluster: Cluster, reps: int) -> list[str]:
     ctx = Context()
     project = ctx.project(cluster.project)
     records = ctx.server_records(cluster.names)
-    lines = ["| servers | visibility only (median) | with the lock check (median) |",
-             "|---|---|---|"]
+    lines = [
+        "| servers | visibility only (median) | with the lock check (median) |",
+        "|---|---|---|",
+    ]
     for k in range(1, SERVERS + 1):
-        run = SplitRun(ctx, project, ["rpict", "scene.oct"], hosts=records[:k],
-                       explicit_hosts=True, stdin=None, stdout="x.hdr")
+        run = SplitRun(
+            ctx,
+            project,
+            ["rpict", "scene.oct"],
+            hosts=records[:k],
+            explicit_hosts=True,
+            stdin=None,
+            stdout="x.hdr",
+        )
         run.connect()
         took = {}
         for locks in (False, True):
@@ -259,11 +310,18 @@ def host_loss(cluster: Cluster, lost_after: float) -> list[str]:
     """One server killed (server, worker, procwraps) while its part runs: wall time and result."""
     # Finer source sampling than workload (c): the parts must outlast the kill.
     args = ["-h", "-I", "-ab", "0", "-dt", "0", "-ds", "0.008", "scene.oct"]
-    command = ["run", "--json", "--hosts", ",".join(cluster.names), "--lost-after",
-               f"{lost_after:g}", "--stdin", "grid.pts"]
+    command = [
+        "run",
+        "--json",
+        "--hosts",
+        ",".join(cluster.names),
+        "--lost-after",
+        f"{lost_after:g}",
+        "--stdin",
+        "grid.pts",
+    ]
     t0 = time.perf_counter()
-    calm = cluster.rayfront(*command, "--stdout", "calm.dat", "--", "rtrace", *args,
-                            timeout=600)
+    calm = cluster.rayfront(*command, "--stdout", "calm.dat", "--", "rtrace", *args, timeout=600)
     calm_wall = time.perf_counter() - t0
     if calm.returncode != 0:
         raise SystemExit(f"undisturbed run failed: {calm.stderr}")
@@ -284,7 +342,9 @@ def host_loss(cluster: Cluster, lost_after: float) -> list[str]:
         result = finish(proc, 600)
     lost_wall = time.perf_counter() - t0
     summary = as_json(result)
-    same = (cluster.project / "lost.dat").read_bytes() == (cluster.project / "calm.dat").read_bytes()
+    same = (cluster.project / "lost.dat").read_bytes() == (
+        cluster.project / "calm.dat"
+    ).read_bytes()
     retried = [p for p in summary["parts"] if len(p["attempts"]) > 1]
     if not retried:
         raise SystemExit("the killed server's part had ended before the kill: nothing measured")
@@ -300,8 +360,9 @@ def host_loss(cluster: Cluster, lost_after: float) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="1 repetition and ~1/4 of the work (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 repetition and ~1/4 of the work (a smoke run)"
+    )
     args = parser.parse_args()
     reps = 1 if args.quick else 3
     points = 5000 if args.quick else 20000
@@ -310,16 +371,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rayserver-split-bench-"))
     ws = workloads(args.quick, points)
     try:
-        print(f"starting {SERVERS} rayservers (1 cpu each) on 127.0.0.1-{SERVERS} ...",
-              flush=True)
+        print(f"starting {SERVERS} rayservers (1 cpu each) on 127.0.0.1-{SERVERS} ...", flush=True)
         cluster = make_cluster(tmp, SERVERS, cpus=1)
         try:
             write_scene(cluster.project)
             write_points(cluster.project / "grid.pts", points)
             # Warm the servers (spare procwraps, page cache) so the first measured
             # split run does not pay for it alone.
-            run_split(cluster, Workload("warm", "", "rtrace", ["-h", "-ab", "0", "scene.oct"],
-                                        "grid.pts", "warm"), SERVERS)
+            run_split(
+                cluster,
+                Workload("warm", "", "rtrace", ["-h", "-ab", "0", "scene.oct"], "grid.pts", "warm"),
+                SERVERS,
+            )
             measure(cluster, ws, reps, points)
             shares = share_check_times(cluster, reps)
             # Last: it kills server 3.
@@ -349,7 +412,7 @@ def main() -> int:
         *table(ws),
         "",
         "wall s: client start to exit, median; speed-up vs 1 server: median(1 server) / "
-        "median(k servers); sum of part s: the parts' \"seconds\" from the --json summary "
+        'median(k servers); sum of part s: the parts\' "seconds" from the --json summary '
         "(submit to seen done, polled every 0.25 s; includes waiting for a core); cpu s: "
         "the part programs' CPU seconds from the servers' job records (direct: the "
         "program's own); per-server efficiency: speed-up / k.",

@@ -276,8 +276,14 @@ class Supervisor:
             self._crashes = 0
         self._crashes += 1
         delay = min(self.backoff_cap, self.backoff_first * 2 ** (self._crashes - 1))
-        log.error("worker %d died unexpectedly (%s) after %.1f s; restart %d in %.2f s",
-                  pid, how, lived, self._crashes, delay)
+        log.error(
+            "worker %d died unexpectedly (%s) after %.1f s; restart %d in %.2f s",
+            pid,
+            how,
+            lived,
+            self._crashes,
+            delay,
+        )
         announce(log, f"{self.name} {os.getpid()} internal error. Restarting.", logging.ERROR)
         self.restarts += 1
         self._restart_at = time.monotonic() + delay

@@ -62,7 +62,8 @@ class PidFile:
             shown = str(pid) if pid > 0 else "(unknown pid)"
             raise PidFileError(
                 f"{self.name} {shown} is already running (pid file {self.path} is locked by it); "
-                "stop it first, or use another RAYFRONT_HOME", pid,
+                "stop it first, or use another RAYFRONT_HOME",
+                pid,
             )
 
     def acquire(self) -> None:

@@ -30,9 +30,15 @@ def _secs(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def bind_with_retries(address: str, port: int, *, attempts: int = 3, delay: float = 30.0,
-                      backlog: int = 128,
-                      sleep: Callable[[float], None] = time.sleep) -> socket.socket:
+def bind_with_retries(
+    address: str,
+    port: int,
+    *,
+    attempts: int = 3,
+    delay: float = 30.0,
+    backlog: int = 128,
+    sleep: Callable[[float], None] = time.sleep,
+) -> socket.socket:
     """A listening TCP socket on ``address``:``port`` (port 0: an ephemeral port).
 
     IPv6 addresses bind AF_INET6. Prints ``Socket Error: (98, 'Address already

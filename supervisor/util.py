@@ -31,7 +31,9 @@ def describe_status(status: int) -> str:
             name = signal.Signals(num).name
         except ValueError:
             name = "unknown"
-        return f"killed by signal {num} ({name})" + (" (core dumped)" if os.WCOREDUMP(status) else "")
+        return f"killed by signal {num} ({name})" + (
+            " (core dumped)" if os.WCOREDUMP(status) else ""
+        )
     if os.WIFEXITED(status):
         return f"exit code {os.WEXITSTATUS(status)}"
     return f"status {status:#x}"
@@ -107,7 +109,6 @@ def set_title(title: str | None) -> None:
 
 def daemon_supported() -> bool:
     """Whether this platform can detach (double fork, setsid) and switch identity."""
-    return (
-        os.name == "posix"
-        and all(hasattr(os, name) for name in ("fork", "setsid", "setuid", "setgid", "initgroups"))
+    return os.name == "posix" and all(
+        hasattr(os, name) for name in ("fork", "setsid", "setuid", "setgid", "initgroups")
     )

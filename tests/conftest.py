@@ -132,15 +132,25 @@ class ServerProc:
             time.sleep(0.02)
         raise AssertionError(f"no {text!r} within {timeout}s; output so far:\n{self.output}")
 
-    def request(self, method: str, path: str, body: object | None = None,
-                token: str | None | bool = True, timeout: float = 30.0
-                ) -> tuple[int, dict | str]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object | None = None,
+        token: str | None | bool = True,
+        timeout: float = 30.0,
+    ) -> tuple[int, dict | str]:
         return http_request(self.home, method, path, body, token, timeout)
 
 
-def http_request(home: RayHome, method: str, path: str, body: object | None = None,
-                 token: str | None | bool = True, timeout: float = 30.0
-                 ) -> tuple[int, dict | str]:
+def http_request(
+    home: RayHome,
+    method: str,
+    path: str,
+    body: object | None = None,
+    token: str | None | bool = True,
+    timeout: float = 30.0,
+) -> tuple[int, dict | str]:
     """One HTTP request to the test server; JSON answers are decoded."""
     headers = {}
     if token is True:
@@ -153,12 +163,22 @@ def http_request(home: RayHome, method: str, path: str, body: object | None = No
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    return exchange(http.client.HTTPConnection("127.0.0.1", home.port, timeout=timeout),
-                    method, path, data, headers)
+    return exchange(
+        http.client.HTTPConnection("127.0.0.1", home.port, timeout=timeout),
+        method,
+        path,
+        data,
+        headers,
+    )
 
 
-def exchange(conn: http.client.HTTPConnection, method: str, path: str, data: bytes | None,
-             headers: dict[str, str]) -> tuple[int, dict | str]:
+def exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    data: bytes | None,
+    headers: dict[str, str],
+) -> tuple[int, dict | str]:
     """Send one request on ``conn`` and close it; JSON answers are decoded."""
     try:
         conn.request(method, path, body=data, headers=headers)
@@ -194,15 +214,24 @@ def our_pids(home: Path) -> list[int]:
     return found
 
 
-def start_server(home: RayHome, *args: str, wait: str | None = "running.",
-                 extra_env: dict[str, str] | None = None) -> ServerProc:
+def start_server(
+    home: RayHome,
+    *args: str,
+    wait: str | None = "running.",
+    extra_env: dict[str, str] | None = None,
+) -> ServerProc:
     env = home.env
     if extra_env:
         env.update(extra_env)
     proc = subprocess.Popen(
         [sys.executable, "-m", "rayserver", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        text=True, env=env, start_new_session=True, cwd=str(home.path.parent),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+        cwd=str(home.path.parent),
     )
     server = ServerProc(proc, home)
     server.start_reader()
@@ -247,8 +276,12 @@ def server_factory(rayhome: RayHome) -> Iterator:
     """Start rayserver processes for a test; all are stopped when it ends."""
     started: list[ServerProc] = []
 
-    def factory(*args: str, home: RayHome | None = None, wait: str | None = "running.",
-                extra_env: dict[str, str] | None = None) -> ServerProc:
+    def factory(
+        *args: str,
+        home: RayHome | None = None,
+        wait: str | None = "running.",
+        extra_env: dict[str, str] | None = None,
+    ) -> ServerProc:
         srv = start_server(home or rayhome, *(args or ("-f",)), wait=wait, extra_env=extra_env)
         started.append(srv)
         return srv

@@ -39,21 +39,36 @@ def make_project(home: RayHome, name: str = "room") -> Path:
     proj.mkdir()
     (proj / "scene.rad").write_text(SCENE)
     with open(proj / "scene.oct", "wb") as out:
-        subprocess.run([str(BIN / "oconv"), "scene.rad"], cwd=proj, stdout=out, check=True,
-                       env=rad_env(), timeout=30)
+        subprocess.run(
+            [str(BIN / "oconv"), "scene.rad"],
+            cwd=proj,
+            stdout=out,
+            check=True,
+            env=rad_env(),
+            timeout=30,
+        )
     return proj
 
 
 def rpict(size: int, *extra: str, out: str = "out.hdr") -> dict[str, Any]:
-    return {"program": "rpict", "args": [*VIEW, "-x", str(size), "-y", str(size), *extra,
-                                         "scene.oct"], "stdin": None, "stdout": out}
+    return {
+        "program": "rpict",
+        "args": [*VIEW, "-x", str(size), "-y", str(size), *extra, "scene.oct"],
+        "stdin": None,
+        "stdout": out,
+    }
 
 
-def submit(srv: Any, steps: list[dict[str, Any]], project: str = "room",
-           location: str = "projects", **extra: Any) -> dict[str, Any]:
-    status, body = srv.request("POST", "/v1/jobs",
-                               {"location": location, "project": project, "steps": steps,
-                                **extra})
+def submit(
+    srv: Any,
+    steps: list[dict[str, Any]],
+    project: str = "room",
+    location: str = "projects",
+    **extra: Any,
+) -> dict[str, Any]:
+    status, body = srv.request(
+        "POST", "/v1/jobs", {"location": location, "project": project, "steps": steps, **extra}
+    )
     assert status == 201, body
     assert isinstance(body, dict)
     return body
@@ -76,8 +91,9 @@ def wait_final(srv: Any, job_id: int, timeout: float = 60) -> dict[str, Any]:
             return job
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -30,9 +30,14 @@ grey polygon wall 0 0 12 0 4 0  4 4 0  4 4 3  0 4 3
 """
 
 
-def raw(home: RayHome, method: str, path: str, body: bytes | None = None,
-        headers: dict[str, str] | None = None, token: bool = True
-        ) -> tuple[int, dict[str, str], bytes]:
+def raw(
+    home: RayHome,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    token: bool = True,
+) -> tuple[int, dict[str, str], bytes]:
     hdrs = dict(headers or {})
     if token and home.token():
         hdrs["Authorization"] = f"Bearer {home.token()}"
@@ -65,23 +70,53 @@ def make_project(home: RayHome, name: str = "p") -> Path:
 
 def tiny(**over: Any) -> dict[str, Any]:
     job: dict[str, Any] = {
-        "location": "projects", "project": "p",
-        "steps": [{"program": "oconv", "args": ["scene.rad"], "stdin": None,
-                   "stdout": "scene.oct"},
-                  {"program": "rtrace", "args": ["-h", "scene.oct"], "stdin": "pts.txt",
-                   "stdout": "out.txt"}]}
+        "location": "projects",
+        "project": "p",
+        "steps": [
+            {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "scene.oct"},
+            {
+                "program": "rtrace",
+                "args": ["-h", "scene.oct"],
+                "stdin": "pts.txt",
+                "stdout": "out.txt",
+            },
+        ],
+    }
     job.update(over)
     return job
 
 
 def slow(seconds_hint: str = "600") -> dict[str, Any]:
     """A render that runs for many seconds (it is cancelled or interrupted, never awaited)."""
-    return tiny(steps=[
-        {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "scene.oct"},
-        {"program": "rpict", "args": ["-vp", "2", "-1", "2", "-vd", "0", "1", "-0.5", "-x",
-                                      seconds_hint, "-y", seconds_hint, "-ab", "3", "-ad",
-                                      "4096", "scene.oct"],
-         "stdin": None, "stdout": "slow.hdr"}])
+    return tiny(
+        steps=[
+            {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "scene.oct"},
+            {
+                "program": "rpict",
+                "args": [
+                    "-vp",
+                    "2",
+                    "-1",
+                    "2",
+                    "-vd",
+                    "0",
+                    "1",
+                    "-0.5",
+                    "-x",
+                    seconds_hint,
+                    "-y",
+                    seconds_hint,
+                    "-ab",
+                    "3",
+                    "-ad",
+                    "4096",
+                    "scene.oct",
+                ],
+                "stdin": None,
+                "stdout": "slow.hdr",
+            },
+        ]
+    )
 
 
 def answering(srv: Any) -> bool:
@@ -130,8 +165,13 @@ def test_token_is_required_for_jobs(server: Any) -> None:
 
 def test_submit_answers_201_with_location(server: Any, rayhome: RayHome) -> None:
     make_project(rayhome)
-    status, headers, body = raw(rayhome, "POST", "/v1/jobs", json.dumps(tiny(name="t")).encode(),
-                                {"Content-Type": "application/json"})
+    status, headers, body = raw(
+        rayhome,
+        "POST",
+        "/v1/jobs",
+        json.dumps(tiny(name="t")).encode(),
+        {"Content-Type": "application/json"},
+    )
     job = json.loads(body)
     assert status == 201, job
     assert headers["Location"] == f"/v1/jobs/{job['id']}"
@@ -149,15 +189,17 @@ def test_bad_submissions_get_clear_errors(server: Any, rayhome: RayHome) -> None
     good = json.dumps(tiny()).encode()
     status, _, body = raw(rayhome, "POST", "/v1/jobs", good, {"Content-Type": "text/plain"})
     error_of(status, json.loads(body), 415, "Content-Type: application/json", "text/plain")
-    status, _, body = raw(rayhome, "POST", "/v1/jobs", b'{"location": ',
-                          {"Content-Type": "application/json"})
+    status, _, body = raw(
+        rayhome, "POST", "/v1/jobs", b'{"location": ', {"Content-Type": "application/json"}
+    )
     error_of(status, json.loads(body), 400, "not valid JSON", "line 1")
     status, _, body = raw(rayhome, "POST", "/v1/jobs", b"", {"Content-Type": "application/json"})
     error_of(status, json.loads(body), 400, "empty request body")
     status, body = server.request("POST", "/v1/jobs", tiny(priority="urgent"))
     error_of(status, body, 422, "priority", "whole number")
-    status, body = server.request("POST", "/v1/jobs", tiny(steps=[{"program": "rtrace",
-                                                                   "args": ["-h", 3]}]))
+    status, body = server.request(
+        "POST", "/v1/jobs", tiny(steps=[{"program": "rtrace", "args": ["-h", 3]}])
+    )
     error_of(status, body, 422, "steps[0].args[1]")
     status, body = server.request("POST", "/v1/jobs", tiny(project="nothere"))
     error_of(status, body, 404, "'nothere' does not exist")
@@ -176,12 +218,19 @@ def test_bad_submissions_get_clear_errors(server: Any, rayhome: RayHome) -> None
 
 def test_limits_from_settings(server_factory: Any, rayhome: RayHome) -> None:
     settings = rayhome.path / "config" / "rayserver.toml"
-    settings.write_text(settings.read_text() + "max_body_bytes = 2000\nmax_steps = 3\n"
-                        "max_args = 5\nmax_arg_length = 50\n")
+    settings.write_text(
+        settings.read_text() + "max_body_bytes = 2000\nmax_steps = 3\n"
+        "max_args = 5\nmax_arg_length = 50\n"
+    )
     srv = start(server_factory)
     make_project(rayhome)
-    status, _, body = raw(rayhome, "POST", "/v1/jobs", json.dumps(tiny(name="x" * 3000)).encode(),
-                          {"Content-Type": "application/json"})
+    status, _, body = raw(
+        rayhome,
+        "POST",
+        "/v1/jobs",
+        json.dumps(tiny(name="x" * 3000)).encode(),
+        {"Content-Type": "application/json"},
+    )
     error_of(status, json.loads(body), 413, "at most 2000 bytes")
     step = {"program": "rtrace", "args": [], "stdin": None, "stdout": None}
     status, body = srv.request("POST", "/v1/jobs", tiny(steps=[step] * 4))
@@ -192,16 +241,23 @@ def test_limits_from_settings(server_factory: Any, rayhome: RayHome) -> None:
     error_of(status, body, 422, "max_arg_length", "steps[0].args[0]")
 
 
-def test_location_added_while_running_is_accepted(server: Any, rayhome: RayHome,
-                                                  tmp_path: Path) -> None:
+def test_location_added_while_running_is_accepted(
+    server: Any, rayhome: RayHome, tmp_path: Path
+) -> None:
     archive = tmp_path / "archive"
     (archive / "p").mkdir(parents=True)
     (archive / "p" / "scene.rad").write_text("void light l 0 0 3 1 1 1\n")
     rayhome.write_hosts(f'testhost 2 projects="{rayhome.projects}" archive="{archive}"\n')
     # No SIGHUP, no waiting for the file watcher: an unknown name triggers one reload.
-    status, body = server.request("POST", "/v1/jobs", {
-        "location": "archive", "project": "p",
-        "steps": [{"program": "oconv", "args": ["scene.rad"], "stdout": "scene.oct"}]})
+    status, body = server.request(
+        "POST",
+        "/v1/jobs",
+        {
+            "location": "archive",
+            "project": "p",
+            "steps": [{"program": "oconv", "args": ["scene.rad"], "stdout": "scene.oct"}],
+        },
+    )
     assert status == 201, body
     assert final(server, body["id"])["state"] == "done"
     assert (archive / "p" / "scene.oct").stat().st_size > 0
@@ -230,8 +286,9 @@ def test_bad_ids_and_parameters(server: Any) -> None:
         error_of(status, body, expected, *words)
 
 
-def test_cancel_queued_at_once_running_later_final_409(server_factory: Any,
-                                                       rayhome: RayHome) -> None:
+def test_cancel_queued_at_once_running_later_final_409(
+    server_factory: Any, rayhome: RayHome
+) -> None:
     rayhome.write_hosts(f'testhost 1 projects="{rayhome.projects}"\n')
     make_project(rayhome)
     srv = start(server_factory)
@@ -268,8 +325,7 @@ def test_log_with_offset(server: Any, rayhome: RayHome) -> None:
 
 @pytest.mark.parametrize("body", [b"[]", b'"job"', b"null"])
 def test_json_that_is_not_an_object(server: Any, rayhome: RayHome, body: bytes) -> None:
-    status, _, answer = raw(rayhome, "POST", "/v1/jobs", body,
-                            {"Content-Type": "application/json"})
+    status, _, answer = raw(rayhome, "POST", "/v1/jobs", body, {"Content-Type": "application/json"})
     error_of(status, json.loads(answer), 422, "must be a JSON object")
 
 

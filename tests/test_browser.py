@@ -24,20 +24,48 @@ from rayserver.common.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"{CHROMIUM} is missing: install Debian's chromium "
-                              "(apt-get install -y --no-install-recommends chromium)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(),
+        reason=f"{CHROMIUM} is missing: install Debian's chromium "
+        "(apt-get install -y --no-install-recommends chromium)",
+    ),
 ]
 
 # Two ambient bounces at 320 x 240 take a few seconds: long enough to watch progress.
-RENDER = ["-t", "1", "-vp", "0", "-6", "1", "-vd", "0", "1", "-0.2", "-vh", "50", "-vv", "40",
-          "-ab", "2", "-aa", "0", "-ad", "256"]
+RENDER = [
+    "-t",
+    "1",
+    "-vp",
+    "0",
+    "-6",
+    "1",
+    "-vd",
+    "0",
+    "1",
+    "-0.2",
+    "-vh",
+    "50",
+    "-vv",
+    "40",
+    "-ab",
+    "2",
+    "-aa",
+    "0",
+    "-ad",
+    "256",
+]
 
 
 @pytest.fixture
@@ -46,8 +74,11 @@ def browser_context(tmp_path: Path) -> Iterator[Any]:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900},
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900},
         )
         try:
             yield context
@@ -80,31 +111,60 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     (project / "s.rad").write_text(SCENE)
     settings = Settings()
     with open(project / "b.oct", "wb") as out:
-        subprocess.run([str(radiance.bin_dir(settings) / "oconv"), "s.rad"], cwd=project,
-                       env=radiance.simulation_env(settings), stdout=out, check=True)
+        subprocess.run(
+            [str(radiance.bin_dir(settings) / "oconv"), "s.rad"],
+            cwd=project,
+            env=radiance.simulation_env(settings),
+            stdout=out,
+            check=True,
+        )
 
-    status, render = server.request("POST", "/v1/jobs", {
-        "location": "projects", "project": "p1", "name": "watched render",
-        "steps": [
-            {"program": "oconv", "args": ["s.rad"], "stdin": None, "stdout": "a.oct"},
-            {"program": "rpict", "args": [*RENDER, "-x", "320", "-y", "240", "a.oct"],
-             "stdin": None, "stdout": "a.hdr"},
-        ],
-    })
+    status, render = server.request(
+        "POST",
+        "/v1/jobs",
+        {
+            "location": "projects",
+            "project": "p1",
+            "name": "watched render",
+            "steps": [
+                {"program": "oconv", "args": ["s.rad"], "stdin": None, "stdout": "a.oct"},
+                {
+                    "program": "rpict",
+                    "args": [*RENDER, "-x", "320", "-y", "240", "a.oct"],
+                    "stdin": None,
+                    "stdout": "a.hdr",
+                },
+            ],
+        },
+    )
     assert status == 201, render
-    status, long_job = server.request("POST", "/v1/jobs", {
-        "location": "projects", "project": "p1", "name": "to be cancelled",
-        "steps": [{"program": "rpict", "args": [*RENDER, "-x", "2000", "-y", "1500", "b.oct"],
-                   "stdin": None, "stdout": "b.hdr"}],
-    })
+    status, long_job = server.request(
+        "POST",
+        "/v1/jobs",
+        {
+            "location": "projects",
+            "project": "p1",
+            "name": "to be cancelled",
+            "steps": [
+                {
+                    "program": "rpict",
+                    "args": [*RENDER, "-x", "2000", "-y", "1500", "b.oct"],
+                    "stdin": None,
+                    "stdout": "b.hdr",
+                }
+            ],
+        },
+    )
     assert status == 201, long_job
     a, b = render["id"], long_job["id"]
 
     page = browser_context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-            if m.type == "error" else None)
+    page.on(
+        "console",
+        lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None,
+    )
     url = f"http://127.0.0.1:{home.port}/"
     page.goto(url)
 
@@ -130,9 +190,13 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     assert "100 %" in page.inner_text(f"#job-{a} .progress-text")
 
     # The preview is a blob: URL (fetched with the token in a header) that decodes.
-    width = poll(page, f"#job-{a} .preview img",
-                 "i => i.complete && i.src.startsWith('blob:') ? i.naturalWidth : 0",
-                 lambda v: bool(v), timeout=30)[-1]
+    width = poll(
+        page,
+        f"#job-{a} .preview img",
+        "i => i.complete && i.src.startsWith('blob:') ? i.naturalWidth : 0",
+        lambda v: bool(v),
+        timeout=30,
+    )[-1]
     assert width > 0
     assert (home.path / "srvstate" / "jobs" / str(a) / "preview-1.png").exists()
 
@@ -140,8 +204,13 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     assert page.get_by_role("progressbar", name="#" + str(a) + " watched render").count() == 1
     assert page.get_by_role("status").count() == 1
     page.click(f"#job-{a} summary")
-    log_text = poll(page, f"#job-{a} .log pre", "p => p.textContent",
-                    lambda v: bool(v) and "rpict" in v, timeout=10)[-1]
+    log_text = poll(
+        page,
+        f"#job-{a} .log pre",
+        "p => p.textContent",
+        lambda v: bool(v) and "rpict" in v,
+        timeout=10,
+    )[-1]
     assert token not in log_text
 
     # Cancel the second job from the page (accepting the confirmation dialog).
@@ -168,12 +237,16 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     times = []
     for _ in range(5):
         page.goto(url, wait_until="load")
-        times.append(page.evaluate(
-            "() => { const n = performance.getEntriesByType('navigation')[0];"
-            " return n.loadEventEnd > 0 ? n.loadEventEnd - n.startTime : n.duration; }"))
+        times.append(
+            page.evaluate(
+                "() => { const n = performance.getEntriesByType('navigation')[0];"
+                " return n.loadEventEnd > 0 ? n.loadEventEnd - n.startTime : n.duration; }"
+            )
+        )
         page.wait_for_selector(f"#job-{a}")  # signed in still: same tab, same session
-    print(f"page load times (ms): {[round(t, 1) for t in times]}; "
-          f"median {statistics.median(times):.1f} ms")
+    print(
+        f"page load times (ms): {[round(t, 1) for t in times]}; "
+        f"median {statistics.median(times):.1f} ms"
+    )
     assert statistics.median(times) < 2000
     assert not problems, problems
-

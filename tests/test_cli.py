@@ -23,33 +23,42 @@ from tests.conftest import REPO, RayHome
 
 
 def run_cli(home: RayHome, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rayserver", *args], env=home.env,
-                          capture_output=True, text=True, timeout=timeout, cwd=home.path.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "rayserver", *args],
+        env=home.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=home.path.parent,
+    )
 
 
 MISSING_UID = "4000000123"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["-u", "a", "-u", "b"], "Duplicate user name argument."),
-    (["-g", "a", "-g", "b"], "Duplicate group name argument."),
-    (["-m", "022", "-m", "022"], "Duplicate umask argument."),
-    (["-d", "-f"], "-d and -f options are mutually exclusive."),
-    (["-f", "-d"], "-f and -d options are mutually exclusive."),
-    (["-x"], 'Unknown option "-x".'),
-    (["-f", "extra"], 'Unknown option "extra".'),
-    (["-u"], 'Missing user after "-u".'),
-    (["-g"], 'Missing group after "-g".'),
-    (["-m"], 'Missing umask after "-m".'),
-    (["-u", "-f"], 'Missing user after "-u".'),
-    (["-m", "22"], "umask must be three digits between 0 and 7."),
-    (["-m", "028"], "umask must be three digits between 0 and 7."),
-    (["-m", "0022"], "umask must be three digits between 0 and 7."),
-    (["-f", "-u", "no_such_user_rs"], 'User name "no_such_user_rs" not found.'),
-    (["-f", "-u", MISSING_UID], f'User ID "{MISSING_UID}" not found.'),
-    (["-f", "-g", "no_such_group_rs"], 'group name "no_such_group_rs" not found.'),
-    (["-f", "-g", MISSING_UID], f'group ID "{MISSING_UID}" not found.'),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-u", "a", "-u", "b"], "Duplicate user name argument."),
+        (["-g", "a", "-g", "b"], "Duplicate group name argument."),
+        (["-m", "022", "-m", "022"], "Duplicate umask argument."),
+        (["-d", "-f"], "-d and -f options are mutually exclusive."),
+        (["-f", "-d"], "-f and -d options are mutually exclusive."),
+        (["-x"], 'Unknown option "-x".'),
+        (["-f", "extra"], 'Unknown option "extra".'),
+        (["-u"], 'Missing user after "-u".'),
+        (["-g"], 'Missing group after "-g".'),
+        (["-m"], 'Missing umask after "-m".'),
+        (["-u", "-f"], 'Missing user after "-u".'),
+        (["-m", "22"], "umask must be three digits between 0 and 7."),
+        (["-m", "028"], "umask must be three digits between 0 and 7."),
+        (["-m", "0022"], "umask must be three digits between 0 and 7."),
+        (["-f", "-u", "no_such_user_rs"], 'User name "no_such_user_rs" not found.'),
+        (["-f", "-u", MISSING_UID], f'User ID "{MISSING_UID}" not found.'),
+        (["-f", "-g", "no_such_group_rs"], 'group name "no_such_group_rs" not found.'),
+        (["-f", "-g", MISSING_UID], f'group ID "{MISSING_UID}" not found.'),
+    ],
+)
 def test_command_line_errors_verbatim(rayhome: RayHome, args: list[str], message: str) -> None:
     out = run_cli(rayhome, *args)
     assert out.returncode != 0
@@ -104,8 +113,9 @@ def test_bad_settings_refuse_to_start(rayhome: RayHome) -> None:
     assert "port must be a whole number" in out.stderr
 
 
-def test_platform_without_daemon_mode(rayhome: RayHome, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_platform_without_daemon_mode(
+    rayhome: RayHome, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A platform without fork/setsid/setuid cannot exist here, so the check is replaced."""
     monkeypatch.setenv("RAYFRONT_HOME", str(rayhome.path))
     monkeypatch.setenv("RAYFRONT_HOSTNAME", "testhost")
@@ -122,8 +132,9 @@ def test_platform_without_daemon_mode(rayhome: RayHome, monkeypatch: pytest.Monk
     assert "cannot start" in err[1]
 
 
-def test_retry_env_must_be_a_number(monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_retry_env_must_be_a_number(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv(cli.RETRY_ENV, "soon")
     assert cli._retry_secs() == cli.DEFAULT_RETRY_SECS
     assert "RAYSERVER_BIND_RETRY_SECS='soon' is not a number" in capsys.readouterr().err
@@ -138,8 +149,9 @@ def test_shipped_settings_file_documents_every_key_with_its_default() -> None:
     keys = {f.name for f in fields(Settings)} - {"extra"}
     assert keys <= set(documented), f"undocumented keys: {keys - set(documented)}"
     # Uncommented, the defaults shown are the real defaults (token_file has no TOML default).
-    shown = tomllib.loads("\n".join(f"{k} = {v}" for k, v in documented.items()
-                                    if k != "token_file"))
+    shown = tomllib.loads(
+        "\n".join(f"{k} = {v}" for k, v in documented.items() if k != "token_file")
+    )
     assert settings_from_dict(shown) == Settings()
 
 
@@ -156,7 +168,12 @@ def test_default_home_is_rayfront_in_the_home_directory(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAYFRONT_HOME"}
     env["HOME"] = str(tmp_path)
     env["RAYFRONT_HOSTNAME"] = "testhost"
-    out = subprocess.run([sys.executable, "-m", "rayserver", "-f"], env=env,
-                         capture_output=True, text=True, timeout=20)
+    out = subprocess.run(
+        [sys.executable, "-m", "rayserver", "-f"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert out.returncode == 1
     assert str(tmp_path / "rayfront" / "config" / "hosts") in out.stderr

@@ -33,24 +33,38 @@ DEMO = REPO / "conf" / "demo"
 RAYFRONT = [sys.executable, "-m", "rayserver.client.cli"]
 
 
-def rayfront(home, *args: str, cwd: Path | None = None, host: str | None = None,
-             timeout: float = 60, env_extra: dict[str, str] | None = None
-             ) -> subprocess.CompletedProcess[str]:
+def rayfront(
+    home,
+    *args: str,
+    cwd: Path | None = None,
+    host: str | None = None,
+    timeout: float = 60,
+    env_extra: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     env = home.env
     if host:
         env["RAYFRONT_HOSTNAME"] = host
     env.pop("RAYFRONT_TOKEN", None)
     if env_extra:
         env.update(env_extra)
-    return subprocess.run([*RAYFRONT, *args], cwd=str(cwd or home.projects), env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [*RAYFRONT, *args],
+        cwd=str(cwd or home.projects),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def as_json(proc: subprocess.CompletedProcess[str]):
     try:
         return json.loads(proc.stdout)
     except ValueError:
-        raise AssertionError(f"not JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}") from None
+        raise AssertionError(
+            f"not JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        ) from None
 
 
 def new_project(home, name: str = "p1") -> Path:
@@ -60,6 +74,7 @@ def new_project(home, name: str = "p1") -> Path:
 
 
 # ---------------------------------------------------------------- no server needed
+
 
 def test_no_hosts_file_is_local_only(rayhome) -> None:
     rayhome.path.joinpath("config", "hosts").unlink()
@@ -97,7 +112,8 @@ def test_hosts_lists_servers_and_who_answers(rayhome) -> None:
     rayhome.write_hosts(
         f'testhost 2 projects="{rayhome.projects}"\n'
         f'ws-client 0 projects="{rayhome.projects}"\n'
-        'renderbox.invalid 8 projects="/srv/projects"\n')
+        'renderbox.invalid 8 projects="/srv/projects"\n'
+    )
     proc = rayfront(rayhome, "hosts", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = {r["host"]: r for r in as_json(proc)["hosts"]}
@@ -123,29 +139,43 @@ def test_client_only_host_refused_as_target(rayhome) -> None:
 def test_build_job_rad_shortcut_and_steps(tmp_path: Path) -> None:
     project = Project("projects", "a/b", tmp_path)
     job = build_job(project, ["rad", "-v", "room", "-N", "2", "demo.rif"], name="x", priority=5)
-    assert job == {"location": "projects", "project": "a/b", "name": "x", "priority": 5,
-                   "rad": {"rif": "demo.rif", "options": ["-v", "room", "-N", "2"]}}
+    assert job == {
+        "location": "projects",
+        "project": "a/b",
+        "name": "x",
+        "priority": 5,
+        "rad": {"rif": "demo.rif", "options": ["-v", "room", "-N", "2"]},
+    }
     # rad takes VAR=value only after the rif, which the shortcut cannot say: a plain step
     job = build_job(project, ["rad", "-n", "demo.rif", "QUALITY=Med"])
     assert "rad" not in job
-    assert job["steps"] == [{"program": "rad", "args": ["-n", "demo.rif", "QUALITY=Med"],
-                             "stdin": None, "stdout": None}]
+    assert job["steps"] == [
+        {"program": "rad", "args": ["-n", "demo.rif", "QUALITY=Med"], "stdin": None, "stdout": None}
+    ]
     (tmp_path / "sub").mkdir()
-    job = build_job(project, ["rtrace", "-h", "x.oct"], stdin=str(tmp_path / "sub" / "pts.txt"),
-                    stdout="out.dat")
-    assert job["steps"] == [{"program": "rtrace", "args": ["-h", "x.oct"],
-                             "stdin": "sub/pts.txt", "stdout": "out.dat"}]
+    job = build_job(
+        project,
+        ["rtrace", "-h", "x.oct"],
+        stdin=str(tmp_path / "sub" / "pts.txt"),
+        stdout="out.dat",
+    )
+    assert job["steps"] == [
+        {"program": "rtrace", "args": ["-h", "x.oct"], "stdin": "sub/pts.txt", "stdout": "out.dat"}
+    ]
     assert job["name"] == "rtrace -h x.oct"
 
 
-@pytest.mark.parametrize(("command", "kw", "expected"), [
-    (["rtrace"], {"stdin": "../outside.txt"}, "outside the project"),
-    (["/usr/bin/rtrace"], {}, "not a path"),
-    (["rad", "-v"], {}, "needs a value"),
-    (["rad", "-n"], {}, "needs a rif file"),
-    (["rad", "x.rif"], {"stdout": "o.hdr"}, "do not apply to rad"),
-    ([], {}, "no command"),
-])
+@pytest.mark.parametrize(
+    ("command", "kw", "expected"),
+    [
+        (["rtrace"], {"stdin": "../outside.txt"}, "outside the project"),
+        (["/usr/bin/rtrace"], {}, "not a path"),
+        (["rad", "-v"], {}, "needs a value"),
+        (["rad", "-n"], {}, "needs a rif file"),
+        (["rad", "x.rif"], {"stdout": "o.hdr"}, "do not apply to rad"),
+        ([], {}, "no command"),
+    ],
+)
 def test_build_job_rejects_bad_input(tmp_path: Path, command, kw, expected) -> None:
     with pytest.raises(ClientError, match=expected):
         build_job(Project("projects", ".", tmp_path), command, **kw)
@@ -170,8 +200,12 @@ def test_process_title_names_the_editor(rayhome) -> None:
         listener.listen(1)
         port = listener.getsockname()[1]
         env = rayhome.env
-        proc = subprocess.Popen([*RAYFRONT, "status", "--host", f"127.0.0.1:{port}"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [*RAYFRONT, "status", "--host", f"127.0.0.1:{port}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             listener.settimeout(20)
             conn, _ = listener.accept()
@@ -182,8 +216,9 @@ def test_process_title_names_the_editor(rayhome) -> None:
             proc.wait(10)
             proc.stdout.close()
             proc.stderr.close()
-    assert cmdline.decode() == (f"rfcore -O {rayhome.path}/editor/start.pyo status "
-                                f"--host 127.0.0.1:{port}")
+    assert cmdline.decode() == (
+        f"rfcore -O {rayhome.path}/editor/start.pyo status --host 127.0.0.1:{port}"
+    )
 
 
 def test_ppm_to_png_round_trip() -> None:
@@ -193,7 +228,7 @@ def test_ppm_to_png_round_trip() -> None:
     width, height, depth, colour = struct.unpack(">IIBB", png[16:26])
     assert (width, height, depth, colour) == (3, 2, 8, 2)
     idat_len = struct.unpack(">I", png[33:37])[0]
-    raw = zlib.decompress(png[41:41 + idat_len])
+    raw = zlib.decompress(png[41 : 41 + idat_len])
     assert raw == b"\x00" + pixels[:9] + b"\x00" + pixels[9:]
     with pytest.raises(PPMError, match="expected 18"):
         ppm_to_png(b"P6 3 2 255\n" + bytes(5))
@@ -203,8 +238,10 @@ def test_ppm_to_png_round_trip() -> None:
 
 # ---------------------------------------------------------------- against a real server
 
-def wait_state(server, job_id: int, states: set[str], timeout: float = 30,
-               not_yet_ok: bool = False) -> dict:
+
+def wait_state(
+    server, job_id: int, states: set[str], timeout: float = 30, not_yet_ok: bool = False
+) -> dict:
     deadline = time.monotonic() + timeout
     job: object = None
     while time.monotonic() < deadline:
@@ -227,9 +264,20 @@ def test_location_translation_between_two_mounts(server, tmp_path: Path) -> None
     home.write_hosts(f'testhost 2 projects="{home.projects}"\nws-client 0 projects="{alias}"\n')
     new_project(home, "p1")
     client_dir = alias / "p1"
-    proc = rayfront(home, "--json", "run", "--host", f"127.0.0.1:{home.port}", "--",
-                    "oconv", "materials.rad", "room.rad", cwd=client_dir, host="ws-client",
-                    env_extra={"PWD": str(client_dir)})
+    proc = rayfront(
+        home,
+        "--json",
+        "run",
+        "--host",
+        f"127.0.0.1:{home.port}",
+        "--",
+        "oconv",
+        "materials.rad",
+        "room.rad",
+        cwd=client_dir,
+        host="ws-client",
+        env_extra={"PWD": str(client_dir)},
+    )
     job = as_json(proc)
     assert proc.returncode == 0, proc.stderr
     assert (job["location"], job["project"], job["state"]) == ("projects", "p1", "done")
@@ -244,12 +292,29 @@ def test_location_translation_between_two_mounts(server, tmp_path: Path) -> None
 def test_submit_status_log_cancel_json(server) -> None:
     home = server.home
     project = new_project(home)
-    sub = rayfront(home, "submit", "--json", "--name", "quick", "--priority", "7", "--",
-                   "oconv", "materials.rad", "room.rad", cwd=project, host="testhost")
+    sub = rayfront(
+        home,
+        "submit",
+        "--json",
+        "--name",
+        "quick",
+        "--priority",
+        "7",
+        "--",
+        "oconv",
+        "materials.rad",
+        "room.rad",
+        cwd=project,
+        host="testhost",
+    )
     assert sub.returncode == 0, sub.stderr
     job = as_json(sub)
-    assert (job["name"], job["priority"], job["location"], job["project"]) == \
-        ("quick", 7, "projects", "p1")
+    assert (job["name"], job["priority"], job["location"], job["project"]) == (
+        "quick",
+        7,
+        "projects",
+        "p1",
+    )
     assert job["steps"][0]["program"] == "oconv"
     wait_state(server, job["id"], {"done", "failed"})
 
@@ -264,12 +329,43 @@ def test_submit_status_log_cancel_json(server) -> None:
     assert log["id"] == job["id"] and isinstance(log["log"], str)
 
     # A long render, cancelled while it runs.
-    octree = as_json(rayfront(home, "submit", "--json", "--stdout", "big.oct", "--", "oconv",
-                              "materials.rad", "sky.rad", "room.rad", cwd=project))
+    octree = as_json(
+        rayfront(
+            home,
+            "submit",
+            "--json",
+            "--stdout",
+            "big.oct",
+            "--",
+            "oconv",
+            "materials.rad",
+            "sky.rad",
+            "room.rad",
+            cwd=project,
+        )
+    )
     wait_state(server, octree["id"], {"done"})
-    long = as_json(rayfront(home, "submit", "--json", "--stdout", "big.hdr", "--", "rpict",
-                            "-x", "4000", "-y", "4000", "-ab", "2", "-vf", "room.vf", "big.oct",
-                            cwd=project))
+    long = as_json(
+        rayfront(
+            home,
+            "submit",
+            "--json",
+            "--stdout",
+            "big.hdr",
+            "--",
+            "rpict",
+            "-x",
+            "4000",
+            "-y",
+            "4000",
+            "-ab",
+            "2",
+            "-vf",
+            "room.vf",
+            "big.oct",
+            cwd=project,
+        )
+    )
     wait_state(server, long["id"], {"running"})
     cancelled = rayfront(home, "cancel", str(long["id"]), "--json")
     assert cancelled.returncode == 0, cancelled.stderr
@@ -312,8 +408,15 @@ def test_log_follow_streams_until_the_end(server) -> None:
 def test_wrong_token_shows_servers_message(server) -> None:
     home = server.home
     project = new_project(home)
-    proc = rayfront(home, "submit", "--", "oconv", "room.rad", cwd=project,
-                    env_extra={"RAYFRONT_TOKEN": "not-the-token"})
+    proc = rayfront(
+        home,
+        "submit",
+        "--",
+        "oconv",
+        "room.rad",
+        cwd=project,
+        env_extra={"RAYFRONT_TOKEN": "not-the-token"},
+    )
     if home.token() is None:
         pytest.skip("this server runs without tokens")
     assert proc.returncode == 1
@@ -344,7 +447,8 @@ def test_commands_over_tls_check_the_host_name(server_factory, rayhome, tmp_path
     ca.cert_pem.write_to_path(str(pki / "ca.pem"))
     rayhome.write_settings(
         f'bind = "127.0.0.1"\nport = {rayhome.port}\ntls_cert = "{pki / "server.pem"}"\n'
-        f'tls_key = "{pki / "server.key"}"\ntls_ca = "{pki / "ca.pem"}"\n')
+        f'tls_key = "{pki / "server.key"}"\ntls_ca = "{pki / "ca.pem"}"\n'
+    )
     server_factory("-f")
     project = new_project(rayhome)
     deadline = time.monotonic() + 20
@@ -366,9 +470,14 @@ def test_run_survives_a_worker_crash(server) -> None:
     project = new_project(home)
     rif = project / "demo.rif"
     rif.write_text(rif.read_text().replace("RESOLUTION = 640 480", "RESOLUTION = 3000 2250"))
-    run = subprocess.Popen([*RAYFRONT, "run", "--", "rad", "demo.rif"], cwd=str(project),
-                           env={k: v for k, v in home.env.items() if k != "RAYFRONT_TOKEN"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [*RAYFRONT, "run", "--", "rad", "demo.rif"],
+        cwd=str(project),
+        env={k: v for k, v in home.env.items() if k != "RAYFRONT_TOKEN"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         job = wait_state(server, 1, {"running"}, not_yet_ok=True)
         workers = [pid for pid in _titled(home, "/server/start.pyo worker")]
@@ -398,8 +507,14 @@ def _titled(home, text: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("args", [["status", "abc", "--json"], ["--json", "log"],
-                                  ["submit", "--json", "--priority", "500", "--", "oconv"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "abc", "--json"],
+        ["--json", "log"],
+        ["submit", "--json", "--priority", "500", "--", "oconv"],
+    ],
+)
 def test_usage_errors_answer_in_json_too(rayhome, args: list[str]) -> None:
     proc = rayfront(rayhome, *args)
     assert proc.returncode == 2, proc.stderr
@@ -413,13 +528,48 @@ def test_usage_errors_answer_in_json_too(rayhome, args: list[str]) -> None:
 def test_interrupted_run_json_names_the_job_that_goes_on(server) -> None:
     home = server.home
     project = new_project(home)
-    assert as_json(rayfront(home, "run", "--json", "--stdout", "big.oct", "--", "oconv",
-                            "materials.rad", "room.rad", cwd=project))["state"] == "done"
+    assert (
+        as_json(
+            rayfront(
+                home,
+                "run",
+                "--json",
+                "--stdout",
+                "big.oct",
+                "--",
+                "oconv",
+                "materials.rad",
+                "room.rad",
+                cwd=project,
+            )
+        )["state"]
+        == "done"
+    )
     run = subprocess.Popen(
-        [*RAYFRONT, "run", "--json", "--stdout", "big.hdr", "--", "rpict", "-x", "4000", "-y",
-         "4000", "-ab", "2", "-vf", "room.vf", "big.oct"], cwd=str(project),
+        [
+            *RAYFRONT,
+            "run",
+            "--json",
+            "--stdout",
+            "big.hdr",
+            "--",
+            "rpict",
+            "-x",
+            "4000",
+            "-y",
+            "4000",
+            "-ab",
+            "2",
+            "-vf",
+            "room.vf",
+            "big.oct",
+        ],
+        cwd=str(project),
         env={k: v for k, v in home.env.items() if k != "RAYFRONT_TOKEN"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         job = wait_state(server, 2, {"running"}, not_yet_ok=True)
         time.sleep(0.5)  # let rayfront reach its log stream

@@ -76,8 +76,7 @@ def test_watching_reloads_after_an_edit(rayhome: RayHome) -> None:
         live.stop_watching()
 
 
-def test_reload_if_changed_rereads_only_for_a_change_or_after_a_second(
-        rayhome: RayHome) -> None:
+def test_reload_if_changed_rereads_only_for_a_change_or_after_a_second(rayhome: RayHome) -> None:
     """Unknown-location requests call this: a flood must not re-parse the files each time."""
     live = LiveConfig(Layout(rayhome.path, rayhome.host))
     assert live.reload_if_changed() is False, "nothing changed a moment after loading"

@@ -17,10 +17,17 @@ import pytest
 from tests.conftest import REPO, RayHome, http_request, our_pids
 
 
-def run_d(home: RayHome, *args: str, env: dict[str, str] | None = None
-          ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rayserver", *args], env=env or home.env,
-                          capture_output=True, text=True, timeout=30, cwd=home.path.parent)
+def run_d(
+    home: RayHome, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rayserver", *args],
+        env=env or home.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=home.path.parent,
+    )
 
 
 @pytest.fixture
@@ -137,8 +144,9 @@ def test_bind_failure_reaches_the_shell_before_detaching(daemon_home: RayHome) -
     assert not daemon_home.pid_file.exists()
 
 
-def test_unopenable_log_refuses_daemon_mode_but_not_foreground(daemon_home: RayHome,
-                                                               server_factory) -> None:
+def test_unopenable_log_refuses_daemon_mode_but_not_foreground(
+    daemon_home: RayHome, server_factory
+) -> None:
     (daemon_home.path / "srvlogs").write_text("a file where the log folder belongs")
     out = run_d(daemon_home, "-d")
     assert out.returncode == 1
@@ -167,8 +175,7 @@ code = Supervisor(sock, lambda s, r: 9, on_ready=on_ready).run()
 ready.fail(code, f"toy: worker failed while starting (exit code {{code}})")
 sys.exit(code)
 """)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 9
     assert "toy: worker failed while starting (exit code 9)" in out.stderr
     assert "switching" not in out.stdout
@@ -189,8 +196,8 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     text = re.sub(r"^ExecStart=\S+", f"ExecStart={rayserver}", text, flags=re.M)
     unit = tmp_path / "rayserver.service"
     unit.write_text(text)
-    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                         timeout=60)
-    problems = [line for line in (out.stdout + out.stderr).splitlines()
-                if "rayserver.service" in line]
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    problems = [
+        line for line in (out.stdout + out.stderr).splitlines() if "rayserver.service" in line
+    ]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr

@@ -60,8 +60,13 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(d / "s.oct", "wb") as out:
         subprocess.run([bin_path("oconv"), "s.rad"], cwd=d, env=env(), stdout=out, check=True)
     with open(d / "s.hdr", "wb") as out:
-        subprocess.run([bin_path("rpict"), *VIEW, "-x", "64", "-y", "48", "s.oct"],
-                       cwd=d, env=env(), stdout=out, check=True)
+        subprocess.run(
+            [bin_path("rpict"), *VIEW, "-x", "64", "-y", "48", "s.oct"],
+            cwd=d,
+            env=env(),
+            stdout=out,
+            check=True,
+        )
     return d / "s.hdr"
 
 
@@ -70,9 +75,9 @@ def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
     pos, size, kinds = 8, None, []
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, payload = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, payload = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
         assert crc == zlib.crc32(kind + payload) & 0xFFFFFFFF, f"bad CRC in {kind!r}"
         if kind == b"IHDR":
             size = struct.unpack(">II", payload[:8])
@@ -91,26 +96,51 @@ class Env:
         self.db = JobDB(self.layout.db_path)
         self.project = base / "projects" / "p1"
         self.project.mkdir(parents=True)
-        self.ctx = SimpleNamespace(layout=self.layout, live=SimpleNamespace(settings=Settings()),
-                                   db=self.db, token=token, hosts=None, record=None)
+        self.ctx = SimpleNamespace(
+            layout=self.layout,
+            live=SimpleNamespace(settings=Settings()),
+            db=self.db,
+            token=token,
+            hosts=None,
+            record=None,
+        )
 
     def job(self, steps: list[dict[str, Any]], state: str = "done") -> int:
-        full = [{"program": s["program"], "path": bin_path(s["program"]),
-                 "args": s.get("args", []), "stdin": s.get("stdin"), "stdout": s.get("stdout")}
-                for s in steps]
-        job_id = self.db.submit(name="t", priority=0, client="127.0.0.1", location="projects",
-                                project="p1", workdir=str(self.project), steps=full, env={})
+        full = [
+            {
+                "program": s["program"],
+                "path": bin_path(s["program"]),
+                "args": s.get("args", []),
+                "stdin": s.get("stdin"),
+                "stdout": s.get("stdout"),
+            }
+            for s in steps
+        ]
+        job_id = self.db.submit(
+            name="t",
+            priority=0,
+            client="127.0.0.1",
+            location="projects",
+            project="p1",
+            workdir=str(self.project),
+            steps=full,
+            env={},
+        )
         if state in ("running", "done", "failed"):
             assert self.db.mark_starting(job_id)
             assert self.db.claim(job_id, os.getpid())
         if state in ("done", "failed"):
-            assert self.db.finish(job_id, state, exit_status=0 if state == "done" else 1,
-                                  progress=100.0)
+            assert self.db.finish(
+                job_id, state, exit_status=0 if state == "done" else 1, progress=100.0
+            )
         return job_id
 
 
-def run_app(ctx: Any, body: Callable[[aiohttp.ClientSession, str], Awaitable[None]],
-            with_security: bool = False) -> None:
+def run_app(
+    ctx: Any,
+    body: Callable[[aiohttp.ClientSession, str], Awaitable[None]],
+    with_security: bool = False,
+) -> None:
     """Serve the dashboard on 127.0.0.1 (a real socket) while ``body`` runs."""
 
     async def main() -> None:
@@ -151,7 +181,10 @@ def test_index_and_static_files(tmp_path: Path) -> None:
             async with s.get(f"{base}/static/{bad}") as r:
                 assert r.status == 404, bad
                 err = await r.json()
-                assert err["status"] == 404 and "known files: app.css, app.js, favicon.svg" in err["error"]
+                assert (
+                    err["status"] == 404
+                    and "known files: app.css, app.js, favicon.svg" in err["error"]
+                )
 
     run_app(e.ctx, body)
 
@@ -274,8 +307,12 @@ def test_broken_picture_gives_a_clear_error(tmp_path: Path) -> None:
 def test_big_picture_is_shrunk_and_the_server_stays_responsive(tmp_path: Path) -> None:
     e = Env(tmp_path)
     with open(e.project / "big.hdr", "wb") as out:
-        subprocess.run([bin_path("pcomb"), "-x", "3000", "-y", "2000",
-                        "-e", "ro=x/3000;go=y/2000;bo=.5"], env=env(), stdout=out, check=True)
+        subprocess.run(
+            [bin_path("pcomb"), "-x", "3000", "-y", "2000", "-e", "ro=x/3000;go=y/2000;bo=.5"],
+            env=env(),
+            stdout=out,
+            check=True,
+        )
     job_id = e.job([{"program": "pcomb", "stdout": "big.hdr"}])
 
     async def body(s: aiohttp.ClientSession, base: str) -> None:
@@ -302,8 +339,9 @@ def test_big_picture_is_shrunk_and_the_server_stays_responsive(tmp_path: Path) -
     run_app(e.ctx, body)
 
 
-def test_one_conversion_per_job(tmp_path: Path, picture: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_conversion_per_job(
+    tmp_path: Path, picture: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     e = Env(tmp_path)
     shutil.copy(picture, e.project / "out.hdr")
     job_id = e.job([{"program": "rpict", "stdout": "out.hdr"}])
@@ -341,11 +379,14 @@ def test_token_protects_the_preview_but_not_the_page(tmp_path: Path, picture: Pa
                 assert r.status == 200, path
         async with s.get(f"{base}/v1/jobs/{job_id}/preview.png") as r:
             assert r.status == 401
-        async with s.get(f"{base}/v1/jobs/{job_id}/preview.png",
-                         headers={"Authorization": "Bearer wrong"}) as r:
+        async with s.get(
+            f"{base}/v1/jobs/{job_id}/preview.png", headers={"Authorization": "Bearer wrong"}
+        ) as r:
             assert r.status == 401
-        async with s.get(f"{base}/v1/jobs/{job_id}/preview.png",
-                         headers={"Authorization": "Bearer s3cret-token-value"}) as r:
+        async with s.get(
+            f"{base}/v1/jobs/{job_id}/preview.png",
+            headers={"Authorization": "Bearer s3cret-token-value"},
+        ) as r:
             assert r.status == 200 and r.content_type == "image/png"
 
     run_app(e.ctx, body, with_security=True)
@@ -370,12 +411,18 @@ vi= -vp 0 6 1 -vd 0 -1 -0.2
 def test_rif_and_log_pictures(tmp_path: Path) -> None:
     (tmp_path / "t.rif").write_text(RIF)
     assert dashboard.rif_pictures(tmp_path / "t.rif") == [
-        "img/pic_front.hdr", "img/pic_front.pic", "img/pic_2.hdr", "img/pic_2.pic"]
+        "img/pic_front.hdr",
+        "img/pic_front.pic",
+        "img/pic_2.hdr",
+        "img/pic_2.pic",
+    ]
     (tmp_path / "u.rif").write_text("scene= s.rad\n")
     assert dashboard.rif_pictures(tmp_path / "u.rif") == ["u_X.hdr", "u_X.pic"]
-    log = ("\toconv s.rad > t.oct\n\trpict -x 64 t.oct > img/pic_front.unf\n"
-           "\tpfilt img/pic_front.unf > img/pic_front.hdr\n\trm -f img/pic_front.unf\n"
-           "\tmv b_2.unf b_2.pic\n\tpfilt img/pic_front.unf > img/pic_front.hdr\n")
+    log = (
+        "\toconv s.rad > t.oct\n\trpict -x 64 t.oct > img/pic_front.unf\n"
+        "\tpfilt img/pic_front.unf > img/pic_front.hdr\n\trm -f img/pic_front.unf\n"
+        "\tmv b_2.unf b_2.pic\n\tpfilt img/pic_front.unf > img/pic_front.hdr\n"
+    )
     assert dashboard.log_pictures(log) == ["img/pic_front.hdr", "b_2.pic"]
 
 
@@ -385,8 +432,14 @@ def test_preview_of_a_rad_job(tmp_path: Path) -> None:
     (e.project / "s.rad").write_text(SCENE)
     (e.project / "t.rif").write_text(RIF)
     (e.project / "img").mkdir()
-    run = subprocess.run([bin_path("rad"), "t.rif"], cwd=e.project, env=env(),
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [bin_path("rad"), "t.rif"],
+        cwd=e.project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert (e.project / "img" / "pic_front.hdr").exists(), run.stdout + run.stderr
     with_log = e.job([{"program": "rad", "args": ["t.rif"]}])
     e.layout.job_dir(with_log).mkdir(parents=True, exist_ok=True)
@@ -404,8 +457,11 @@ def test_preview_of_a_rad_job(tmp_path: Path) -> None:
 
 
 def test_resolution_line_orientations(tmp_path: Path) -> None:
-    for line, size in ((b"-Y 48 +X 61", (61, 48)), (b"+X 30 -Y 20", (30, 20)),
-                       (b"-Y 1 -X 7", (7, 1))):
+    for line, size in (
+        (b"-Y 48 +X 61", (61, 48)),
+        (b"+X 30 -Y 20", (30, 20)),
+        (b"-Y 1 -X 7", (7, 1)),
+    ):
         p = tmp_path / "p.hdr"
         p.write_bytes(b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n" + line + b"\n")
         assert dashboard.picture_size(p) == size
@@ -443,8 +499,11 @@ def test_rad_job_preview_through_the_real_server(server: Any) -> None:
     (project / "s.rad").write_text(SCENE)
     (project / "t.rif").write_text(RIF)
     (project / "img").mkdir()
-    status, job = server.request("POST", "/v1/jobs", {
-        "location": "projects", "project": "radp", "rad": {"rif": "t.rif", "options": []}})
+    status, job = server.request(
+        "POST",
+        "/v1/jobs",
+        {"location": "projects", "project": "radp", "rad": {"rif": "t.rif", "options": []}},
+    )
     assert status == 201, job
     status, job = server.request("GET", f"/v1/jobs/{job['id']}?wait=60", timeout=70)
     assert status == 200 and job["state"] == "done", job

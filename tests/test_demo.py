@@ -22,9 +22,23 @@ def test_demo_renders_the_example_and_stops_its_server(tmp_path: Path) -> None:
     env["RAYFRONT_HOSTNAME"] = "demohost"
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "rayserver.client.cli", "demo", "--json", "--home", str(home),
-         "--out", str(out)],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=140, check=False,
+        [
+            sys.executable,
+            "-m",
+            "rayserver.client.cli",
+            "demo",
+            "--json",
+            "--home",
+            str(home),
+            "--out",
+            str(out),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=140,
+        check=False,
     )
     elapsed = time.monotonic() - started
     try:
@@ -53,7 +67,11 @@ def test_demo_refuses_a_home_that_is_in_use(tmp_path: Path) -> None:
     (home / "config" / "hosts").write_text("somehost 4\n")
     proc = subprocess.run(
         [sys.executable, "-m", "rayserver.client.cli", "demo", "--home", str(home)],
-        cwd=str(tmp_path), capture_output=True, text=True, timeout=30, check=False,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert proc.returncode == 1
     assert "not empty" in proc.stderr and str(home) in proc.stderr
@@ -69,9 +87,21 @@ def test_interrupted_demo_stops_its_server(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAYFRONT_TOKEN"}
     env["RAYFRONT_HOSTNAME"] = "demohost"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rayserver.client.cli", "demo", "--home", str(home),
-         "--out", str(tmp_path / "out")],
-        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "rayserver.client.cli",
+            "demo",
+            "--home",
+            str(home),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         seen = []
@@ -104,9 +134,22 @@ def test_demo_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAYFRONT_TOKEN"}
     env["RAYFRONT_HOSTNAME"] = "bad!host"  # the hosts file the demo writes is then malformed
     proc = subprocess.run(
-        [sys.executable, "-m", "rayserver.client.cli", "demo", "--home", str(home),
-         "--out", str(tmp_path / "out")],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=50, check=False,
+        [
+            sys.executable,
+            "-m",
+            "rayserver.client.cli",
+            "demo",
+            "--home",
+            str(home),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
     )
     assert proc.returncode == 1, proc.stderr
     assert "rayserver exited with status" in proc.stderr

@@ -91,7 +91,8 @@ def live_procwrap(pid: int) -> bool:
     except OSError:
         return False
     return any(w.endswith("procwrap.pyo") for w in words) and any(
-        w.startswith("job=") for w in words)
+        w.startswith("job=") for w in words
+    )
 
 
 def stray_radiance(home: RayHome) -> list[str]:
@@ -151,8 +152,11 @@ def stop_server(srv: Any, timeout: float = 30) -> tuple[int, float]:
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     code = srv.proc.wait(timeout)
-    wait_until(lambda: not our_pids(srv.home.path), timeout, "every process of ours gone:\n"
-               + "\n".join(_describe(p) for p in our_pids(srv.home.path)))
+    wait_until(
+        lambda: not our_pids(srv.home.path),
+        timeout,
+        "every process of ours gone:\n" + "\n".join(_describe(p) for p in our_pids(srv.home.path)),
+    )
     return code, time.monotonic() - t0
 
 
@@ -173,8 +177,9 @@ def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
 
 
 @pytest.mark.faults
-def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: RayHome,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_worker_killed_20_times_while_40_jobs_run(
+    server_factory: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_project(rayhome)  # the test home's host record has 2 cpus
     srv = server_factory("-f", extra_env=FAST_RESTART)
     first = wait_until(lambda: info(srv), 20, "server answering")
@@ -187,8 +192,23 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
             for _ in range(2):
                 n = len(ids)
                 # 0.25-0.5 s each here (-aa 0: no ambient cache to make it vary).
-                ids.append(submit(srv, [rpict(36 + 6 * (n % 4), "-ab", "1", "-ad", "1024",
-                                              "-aa", "0", out=f"k{n}.hdr")])["id"])
+                ids.append(
+                    submit(
+                        srv,
+                        [
+                            rpict(
+                                36 + 6 * (n % 4),
+                                "-ab",
+                                "1",
+                                "-ad",
+                                "1024",
+                                "-aa",
+                                "0",
+                                out=f"k{n}.hdr",
+                            )
+                        ],
+                    )["id"]
+                )
             # Where the kill lands: right after the submits (dispatch, launch, the
             # procwrap's claim), while a render runs (adoption), or anywhere.
             mode = (0, 1, 1, 2)[round_ % 4]
@@ -197,15 +217,19 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
             elif mode == 1:
                 # A new worker is up in ~0.3 s: kill early in the render so that
                 # it often still runs then and gets adopted.
-                wait_until(lambda: "rpict" in radiance_pids(rayhome).values(), 10,
-                           "a render running")
+                wait_until(
+                    lambda: "rpict" in radiance_pids(rayhome).values(), 10, "a render running"
+                )
                 time.sleep(rng.uniform(0.0, 0.03))
             else:
                 time.sleep(rng.uniform(0.0, 0.4))
             os.kill(worker, signal.SIGKILL)
             kills += 1
-            fresh = wait_until(lambda old=worker: (i := info(srv)) and i["pid"] != old and i, 30,
-                               f"a new worker after kill {round_ + 1}")
+            fresh = wait_until(
+                lambda old=worker: (i := info(srv)) and i["pid"] != old and i,
+                30,
+                f"a new worker after kill {round_ + 1}",
+            )
             worker = fresh["pid"]
         jobs = [wait_final(srv, i, timeout=120) for i in ids]
     assert len(ids) == 40 and kills == 20
@@ -219,14 +243,24 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
         assert text.count("== step 1/1:") == 1, text
         out = rayhome.projects / "room" / job["steps"][0]["stdout"]
         size = job["steps"][0]["args"][job["steps"][0]["args"].index("-x") + 1]
-        res = subprocess.run([str(BIN / "getinfo"), "-d", str(out)], capture_output=True,
-                             text=True, env=radiance.simulation_env(SETTINGS), timeout=30)
+        res = subprocess.run(
+            [str(BIN / "getinfo"), "-d", str(out)],
+            capture_output=True,
+            text=True,
+            env=radiance.simulation_env(SETTINGS),
+            timeout=30,
+        )
         dims = res.stdout.split()[-4:]  # -Y <height> +X <width>: the view keeps its aspect
         assert dims[0] == "-Y" and dims[2:] == ["+X", size], (out, res.stdout)
         # Whole: every pixel of the resolution decodes.
-        px = subprocess.run([str(BIN / "pvalue"), "-h", "-H", "-d", str(out)],
-                            capture_output=True, text=True, check=True,
-                            env=radiance.simulation_env(SETTINGS), timeout=30).stdout
+        px = subprocess.run(
+            [str(BIN / "pvalue"), "-h", "-H", "-d", str(out)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=radiance.simulation_env(SETTINGS),
+            timeout=30,
+        ).stdout
         assert len(px.splitlines()) == int(dims[1]) * int(size), out
         assert job["outputs"] == [out.name]
     assert sampler.found == [], sampler.found[:10]
@@ -236,10 +270,13 @@ def test_worker_killed_20_times_while_40_jobs_run(server_factory: Any, rayhome: 
     adopted = srv.output.count("INFO adopted job")
     requeued = srv.output.count("were being started by a previous worker")
     assert adopted >= 1, "no kill hit a running job: the test did not test adoption"
-    report(capsys, f"worker SIGKILLs {kills} (running jobs adopted {adopted} times, half-started "
-                   f"jobs queued again {requeued} times), jobs {len(jobs)}, lost 0, run twice 0, "
-                   f"orphans seen 0 in {sampler.samples} samples, all gone {took:.1f} s after "
-                   "SIGTERM")
+    report(
+        capsys,
+        f"worker SIGKILLs {kills} (running jobs adopted {adopted} times, half-started "
+        f"jobs queued again {requeued} times), jobs {len(jobs)}, lost 0, run twice 0, "
+        f"orphans seen 0 in {sampler.samples} samples, all gone {took:.1f} s after "
+        "SIGTERM",
+    )
 
 
 # ------------------------------------------------------------------ shutdown under load
@@ -250,8 +287,11 @@ def _follow(home: RayHome, job_id: int, into: dict[int, str]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", home.port, timeout=60)
     chunks = []
     try:
-        conn.request("GET", f"/v1/jobs/{job_id}/log?follow=1",
-                     headers={"Authorization": f"Bearer {home.token()}"})
+        conn.request(
+            "GET",
+            f"/v1/jobs/{job_id}/log?follow=1",
+            headers={"Authorization": f"Bearer {home.token()}"},
+        )
         resp = conn.getresponse()
         while data := resp.read1(65536):
             chunks.append(data)
@@ -264,19 +304,26 @@ def _follow(home: RayHome, job_id: int, into: dict[int, str]) -> None:
 
 @pytest.mark.faults
 def test_sigterm_under_load_ends_everything_and_keeps_the_queue(
-        server_factory: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]) -> None:
+    server_factory: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_project(rayhome)
     srv = server_factory("-f")
     wait_until(lambda: info(srv), 20, "server answering")
-    running = [submit(srv, [rpict(900, "-ab", "2", "-ad", "1024", out=f"long{i}.hdr")])["id"]
-               for i in range(2)]
+    running = [
+        submit(srv, [rpict(900, "-ab", "2", "-ad", "1024", out=f"long{i}.hdr")])["id"]
+        for i in range(2)
+    ]
     queued = [submit(srv, [rpict(48, out=f"q{i}.hdr")])["id"] for i in range(4)]
-    wait_until(lambda: list(radiance_pids(rayhome).values()).count("rpict") == 2, 20,
-               "both renders running")
+    wait_until(
+        lambda: list(radiance_pids(rayhome).values()).count("rpict") == 2,
+        20,
+        "both renders running",
+    )
     assert [get(srv, i)["state"] for i in running] == ["running", "running"]
     followed: dict[int, str] = {}
-    followers = [threading.Thread(target=_follow, args=(rayhome, i, followed), daemon=True)
-                 for i in running]
+    followers = [
+        threading.Thread(target=_follow, args=(rayhome, i, followed), daemon=True) for i in running
+    ]
     for t in followers:
         t.start()
     # Polling clients as well, while the signal arrives.
@@ -313,8 +360,11 @@ def test_sigterm_under_load_ends_everything_and_keeps_the_queue(
         assert job["state"] == "done" and job["started_at"] >= restarted - 1, job
     # Interrupted jobs are not started again on their own.
     assert [get(again, i)["state"] for i in running] == ["interrupted", "interrupted"]
-    report(capsys, f"SIGTERM under load: everything gone in {took:.1f} s, 2 interrupted, "
-                   f"{len(queued)} queued jobs kept and run after restart")
+    report(
+        capsys,
+        f"SIGTERM under load: everything gone in {took:.1f} s, 2 interrupted, "
+        f"{len(queued)} queued jobs kept and run after restart",
+    )
 
 
 # ------------------------------------------------------------------ full log disk
@@ -327,8 +377,11 @@ def tiny_srvlogs(rayhome: RayHome) -> Iterator[Path]:
     target.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs",
-                          str(target)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(target)],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
@@ -339,7 +392,8 @@ def tiny_srvlogs(rayhome: RayHome) -> Iterator[Path]:
 
 
 def test_full_log_disk_server_keeps_serving_and_says_so(
-        tiny_srvlogs: Path, server_factory: Any, rayhome: RayHome) -> None:
+    tiny_srvlogs: Path, server_factory: Any, rayhome: RayHome
+) -> None:
     make_project(rayhome)
     srv = server_factory("-f")
     wait_until(lambda: info(srv), 20, "server answering")
@@ -369,8 +423,11 @@ def test_full_log_disk_server_keeps_serving_and_says_so(
     later = submit(srv, [rpict(32, out="after.hdr")])["id"]
     assert wait_final(srv, later)["state"] == "done"
     srv.wait_for("is writable again", timeout=10)
-    wait_until(lambda: f"job {later} submitted" in rayhome.log_file.read_text(), 10,
-               "log lines again after the disk had room")
+    wait_until(
+        lambda: f"job {later} submitted" in rayhome.log_file.read_text(),
+        10,
+        "log lines again after the disk had room",
+    )
     assert rayhome.log_file.read_text().startswith(before)
     assert "internal error" not in srv.output
 
@@ -396,9 +453,15 @@ def _seed_queue(home: RayHome, n: int) -> list[int]:
 
 
 def _run_to_exit(home: RayHome, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rayserver", "-f"], env=home.env,
-                          capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True, cwd=str(home.path.parent))
+    return subprocess.run(
+        [sys.executable, "-m", "rayserver", "-f"],
+        env=home.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+        cwd=str(home.path.parent),
+    )
 
 
 def _damage_jobs_table(db: Path) -> None:
@@ -417,7 +480,8 @@ def _damage_jobs_table(db: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["garbage", "damaged page"])
 def test_corrupt_database_stops_the_start_and_keeps_the_file(
-        rayhome: RayHome, server_factory: Any, damage: str) -> None:
+    rayhome: RayHome, server_factory: Any, damage: str
+) -> None:
     make_project(rayhome)
     _seed_queue(rayhome, 3)
     db = rayhome.path / "srvstate" / "jobs.sqlite3"
@@ -433,8 +497,9 @@ def test_corrupt_database_stops_the_start_and_keeps_the_file(
     assert res.returncode == 78, out  # EX_CONFIG: the worker failed while booting
     assert "the job database is corrupt" in out and "the server refuses to start" in out, out
     assert str(db) in out and "Restore it from a backup, or move it away" in out, out
-    copies = [c for c in db.parent.glob("jobs.sqlite3.corrupt-*")
-              if not c.name.endswith(("-wal", "-shm"))]
+    copies = [
+        c for c in db.parent.glob("jobs.sqlite3.corrupt-*") if not c.name.endswith(("-wal", "-shm"))
+    ]
     assert len(copies) == 1 and f"a copy for inspection is at {copies[0]}" in out, out
     assert copies[0].read_bytes() == original
     assert db.read_bytes() == original, "the corrupt file was changed"
@@ -449,8 +514,9 @@ def _locked(db: Path) -> sqlite3.Connection:
 
 
 @pytest.mark.faults
-def test_database_locked_at_start(rayhome: RayHome, server_factory: Any,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_database_locked_at_start(
+    rayhome: RayHome, server_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A DB held with BEGIN EXCLUSIVE by another process at start.
 
     Held past the busy timeout (10 s): ``rayserver -f`` refuses to start with
@@ -496,16 +562,20 @@ def test_database_locked_at_start(rayhome: RayHome, server_factory: Any,
     assert [j["state"] for j in jobs] == ["done"] * 3, jobs
     for job_id in ids:
         assert job_log(srv, job_id).count(f"== job {job_id}:") == 1
-    report(capsys, f"DB locked at start: refused after {refused_after:.1f} s (exit 78, "
-                   f"3 queued jobs kept); locked for 2 s: waited, then ran all 3 "
-                   f"({time.monotonic() - t0:.1f} s)")
+    report(
+        capsys,
+        f"DB locked at start: refused after {refused_after:.1f} s (exit 78, "
+        f"3 queued jobs kept); locked for 2 s: waited, then ran all 3 "
+        f"({time.monotonic() - t0:.1f} s)",
+    )
 
 
 # ------------------------------------------------------------------ hosts file
 
 
 def test_hosts_file_deleted_or_broken_keeps_the_last_good_one(
-        server_factory: Any, rayhome: RayHome) -> None:
+    server_factory: Any, rayhome: RayHome
+) -> None:
     make_project(rayhome)
     srv = server_factory("-f")
     wait_until(lambda: info(srv), 20, "server answering")
@@ -519,15 +589,18 @@ def test_hosts_file_deleted_or_broken_keeps_the_last_good_one(
 
     hosts.write_text(good + 'ws-new 0 projects="/x"\nthis line is broken\n')
     bad_line = len(good.splitlines()) + 2
-    line = wait_until(lambda: next((x for x in srv.lines if f"{hosts}:{bad_line}:" in x), None),
-                      10,
-                      "the broken line named as file:line")
+    line = wait_until(
+        lambda: next((x for x in srv.lines if f"{hosts}:{bad_line}:" in x), None),
+        10,
+        "the broken line named as file:line",
+    )
     assert "keeping the last good one" in line, line
     job = submit(srv, [rpict(24, out="b.hdr")])
     assert wait_final(srv, job["id"])["state"] == "done"
     # An unknown location re-reads the (still broken) file once, then refuses.
-    status, body = srv.request("POST", "/v1/jobs", {"location": "elsewhere", "project": "room",
-                                                    "steps": [rpict(24)]})
+    status, body = srv.request(
+        "POST", "/v1/jobs", {"location": "elsewhere", "project": "room", "steps": [rpict(24)]}
+    )
     assert status == 404 and "elsewhere" in body["error"], body
     assert info(srv)["locations"] == ["projects"]
 
@@ -535,6 +608,9 @@ def test_hosts_file_deleted_or_broken_keeps_the_last_good_one(
     other = rayhome.projects.parent / "other"
     other.mkdir()
     hosts.write_text(f'{HOSTNAME} 2 projects="{rayhome.projects}" other="{other}"\n')
-    wait_until(lambda: (i := info(srv)) and i["locations"] == ["other", "projects"], 10,
-               "the repaired hosts file in force")
+    wait_until(
+        lambda: (i := info(srv)) and i["locations"] == ["other", "projects"],
+        10,
+        "the repaired hosts file in force",
+    )
     assert "internal error" not in srv.output

@@ -48,8 +48,9 @@ def cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
-def test_fork_server_runs_a_render(fork_server: ForkServer, db: JobDB, layout: Layout,
-                                   tmp_path: Path) -> None:
+def test_fork_server_runs_a_render(
+    fork_server: ForkServer, db: JobDB, layout: Layout, tmp_path: Path
+) -> None:
     title = f"{layout.server_title} forkserver"
     deadline = time.monotonic() + 5  # the child sets its title just after the fork
     while cmdline(fork_server.pid).strip() != title and time.monotonic() < deadline:
@@ -79,11 +80,12 @@ def test_fork_server_runs_a_render(fork_server: ForkServer, db: JobDB, layout: L
     assert pvalue(proj / "out.hdr") == pvalue(direct_render(proj, "direct.hdr"))
 
 
-def test_launch_latency(fork_server: ForkServer, db: JobDB, layout: Layout,
-                        tmp_path: Path) -> None:
+def test_launch_latency(fork_server: ForkServer, db: JobDB, layout: Layout, tmp_path: Path) -> None:
     proj = make_project(tmp_path)
-    jobs = [submit(db, proj, [step("oconv", ["scene.rad"], stdout=f"s{i}.oct")], layout.home)
-            for i in range(20)]
+    jobs = [
+        submit(db, proj, [step("oconv", ["scene.rad"], stdout=f"s{i}.oct")], layout.home)
+        for i in range(20)
+    ]
     for job in jobs:
         assert db.mark_starting(job)
     started: list[float] = []
@@ -114,15 +116,18 @@ def test_launch_latency(fork_server: ForkServer, db: JobDB, layout: Layout,
         assert db.get(job)["state"] == "done"
     med_started = statistics.median(started) * 1000
     med_claimed = statistics.median(claimed) * 1000
-    print(f"\nfork server launch latency, median of 20: {med_started:.2f} ms to 'started', "
-          f"{med_claimed:.2f} ms until the procwrap claimed its job")
+    print(
+        f"\nfork server launch latency, median of 20: {med_started:.2f} ms to 'started', "
+        f"{med_claimed:.2f} ms until the procwrap claimed its job"
+    )
     # The point of a fork server: far below multiprocessing's ~28 ms (ARCHITECTURE.md).
     assert med_started < 15, started
     assert med_claimed < 50, claimed
 
 
-def test_eof_ends_fork_server_but_procwrap_lives_on(layout: Layout, db: JobDB,
-                                                    tmp_path: Path) -> None:
+def test_eof_ends_fork_server_but_procwrap_lives_on(
+    layout: Layout, db: JobDB, tmp_path: Path
+) -> None:
     handle = ForkServer.start(layout, db.path, Settings())
     proj = make_project(tmp_path)
     slow = ["-x", "300", "-y", "300", "-ab", "1", "-ad", "1024"]

@@ -66,14 +66,21 @@ def _seed_jobs(srv: Any, home: RayHome) -> list[int]:
     (proj / "points.txt").write_text("2 2 1 0 0 -1\n")
     steps = [
         [{"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "scene.oct"}],
-        [{"program": "rtrace", "args": ["-h", "scene.oct"], "stdin": "points.txt",
-          "stdout": "out.txt"}],
+        [
+            {
+                "program": "rtrace",
+                "args": ["-h", "scene.oct"],
+                "stdin": "points.txt",
+                "stdout": "out.txt",
+            }
+        ],
         [{"program": "rtrace", "args": ["missing.oct"], "stdin": "points.txt", "stdout": None}],
     ]
     ids = []
     for step in steps:
-        status, body = srv.request("POST", "/v1/jobs", {"location": "projects",
-                                                        "project": "room", "steps": step})
+        status, body = srv.request(
+            "POST", "/v1/jobs", {"location": "projects", "project": "room", "steps": step}
+        )
         assert status == 201, body
         ids.append(body["id"])
         status, body = srv.request("GET", f"/v1/jobs/{ids[-1]}?wait=30", timeout=60)
@@ -97,34 +104,61 @@ def _report_counts(path: Path) -> tuple[int, list[str]]:
     return cases, failures
 
 
-def test_schemathesis_finds_no_server_error(server: Any, rayhome: RayHome, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_schemathesis_finds_no_server_error(
+    server: Any, rayhome: RayHome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _seed_jobs(server, rayhome)
     status, info = server.request("GET", "/v1/info")
     assert status == 200
     worker = info["pid"]
     report = tmp_path / "events.ndjson"
     cmd = [
-        _st(), "run", str(REPO / "docs" / "openapi.yaml"),
-        "--url", f"http://127.0.0.1:{rayhome.port}",
-        "--header", f"Authorization: Bearer {rayhome.token()}",
-        "--checks", CHECKS,
-        "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
-        "--phases", "examples,coverage,fuzzing",
-        "--request-timeout", "20", "--workers", "1", "--no-shrink",
-        "--report", "ndjson", "--report-ndjson-path", str(report),
-        "--continue-on-failure", "--suppress-health-check", "all",
+        _st(),
+        "run",
+        str(REPO / "docs" / "openapi.yaml"),
+        "--url",
+        f"http://127.0.0.1:{rayhome.port}",
+        "--header",
+        f"Authorization: Bearer {rayhome.token()}",
+        "--checks",
+        CHECKS,
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--seed",
+        str(SEED),
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--request-timeout",
+        "20",
+        "--workers",
+        "1",
+        "--no-shrink",
+        "--report",
+        "ndjson",
+        "--report-ndjson-path",
+        str(report),
+        "--continue-on-failure",
+        "--suppress-health-check",
+        "all",
     ]
     t0 = time.monotonic()
     # schemathesis keeps its own state in the working folder: run it in tmp.
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+    run = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )
     took = time.monotonic() - t0
     out = run.stdout + run.stderr
     cases, failures = _report_counts(report) if report.exists() else (0, [])
     with capsys.disabled():
-        print(f"\nschemathesis: {cases} generated requests in {took:.1f} s, "
-              f"{len(failures)} failed checks")
+        print(
+            f"\nschemathesis: {cases} generated requests in {took:.1f} s, "
+            f"{len(failures)} failed checks"
+        )
     assert run.returncode == 0 and not failures, out[-6000:] + "\n" + "\n".join(failures[:20])
     assert cases >= 200, f"only {cases} cases ran:\n{out[-3000:]}"
 

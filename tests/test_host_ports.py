@@ -55,20 +55,27 @@ def test_records_with_ports_and_ip_addresses() -> None:
     assert cfg.records["renderbox:9183"].effective_port(9182) == 9183
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("box:0 2", "port '0' of 'box:0' is not a whole number from 1 to 65535"),
-    ("box:65536 2", "port '65536' of 'box:65536'"),
-    ("box:http 2", "port 'http' of 'box:http'"),
-    ("box: 2", "port '' of 'box:'"),
-    ("box:91:82 2", "is not an IPv6 address"),
-    ("::1:9183:x 2", "is not an IPv6 address; write an IPv6 address with a port as [address]:port"),
-    ("[10.0.0.1]:9183 2", "in brackets is not an IPv6 address"),
-    ("[::1 2", "has no closing ']'"),
-    ("[::1]9183 2", "unexpected '9183' after ']'"),
-    ("b@d:9183 2", "bad host name 'b@d'"),
-])
-def test_bad_host_words_name_file_line_and_expectation(tmp_path: Path, line: str,
-                                                       message: str) -> None:
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("box:0 2", "port '0' of 'box:0' is not a whole number from 1 to 65535"),
+        ("box:65536 2", "port '65536' of 'box:65536'"),
+        ("box:http 2", "port 'http' of 'box:http'"),
+        ("box: 2", "port '' of 'box:'"),
+        ("box:91:82 2", "is not an IPv6 address"),
+        (
+            "::1:9183:x 2",
+            "is not an IPv6 address; write an IPv6 address with a port as [address]:port",
+        ),
+        ("[10.0.0.1]:9183 2", "in brackets is not an IPv6 address"),
+        ("[::1 2", "has no closing ']'"),
+        ("[::1]9183 2", "unexpected '9183' after ']'"),
+        ("b@d:9183 2", "bad host name 'b@d'"),
+    ],
+)
+def test_bad_host_words_name_file_line_and_expectation(
+    tmp_path: Path, line: str, message: str
+) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text(f"# first\n{line}\n")
     with pytest.raises(HostsFileError) as info:
@@ -79,12 +86,15 @@ def test_bad_host_words_name_file_line_and_expectation(tmp_path: Path, line: str
     assert "<hostname>[:<port>] <number_of_cpus>" in text
 
 
-@pytest.mark.parametrize("second", ["box:9183 1", "BOX:9183 1", "box:9183 2 a=\"/x\""])
+@pytest.mark.parametrize("second", ["box:9183 1", "BOX:9183 1", 'box:9183 2 a="/x"'])
 def test_same_address_and_port_twice_is_refused(tmp_path: Path, second: str) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text(f"box:9183 4\n{second}\n")
-    with pytest.raises(HostsFileError, match=rf"{hosts}:2: .*(already defined|same address and "
-                                             r"port as 'box:9183' at .*:1)"):
+    with pytest.raises(
+        HostsFileError,
+        match=rf"{hosts}:2: .*(already defined|same address and "
+        r"port as 'box:9183' at .*:1)",
+    ):
         parse_hosts(hosts)
 
 
@@ -164,22 +174,31 @@ def test_records_built_in_code_derive_address_and_port() -> None:
 # ----------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize(("value", "stored"), [
-    ("", ""), ("renderbox", "renderbox"), ("box.lan", "box.lan"),
-    ("10.1.2.3", "10.1.2.3"), ("::1", "::1"),
-])
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ("", ""),
+        ("renderbox", "renderbox"),
+        ("box.lan", "box.lan"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("::1", "::1"),
+    ],
+)
 def test_name_setting_accepts_names_and_addresses(value: str, stored: str) -> None:
     assert settings_from_dict({"name": value}).name == stored
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("renderbox:9183", "carries a port or brackets"),
-    ("[::1]:9183", "carries a port or brackets"),
-    ("[::1]", "carries a port or brackets"),
-    ("b@d", "bad host name 'b@d'"),
-    ("box:x", "port 'x'"),
-    (9183, "name must be a string"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("renderbox:9183", "carries a port or brackets"),
+        ("[::1]:9183", "carries a port or brackets"),
+        ("[::1]", "carries a port or brackets"),
+        ("b@d", "bad host name 'b@d'"),
+        ("box:x", "port 'x'"),
+        (9183, "name must be a string"),
+    ],
+)
 def test_bad_name_setting_says_what_was_expected(value: object, message: str) -> None:
     with pytest.raises(SettingsError) as info:
         settings_from_dict({"name": value}, "/etc/rs.toml")
@@ -269,8 +288,9 @@ def _info(address: str, port: int) -> dict:
     deadline = time.monotonic() + 20
     while True:
         try:
-            status, body = exchange(http.client.HTTPConnection(address, port, timeout=5),
-                                    "GET", "/v1/info", None, {})
+            status, body = exchange(
+                http.client.HTTPConnection(address, port, timeout=5), "GET", "/v1/info", None, {}
+            )
             assert status == 200, body
             assert isinstance(body, dict)
             return body
@@ -291,10 +311,8 @@ def test_two_servers_on_one_machine(tmp_path: Path, server_factory) -> None:
         f'ws-client 0 projects="{projects}"\n'
     )
     # RAYFRONT_HOSTNAME stays "testhost" (no record): the `name` setting must win.
-    one = _home(tmp_path / "one", shared,
-                f'bind = "127.0.0.1"\nport = {p1}\nname = "127.0.0.1"\n')
-    two = _home(tmp_path / "two", shared,
-                f'bind = "127.0.0.2"\nport = {p2}\nname = "127.0.0.2"\n')
+    one = _home(tmp_path / "one", shared, f'bind = "127.0.0.1"\nport = {p1}\nname = "127.0.0.1"\n')
+    two = _home(tmp_path / "two", shared, f'bind = "127.0.0.2"\nport = {p2}\nname = "127.0.0.2"\n')
     assert one.env["RAYFRONT_HOSTNAME"] == two.env["RAYFRONT_HOSTNAME"] == "testhost"
     server_factory("-f", home=one)
     server_factory("-f", home=two)
@@ -304,8 +322,9 @@ def test_two_servers_on_one_machine(tmp_path: Path, server_factory) -> None:
     assert info1["pid"] != info2["pid"]
 
     # A third server whose name and port have no record refuses to start.
-    three = _home(tmp_path / "three", shared,
-                  f'bind = "127.0.0.1"\nport = {p3}\nname = "127.0.0.1"\n')
+    three = _home(
+        tmp_path / "three", shared, f'bind = "127.0.0.1"\nport = {p3}\nname = "127.0.0.1"\n'
+    )
     refused = server_factory("-f", home=three, wait=None)
     assert refused.proc.wait(timeout=20) == 1
     refused.wait_for("no record")
@@ -318,13 +337,22 @@ def test_two_servers_on_one_machine(tmp_path: Path, server_factory) -> None:
     # A workstation of the same installation sees both, each on its address and port.
     client = _home(tmp_path / "client", shared, "")
     env = client.env | {"RAYFRONT_HOSTNAME": "ws-client"}
-    proc = subprocess.run([*RAYFRONT, "hosts", "--json"], env=env, cwd=str(projects),
-                          capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        [*RAYFRONT, "hosts", "--json"],
+        env=env,
+        cwd=str(projects),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = {row["host"]: row for row in json.loads(proc.stdout)["hosts"]}
     assert set(rows) == {f"127.0.0.1:{p1}", f"127.0.0.2:{p2}"}
-    for name, address, port in ((f"127.0.0.1:{p1}", "127.0.0.1", p1),
-                                (f"127.0.0.2:{p2}", "127.0.0.2", p2)):
+    for name, address, port in (
+        (f"127.0.0.1:{p1}", "127.0.0.1", p1),
+        (f"127.0.0.2:{p2}", "127.0.0.2", p2),
+    ):
         row = rows[name]
         assert (row["address"], row["port"], row["answering"]) == (address, port, True), row
         assert row["info"]["name"] == name

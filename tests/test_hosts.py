@@ -21,14 +21,17 @@ def test_example_records() -> None:
     cfg = parse_hosts_text(EXAMPLE)
     assert list(cfg.records) == ["renderbox", "ws-anna", "ws-ben"]
     box = cfg.records["renderbox"]
-    assert box.cpus == 8 and box.locations == {"projects": "/srv/projects", "archive": "/srv/archive"}
+    assert box.cpus == 8 and box.locations == {
+        "projects": "/srv/projects",
+        "archive": "/srv/archive",
+    }
     assert [r.name for r in cfg.servers()] == ["renderbox", "ws-ben"]
     assert cfg.libraries == ["radlib"]
     assert cfg.library_dirs("/srv/projects") == [Path("/srv/projects/radlib")]
 
 
 def test_record_lookup_by_short_and_case_insensitive_name() -> None:
-    cfg = parse_hosts_text("RenderBox.lan 4 p=\"/x\"\n")
+    cfg = parse_hosts_text('RenderBox.lan 4 p="/x"\n')
     assert cfg.record_for("RenderBox.lan").cpus == 4
     assert cfg.record_for("renderbox.lan").cpus == 4
     assert cfg.record_for("renderbox").cpus == 4
@@ -79,8 +82,9 @@ def test_self_include_is_a_loop(tmp_path: Path) -> None:
         ("b@d 2", "bad host name"),
     ],
 )
-def test_malformed_lines_name_file_line_and_expectation(tmp_path: Path, line: str,
-                                                        expected: str) -> None:
+def test_malformed_lines_name_file_line_and_expectation(
+    tmp_path: Path, line: str, expected: str
+) -> None:
     path = tmp_path / "hosts"
     path.write_text(f"# comment\n\nok 1\n{line}\n")
     with pytest.raises(HostsFileError) as err:

@@ -56,8 +56,9 @@ def account(python_for_others):
     user, group = f"rsu{tag}", f"rsg{tag}"
     subprocess.run(["groupadd", group], check=True)
     try:
-        subprocess.run(["useradd", "-M", "-N", "-g", group, "-s", "/usr/sbin/nologin", user],
-                       check=True)
+        subprocess.run(
+            ["useradd", "-M", "-N", "-g", group, "-s", "/usr/sbin/nologin", user], check=True
+        )
     except Exception:
         subprocess.run(["groupdel", group], check=False)
         raise
@@ -89,27 +90,39 @@ def require_python_for(user: str | int) -> None:
     try:
         # The user's own group and no supplementary groups, as the switched server has:
         # with root's group kept, a 0700 /root would refuse by its group bits instead.
-        probe = subprocess.run([sys.executable, "-c", "import asyncio, aiohttp"], user=user,
-                               group=entry.pw_gid, extra_groups=[],
-                               capture_output=True, text=True, timeout=30, cwd="/")
+        probe = subprocess.run(
+            [sys.executable, "-c", "import asyncio, aiohttp"],
+            user=user,
+            group=entry.pw_gid,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
+        )
         usable = probe.returncode == 0
     except PermissionError:
         usable = False
     if not usable:
-        pytest.skip(f"the Python installation ({sys.executable}) is not readable by user "
-                    f"{user!r} here, so a server switched to it cannot import its modules")
+        pytest.skip(
+            f"the Python installation ({sys.executable}) is not readable by user "
+            f"{user!r} here, so a server switched to it cannot import its modules"
+        )
 
 
 def status_ids(pid: int) -> dict[str, list[int]]:
     text = Path(f"/proc/{pid}/status").read_text()
-    return {key: [int(x) for x in rest.split()] for key, rest in
-            re.findall(r"^(Uid|Gid|Groups):\s*(.*)$", text, re.M)}
+    return {
+        key: [int(x) for x in rest.split()]
+        for key, rest in re.findall(r"^(Uid|Gid|Groups):\s*(.*)$", text, re.M)
+    }
 
 
 @root_only
 @pytest.mark.parametrize("numeric", [False, True])
-def test_server_runs_as_user_and_group_for_good(account, shared_home, server_factory,
-                                                numeric: bool) -> None:
+def test_server_runs_as_user_and_group_for_good(
+    account, shared_home, server_factory, numeric: bool
+) -> None:
     pw, gr = account
     require_python_for(pw.pw_name)
     (shared_home.path / "srvlogs").mkdir(mode=0o775)
@@ -170,11 +183,21 @@ def test_unprivileged_user_cannot_switch(tmp_path: Path, python_for_others) -> N
         home = make_home(base)
         for path in (home.path, home.path / "config"):
             os.chmod(path, 0o777)
-        for args, message in ((["-u", "root"], 'Unable to run as user "root" (0).'),
-                              (["-g", "0"], 'Unable to run as group "root" (0).')):
-            out = subprocess.run([sys.executable, "-m", "rayserver", "-f", *args],
-                                 env=home.env, capture_output=True, text=True, timeout=30,
-                                 user="nobody", group="nogroup", extra_groups=[], cwd="/")
+        for args, message in (
+            (["-u", "root"], 'Unable to run as user "root" (0).'),
+            (["-g", "0"], 'Unable to run as group "root" (0).'),
+        ):
+            out = subprocess.run(
+                [sys.executable, "-m", "rayserver", "-f", *args],
+                env=home.env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                user="nobody",
+                group="nogroup",
+                extra_groups=[],
+                cwd="/",
+            )
             assert out.returncode == 1, out.stdout + out.stderr
             assert message in (out.stdout + out.stderr).splitlines()
     finally:
@@ -191,8 +214,12 @@ def test_switch_order_groups_then_group_then_user(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(os, "setresuid", lambda *a: calls.append(("setresuid", *a)))
     monkeypatch.setattr(identity, "_verify_no_way_back", lambda u, g: calls.append(("verify",)))
     switch_identity(User("ray", 500, 100), Group("rfusers", 101))
-    assert calls == [("initgroups", "ray", 101), ("setresgid", 101, 101, 101),
-                     ("setresuid", 500, 500, 500), ("verify",)]
+    assert calls == [
+        ("initgroups", "ray", 101),
+        ("setresgid", 101, 101, 101),
+        ("setresuid", 500, 500, 500),
+        ("verify",),
+    ]
     calls.clear()
     switch_identity(None, Group("rfusers", 101))
     assert calls == [("setgroups", [101]), ("setresgid", 101, 101, 101), ("verify",)]
@@ -205,10 +232,12 @@ def test_verify_refuses_an_open_way_back(monkeypatch: pytest.MonkeyPatch) -> Non
         identity._verify_no_way_back(User("ray", 500, 100), 100)
 
 
-@pytest.mark.parametrize(("args", "mode"), [((), 0o664), (("-m", "027"), 0o640),
-                                            (("-m", "077"), 0o600)])
-def test_umask_applies_to_created_files(rayhome, server_factory, args: tuple[str, ...],
-                                        mode: int) -> None:
+@pytest.mark.parametrize(
+    ("args", "mode"), [((), 0o664), (("-m", "027"), 0o640), (("-m", "077"), 0o600)]
+)
+def test_umask_applies_to_created_files(
+    rayhome, server_factory, args: tuple[str, ...], mode: int
+) -> None:
     srv = server_factory("-f", *args)
     log_mode = stat.S_IMODE(rayhome.log_file.stat().st_mode)
     assert log_mode == mode, oct(log_mode)
@@ -223,17 +252,23 @@ def test_daemon_mode_switches_identity_before_detaching(account, shared_home) ->
     require_python_for(pw.pw_name)
     (shared_home.path / "srvlogs").mkdir(mode=0o775)
     os.chown(shared_home.path / "srvlogs", pw.pw_uid, gr.gr_gid)
-    out = subprocess.run([sys.executable, "-m", "rayserver", "-u", pw.pw_name, "-g", gr.gr_name],
-                         env=shared_home.env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "rayserver", "-u", pw.pw_name, "-g", gr.gr_name],
+        env=shared_home.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     # The manual's messages, in order; timestamped log lines (e.g. the token file
     # created at first start) may stand between them on the terminal.
-    lines = [line for line in out.stdout.splitlines()
-             if not re.match(r"\d\d:\d\d:\d\d ", line)]
+    lines = [line for line in out.stdout.splitlines() if not re.match(r"\d\d:\d\d:\d\d ", line)]
     try:
         assert out.returncode == 0, out.stdout + out.stderr
-        assert lines[1:] == [f'Rayserver running as user "{pw.pw_name}" ({pw.pw_uid}).',
-                             f'Rayserver running as group "{gr.gr_name}" ({gr.gr_gid}).',
-                             lines[-1]]
+        assert lines[1:] == [
+            f'Rayserver running as user "{pw.pw_name}" ({pw.pw_uid}).',
+            f'Rayserver running as group "{gr.gr_name}" ({gr.gr_gid}).',
+            lines[-1],
+        ]
         pid = int(re.fullmatch(r"Rayserver (\d+) switching to daemon mode\.", lines[-1])[1])
         assert status_ids(pid)["Uid"] == [pw.pw_uid] * 4
     finally:

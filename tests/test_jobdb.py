@@ -14,14 +14,26 @@ import pytest
 from rayserver.jobs import jobdb
 from rayserver.jobs.jobdb import JobDB, JobDBError
 
-STEP = {"program": "rpict", "path": "/abs/bin/rpict", "args": ["-vf", "v.vf", "s.oct"],
-        "stdin": None, "stdout": "out.hdr"}
+STEP = {
+    "program": "rpict",
+    "path": "/abs/bin/rpict",
+    "args": ["-vf", "v.vf", "s.oct"],
+    "stdin": None,
+    "stdout": "out.hdr",
+}
 
 
 def submit(db: JobDB, priority: int = 0, name: str | None = None) -> int:
-    return db.submit(name=name, priority=priority, client="10.0.0.5", location="projects",
-                     project="office", workdir="/srv/projects/office", steps=[dict(STEP)],
-                     env={"RAYPATH": ".:/lib"})
+    return db.submit(
+        name=name,
+        priority=priority,
+        client="10.0.0.5",
+        location="projects",
+        project="office",
+        workdir="/srv/projects/office",
+        steps=[dict(STEP)],
+        env={"RAYPATH": ".:/lib"},
+    )
 
 
 @pytest.fixture
@@ -45,14 +57,35 @@ def test_submit_get_public(db: JobDB) -> None:
     assert row["state"] == "queued" and row["steps"][0]["path"] == "/abs/bin/rpict"
     assert row["env"] == {"RAYPATH": ".:/lib"} and row["step_count"] == 1
     pub = db.public(row)
-    assert pub["steps"] == [{"program": "rpict", "args": ["-vf", "v.vf", "s.oct"],
-                             "stdin": None, "stdout": "out.hdr"}]
+    assert pub["steps"] == [
+        {"program": "rpict", "args": ["-vf", "v.vf", "s.oct"], "stdin": None, "stdout": "out.hdr"}
+    ]
     assert pub["outputs"] == ["out.hdr"] and pub["cancel_requested"] is False
-    assert set(pub) == {"id", "name", "priority", "state", "location", "project", "steps",
-                        "client", "submitted_at", "started_at", "ended_at", "progress",
-                        "current_step", "step_count", "exit_status", "signal", "reason",
-                        "wall_time", "cpu_time", "max_rss_kb", "cancel_requested", "outputs",
-                        "pid"}
+    assert set(pub) == {
+        "id",
+        "name",
+        "priority",
+        "state",
+        "location",
+        "project",
+        "steps",
+        "client",
+        "submitted_at",
+        "started_at",
+        "ended_at",
+        "progress",
+        "current_step",
+        "step_count",
+        "exit_status",
+        "signal",
+        "reason",
+        "wall_time",
+        "cpu_time",
+        "max_rss_kb",
+        "cancel_requested",
+        "outputs",
+        "pid",
+    }
     assert db.mark_starting(job)
     assert db.public(db.get(job))["state"] == "queued"  # 'starting' is internal
     assert db.get(12345) is None
@@ -61,11 +94,20 @@ def test_submit_get_public(db: JobDB) -> None:
 
 def test_submit_rejects_bad_steps(db: JobDB) -> None:
     with pytest.raises(ValueError, match="at least one step"):
-        db.submit(name=None, priority=0, client="", location="", project="", workdir="/",
-                  steps=[], env={})
+        db.submit(
+            name=None, priority=0, client="", location="", project="", workdir="/", steps=[], env={}
+        )
     with pytest.raises(ValueError, match="step 1 lacks path"):
-        db.submit(name=None, priority=0, client="", location="", project="", workdir="/",
-                  steps=[{"program": "x", "args": []}], env={})
+        db.submit(
+            name=None,
+            priority=0,
+            client="",
+            location="",
+            project="",
+            workdir="/",
+            steps=[{"program": "x", "args": []}],
+            env={},
+        )
 
 
 def test_list_paging_counts_and_states(db: JobDB) -> None:
@@ -79,13 +121,23 @@ def test_list_paging_counts_and_states(db: JobDB) -> None:
     assert db.mark_starting(ids[2])
     assert {r["id"] for r in db.list(["queued"])} == set(ids[2:])
     assert [r["id"] for r in db.list(["done", "cancelled"])] == [ids[1], ids[0]]
-    assert db.counts() == {"queued": 5, "running": 0, "done": 1, "failed": 0,
-                           "cancelled": 1, "interrupted": 0}
+    assert db.counts() == {
+        "queued": 5,
+        "running": 0,
+        "done": 1,
+        "failed": 0,
+        "cancelled": 1,
+        "interrupted": 0,
+    }
     with pytest.raises(ValueError, match="unknown job state 'bogus'"):
         db.list(["bogus"])
-    plan = db._conn().execute(
-        "EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE id < ? ORDER BY id DESC LIMIT 3", (5,)
-    ).fetchall()
+    plan = (
+        db._conn()
+        .execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE id < ? ORDER BY id DESC LIMIT 3", (5,)
+        )
+        .fetchall()
+    )
     assert "USING INTEGER PRIMARY KEY" in " ".join(str(r[3]) for r in plan)
 
 
@@ -132,8 +184,9 @@ def test_exactly_once_claim_across_processes(db: JobDB) -> None:
         assert db.mark_starting(job)
         out = ctx.Queue()
         start = time.time() + 0.8  # all spawned and connected, then claim together
-        procs = [ctx.Process(target=_claimer, args=(str(db.path), job, start, out))
-                 for _ in range(6)]
+        procs = [
+            ctx.Process(target=_claimer, args=(str(db.path), job, start, out)) for _ in range(6)
+        ]
         for p in procs:
             p.start()
         results = [out.get(timeout=30) for _ in procs]
@@ -190,7 +243,7 @@ def test_damaged_pages_fail_quick_check(tmp_path: Path) -> None:
     page = 4096
     assert len(raw) > 6 * page
     for off in range(2 * page + 100, len(raw) - page, page):
-        raw[off:off + 200] = b"\xff" * 200  # smash every page past the schema
+        raw[off : off + 200] = b"\xff" * 200  # smash every page past the schema
     path.write_bytes(bytes(raw))
     before = path.read_bytes()
     with pytest.raises(JobDBError, match="corrupt.*refuses to start.*left untouched"):
@@ -202,13 +255,18 @@ def test_locked_database_gives_a_clear_message(tmp_path: Path, monkeypatch) -> N
     path = tmp_path / "jobs.sqlite3"
     JobDB(path).close()
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sqlite3,sys,time\n"
-         f"c=sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-         "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN EXCLUSIVE')\n"
-         "c.execute('UPDATE jobs SET name=name')\n"
-         "print('held', flush=True); time.sleep(30)\n"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3,sys,time\n"
+            f"c=sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN EXCLUSIVE')\n"
+            "c.execute('UPDATE jobs SET name=name')\n"
+            "print('held', flush=True); time.sleep(30)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setattr(jobdb, "BUSY_TIMEOUT_MS", 300)

@@ -47,8 +47,14 @@ def radiance_pids(home: RayHome) -> dict[int, str]:
 
 
 def pixels(path: Path) -> str:
-    out = subprocess.run([str(BIN / "pvalue"), "-h", "-H", "-d", str(path)],
-                         capture_output=True, text=True, check=True, env=rad_env(), timeout=30)
+    out = subprocess.run(
+        [str(BIN / "pvalue"), "-h", "-H", "-d", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=rad_env(),
+        timeout=30,
+    )
     return out.stdout
 
 
@@ -85,13 +91,17 @@ def answering(srv: Any) -> bool:
 # ------------------------------------------------------------------ tests
 
 
-def test_render_through_server_gives_the_same_pixels(server: Any, rayhome: RayHome,
-                                                     tmp_path: Path) -> None:
+def test_render_through_server_gives_the_same_pixels(
+    server: Any, rayhome: RayHome, tmp_path: Path
+) -> None:
     make_project(rayhome)
-    job = submit(server, [
-        {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "again.oct"},
-        rpict(48, "-ab", "1", out="server.hdr"),
-    ])
+    job = submit(
+        server,
+        [
+            {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "again.oct"},
+            rpict(48, "-ab", "1", out="server.hdr"),
+        ],
+    )
     assert job["state"] in ("queued", "running") and job["step_count"] == 2
     done = wait_final(server, job["id"])
     assert done["state"] == "done" and done["exit_status"] == 0, job_log(server, job["id"])
@@ -101,40 +111,77 @@ def test_render_through_server_gives_the_same_pixels(server: Any, rayhome: RayHo
     direct.mkdir()
     (direct / "scene.rad").write_text(SCENE)
     with open(direct / "scene.oct", "wb") as out:
-        subprocess.run([str(BIN / "oconv"), "scene.rad"], cwd=direct, stdout=out, check=True,
-                       env=rad_env())
+        subprocess.run(
+            [str(BIN / "oconv"), "scene.rad"], cwd=direct, stdout=out, check=True, env=rad_env()
+        )
     step = rpict(48, "-ab", "1")
     with open(direct / "direct.hdr", "wb") as out:
-        subprocess.run([str(BIN / "rpict"), *step["args"]], cwd=direct, stdout=out, check=True,
-                       env=rad_env(), timeout=60)
+        subprocess.run(
+            [str(BIN / "rpict"), *step["args"]],
+            cwd=direct,
+            stdout=out,
+            check=True,
+            env=rad_env(),
+            timeout=60,
+        )
     ours, theirs = pixels(rayhome.projects / "room" / "server.hdr"), pixels(direct / "direct.hdr")
     assert len(ours.splitlines()) > 1000
     assert ours == theirs
     assert "server.hdr" in done["outputs"]
 
 
-@pytest.mark.parametrize("step, status, words", [
-    ({"program": "rtrace", "args": ["scene.oct"], "stdin": None, "stdout": "../x"}, 403, "'..'"),
-    ({"program": "rtrace", "args": ["/etc/passwd"], "stdin": None, "stdout": None}, 403,
-     "absolute path"),
-    ({"program": "rtrace", "args": ["escape/passwd"], "stdin": None, "stdout": None}, 403,
-     "outside the project"),
-    ({"program": "rtrace", "args": ["scene.oct"], "stdin": None, "stdout": "escape/new"}, 403,
-     "outside the project"),
-    ({"program": "bash", "args": ["-c", "touch pwned"], "stdin": None, "stdout": None}, 422,
-     "not a Radiance program"),
-    ({"program": "python3", "args": [], "stdin": None, "stdout": None}, 422,
-     "not a Radiance program"),
-])
-def test_bad_jobs_are_refused_and_nothing_runs(server: Any, rayhome: RayHome, tmp_path: Path,
-                                               step: dict[str, Any], status: int,
-                                               words: str) -> None:
+@pytest.mark.parametrize(
+    "step, status, words",
+    [
+        (
+            {"program": "rtrace", "args": ["scene.oct"], "stdin": None, "stdout": "../x"},
+            403,
+            "'..'",
+        ),
+        (
+            {"program": "rtrace", "args": ["/etc/passwd"], "stdin": None, "stdout": None},
+            403,
+            "absolute path",
+        ),
+        (
+            {"program": "rtrace", "args": ["escape/passwd"], "stdin": None, "stdout": None},
+            403,
+            "outside the project",
+        ),
+        (
+            {"program": "rtrace", "args": ["scene.oct"], "stdin": None, "stdout": "escape/new"},
+            403,
+            "outside the project",
+        ),
+        (
+            {"program": "bash", "args": ["-c", "touch pwned"], "stdin": None, "stdout": None},
+            422,
+            "not a Radiance program",
+        ),
+        (
+            {"program": "python3", "args": [], "stdin": None, "stdout": None},
+            422,
+            "not a Radiance program",
+        ),
+    ],
+)
+def test_bad_jobs_are_refused_and_nothing_runs(
+    server: Any, rayhome: RayHome, tmp_path: Path, step: dict[str, Any], status: int, words: str
+) -> None:
     proj = make_project(rayhome)
     os.symlink("/etc", proj / "escape")
-    code, body = server.request("POST", "/v1/jobs", {
-        "location": "projects", "project": "room",
-        "steps": [{"program": "oconv", "args": ["scene.rad"], "stdin": None,
-                   "stdout": "first.oct"}, step]})
+    code, body = server.request(
+        "POST",
+        "/v1/jobs",
+        {
+            "location": "projects",
+            "project": "room",
+            "steps": [
+                {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": "first.oct"},
+                step,
+            ],
+        },
+    )
     assert code == status, body
     assert isinstance(body, dict) and body["status"] == status
     assert words in body["error"] and "steps[1]" in body["error"]
@@ -172,8 +219,11 @@ def test_worker_killed_during_render(server: Any, rayhome: RayHome) -> None:
     assert old is not None
     os.kill(old, signal.SIGKILL)
     # The supervisor starts a new worker; the render goes on meanwhile.
-    wait_until(lambda: (worker_pid(server) or old) != old and answering(server), 30,
-               "a new worker answering")
+    wait_until(
+        lambda: (worker_pid(server) or old) != old and answering(server),
+        30,
+        "a new worker answering",
+    )
     # The new worker adopted the procwrap that is still rendering.
     assert get(server, job["id"])["state"] == "running"
     assert "rpict" in radiance_pids(rayhome).values()
@@ -184,8 +234,13 @@ def test_worker_killed_during_render(server: Any, rayhome: RayHome) -> None:
     assert "100.00%" in text, text
     assert text.count(f"== job {job['id']}") == 1
     picture = rayhome.projects / "room" / "out.hdr"
-    res = subprocess.run([str(BIN / "getinfo"), "-d", str(picture)], capture_output=True,
-                         text=True, check=True, env=rad_env()).stdout.split()
+    res = subprocess.run(
+        [str(BIN / "getinfo"), "-d", str(picture)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=rad_env(),
+    ).stdout.split()
     width, height = int(res[-1]), int(res[-3])
     assert width == 300 and len(pixels(picture).splitlines()) == width * height
     assert radiance_pids(rayhome) == {}
@@ -202,8 +257,10 @@ def _max_overlap(jobs: list[dict[str, Any]]) -> int:
 
 def test_more_jobs_than_cpus_queue_and_all_finish(server: Any, rayhome: RayHome) -> None:
     make_project(rayhome)  # the test home's host record has 2 cpus
-    ids = [submit(server, [rpict(80, "-ab", "1", "-ad", "256", "-aa", "0", out=f"q{i}.hdr")])["id"]
-           for i in range(6)]
+    ids = [
+        submit(server, [rpict(80, "-ab", "1", "-ad", "256", "-aa", "0", out=f"q{i}.hdr")])["id"]
+        for i in range(6)
+    ]
     jobs = [wait_final(server, i, timeout=120) for i in ids]
     assert [j["state"] for j in jobs] == ["done"] * 6, jobs
     assert _max_overlap(jobs) == 2
@@ -241,8 +298,13 @@ def check_ambient(path: Path) -> int:
     assert b"FORMAT=Radiance_ambval" in data[:end]
     body = len(data) - end - 2
     assert body % 67 == 0, f"{body} bytes of records is not a multiple of 67"
-    out = subprocess.run([str(BIN / "lookamb"), "-h", "-d", str(path)], capture_output=True,
-                         text=True, env=rad_env(), timeout=30)
+    out = subprocess.run(
+        [str(BIN / "lookamb"), "-h", "-d", str(path)],
+        capture_output=True,
+        text=True,
+        env=rad_env(),
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == body // 67
     return body // 67
@@ -253,14 +315,41 @@ def test_four_jobs_share_one_ambient_file(server_factory: Any, rayhome: RayHome)
     make_project(rayhome)
     srv = server_factory("-f")
     wait_until(lambda: answering(srv), 20, "server answering")
-    views = [["-vp", "2", "-1", "2"], ["-vp", "1", "-1", "1.5"], ["-vp", "3", "-1", "1.5"],
-             ["-vp", "2", "-0.5", "2.5"]]
+    views = [
+        ["-vp", "2", "-1", "2"],
+        ["-vp", "1", "-1", "1.5"],
+        ["-vp", "3", "-1", "1.5"],
+        ["-vp", "2", "-0.5", "2.5"],
+    ]
     ids = []
     for i, vp in enumerate(views):
-        step = {"program": "rpict", "stdin": None, "stdout": f"amb{i}.hdr",
-                "args": [*vp, "-vd", "0", "1", "-0.5", "-x", "96", "-y", "96", "-ab", "2",
-                         "-ad", "256", "-as", "64", "-aa", "0.1", "-af", "shared.amb",
-                         "scene.oct"]}
+        step = {
+            "program": "rpict",
+            "stdin": None,
+            "stdout": f"amb{i}.hdr",
+            "args": [
+                *vp,
+                "-vd",
+                "0",
+                "1",
+                "-0.5",
+                "-x",
+                "96",
+                "-y",
+                "96",
+                "-ab",
+                "2",
+                "-ad",
+                "256",
+                "-as",
+                "64",
+                "-aa",
+                "0.1",
+                "-af",
+                "shared.amb",
+                "scene.oct",
+            ],
+        }
         ids.append(submit(srv, [step])["id"])
     jobs = [wait_final(srv, i, timeout=120) for i in ids]
     assert [j["state"] for j in jobs] == ["done"] * 4, [job_log(srv, i) for i in ids]
@@ -327,23 +416,36 @@ def test_wait_returns_promptly_and_list_pages(server: Any, rayhome: RayHome) -> 
 
 
 def _percentile_report(name: str, values: list[float]) -> str:
-    return f"{name}: median {statistics.median(values) * 1000:.1f} ms " \
-           f"(min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})"
+    return (
+        f"{name}: median {statistics.median(values) * 1000:.1f} ms "
+        f"(min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})"
+    )
 
 
-def test_measure_latency_and_tiny_job_overhead(server: Any, rayhome: RayHome,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_measure_latency_and_tiny_job_overhead(
+    server: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Numbers for the report; the asserts only catch an order-of-magnitude regression."""
     proj = make_project(rayhome)
     (proj / "point.txt").write_text("2 2 0.5 0 0 1\n")
-    step = {"program": "rtrace", "args": ["-h", "-ab", "0", "scene.oct"], "stdin": "point.txt",
-            "stdout": "point.out"}
+    step = {
+        "program": "rtrace",
+        "args": ["-h", "-ab", "0", "scene.oct"],
+        "stdin": "point.txt",
+        "stdout": "point.out",
+    }
     direct, through, start_latency = [], [], []
     for _ in range(10):
         t0 = time.perf_counter()
         with open(proj / "point.txt", "rb") as inp, open(proj / "direct.out", "wb") as out:
-            subprocess.run([str(BIN / "rtrace"), *step["args"]], cwd=proj, stdin=inp,
-                           stdout=out, check=True, env=rad_env())
+            subprocess.run(
+                [str(BIN / "rtrace"), *step["args"]],
+                cwd=proj,
+                stdin=inp,
+                stdout=out,
+                check=True,
+                env=rad_env(),
+            )
         direct.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
@@ -375,7 +477,10 @@ def test_worker_yields_the_cpu_to_simulations(server: Any) -> None:
     assert status == 200
     assert _nice(info["pid"]) == os.nice(0) + 5
     job = submit(server, [rpict(200, "-ab", "2")])
-    running = wait_until(lambda: (j := get(server, job["id"]))["state"] == "running"
-                         and j.get("pid") and j, 20, "job running")
+    running = wait_until(
+        lambda: (j := get(server, job["id"]))["state"] == "running" and j.get("pid") and j,
+        20,
+        "job running",
+    )
     assert _nice(running["pid"]) == os.nice(0)
     server.request("DELETE", f"/v1/jobs/{job['id']}")

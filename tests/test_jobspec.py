@@ -34,28 +34,36 @@ def tree(tmp_path: Path) -> dict[str, Any]:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_text("x")
-    os.symlink(outside / "secret", proj / "link.rad")          # existing file, leads out
-    os.symlink(outside, proj / "outdir")                        # folder leading out
-    os.symlink(tmp_path / "nowhere" / "x", proj / "dangling")   # dangling, leads out
-    os.symlink(proj / "scene.rad", proj / "inside.rad")         # harmless link
+    os.symlink(outside / "secret", proj / "link.rad")  # existing file, leads out
+    os.symlink(outside, proj / "outdir")  # folder leading out
+    os.symlink(tmp_path / "nowhere" / "x", proj / "dangling")  # dangling, leads out
+    os.symlink(proj / "scene.rad", proj / "inside.rad")  # harmless link
     hosts = parse_hosts_text(f'testhost 2 projects="{root}"\n__library__ radlib\n')
     return {"root": root, "proj": proj, "hosts": hosts, "record": hosts.records["testhost"]}
 
 
 def job(**over: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"location": "projects", "project": "proj",
-                            "steps": [{"program": "rtrace", "args": ["-h"], "stdin": None,
-                                       "stdout": "out.dat"}]}
+    data: dict[str, Any] = {
+        "location": "projects",
+        "project": "proj",
+        "steps": [{"program": "rtrace", "args": ["-h"], "stdin": None, "stdout": "out.dat"}],
+    }
     data.update(over)
     return data
 
 
-def resolve(tree: dict[str, Any], data: dict[str, Any], settings: Settings = SETTINGS,
-            reload: Any = None) -> jobspec.ResolvedJob:
+def resolve(
+    tree: dict[str, Any], data: dict[str, Any], settings: Settings = SETTINGS, reload: Any = None
+) -> jobspec.ResolvedJob:
     jobspec.check_shape(data, settings)
-    return jobspec.resolve_job(data, settings=settings, hosts=tree["hosts"],
-                               record=lambda: tree["record"], reload=reload or (lambda: False),
-                               client="192.0.2.7")
+    return jobspec.resolve_job(
+        data,
+        settings=settings,
+        hosts=tree["hosts"],
+        record=lambda: tree["record"],
+        reload=reload or (lambda: False),
+        client="192.0.2.7",
+    )
 
 
 def refused(tree: dict[str, Any], data: dict[str, Any], **kw: Any) -> JobSpecError:
@@ -67,25 +75,40 @@ def refused(tree: dict[str, Any], data: dict[str, Any], **kw: Any) -> JobSpecErr
 # ------------------------------------------------------------------ shape
 
 
-@pytest.mark.parametrize("data, field, words", [
-    ([1, 2], None, "must be a JSON object"),
-    ({"location": "p", "project": "x"}, "steps", "exactly one of 'steps'"),
-    (job(rad={"rif": "a.rif"}), "steps", "got both"),
-    ({"project": "x", "steps": [{"program": "rtrace"}]}, "location", "missing required field 'location'"),
-    (job(project=""), "project", "must not be empty"),
-    (job(project=5), "project", "expected a string"),
-    (job(priority=101), "priority", "at most 100"),
-    (job(priority="high"), "priority", "expected a whole number"),
-    (job(priority=True), "priority", "expected a whole number"),
-    (job(steps=[]), "steps", "at least 1"),
-    (job(steps=[{"args": []}]), "steps[0].program", "missing required field 'steps[0].program'"),
-    (job(steps=[{"program": "rtrace", "args": "-h"}]), "steps[0].args", "expected a list"),
-    (job(steps=[{"program": "rtrace", "args": ["-h", 2]}]), "steps[0].args[1]", "expected a string"),
-    (job(steps=[{"program": "rtrace", "stdin": 3}]), "steps[0].stdin", "a string or null"),
-    (job(steps=[{"program": "rtrace", "shell": True}]), "steps[0].shell", "unknown field"),
-    (job(colour="red"), "colour", "unknown field 'colour'"),
-    (job(steps=None, rad={"options": []}), "rad.rif", "missing required field 'rad.rif'"),
-])
+@pytest.mark.parametrize(
+    "data, field, words",
+    [
+        ([1, 2], None, "must be a JSON object"),
+        ({"location": "p", "project": "x"}, "steps", "exactly one of 'steps'"),
+        (job(rad={"rif": "a.rif"}), "steps", "got both"),
+        (
+            {"project": "x", "steps": [{"program": "rtrace"}]},
+            "location",
+            "missing required field 'location'",
+        ),
+        (job(project=""), "project", "must not be empty"),
+        (job(project=5), "project", "expected a string"),
+        (job(priority=101), "priority", "at most 100"),
+        (job(priority="high"), "priority", "expected a whole number"),
+        (job(priority=True), "priority", "expected a whole number"),
+        (job(steps=[]), "steps", "at least 1"),
+        (
+            job(steps=[{"args": []}]),
+            "steps[0].program",
+            "missing required field 'steps[0].program'",
+        ),
+        (job(steps=[{"program": "rtrace", "args": "-h"}]), "steps[0].args", "expected a list"),
+        (
+            job(steps=[{"program": "rtrace", "args": ["-h", 2]}]),
+            "steps[0].args[1]",
+            "expected a string",
+        ),
+        (job(steps=[{"program": "rtrace", "stdin": 3}]), "steps[0].stdin", "a string or null"),
+        (job(steps=[{"program": "rtrace", "shell": True}]), "steps[0].shell", "unknown field"),
+        (job(colour="red"), "colour", "unknown field 'colour'"),
+        (job(steps=None, rad={"options": []}), "rad.rif", "missing required field 'rad.rif'"),
+    ],
+)
 def test_shape_errors_name_the_field(data: Any, field: str | None, words: str) -> None:
     if isinstance(data, dict) and data.get("steps", 0) is None:
         del data["steps"]
@@ -104,10 +127,12 @@ def test_limits_from_settings_name_the_setting() -> None:
     cases = [
         (job(steps=[step] * 3), "max_steps", "steps"),
         (job(steps=[{"program": "rtrace", "args": ["a"] * 4}]), "max_args", "steps[0].args"),
-        (job(steps=[{"program": "rtrace", "args": ["x" * 11]}]), "max_arg_length",
-         "steps[0].args[0]"),
-        (job(steps=None, rad={"rif": "a.rif", "options": ["-v"] * 4}), "max_args",
-         "rad.options"),
+        (
+            job(steps=[{"program": "rtrace", "args": ["x" * 11]}]),
+            "max_arg_length",
+            "steps[0].args[0]",
+        ),
+        (job(steps=None, rad={"rif": "a.rif", "options": ["-v"] * 4}), "max_args", "rad.options"),
     ]
     for data, setting, field in cases:
         if data["steps"] is None:
@@ -123,7 +148,8 @@ def test_limits_from_settings_name_the_setting() -> None:
 
 
 def test_unknown_location_reloads_once_then_404_and_logs_client(
-        tree: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    tree: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
     calls = []
     caplog.set_level(logging.WARNING, "rayserver.server.jobspec")
     err = refused(tree, job(location="archive"), reload=lambda: calls.append(1))
@@ -142,17 +168,30 @@ def test_location_found_after_reload(tree: dict[str, Any]) -> None:
 
     data = job()
     jobspec.check_shape(data, SETTINGS)
-    resolved = jobspec.resolve_job(data, settings=SETTINGS, hosts=tree["hosts"],
-                                   record=lambda: state["record"], reload=reload, client="c")
+    resolved = jobspec.resolve_job(
+        data,
+        settings=SETTINGS,
+        hosts=tree["hosts"],
+        record=lambda: state["record"],
+        reload=reload,
+        client="c",
+    )
     assert resolved.workdir == str(tree["proj"].resolve())
 
 
-@pytest.mark.parametrize("project, status", [
-    ("missing", 404), ("../proj", 403), ("/etc", 403), ("proj/outdir", 403),
-    ("proj/scene.rad", 404),
-])
-def test_project_must_exist_inside_the_location(tree: dict[str, Any], project: str,
-                                                status: int) -> None:
+@pytest.mark.parametrize(
+    "project, status",
+    [
+        ("missing", 404),
+        ("../proj", 403),
+        ("/etc", 403),
+        ("proj/outdir", 403),
+        ("proj/scene.rad", 404),
+    ],
+)
+def test_project_must_exist_inside_the_location(
+    tree: dict[str, Any], project: str, status: int
+) -> None:
     err = refused(tree, job(project=project))
     assert err.status == status and err.field == "project", err.message
     assert repr(project) in err.message
@@ -161,22 +200,26 @@ def test_project_must_exist_inside_the_location(tree: dict[str, Any], project: s
 # ------------------------------------------------------------------ paths and programs
 
 
-@pytest.mark.parametrize("step, field", [
-    ({"program": "rtrace", "stdin": "../x"}, "steps[0].stdin"),
-    ({"program": "rtrace", "stdin": "/etc/passwd"}, "steps[0].stdin"),
-    ({"program": "rtrace", "stdout": "outdir/stolen"}, "steps[0].stdout"),
-    ({"program": "rtrace", "stdout": "dangling"}, "steps[0].stdout"),
-    ({"program": "rtrace", "args": ["/etc/passwd"]}, "steps[0].args[0]"),
-    ({"program": "rtrace", "args": ["-h", "../x.oct"]}, "steps[0].args[1]"),
-    ({"program": "rtrace", "args": ["sub/../../x"]}, "steps[0].args[0]"),
-    ({"program": "rtrace", "args": ["link.rad"]}, "steps[0].args[0]"),
-    ({"program": "rtrace", "args": ["outdir/secret"]}, "steps[0].args[0]"),
-    ({"program": "rtrace", "args": ["@../opts"]}, "steps[0].args[0]"),
-    ({"program": "rad", "args": ["scene.rif", "OCTREE=../x.oct"]}, "steps[0].args[1]"),
-    ({"program": "rad", "args": ["scene.rif", "AMBFILE=/tmp/x.amb"]}, "steps[0].args[1]"),
-])
-def test_paths_leaving_the_project_are_refused(tree: dict[str, Any], step: dict[str, Any],
-                                               field: str) -> None:
+@pytest.mark.parametrize(
+    "step, field",
+    [
+        ({"program": "rtrace", "stdin": "../x"}, "steps[0].stdin"),
+        ({"program": "rtrace", "stdin": "/etc/passwd"}, "steps[0].stdin"),
+        ({"program": "rtrace", "stdout": "outdir/stolen"}, "steps[0].stdout"),
+        ({"program": "rtrace", "stdout": "dangling"}, "steps[0].stdout"),
+        ({"program": "rtrace", "args": ["/etc/passwd"]}, "steps[0].args[0]"),
+        ({"program": "rtrace", "args": ["-h", "../x.oct"]}, "steps[0].args[1]"),
+        ({"program": "rtrace", "args": ["sub/../../x"]}, "steps[0].args[0]"),
+        ({"program": "rtrace", "args": ["link.rad"]}, "steps[0].args[0]"),
+        ({"program": "rtrace", "args": ["outdir/secret"]}, "steps[0].args[0]"),
+        ({"program": "rtrace", "args": ["@../opts"]}, "steps[0].args[0]"),
+        ({"program": "rad", "args": ["scene.rif", "OCTREE=../x.oct"]}, "steps[0].args[1]"),
+        ({"program": "rad", "args": ["scene.rif", "AMBFILE=/tmp/x.amb"]}, "steps[0].args[1]"),
+    ],
+)
+def test_paths_leaving_the_project_are_refused(
+    tree: dict[str, Any], step: dict[str, Any], field: str
+) -> None:
     err = refused(tree, job(steps=[step]))
     assert err.status == 403, err.message
     assert err.field == field and field in err.message
@@ -193,8 +236,12 @@ def test_only_radiance_programs(tree: dict[str, Any], program: str) -> None:
 def test_good_job_resolves(tree: dict[str, Any]) -> None:
     steps = [
         {"program": "oconv", "args": ["scene.rad", "inside.rad"], "stdout": "sub/scene.oct"},
-        {"program": "rcalc", "args": ["-e", "$1=$2/$3", "-ab", "2"], "stdin": "pts.txt",
-         "stdout": "out.txt"},
+        {
+            "program": "rcalc",
+            "args": ["-e", "$1=$2/$3", "-ab", "2"],
+            "stdin": "pts.txt",
+            "stdout": "out.txt",
+        },
     ]
     resolved = resolve(tree, job(steps=steps, name="two", priority=-5))
     assert resolved.name == "two" and resolved.priority == -5
@@ -214,13 +261,20 @@ def test_rad_shortcut_runs_in_the_rif_folder(tree: dict[str, Any]) -> None:
     del data["steps"]
     resolved = resolve(tree, data)
     assert resolved.workdir == str((tree["proj"] / "sub").resolve())
-    assert resolved.steps == [{
-        "program": "rad", "path": str(radiance.bin_dir(SETTINGS) / "rad"),
-        "args": ["-v", "x", "scene.rif"], "stdin": None, "stdout": None}]
+    assert resolved.steps == [
+        {
+            "program": "rad",
+            "path": str(radiance.bin_dir(SETTINGS) / "rad"),
+            "args": ["-v", "x", "scene.rif"],
+            "stdin": None,
+            "stdout": None,
+        }
+    ]
 
 
-@pytest.mark.parametrize("rif, status", [("missing.rif", 422), ("../x.rif", 403),
-                                         ("link.rad", 403)])
+@pytest.mark.parametrize(
+    "rif, status", [("missing.rif", 422), ("../x.rif", 403), ("link.rad", 403)]
+)
 def test_rad_rif_checked(tree: dict[str, Any], rif: str, status: int) -> None:
     data = job(rad={"rif": rif})
     del data["steps"]
@@ -230,14 +284,16 @@ def test_rad_rif_checked(tree: dict[str, Any], rif: str, status: int) -> None:
 
 # pcomb and oconv (among others) run an input "file" named "!cmd" as a shell
 # command: checked for real in test_bang_argument_really_runs_a_shell.
-@pytest.mark.parametrize("step, field", [
-    ({"program": "oconv", "args": ["!touch pwned"]}, "steps[0].args[0]"),
-    ({"program": "pcomb", "args": ["-e", "ro=1", "!sh -c id"]}, "steps[0].args[2]"),
-    ({"program": "rcontrib", "args": ["-o", "!cat >x"]}, "steps[0].args[1]"),
-    ({"program": "rad", "args": ["sub/scene.rif", "OCTREE=!x"]}, "steps[0].args[1]"),
-])
-def test_bang_commands_are_refused(tree: dict[str, Any], step: dict[str, Any],
-                                   field: str) -> None:
+@pytest.mark.parametrize(
+    "step, field",
+    [
+        ({"program": "oconv", "args": ["!touch pwned"]}, "steps[0].args[0]"),
+        ({"program": "pcomb", "args": ["-e", "ro=1", "!sh -c id"]}, "steps[0].args[2]"),
+        ({"program": "rcontrib", "args": ["-o", "!cat >x"]}, "steps[0].args[1]"),
+        ({"program": "rad", "args": ["sub/scene.rif", "OCTREE=!x"]}, "steps[0].args[1]"),
+    ],
+)
+def test_bang_commands_are_refused(tree: dict[str, Any], step: dict[str, Any], field: str) -> None:
     err = refused(tree, job(steps=[step]))
     assert err.status == 403 and err.field == field, err.message
     assert "'!'" in err.message and "shell command" in err.message
@@ -247,22 +303,31 @@ def test_bang_argument_really_runs_a_shell(tmp_path: Path) -> None:
     # Why the rule above exists: Radiance's own behaviour, not a guess.
     marker = tmp_path / "ran"
     env = radiance.simulation_env(SETTINGS, [])
-    subprocess.run([str(radiance.bin_dir(SETTINGS) / "oconv"), f"!touch {marker}"],
-                   env=env, capture_output=True, timeout=30, check=False)
+    subprocess.run(
+        [str(radiance.bin_dir(SETTINGS) / "oconv"), f"!touch {marker}"],
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     assert marker.exists()
 
 
 # rad pastes its options and VAR=value overrides into sh command lines.
-@pytest.mark.parametrize("args, field, words", [
-    (["scene.rif", "render=-ab 0;touch /tmp/x"], "steps[0].args[1]", "';'"),
-    (["scene.rif", "render=-ab $(id)"], "steps[0].args[1]", "'$'"),
-    (["scene.rif", "view=x > ../y"], "steps[0].args[1]", "'>'"),
-    (["scene.rif", "render=-af /tmp/x.amb"], "steps[0].args[1]", "absolute path"),
-    (["scene.rif", "render=-ab 1 -af sub/../../x"], "steps[0].args[1]", "'..'"),
-    (["scene.rif", "render=-ab 1 -af outdir/x"], "steps[0].args[1]", "leads outside"),
-])
+@pytest.mark.parametrize(
+    "args, field, words",
+    [
+        (["scene.rif", "render=-ab 0;touch /tmp/x"], "steps[0].args[1]", "';'"),
+        (["scene.rif", "render=-ab $(id)"], "steps[0].args[1]", "'$'"),
+        (["scene.rif", "view=x > ../y"], "steps[0].args[1]", "'>'"),
+        (["scene.rif", "render=-af /tmp/x.amb"], "steps[0].args[1]", "absolute path"),
+        (["scene.rif", "render=-ab 1 -af sub/../../x"], "steps[0].args[1]", "'..'"),
+        (["scene.rif", "render=-ab 1 -af outdir/x"], "steps[0].args[1]", "leads outside"),
+    ],
+)
 def test_rad_arguments_cannot_carry_shell_syntax_or_hidden_paths(
-        tree: dict[str, Any], args: list[str], field: str, words: str) -> None:
+    tree: dict[str, Any], args: list[str], field: str, words: str
+) -> None:
     err = refused(tree, job(steps=[{"program": "rad", "args": args}]))
     assert err.status == 403 and err.field == field, err.message
     assert words in err.message and "refused" in err.message
@@ -277,6 +342,19 @@ def test_rad_shortcut_options_checked_like_rad_steps(tree: dict[str, Any]) -> No
     del data["steps"]
     ok = resolve(tree, data)
     assert ok.steps[0]["args"] == ["-n", "-v", "nice", "-o", "x11", "scene.rif"]
-    fine = resolve(tree, job(steps=[{"program": "rad", "args": [
-        "sub/scene.rif", "render=-ab 2 -ad 1024 -af sub/x.amb", "QUALITY=HIGH"]}]))
+    fine = resolve(
+        tree,
+        job(
+            steps=[
+                {
+                    "program": "rad",
+                    "args": [
+                        "sub/scene.rif",
+                        "render=-ab 2 -ad 1024 -af sub/x.amb",
+                        "QUALITY=HIGH",
+                    ],
+                }
+            ]
+        ),
+    )
     assert fine.steps[0]["args"][1] == "render=-ab 2 -ad 1024 -af sub/x.amb"

@@ -21,15 +21,25 @@ from jobtools import VIEW, make_project
 
 CLIENTS = 200
 DURATION = 10.0
-async def _client(n: int, base: str, token: str, ids: list[int], until: float,
-                  latencies: list[float], errors: list[str]) -> int:
+
+
+async def _client(
+    n: int,
+    base: str,
+    token: str,
+    ids: list[int],
+    until: float,
+    latencies: list[float],
+    errors: list[str],
+) -> int:
     """One polling client with a connection of its own; returns the answers it got."""
     paths = [f"/v1/jobs/{ids[n % 2]}", "/v1/jobs?state=running,queued", "/v1/info"]
     headers = {"Authorization": f"Bearer {token}"}
     answered = 0
     timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(base, headers=headers, timeout=timeout,
-                                     connector=aiohttp.TCPConnector(limit=1)) as session:
+    async with aiohttp.ClientSession(
+        base, headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=1)
+    ) as session:
         i = n
         while time.monotonic() < until:
             path = paths[i % len(paths)]
@@ -57,21 +67,41 @@ async def _load(base: str, token: str, ids: list[int]) -> tuple[int, list[float]
     latencies: list[float] = []
     errors: list[str] = []
     until = time.monotonic() + DURATION
-    counts = await asyncio.gather(*(_client(n, base, token, ids, until, latencies, errors)
-                                    for n in range(CLIENTS)))
+    counts = await asyncio.gather(
+        *(_client(n, base, token, ids, until, latencies, errors) for n in range(CLIENTS))
+    )
     assert all(c > 0 for c in counts), f"{counts.count(0)} clients got no answer at all"
     return sum(counts), latencies, errors
 
 
-def test_200_clients_poll_while_two_renders_run(server: Any, rayhome: RayHome,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_200_clients_poll_while_two_renders_run(
+    server: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_project(rayhome)
     ids = []
     for i in range(2):
-        step = {"program": "rpict", "stdin": None, "stdout": f"load{i}.hdr",
-                "args": [*VIEW, "-x", "460", "-y", "460", "-ab", "1", "-ad", "1024", "-aa", "0", "scene.oct"]}
-        status, body = server.request("POST", "/v1/jobs", {"location": "projects",
-                                                           "project": "room", "steps": [step]})
+        step = {
+            "program": "rpict",
+            "stdin": None,
+            "stdout": f"load{i}.hdr",
+            "args": [
+                *VIEW,
+                "-x",
+                "460",
+                "-y",
+                "460",
+                "-ab",
+                "1",
+                "-ad",
+                "1024",
+                "-aa",
+                "0",
+                "scene.oct",
+            ],
+        }
+        status, body = server.request(
+            "POST", "/v1/jobs", {"location": "projects", "project": "room", "steps": [step]}
+        )
         assert status == 201, body
         ids.append(body["id"])
     status, before = server.request("GET", "/v1/info")
@@ -80,8 +110,7 @@ def test_200_clients_poll_while_two_renders_run(server: Any, rayhome: RayHome,
     assert token
 
     t0, wall0 = time.monotonic(), time.time()
-    answers, latencies, errors = asyncio.run(_load(f"http://127.0.0.1:{rayhome.port}", token,
-                                                   ids))
+    answers, latencies, errors = asyncio.run(_load(f"http://127.0.0.1:{rayhome.port}", token, ids))
     took, wall1 = time.monotonic() - t0, time.time()
     assert errors == [], f"{len(errors)} errors, first: {errors[:5]}"
     for job_id in ids:
@@ -95,7 +124,9 @@ def test_200_clients_poll_while_two_renders_run(server: Any, rayhome: RayHome,
     assert status == 200 and after["pid"] == before["pid"], "the worker was restarted"
     lat = sorted(latencies)
     with capsys.disabled():
-        print(f"\nload: {CLIENTS} clients, {answers} answers in {took:.1f} s "
-              f"({answers / took:.0f}/s), errors {len(errors)}; latency median "
-              f"{statistics.median(lat) * 1000:.1f} ms, p99 {lat[int(len(lat) * 0.99)] * 1000:.1f} "
-              f"ms, max {lat[-1] * 1000:.1f} ms")
+        print(
+            f"\nload: {CLIENTS} clients, {answers} answers in {took:.1f} s "
+            f"({answers / took:.0f}/s), errors {len(errors)}; latency median "
+            f"{statistics.median(lat) * 1000:.1f} ms, p99 {lat[int(len(lat) * 0.99)] * 1000:.1f} "
+            f"ms, max {lat[-1] * 1000:.1f} ms"
+        )

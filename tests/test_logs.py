@@ -73,9 +73,14 @@ def test_handler_survives_write_errors(tmp_path, capsys: pytest.CaptureFixture[s
 
 def test_terminal_output_is_coloured_on_a_tty(rayhome: RayHome) -> None:
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "rayserver", "-f"], env=rayhome.env,
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayserver", "-f"],
+        env=rayhome.env,
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     data = b""
     try:

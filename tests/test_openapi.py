@@ -33,8 +33,9 @@ def _pointer(*parts: str) -> str:
     return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def response_validator(doc: dict[str, Any], path: str, method: str, status: int,
-                       ctype: str) -> jsonschema.Draft202012Validator:
+def response_validator(
+    doc: dict[str, Any], path: str, method: str, status: int, ctype: str
+) -> jsonschema.Draft202012Validator:
     """The schema the document gives for one answer; fails if that answer is undocumented."""
     op = doc["paths"][path][method.lower()]
     assert str(status) in op["responses"], f"{method} {path} -> {status} is not documented"
@@ -45,7 +46,8 @@ def response_validator(doc: dict[str, Any], path: str, method: str, status: int,
         answer = doc["components"]["responses"][parts[-1]]
     assert ctype in answer["content"], f"{method} {path} -> {status} is not documented as {ctype}"
     resource = referencing.Resource.from_contents(
-        doc, default_specification=referencing.jsonschema.DRAFT202012)
+        doc, default_specification=referencing.jsonschema.DRAFT202012
+    )
     registry = referencing.Registry().with_resource(DOC_URI, resource)
     ref = DOC_URI + "#" + _pointer(*parts, "content", ctype, "schema")
     return jsonschema.Draft202012Validator({"$ref": ref}, registry=registry)
@@ -85,13 +87,24 @@ def test_every_route_is_documented_and_every_path_served(rayhome: RayHome) -> No
         path = info.get("path") or info.get("formatter")
         if route.method != "HEAD" and path and path.startswith("/v1/"):
             served.add((route.method, path))
-    documented = {(m.upper(), p) for p, ops in document()["paths"].items()
-                  for m in ops if m in ("get", "post", "put", "delete", "patch")}
+    documented = {
+        (m.upper(), p)
+        for p, ops in document()["paths"].items()
+        for m in ops
+        if m in ("get", "post", "put", "delete", "patch")
+    }
     assert served == documented
 
 
-def _call(home: RayHome, method: str, path: str, body: Any = None, *, token: bool = True,
-          ctype: str | None = "application/json") -> tuple[int, str, Any]:
+def _call(
+    home: RayHome,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: bool = True,
+    ctype: str | None = "application/json",
+) -> tuple[int, str, Any]:
     headers = {}
     if token:
         headers["Authorization"] = f"Bearer {home.token()}"
@@ -116,15 +129,20 @@ def test_real_answers_match_the_documented_schemas(server: Any, rayhome: RayHome
     proj.mkdir()
     (proj / "scene.rad").write_text("void light l 0 0 3 1 1 1\nl sphere s 0 0 4 0 0 2 .5\n")
     Path(proj / "pts.txt").write_text("0 0 0 0 0 1\n")
-    job = {"location": "projects", "project": "p",
-           "steps": [{"program": "oconv", "args": ["scene.rad"], "stdout": "s.oct"},
-                     {"program": "rtrace", "args": ["-h", "s.oct"], "stdin": "pts.txt",
-                      "stdout": "o.txt"}]}
+    job = {
+        "location": "projects",
+        "project": "p",
+        "steps": [
+            {"program": "oconv", "args": ["scene.rad"], "stdout": "s.oct"},
+            {"program": "rtrace", "args": ["-h", "s.oct"], "stdin": "pts.txt", "stdout": "o.txt"},
+        ],
+    }
     doc = document()
     checked: list[tuple[str, str, int]] = []
 
-    def check(template: str, method: str, path: str, expected: int, body: Any = None,
-              **kw: Any) -> Any:
+    def check(
+        template: str, method: str, path: str, expected: int, body: Any = None, **kw: Any
+    ) -> Any:
         status, media, answer = _call(rayhome, method, path, body, **kw)
         assert status == expected, answer
         validator = response_validator(doc, template, method, status, media)

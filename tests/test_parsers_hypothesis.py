@@ -9,10 +9,14 @@ from rayserver.common.hosts import HostsFileError, parse_hosts_text
 from rayserver.daemon import cli
 
 CLI_MESSAGES = {
-    "Duplicate user name argument.", "Duplicate group name argument.",
-    "Duplicate umask argument.", "-d and -f options are mutually exclusive.",
-    "-f and -d options are mutually exclusive.", 'Missing user after "-u".',
-    'Missing group after "-g".', 'Missing umask after "-m".',
+    "Duplicate user name argument.",
+    "Duplicate group name argument.",
+    "Duplicate umask argument.",
+    "-d and -f options are mutually exclusive.",
+    "-f and -d options are mutually exclusive.",
+    'Missing user after "-u".',
+    'Missing group after "-g".',
+    'Missing umask after "-m".',
     "umask must be three digits between 0 and 7.",
 }
 
@@ -32,9 +36,14 @@ paths = st.from_regex(r"/[a-z0-9/_]{0,15}", fullmatch=True)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(names, st.tuples(st.integers(0, 64),
-                                         st.dictionaries(names, paths, max_size=3)),
-                       min_size=1, max_size=5))
+@given(
+    st.dictionaries(
+        names,
+        st.tuples(st.integers(0, 64), st.dictionaries(names, paths, max_size=3)),
+        min_size=1,
+        max_size=5,
+    )
+)
 def test_hosts_records_round_trip(records: dict) -> None:
     text = "\n".join(
         f"{host} {cpus} " + " ".join(f'{k}="{v}"' for k, v in locs.items())
@@ -46,8 +55,12 @@ def test_hosts_records_round_trip(records: dict) -> None:
         assert (rec.cpus, rec.locations) == (cpus, locs)
 
 
-words = st.one_of(st.sampled_from(["-f", "-d", "-u", "-g", "-m", "-h", "--help", "022", "7",
-                                   "ray", "0", "-", "--", "-fd"]), st.text(max_size=8))
+words = st.one_of(
+    st.sampled_from(
+        ["-f", "-d", "-u", "-g", "-m", "-h", "--help", "022", "7", "ray", "0", "-", "--", "-fd"]
+    ),
+    st.text(max_size=8),
+)
 
 
 @settings(max_examples=500, deadline=None)

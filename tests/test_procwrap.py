@@ -71,48 +71,98 @@ def sim_env(home: Path | None = None) -> dict[str, str]:
     return env
 
 
-def step(program: str, args: list[str], stdin: str | None = None,
-         stdout: str | None = None) -> dict:
-    return {"program": program, "path": str(BIN / program), "args": args,
-            "stdin": stdin, "stdout": stdout}
+def step(
+    program: str, args: list[str], stdin: str | None = None, stdout: str | None = None
+) -> dict:
+    return {
+        "program": program,
+        "path": str(BIN / program),
+        "args": args,
+        "stdin": stdin,
+        "stdout": stdout,
+    }
 
 
 def render_steps(extra: list[str] | None = None, out: str = "out.hdr") -> list[dict]:
     """oconv + rpict; the octree is named after the picture so jobs can run side by side."""
     octree = out.rsplit(".", 1)[0] + ".oct"
-    return [step("oconv", ["scene.rad"], stdout=octree),
-            step("rpict", [*VIEW, *TINY, *(extra or []), octree], stdout=out)]
+    return [
+        step("oconv", ["scene.rad"], stdout=octree),
+        step("rpict", [*VIEW, *TINY, *(extra or []), octree], stdout=out),
+    ]
 
 
-def submit(db: JobDB, proj: Path, steps: list[dict], home: Path | None = None,
-           priority: int = 0, name: str | None = None) -> int:
-    return db.submit(name=name, priority=priority, client="127.0.0.1", location="projects",
-                     project=proj.name, workdir=str(proj), steps=steps, env=sim_env(home))
+def submit(
+    db: JobDB,
+    proj: Path,
+    steps: list[dict],
+    home: Path | None = None,
+    priority: int = 0,
+    name: str | None = None,
+) -> int:
+    return db.submit(
+        name=name,
+        priority=priority,
+        client="127.0.0.1",
+        location="projects",
+        project=proj.name,
+        workdir=str(proj),
+        steps=steps,
+        env=sim_env(home),
+    )
 
 
-def run_procwrap(db_path: Path, job_id: int, home: Path, *extra: str,
-                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_procwrap(
+    db_path: Path, job_id: int, home: Path, *extra: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, RAYFRONT_HOME=str(home))
-    return subprocess.run([sys.executable, "-m", "rayserver.procwrap", "--db", str(db_path),
-                           "--job", str(job_id), *extra], capture_output=True, text=True,
-                          env=env, timeout=timeout, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rayserver.procwrap",
+            "--db",
+            str(db_path),
+            "--job",
+            str(job_id),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def pvalue(path: Path) -> str:
-    out = subprocess.run([str(BIN / "pvalue"), "-h", "-H", "-d", str(path)], capture_output=True,
-                         text=True, env=sim_env(), check=True, timeout=30)
+    out = subprocess.run(
+        [str(BIN / "pvalue"), "-h", "-H", "-d", str(path)],
+        capture_output=True,
+        text=True,
+        env=sim_env(),
+        check=True,
+        timeout=30,
+    )
     return out.stdout
 
 
 def direct_render(proj: Path, out: str, extra: list[str] | None = None) -> Path:
     env = sim_env()
     with open(proj / "direct.oct", "wb") as fh:
-        subprocess.run([str(BIN / "oconv"), "scene.rad"], cwd=proj, env=env, stdout=fh,
-                       check=True, timeout=30)
+        subprocess.run(
+            [str(BIN / "oconv"), "scene.rad"], cwd=proj, env=env, stdout=fh, check=True, timeout=30
+        )
     with open(proj / out, "wb") as fh:
-        subprocess.run([str(BIN / "rpict"), *VIEW, *TINY, *(extra or []), "direct.oct"],
-                       cwd=proj, env=env, stdout=fh, stderr=subprocess.DEVNULL, check=True,
-                       timeout=60)
+        subprocess.run(
+            [str(BIN / "rpict"), *VIEW, *TINY, *(extra or []), "direct.oct"],
+            cwd=proj,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.DEVNULL,
+            check=True,
+            timeout=60,
+        )
     return proj / out
 
 
@@ -163,8 +213,15 @@ def test_render_equals_direct_render(db: JobDB, home: Path, tmp_path: Path) -> N
 def test_failing_command_records_its_exit_status(db: JobDB, home: Path, tmp_path: Path) -> None:
     proj = make_project(tmp_path)
     # rpict on a missing octree: "rpict: system - cannot open", exit 2 (radiance-facts.md).
-    job = submit(db, proj, [step("rpict", [*TINY, "missing.oct"], stdout="x.hdr"),
-                            step("oconv", ["scene.rad"], stdout="never.oct")], home)
+    job = submit(
+        db,
+        proj,
+        [
+            step("rpict", [*TINY, "missing.oct"], stdout="x.hdr"),
+            step("oconv", ["scene.rad"], stdout="never.oct"),
+        ],
+        home,
+    )
     assert db.mark_starting(job)
     res = run_procwrap(db.path, job, home)
     row = db.get(job)
@@ -176,8 +233,9 @@ def test_failing_command_records_its_exit_status(db: JobDB, home: Path, tmp_path
     assert "missing.oct" in db.log_path(job).read_text()
 
 
-def test_symlinked_stdout_pointing_outside_is_refused(db: JobDB, home: Path,
-                                                      tmp_path: Path) -> None:
+def test_symlinked_stdout_pointing_outside_is_refused(
+    db: JobDB, home: Path, tmp_path: Path
+) -> None:
     proj = make_project(tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -216,18 +274,32 @@ def test_confined_open_rejects_escapes(tmp_path: Path) -> None:
     assert (proj / "d" / "ok.txt").read_text() == "ok"
 
 
-def test_cancel_mid_rpict_leaves_no_radiance_process(db: JobDB, home: Path,
-                                                     tmp_path: Path) -> None:
+def test_cancel_mid_rpict_leaves_no_radiance_process(db: JobDB, home: Path, tmp_path: Path) -> None:
     proj = make_project(tmp_path)
     slow = ["-x", "800", "-y", "800", "-ab", "2", "-ad", "2048", "-as", "512"]
-    steps = [step("oconv", ["scene.rad"], stdout="scene.oct"),
-             step("rpict", [*VIEW, *slow, "scene.oct"], stdout="big.hdr")]
+    steps = [
+        step("oconv", ["scene.rad"], stdout="scene.oct"),
+        step("rpict", [*VIEW, *slow, "scene.oct"], stdout="big.hdr"),
+    ]
     job = submit(db, proj, steps, home)
     assert db.mark_starting(job)
     env = dict(os.environ, RAYFRONT_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "rayserver.procwrap", "--db", str(db.path),
-                             "--job", str(job), "--grace", "2"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rayserver.procwrap",
+            "--db",
+            str(db.path),
+            "--job",
+            str(job),
+            "--grace",
+            "2",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         pgid = None
@@ -259,12 +331,31 @@ def test_sigterm_without_request_is_interrupted(db: JobDB, home: Path, tmp_path:
     proj = make_project(tmp_path)
     # rtrace reading a FIFO-less stdin that never ends would hang; use a slow rpict instead.
     slow = ["-x", "600", "-y", "600", "-ab", "2", "-ad", "2048"]
-    job = submit(db, proj, [step("oconv", ["scene.rad"], stdout="scene.oct"),
-                            step("rpict", [*VIEW, *slow, "scene.oct"], stdout="o.hdr")], home)
+    job = submit(
+        db,
+        proj,
+        [
+            step("oconv", ["scene.rad"], stdout="scene.oct"),
+            step("rpict", [*VIEW, *slow, "scene.oct"], stdout="o.hdr"),
+        ],
+        home,
+    )
     assert db.mark_starting(job)
     env = dict(os.environ, RAYFRONT_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "rayserver.procwrap", "--db", str(db.path),
-                             "--job", str(job), "--grace", "1"], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rayserver.procwrap",
+            "--db",
+            str(db.path),
+            "--job",
+            str(job),
+            "--grace",
+            "1",
+        ],
+        env=env,
+    )
     try:
         wait_state(db, job, ("running",))
         deadline = time.monotonic() + 20
@@ -302,9 +393,14 @@ def test_exactly_once_claim_under_a_race(db: JobDB, home: Path, tmp_path: Path) 
     job = submit(db, proj, render_steps(), home)
     assert db.mark_starting(job)
     env = dict(os.environ, RAYFRONT_HOME=str(home))
-    procs = [subprocess.Popen([sys.executable, "-m", "rayserver.procwrap", "--db", str(db.path),
-                               "--job", str(job)], env=env, stderr=subprocess.DEVNULL)
-             for _ in range(6)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "rayserver.procwrap", "--db", str(db.path), "--job", str(job)],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(6)
+    ]
     codes = sorted(p.wait(60) for p in procs)
     assert codes == [procwrap.EXIT_DONE] + [procwrap.EXIT_CLAIM_LOST] * 5
     log = db.log_path(job).read_text()
@@ -337,33 +433,54 @@ def test_rtrace_with_stdin_and_stdout(db: JobDB, home: Path, tmp_path: Path) -> 
     proj = make_project(tmp_path)
     rays = "".join(f"0 -1.5 0 {x / 1000:.3f} 1 -0.2\n" for x in range(-1000, 1000))
     (proj / "rays.txt").write_text(rays)
-    job = submit(db, proj, [step("oconv", ["scene.rad"], stdout="scene.oct"),
-                            step("rtrace", ["-h-", "-ov", "scene.oct"], stdin="rays.txt",
-                                 stdout="values.txt")], home)
+    job = submit(
+        db,
+        proj,
+        [
+            step("oconv", ["scene.rad"], stdout="scene.oct"),
+            step("rtrace", ["-h-", "-ov", "scene.oct"], stdin="rays.txt", stdout="values.txt"),
+        ],
+        home,
+    )
     assert db.mark_starting(job)
     res = run_procwrap(db.path, job, home)
     assert res.returncode == 0, db.log_path(job).read_text()
     assert db.get(job)["progress"] == 100.0
     assert len((proj / "values.txt").read_text().splitlines()) == 2000
-    assert "== step 2/2: rtrace -h- -ov scene.oct < rays.txt > values.txt ==" in \
-        db.log_path(job).read_text()
+    assert (
+        "== step 2/2: rtrace -h- -ov scene.oct < rays.txt > values.txt =="
+        in db.log_path(job).read_text()
+    )
 
 
 def test_cli_rejects_bad_input(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "rayserver.procwrap", "--db",
-                          str(tmp_path / "nope.sqlite3"), "--job", "1"],
-                         capture_output=True, text=True, timeout=30, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rayserver.procwrap",
+            "--db",
+            str(tmp_path / "nope.sqlite3"),
+            "--job",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert res.returncode == procwrap.EXIT_USAGE
     assert "no job database" in res.stderr
 
 
-def test_project_gone_before_the_job_runs_is_named(db: JobDB, home: Path,
-                                                   tmp_path: Path) -> None:
+def test_project_gone_before_the_job_runs_is_named(db: JobDB, home: Path, tmp_path: Path) -> None:
     # A queued job whose project was moved, deleted or unmounted meanwhile:
     # the failure names the folder, not "cannot start oconv" or a traceback.
     proj = make_project(tmp_path)
-    jobs = [submit(db, proj, [step("oconv", ["scene.rad"], stdout="x.oct")], home),
-            submit(db, proj, [step("oconv", ["scene.rad"])], home)]
+    jobs = [
+        submit(db, proj, [step("oconv", ["scene.rad"], stdout="x.oct")], home),
+        submit(db, proj, [step("oconv", ["scene.rad"])], home),
+    ]
     shutil.rmtree(proj)
     for job in jobs:
         assert db.mark_starting(job)

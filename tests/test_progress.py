@@ -12,22 +12,29 @@ REPORT = "rpict: 982530 rays, 26.91% after 0.000u 0.000s 0.001r hours on HOST (P
 def test_rpict_report() -> None:
     rep = prog.parse_rpict_report(REPORT + "\n")
     assert rep == prog.RpictReport(982530, 26.91, 0.0, 0.0, 0.001, "HOST", 22721)
-    assert prog.parse_rpict_report(
-        "rpict: 3324 rays, 100.00% after 0.000u 0.000s 0.000r hours on vm (PID 13203)"
-    ).percent == 100.0
+    assert (
+        prog.parse_rpict_report(
+            "rpict: 3324 rays, 100.00% after 0.000u 0.000s 0.000r hours on vm (PID 13203)"
+        ).percent
+        == 100.0
+    )
     # Photon-map bias statistics in the %s slot before the percentage.
     rep = prog.parse_rpict_report(
-        "rpict: 10 rays, bias 0.5/1.2, 5.00% after 1.000u 0.500s 2.000r hours on h.x (PID 7)")
+        "rpict: 10 rays, bias 0.5/1.2, 5.00% after 1.000u 0.500s 2.000r hours on h.x (PID 7)"
+    )
     assert rep is not None and rep.percent == 5.0 and rep.pid == 7
 
 
-@pytest.mark.parametrize("line", [
-    "rpict: signal - Terminate",
-    "rpict: fatal - (scene.oct): not an octree",
-    "rtrace: 10 rays, 5.00% after 0.000u 0.000s 0.000r hours on h (PID 1)",
-    "rpict: 10 rays, 105.00% after 0.000u 0.000s 0.000r hours on h (PID 1)",
-    "",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "rpict: signal - Terminate",
+        "rpict: fatal - (scene.oct): not an octree",
+        "rtrace: 10 rays, 5.00% after 0.000u 0.000s 0.000r hours on h (PID 1)",
+        "rpict: 10 rays, 105.00% after 0.000u 0.000s 0.000r hours on h (PID 1)",
+        "",
+    ],
+)
 def test_not_reports(line: str) -> None:
     assert prog.parse_rpict_report(line) is None
 
@@ -60,8 +67,7 @@ view= v1 -vp 0 0 0 -vd 0 1 0
 
 def test_rad_plan_and_variables() -> None:
     plan = prog.parse_rad_plan(DRY)
-    assert [c.program for c in plan] == ["oconv", "rpict", "rpict", "pfilt", "rm", "rpict",
-                                         "pfilt"]
+    assert [c.program for c in plan] == ["oconv", "rpict", "rpict", "pfilt", "rm", "rpict", "pfilt"]
     assert sum(c.is_render for c in plan) == 2
     variables = prog.rad_variables(DRY)
     assert variables["REPORT"] == "0.1" and variables["AMBFILE"] == "s.amb"
@@ -73,10 +79,19 @@ def test_rad_plan_and_variables() -> None:
 
 
 def test_rad_dry_run_args() -> None:
-    assert prog.rad_dry_run_args(["-N", "2", "-v", "v1", "room.rif"]) == \
-        ["-n", "-e", "-v", "v1", "room.rif"]
-    assert prog.rad_dry_run_args(["-n", "-s", "room.rif", "QUAL=H"]) == \
-        ["-n", "-e", "room.rif", "QUAL=H"]
+    assert prog.rad_dry_run_args(["-N", "2", "-v", "v1", "room.rif"]) == [
+        "-n",
+        "-e",
+        "-v",
+        "v1",
+        "room.rif",
+    ]
+    assert prog.rad_dry_run_args(["-n", "-s", "room.rif", "QUAL=H"]) == [
+        "-n",
+        "-e",
+        "room.rif",
+        "QUAL=H",
+    ]
     assert prog.rad_dry_run_args(["-N4", "room.rif"]) == ["-n", "-e", "room.rif"]
 
 
@@ -85,9 +100,20 @@ def test_rad_progress_overall() -> None:
     lines = DRY.splitlines()[3:]
     seen = []
     report = "rpict: 1 rays, {}% after 0.000u 0.000s 0.000r hours on h (PID 9)"
-    feed = [lines[0], lines[1], report.format("50.00"),  # overture: ignored
-            lines[2], report.format("0.00"), report.format("50.00"), report.format("100.00"),
-            lines[3], lines[4], lines[5], report.format("50.00"), lines[6]]
+    feed = [
+        lines[0],
+        lines[1],
+        report.format("50.00"),  # overture: ignored
+        lines[2],
+        report.format("0.00"),
+        report.format("50.00"),
+        report.format("100.00"),
+        lines[3],
+        lines[4],
+        lines[5],
+        report.format("50.00"),
+        lines[6],
+    ]
     for line in feed:
         value = tracker.feed(line)
         if value is not None:

@@ -24,15 +24,17 @@ def _tool(name: str) -> str:
 
 
 def test_ruff_clean() -> None:
-    out = subprocess.run([_tool("ruff"), "check", "."], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [_tool("ruff"), "check", "."], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_layer_contracts() -> None:
     """supervisor never imports rayserver; the client and procwrap stay off the HTTP layer."""
-    out = subprocess.run([_tool("lint-imports")], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [_tool("lint-imports")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Contracts: 3 kept, 0 broken" in out.stdout or "0 broken" in out.stdout, out.stdout
 
@@ -41,7 +43,9 @@ def test_every_module_has_a_docstring() -> None:
     import ast
 
     missing = []
-    for path in list((REPO / "rayserver").rglob("*.py")) + list((REPO / "supervisor").rglob("*.py")):
+    for path in list((REPO / "rayserver").rglob("*.py")) + list(
+        (REPO / "supervisor").rglob("*.py")
+    ):
         tree = ast.parse(path.read_text())
         if not ast.get_docstring(tree):
             missing.append(str(path.relative_to(REPO)))

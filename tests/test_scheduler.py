@@ -40,8 +40,7 @@ SLOW = ["-x", "800", "-y", "800", "-ab", "2", "-ad", "2048", "-as", "512"]
 
 
 def live(cpus: int, grace: float = 1.0) -> SimpleNamespace:
-    return SimpleNamespace(record=SimpleNamespace(cpus=cpus),
-                           settings=Settings(cancel_grace=grace))
+    return SimpleNamespace(record=SimpleNamespace(cpus=cpus), settings=Settings(cancel_grace=grace))
 
 
 @pytest.fixture
@@ -94,8 +93,10 @@ async def wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
 
 
 def max_overlap(rows: list[dict]) -> int:
-    events = sorted([(r["started_at"], 1) for r in rows] + [(r["ended_at"], -1) for r in rows],
-                    key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(r["started_at"], 1) for r in rows] + [(r["ended_at"], -1) for r in rows],
+        key=lambda e: (e[0], e[1]),
+    )
     best = cur = 0
     for _, delta in events:
         cur += delta
@@ -106,8 +107,7 @@ def max_overlap(rows: list[dict]) -> int:
 def test_concurrency_limit_and_priority(layout: Layout, db: JobDB, tmp_path: Path) -> None:
     proj = make_project(tmp_path)
     medium = ["-x", "160", "-y", "160", "-ab", "1", "-ad", "256"]
-    jobs = [submit(db, proj, render_steps(medium, out=f"o{i}.hdr"), layout.home)
-            for i in range(5)]
+    jobs = [submit(db, proj, render_steps(medium, out=f"o{i}.hdr"), layout.home) for i in range(5)]
     urgent = submit(db, proj, render_steps(medium, out="urgent.hdr"), layout.home, priority=50)
 
     async def go() -> None:
@@ -151,9 +151,13 @@ def test_cancel_queued_and_running(layout: Layout, db: JobDB, tmp_path: Path) ->
 
     async def go() -> None:
         async with Engine(layout, db, cpus=1, grace=1.0) as sched:
-            await wait_for(lambda: (db.get(running)["current_step"] == 2
-                                    and bool(group_pids(db.get(running)["pgid_children"] or -1))),
-                           what="rpict running")
+            await wait_for(
+                lambda: (
+                    db.get(running)["current_step"] == 2
+                    and bool(group_pids(db.get(running)["pgid_children"] or -1))
+                ),
+                what="rpict running",
+            )
             row = await sched.cancel(queued)
             assert row["state"] == "cancelled"
             pgid = db.get(running)["pgid_children"]
@@ -171,8 +175,9 @@ def test_cancel_queued_and_running(layout: Layout, db: JobDB, tmp_path: Path) ->
     assert db.public(db.get(running))["cancel_requested"] is True
 
 
-def test_shutdown_interrupts_running_and_keeps_queued(layout: Layout, db: JobDB,
-                                                      tmp_path: Path) -> None:
+def test_shutdown_interrupts_running_and_keeps_queued(
+    layout: Layout, db: JobDB, tmp_path: Path
+) -> None:
     proj = make_project(tmp_path)
     running = submit(db, proj, render_steps(SLOW, out="slow.hdr"), layout.home)
     queued = submit(db, proj, render_steps(out="later.hdr"), layout.home)
@@ -188,8 +193,9 @@ def test_shutdown_interrupts_running_and_keeps_queued(layout: Layout, db: JobDB,
     assert db.get(queued)["state"] == "queued"
 
 
-def test_restart_adopts_live_procwraps_and_marks_dead_ones(layout: Layout, db: JobDB,
-                                                           tmp_path: Path) -> None:
+def test_restart_adopts_live_procwraps_and_marks_dead_ones(
+    layout: Layout, db: JobDB, tmp_path: Path
+) -> None:
     proj = make_project(tmp_path)
     medium = ["-x", "400", "-y", "400", "-ab", "1", "-ad", "1024"]
     live_job = submit(db, proj, render_steps(medium, out="live.hdr"), layout.home)
@@ -229,8 +235,9 @@ def test_restart_adopts_live_procwraps_and_marks_dead_ones(layout: Layout, db: J
     assert (proj / "half.hdr").stat().st_size > 0
 
 
-def test_procwrap_killed_without_recording_is_marked(layout: Layout, db: JobDB,
-                                                     tmp_path: Path) -> None:
+def test_procwrap_killed_without_recording_is_marked(
+    layout: Layout, db: JobDB, tmp_path: Path
+) -> None:
     proj = make_project(tmp_path)
     job = submit(db, proj, render_steps(SLOW, out="x.hdr"), layout.home)
 
@@ -251,12 +258,18 @@ def test_procwrap_killed_without_recording_is_marked(layout: Layout, db: JobDB,
 def read_ambient(path: Path) -> tuple[bytes, bytes, bytes]:
     raw = path.read_bytes()
     end = raw.index(b"\n\n") + 2
-    return raw[:end], raw[end:end + 2], raw[end + 2:]
+    return raw[:end], raw[end : end + 2], raw[end + 2 :]
 
 
 def lookamb_count(path: Path) -> int:
-    out = subprocess.run([str(BIN / "lookamb"), "-h", "-d", str(path)], capture_output=True,
-                         text=True, env=sim_env(), check=True, timeout=30)
+    out = subprocess.run(
+        [str(BIN / "lookamb"), "-h", "-d", str(path)],
+        capture_output=True,
+        text=True,
+        env=sim_env(),
+        check=True,
+        timeout=30,
+    )
     return sum(1 for line in out.stdout.splitlines() if line.strip())
 
 
@@ -264,14 +277,21 @@ def test_four_jobs_share_one_ambient_file(layout: Layout, db: JobDB, tmp_path: P
     proj = make_project(tmp_path)
     env = sim_env()
     with open(proj / "scene.oct", "wb") as fh:
-        subprocess.run([str(BIN / "oconv"), "scene.rad"], cwd=proj, env=env, stdout=fh,
-                       check=True, timeout=30)
+        subprocess.run(
+            [str(BIN / "oconv"), "scene.rad"], cwd=proj, env=env, stdout=fh, check=True, timeout=30
+        )
     amb = ["-ab", "1", "-aa", "0.1", "-ad", "512", "-af", "shared.amb", "-x", "96", "-y", "96"]
     jobs = []
     for i, vd in enumerate(["0 1 0", "1 1 0", "-1 1 0", "0 1 -0.5"]):
         view = ["-vp", "0", "-1.5", "0", "-vd", *vd.split()]
-        jobs.append(submit(db, proj, [step("rpict", [*view, *amb, "scene.oct"],
-                                           stdout=f"v{i}.hdr")], layout.home))
+        jobs.append(
+            submit(
+                db,
+                proj,
+                [step("rpict", [*view, *amb, "scene.oct"], stdout=f"v{i}.hdr")],
+                layout.home,
+            )
+        )
 
     async def go() -> None:
         async with Engine(layout, db, cpus=4) as sched:
@@ -286,9 +306,27 @@ def test_four_jobs_share_one_ambient_file(layout: Layout, db: JobDB, tmp_path: P
     # Reference magic and record size from a file one rpict wrote alone.
     ref = tmp_path / "ref"
     ref.mkdir()
-    subprocess.run([str(BIN / "rpict"), *VIEW, "-ab", "1", "-af", str(ref / "one.amb"),
-                    "-x", "16", "-y", "16", "scene.oct"], cwd=proj, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=30)
+    subprocess.run(
+        [
+            str(BIN / "rpict"),
+            *VIEW,
+            "-ab",
+            "1",
+            "-af",
+            str(ref / "one.amb"),
+            "-x",
+            "16",
+            "-y",
+            "16",
+            "scene.oct",
+        ],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=30,
+    )
     _, ref_magic, ref_data = read_ambient(ref / "one.amb")
     record = 64 + 3  # 64 + NCOMP bytes (RGB), radiance-facts.md
     assert len(ref_data) % record == 0 and lookamb_count(ref / "one.amb") == len(ref_data) // record
@@ -297,17 +335,26 @@ def test_four_jobs_share_one_ambient_file(layout: Layout, db: JobDB, tmp_path: P
     assert lookamb_count(proj / "shared.amb") == len(data) // record
 
 
-def test_claim_lost_to_a_previous_workers_procwrap_is_adopted(layout: Layout, db: JobDB,
-                                                               tmp_path: Path) -> None:
+def test_claim_lost_to_a_previous_workers_procwrap_is_adopted(
+    layout: Layout, db: JobDB, tmp_path: Path
+) -> None:
     """The previous worker died between 'starting' and its procwrap's claim; that procwrap
     then claimed the job after the new worker had queued it again. The new worker's own
     procwrap finds nothing to run; the job must still count and be watched to its end."""
     proj = make_project(tmp_path)
     job = submit(db, proj, render_steps(["-x", "16", "-y", "16"]), layout.home)
     # A stand-in for the old procwrap: a live process whose title names the job.
-    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                            f"{layout.home}/procwrap.pyo", f"job={job}"])
+    old = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; time.sleep(60)",
+            f"{layout.home}/procwrap.pyo",
+            f"job={job}",
+        ]
+    )
     try:
+
         async def go() -> None:
             async with Engine(layout, db, cpus=0) as sched:  # cpus 0: nothing dispatches
                 assert db.mark_starting(job)

@@ -75,9 +75,14 @@ class AppServer:
             time.sleep(0.02)
         raise AssertionError(f"no log line with {text!r}; log:\n{self.log_text()}")
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, token: str | None = TOKEN,
-                ) -> tuple[int, Any, http.client.HTTPResponse]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        token: str | None = TOKEN,
+    ) -> tuple[int, Any, http.client.HTTPResponse]:
         hdrs = dict(headers or {})
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
@@ -137,8 +142,13 @@ def build_app(ctx: Ctx) -> web.Application:
 
 
 @contextlib.contextmanager
-def app_server(tmp_path: Path, settings: Settings, token: str | None = TOKEN,
-               host: str = "127.0.0.1", ssl_ctx: Any = None) -> Iterator[AppServer]:
+def app_server(
+    tmp_path: Path,
+    settings: Settings,
+    token: str | None = TOKEN,
+    host: str = "127.0.0.1",
+    ssl_ctx: Any = None,
+) -> Iterator[AppServer]:
     """Serve build_app() on ``host`` (port 0) from a thread; stopped on exit."""
     ctx = Ctx(Live(settings), Layout(tmp_path / "home", "testhost"), token)
     # Refusals are logged once a minute per address; each test starts afresh.
@@ -284,14 +294,16 @@ def test_token_missing_or_wrong_gives_401_and_is_logged(tmp_path: Path) -> None:
         assert resp.getheader("WWW-Authenticate", "").startswith("Bearer")
         srv.wait_log("refused GET /v1/jobs from 127.0.0.1: no token")
 
-        status, body, _ = srv.request("POST", "/v1/jobs", b"{}", token="x" * 43,
-                                      headers={"Content-Type": "application/json"})
+        status, body, _ = srv.request(
+            "POST", "/v1/jobs", b"{}", token="x" * 43, headers={"Content-Type": "application/json"}
+        )
         assert status == 401 and "wrong token" in body["error"]
         srv.wait_log("refused POST /v1/jobs from 127.0.0.1: wrong token")
         assert "x" * 43 not in srv.log_text()  # a guessed token never lands in the log
 
-        status, body, _ = srv.request("GET", "/v1/jobs", headers={"Authorization": f"Basic {TOKEN}"},
-                                      token=None)
+        status, body, _ = srv.request(
+            "GET", "/v1/jobs", headers={"Authorization": f"Basic {TOKEN}"}, token=None
+        )
         assert status == 401
 
         status, body, _ = srv.request("GET", "/v1/jobs")
@@ -354,20 +366,25 @@ def test_aiohttp_errors_are_json_in_the_api_shape(tmp_path: Path) -> None:
 def test_oversize_body_gives_json_413(tmp_path: Path) -> None:
     with app_server(tmp_path, Settings(max_body_bytes=1000)) as srv:
         ok = json.dumps({"a": "x" * 900}).encode()
-        status, body, _ = srv.request("POST", "/v1/jobs", ok,
-                                      headers={"Content-Type": "application/json"})
+        status, body, _ = srv.request(
+            "POST", "/v1/jobs", ok, headers={"Content-Type": "application/json"}
+        )
         assert status == 201 and body["got"]["a"] == "x" * 900
 
         big = json.dumps({"a": "x" * 5000}).encode()
-        status, body, _ = srv.request("POST", "/v1/jobs", big,
-                                      headers={"Content-Type": "application/json"})
+        status, body, _ = srv.request(
+            "POST", "/v1/jobs", big, headers={"Content-Type": "application/json"}
+        )
         assert status == 413 and body["status"] == 413 and "1000 bytes" in body["error"]
 
         # Chunked, so no Content-Length to check up front: the limit holds while reading.
         s = connect_from("127.0.0.1", srv.port)
         chunk = b"x" * 600
-        s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
-                  + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        s.sendall(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         with contextlib.suppress(OSError):
             for _ in range(4):
                 s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -403,8 +420,11 @@ def test_slow_body_and_idle_connection_are_closed(tmp_path: Path) -> None:
     with app_server(tmp_path, Settings(client_timeout=1.0)) as srv:
         # Headers complete, body trickling in: the time for the body counts too.
         s = connect_from("127.0.0.1", srv.port, timeout=10)
-        s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
-                  + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        s.sendall(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
         start = time.monotonic()
         with contextlib.suppress(OSError):
             for _ in range(50):
@@ -432,8 +452,10 @@ def test_client_that_stops_reading_is_closed(tmp_path: Path) -> None:
     with app_server(tmp_path, Settings(client_timeout=1.0)) as srv:
         s = connect_from("127.0.0.1", srv.port, timeout=10)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        s.sendall(f"GET /v1/big?n={size} HTTP/1.1\r\nHost: x\r\n"
-                  f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+        s.sendall(
+            f"GET /v1/big?n={size} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
         srv.wait_log("client stopped reading its answer for 1 s")
         got = len(read_all(s))
         s.close()
@@ -512,8 +534,12 @@ def test_rotation_and_client_token(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_concurrent_first_starts_agree_on_one_token(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "home", "testhost")
     results: list[str | None] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        credentials.ensure_token(layout, Settings()))) for _ in range(8)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(credentials.ensure_token(layout, Settings()))
+        )
+        for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -578,8 +604,9 @@ def test_server_makes_token_0640_and_demands_it(server: Any) -> None:
     assert server.request("GET", "/v1/jobs", token=rotated)[0] == 200
 
 
-def test_server_refuses_to_start_with_world_readable_token(rayhome: Any,
-                                                           server_factory: Any) -> None:
+def test_server_refuses_to_start_with_world_readable_token(
+    rayhome: Any, server_factory: Any
+) -> None:
     token_file = rayhome.path / "config" / "token"
     token_file.write_text("a-perfectly-good-token-but-readable-by-all\n")
     token_file.chmod(0o644)

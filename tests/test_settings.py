@@ -72,8 +72,11 @@ def test_shipped_example_documents_every_key(tmp_path: Path) -> None:
     assert not undocumented, f"keys not documented in conf/rayserver.toml: {undocumented}"
     # Uncommented, the example must still be valid settings.
     setting = re.compile(r"^# ([a-z_]+ = .*)$")
-    active = "\n".join(m.group(1) for line in text.splitlines()
-                       if (m := setting.match(line)) and not line.startswith("# token_file"))
+    active = "\n".join(
+        m.group(1)
+        for line in text.splitlines()
+        if (m := setting.match(line)) and not line.startswith("# token_file")
+    )
     tmp = tmp_path / "example-check.toml"
     tmp.write_text(active)
     load_settings(tmp)

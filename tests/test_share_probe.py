@@ -43,8 +43,7 @@ def ready(srv: Any) -> Any:
     raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
 
 
-def probe_file(folder: Path, nonce: str | None = None, name: str | None = None
-               ) -> tuple[str, str]:
+def probe_file(folder: Path, nonce: str | None = None, name: str | None = None) -> tuple[str, str]:
     """(file name, nonce) of a probe file the way the client creates it."""
     name = name or f".rayfront-probe-{secrets.token_hex(8)}"
     nonce = nonce or secrets.token_hex(16)
@@ -54,15 +53,28 @@ def probe_file(folder: Path, nonce: str | None = None, name: str | None = None
     return name, nonce
 
 
-def probe(home: RayHome, op: str, file: str, nonce: str, *, project: str = "p",
-          location: str = "projects", **extra: Any) -> tuple[int, Any]:
-    body = {"location": location, "project": project, "file": file, "nonce": nonce, "op": op,
-            **extra}
+def probe(
+    home: RayHome,
+    op: str,
+    file: str,
+    nonce: str,
+    *,
+    project: str = "p",
+    location: str = "projects",
+    **extra: Any,
+) -> tuple[int, Any]:
+    body = {
+        "location": location,
+        "project": project,
+        "file": file,
+        "nonce": nonce,
+        "op": op,
+        **extra,
+    }
     status, answer = http_request(home, "POST", ENDPOINT, body)
     if status == 200:
         # Every success answer must be one the document promises.
-        response_validator(document(), ENDPOINT, "POST", 200, "application/json"
-                           ).validate(answer)
+        response_validator(document(), ENDPOINT, "POST", 200, "application/json").validate(answer)
     return status, answer
 
 
@@ -88,12 +100,17 @@ def second(tmp_path: Path, rayhome: RayHome, server_factory: Any) -> tuple[RayHo
     return home, ready(server_factory("-f", home=home))
 
 
-def test_read_sees_the_file_only_with_the_nonce(server: Any, rayhome: RayHome,
-                                                project: Path) -> None:
+def test_read_sees_the_file_only_with_the_nonce(
+    server: Any, rayhome: RayHome, project: Path
+) -> None:
     name, nonce = probe_file(project)
     answer = ok(rayhome, "read", name, nonce)
-    assert answer == {"op": "read", "seen": True, "detail": "",
-                      "path": str(Path(os.path.realpath(project)) / name)}
+    assert answer == {
+        "op": "read",
+        "seen": True,
+        "detail": "",
+        "path": str(Path(os.path.realpath(project)) / name),
+    }
 
     other, other_nonce = probe_file(project, nonce=secrets.token_hex(16))
     t0 = time.monotonic()
@@ -109,8 +126,9 @@ def test_read_sees_the_file_only_with_the_nonce(server: Any, rayhome: RayHome,
     assert not (project / missing).exists(), "the server must never create the file"
 
 
-def test_read_waits_for_a_file_that_appears_late(server: Any, rayhome: RayHome,
-                                                 project: Path) -> None:
+def test_read_waits_for_a_file_that_appears_late(
+    server: Any, rayhome: RayHome, project: Path
+) -> None:
     name, nonce = f".rayfront-probe-{secrets.token_hex(8)}", secrets.token_hex(16)
     # A share that shows the client's file a second late (NFS attribute cache).
     timer = threading.Timer(1.0, probe_file, (project, nonce, name))
@@ -126,25 +144,35 @@ def test_read_waits_for_a_file_that_appears_late(server: Any, rayhome: RayHome,
     assert 0.9 <= took < 2.5, took
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("file", "../etc/passwd", "file: expected a plain file name of the form .rayfront-probe-"),
-    ("file", ".rayfront-probe-short", "file: expected"),
-    ("file", ".rayfront-probe-" + "A" * 16, "file: expected"),
-    ("file", ".rayfront-probe-" + "a" * 16 + "\n", "file: expected"),
-    ("file", 12, "file: expected a string"),
-    ("nonce", "abc", "nonce: expected 16 to 128 lowercase hex digits"),
-    ("nonce", "a" * 129, "nonce: expected 16 to 128"),
-    ("op", "lock", "op: expected one of read, hold, test, release, got 'lock'"),
-    ("location", "", "location: must not be empty"),
-    ("hold_seconds", 0, "hold_seconds: must be at least 1"),
-    ("hold_seconds", 121, "hold_seconds: must be at most 120"),
-    ("colour", "red", "unknown field 'colour'"),
-])
-def test_bad_fields_are_refused_naming_the_field(server: Any, rayhome: RayHome, project: Path,
-                                                 field: str, value: Any, expected: str) -> None:
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("file", "../etc/passwd", "file: expected a plain file name of the form .rayfront-probe-"),
+        ("file", ".rayfront-probe-short", "file: expected"),
+        ("file", ".rayfront-probe-" + "A" * 16, "file: expected"),
+        ("file", ".rayfront-probe-" + "a" * 16 + "\n", "file: expected"),
+        ("file", 12, "file: expected a string"),
+        ("nonce", "abc", "nonce: expected 16 to 128 lowercase hex digits"),
+        ("nonce", "a" * 129, "nonce: expected 16 to 128"),
+        ("op", "lock", "op: expected one of read, hold, test, release, got 'lock'"),
+        ("location", "", "location: must not be empty"),
+        ("hold_seconds", 0, "hold_seconds: must be at least 1"),
+        ("hold_seconds", 121, "hold_seconds: must be at most 120"),
+        ("colour", "red", "unknown field 'colour'"),
+    ],
+)
+def test_bad_fields_are_refused_naming_the_field(
+    server: Any, rayhome: RayHome, project: Path, field: str, value: Any, expected: str
+) -> None:
     name, nonce = probe_file(project)
-    body = {"location": "projects", "project": "p", "file": name, "nonce": nonce,
-            "op": "hold", field: value}
+    body = {
+        "location": "projects",
+        "project": "p",
+        "file": name,
+        "nonce": nonce,
+        "op": "hold",
+        field: value,
+    }
     status, answer = http_request(rayhome, "POST", ENDPOINT, body)
     assert status == 422, answer
     assert expected in answer["error"], answer
@@ -167,12 +195,18 @@ def test_op_rules_and_body_errors(server: Any, rayhome: RayHome, project: Path) 
     # Not JSON at all: the same statuses as a job submission.
     import http.client
 
-    for ctype, data, expected, words in (("text/plain", b"{}", 415, "Content-Type"),
-                                         ("application/json", b"{", 400, "not valid JSON")):
+    for ctype, data, expected, words in (
+        ("text/plain", b"{}", 415, "Content-Type"),
+        ("application/json", b"{", 400, "not valid JSON"),
+    ):
         conn = http.client.HTTPConnection("127.0.0.1", rayhome.port, timeout=10)
         try:
-            conn.request("POST", ENDPOINT, body=data, headers={
-                "Content-Type": ctype, "Authorization": f"Bearer {rayhome.token()}"})
+            conn.request(
+                "POST",
+                ENDPOINT,
+                body=data,
+                headers={"Content-Type": ctype, "Authorization": f"Bearer {rayhome.token()}"},
+            )
             resp = conn.getresponse()
             text = resp.read().decode()
         finally:
@@ -180,32 +214,42 @@ def test_op_rules_and_body_errors(server: Any, rayhome: RayHome, project: Path) 
         assert resp.status == expected and words in text, text
 
 
-def test_location_and_project_errors_match_job_submission(server: Any, rayhome: RayHome,
-                                                          project: Path) -> None:
+def test_location_and_project_errors_match_job_submission(
+    server: Any, rayhome: RayHome, project: Path
+) -> None:
     name, nonce = probe_file(project)
     job = {"steps": [{"program": "oconv", "args": []}]}
-    for where, expected in (({"location": "elsewhere", "project": "p"}, 404),
-                            ({"location": "projects", "project": "nope"}, 404),
-                            ({"location": "projects", "project": "/etc"}, 403),
-                            ({"location": "projects", "project": "../.."}, 403)):
+    for where, expected in (
+        ({"location": "elsewhere", "project": "p"}, 404),
+        ({"location": "projects", "project": "nope"}, 404),
+        ({"location": "projects", "project": "/etc"}, 403),
+        ({"location": "projects", "project": "../.."}, 403),
+    ):
         status_job, answer_job = http_request(rayhome, "POST", "/v1/jobs", {**where, **job})
-        status, answer = http_request(rayhome, "POST", ENDPOINT,
-                                      {**where, "file": name, "nonce": nonce, "op": "read"})
+        status, answer = http_request(
+            rayhome, "POST", ENDPOINT, {**where, "file": name, "nonce": nonce, "op": "read"}
+        )
         assert status == status_job == expected, (answer, answer_job)
         assert answer["error"] == answer_job["error"], (answer, answer_job)
-    assert "location 'elsewhere' is not known" in http_request(
-        rayhome, "POST", ENDPOINT, {"location": "elsewhere", "project": "p", "file": name,
-                                    "nonce": nonce, "op": "read"})[1]["error"]
+    assert (
+        "location 'elsewhere' is not known"
+        in http_request(
+            rayhome,
+            "POST",
+            ENDPOINT,
+            {"location": "elsewhere", "project": "p", "file": name, "nonce": nonce, "op": "read"},
+        )[1]["error"]
+    )
 
 
 def test_a_location_added_to_the_hosts_file_is_found_without_restart(
-        server: Any, rayhome: RayHome, tmp_path: Path) -> None:
+    server: Any, rayhome: RayHome, tmp_path: Path
+) -> None:
     extra = tmp_path / "extra"
     (extra / "q").mkdir(parents=True)
     name, nonce = probe_file(extra / "q")
     hosts = rayhome.path / "config" / "hosts"
-    hosts.write_text(hosts.read_text().replace(
-        'projects="', f'extra="{extra}" projects="', 1))
+    hosts.write_text(hosts.read_text().replace('projects="', f'extra="{extra}" projects="', 1))
     assert ok(rayhome, "read", name, nonce, location="extra", project="q")["seen"]
 
 
@@ -231,8 +275,9 @@ def _locked_here(path: Path) -> bool:
         return False
 
 
-def test_hold_on_one_server_is_seen_by_the_other(server: Any, rayhome: RayHome, project: Path,
-                                                 second: tuple[RayHome, Any]) -> None:
+def test_hold_on_one_server_is_seen_by_the_other(
+    server: Any, rayhome: RayHome, project: Path, second: tuple[RayHome, Any]
+) -> None:
     home_b, _srv_b = second
     name, nonce = probe_file(project)
     assert ok(home_b, "read", name, nonce)["seen"]
@@ -256,19 +301,25 @@ def test_hold_on_one_server_is_seen_by_the_other(server: Any, rayhome: RayHome, 
     wrong = ok(rayhome, "release", name, secrets.token_hex(16), hold_id=held["hold_id"])
     assert not wrong["released"] and "another probe" in wrong["detail"], wrong
     assert ok(rayhome, "release", name, nonce, hold_id=held["hold_id"]) == {
-        "op": "release", "released": True}
+        "op": "release",
+        "released": True,
+    }
     assert not _locked_here(project / name)
     free = ok(home_b, "test", name, nonce)
-    assert free == {"op": "test", "locked": False,
-                    "detail": "no lock seen although another server holds one"}
+    assert free == {
+        "op": "test",
+        "locked": False,
+        "detail": "no lock seen although another server holds one",
+    }
     gone = ok(rayhome, "release", name, nonce, hold_id=held["hold_id"])
     assert not gone["released"] and "no hold" in gone["detail"], gone
     # The server never changed the file.
     assert (project / name).read_text() == nonce + "\n"
 
 
-def test_a_hold_expires(server: Any, rayhome: RayHome, project: Path,
-                        second: tuple[RayHome, Any]) -> None:
+def test_a_hold_expires(
+    server: Any, rayhome: RayHome, project: Path, second: tuple[RayHome, Any]
+) -> None:
     home_b, _srv_b = second
     name, nonce = probe_file(project)
     held = ok(rayhome, "hold", name, nonce, hold_seconds=1)
@@ -282,22 +333,24 @@ def test_a_hold_expires(server: Any, rayhome: RayHome, project: Path,
     assert not ok(rayhome, "release", name, nonce, hold_id=held["hold_id"])["released"]
 
 
-def test_a_lock_of_another_process_is_seen(server: Any, rayhome: RayHome,
-                                           project: Path) -> None:
+def test_a_lock_of_another_process_is_seen(server: Any, rayhome: RayHome, project: Path) -> None:
     name, nonce = probe_file(project)
     with open(project / name, "r+b") as fh:
         fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert ok(rayhome, "test", name, nonce)["locked"]
         blocked = ok(rayhome, "hold", name, nonce)
-        assert blocked == {"op": "hold", "held": False,
-                           "detail": "already locked by another process"}
+        assert blocked == {
+            "op": "hold",
+            "held": False,
+            "detail": "already locked by another process",
+        }
         fcntl.lockf(fh, fcntl.LOCK_UN)
         assert not ok(rayhome, "test", name, nonce)["locked"]
 
 
 def test_a_copy_of_the_file_is_not_a_share_that_locks(
-        server: Any, rayhome: RayHome, project: Path, tmp_path: Path,
-        server_factory: Any) -> None:
+    server: Any, rayhome: RayHome, project: Path, tmp_path: Path, server_factory: Any
+) -> None:
     # Server B's "projects" is another folder with a copy (a synced folder):
     # it sees the same name and nonce, but a lock on A's file never reaches it.
     home_b = make_home(tmp_path / "synced")
@@ -312,8 +365,11 @@ def test_a_copy_of_the_file_is_not_a_share_that_locks(
     held = ok(rayhome, "hold", name, nonce)
     assert held["held"]
     test = ok(home_b, "test", name, nonce)
-    assert test == {"op": "test", "locked": False,
-                    "detail": "no lock seen although another server holds one"}
+    assert test == {
+        "op": "test",
+        "locked": False,
+        "detail": "no lock seen although another server holds one",
+    }
     assert ok(rayhome, "release", name, nonce, hold_id=held["hold_id"])["released"]
 
 
@@ -327,8 +383,9 @@ def test_at_most_32_holds(server: Any, rayhome: RayHome, project: Path) -> None:
     assert ok(rayhome, "hold", *files[32])["held"]
 
 
-def test_a_symlink_is_not_the_probe_file(server: Any, rayhome: RayHome, project: Path,
-                                         tmp_path: Path) -> None:
+def test_a_symlink_is_not_the_probe_file(
+    server: Any, rayhome: RayHome, project: Path, tmp_path: Path
+) -> None:
     # A link to a file outside the project must not get that file locked.
     outside_name, nonce = probe_file(tmp_path)
     link = f".rayfront-probe-{secrets.token_hex(8)}"
@@ -339,8 +396,9 @@ def test_a_symlink_is_not_the_probe_file(server: Any, rayhome: RayHome, project:
     assert "symbolic link" in ok(rayhome, "test", link, nonce)["detail"]
 
 
-def test_a_restarted_worker_has_no_holds(server: Any, rayhome: RayHome, project: Path,
-                                         second: tuple[RayHome, Any]) -> None:
+def test_a_restarted_worker_has_no_holds(
+    server: Any, rayhome: RayHome, project: Path, second: tuple[RayHome, Any]
+) -> None:
     home_b, _srv_b = second
     name, nonce = probe_file(project)
     held = ok(rayhome, "hold", name, nonce, hold_seconds=120)
@@ -364,8 +422,9 @@ def test_a_restarted_worker_has_no_holds(server: Any, rayhome: RayHome, project:
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root opens any file: no EACCES to provoke")
-def test_a_file_the_server_cannot_write_is_explained(server: Any, rayhome: RayHome,
-                                                     project: Path) -> None:
+def test_a_file_the_server_cannot_write_is_explained(
+    server: Any, rayhome: RayHome, project: Path
+) -> None:
     name, nonce = probe_file(project)
     os.chmod(project / name, 0o444)
     answer = ok(rayhome, "hold", name, nonce)
@@ -373,8 +432,9 @@ def test_a_file_the_server_cannot_write_is_explained(server: Any, rayhome: RayHo
     assert "write access to the project directory" in answer["detail"]
 
 
-def test_the_client_method(server: Any, rayhome: RayHome, project: Path,
-                           second: tuple[RayHome, Any]) -> None:
+def test_the_client_method(
+    server: Any, rayhome: RayHome, project: Path, second: tuple[RayHome, Any]
+) -> None:
     from rayserver.client.connection import Client, ClientError, Target
 
     home_b, _srv_b = second

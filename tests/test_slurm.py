@@ -37,8 +37,9 @@ def _slurm_problem() -> str | None:
     if not shutil.which("sinfo"):
         return "Slurm's commands are not installed (run: bash .ci/start-slurm as root)"
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                             timeout=10, check=False)
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"sinfo did not run: {exc}"
     if out.returncode != 0:
@@ -104,8 +105,10 @@ def test_batch_script_execs_the_procwrap(tmp_path: Path) -> None:
     db = tmp_path / "my state" / "jobs.sqlite3"
     script = batch_script(db, 42, python="/opt/venv/bin/python", grace=2.5)
     assert script.startswith("#!/bin/sh\n")
-    assert (f"exec /opt/venv/bin/python -m rayserver.procwrap --db '{db}' --job 42 "
-            "--grace 2.5 --claim-queued") in script
+    assert (
+        f"exec /opt/venv/bin/python -m rayserver.procwrap --db '{db}' --job 42 "
+        "--grace 2.5 --claim-queued"
+    ) in script
 
 
 def test_missing_commands_are_named(tmp_path: Path) -> None:
@@ -125,10 +128,13 @@ def test_sbatch_squeue_scontrol_scancel(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         out = tmp_path / "out.log"
-        failing = await cmds.sbatch("#!/bin/sh\necho hello from $(pwd)\nexit 3\n",
-                                    [f"--chdir={tmp_path}", f"--output={out}", "--job-name=rs-t"])
-        sleeper = await cmds.sbatch("#!/bin/sh\nsleep 60\n",
-                                    [f"--chdir={tmp_path}", "--output=/dev/null"])
+        failing = await cmds.sbatch(
+            "#!/bin/sh\necho hello from $(pwd)\nexit 3\n",
+            [f"--chdir={tmp_path}", f"--output={out}", "--job-name=rs-t"],
+        )
+        sleeper = await cmds.sbatch(
+            "#!/bin/sh\nsleep 60\n", [f"--chdir={tmp_path}", "--output=/dev/null"]
+        )
         try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
@@ -193,10 +199,17 @@ def _queued_job(tmp_path: Path):  # noqa: ANN202
     from rayserver.jobs.jobdb import JobDB
 
     db = JobDB(tmp_path / "state" / "jobs.sqlite3")
-    job_id = db.submit(name="t", priority=0, client="127.0.0.1", location="projects",
-                       project="p", workdir=str(tmp_path),
-                       steps=[{"program": "true", "path": "/bin/true", "args": []}],
-                       env={}, executor="slurm")
+    job_id = db.submit(
+        name="t",
+        priority=0,
+        client="127.0.0.1",
+        location="projects",
+        project="p",
+        workdir=str(tmp_path),
+        steps=[{"program": "true", "path": "/bin/true", "args": []}],
+        env={},
+        executor="slurm",
+    )
     assert db.mark_starting(job_id)
     return db, job_id
 
@@ -219,8 +232,12 @@ def test_executor_records_exit_status_from_slurm(tmp_path: Path) -> None:
     db, job_id = _queued_job(tmp_path)
     fake = _fake_procwrap(tmp_path, 'echo "batch ran in $(pwd)"; exit 7')
     changes: list[int] = []
-    ex = SlurmExecutor(db, Settings(executor="slurm", slurm_poll_interval=0.2), python=fake,
-                       on_change=lambda: changes.append(1))
+    ex = SlurmExecutor(
+        db,
+        Settings(executor="slurm", slurm_poll_interval=0.2),
+        python=fake,
+        on_change=lambda: changes.append(1),
+    )
 
     async def scenario() -> dict:
         assert await ex.launch(db.get(job_id))
@@ -294,7 +311,8 @@ def test_executor_adopts_jobs_after_a_restart(tmp_path: Path) -> None:
             assert await second.launch(row)
             assert db.get(job_id)["external_id"] == sid
             _, out, _ = await second.commands.run(
-                "squeue", ["-h", "-t", "all", f"--name=rayserver-{job_id}", "-o", "%i|%k"])
+                "squeue", ["-h", "-t", "all", f"--name=rayserver-{job_id}", "-o", "%i|%k"]
+            )
             mine = [ln for ln in out.splitlines() if ln.endswith(f"db {db.path.absolute()}")]
             assert mine == [f"{sid}|rayserver job {job_id} db {db.path.absolute()}"]
         finally:
@@ -325,8 +343,9 @@ def _slow(size: int) -> list[str]:
 def _slurm_home(rayhome, cpus: int = 2) -> Path:  # noqa: ANN001
     """Switch the test home to the Slurm executor; returns the project folder."""
     settings = rayhome.path / "config" / "rayserver.toml"
-    settings.write_text(settings.read_text()
-                        + 'executor = "slurm"\nslurm_poll_interval = 0.3\ncancel_grace = 2\n')
+    settings.write_text(
+        settings.read_text() + 'executor = "slurm"\nslurm_poll_interval = 0.3\ncancel_grace = 2\n'
+    )
     hosts = rayhome.path / "config" / "hosts"
     hosts.write_text(hosts.read_text().replace("testhost 2 ", f"testhost {cpus} "))
     room = rayhome.projects / "room"
@@ -339,10 +358,14 @@ def _render_job(rpict_args: list[str], out: str = "out.hdr") -> dict:
     # The octree is named after the picture: jobs running side by side in one
     # project must not rewrite each other's octree while the other renders it.
     octree = out.rsplit(".", 1)[0] + ".oct"
-    return {"location": "projects", "project": "room", "steps": [
-        {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": octree},
-        {"program": "rpict", "args": [*rpict_args, octree], "stdin": None, "stdout": out},
-    ]}
+    return {
+        "location": "projects",
+        "project": "room",
+        "steps": [
+            {"program": "oconv", "args": ["scene.rad"], "stdin": None, "stdout": octree},
+            {"program": "rpict", "args": [*rpict_args, octree], "stdin": None, "stdout": out},
+        ],
+    }
 
 
 def _submit(srv, body: dict) -> int:  # noqa: ANN001
@@ -375,10 +398,16 @@ def _wait_running(srv, job_id: int, timeout: float = 30) -> dict:  # noqa: ANN00
 def _our_slurm_jobs(home_path: Path) -> list[tuple[str, str]]:
     """(Slurm id, state) of every job Slurm knows from this test's job database."""
     marker = f" db {home_path / 'srvstate' / 'jobs.sqlite3'}"
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%k"], capture_output=True,
-                         text=True, timeout=10, check=True).stdout
-    return [(i, st) for i, st, k in (ln.split("|", 2) for ln in out.splitlines())
-            if k.endswith(marker)]
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-o", "%i|%T|%k"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    return [
+        (i, st) for i, st, k in (ln.split("|", 2) for ln in out.splitlines()) if k.endswith(marker)
+    ]
 
 
 @pytest.fixture
@@ -410,30 +439,33 @@ def _rpict_pids_in(folder: Path) -> list[int]:
     return found
 
 
-def _direct_render(room: Path, rpict_args: list[str], out: str,
-                   octree: str = "out.oct") -> None:
+def _direct_render(room: Path, rpict_args: list[str], out: str, octree: str = "out.oct") -> None:
     from rayserver.common.radiance import bin_dir, simulation_env
 
     settings = Settings()
     env = simulation_env(settings)
     rpict = bin_dir(settings) / "rpict"
     with open(room / out, "wb") as fh:
-        subprocess.run([str(rpict), *rpict_args, octree], cwd=room, env=env, stdout=fh,
-                       check=True, timeout=60)
+        subprocess.run(
+            [str(rpict), *rpict_args, octree], cwd=room, env=env, stdout=fh, check=True, timeout=60
+        )
 
 
 def _pvalue(path: Path) -> bytes:
     from rayserver.common.radiance import bin_dir, simulation_env
 
     settings = Settings()
-    return subprocess.run([str(bin_dir(settings) / "pvalue"), "-h", "-H", "-d", str(path)],
-                          capture_output=True, check=True, timeout=30,
-                          env=simulation_env(settings)).stdout
+    return subprocess.run(
+        [str(bin_dir(settings) / "pvalue"), "-h", "-H", "-d", str(path)],
+        capture_output=True,
+        check=True,
+        timeout=30,
+        env=simulation_env(settings),
+    ).stdout
 
 
 @needs_slurm
-def test_render_through_slurm_matches_direct_render(rayhome, server_factory,
-                                                    slurm_cleanup) -> None:  # noqa: ANN001
+def test_render_through_slurm_matches_direct_render(rayhome, server_factory, slurm_cleanup) -> None:  # noqa: ANN001
     room = _slurm_home(rayhome)
     srv = server_factory("-f")
     status, info = srv.request("GET", "/v1/info")
@@ -455,8 +487,7 @@ def test_render_through_slurm_matches_direct_render(rayhome, server_factory,
 
 
 @needs_slurm
-def test_cancel_mid_render_leaves_no_rpict(rayhome, server_factory,
-                                           slurm_cleanup) -> None:  # noqa: ANN001
+def test_cancel_mid_render_leaves_no_rpict(rayhome, server_factory, slurm_cleanup) -> None:  # noqa: ANN001
     room = _slurm_home(rayhome)
     srv = server_factory("-f")
     job_id = _submit(srv, _render_job(_slow(1200)))
@@ -483,13 +514,23 @@ def test_cancel_mid_render_leaves_no_rpict(rayhome, server_factory,
 
 
 @needs_slurm
-def test_failing_radiance_command_reports_its_exit_status(rayhome, server_factory,
-                                                          slurm_cleanup) -> None:  # noqa: ANN001
+def test_failing_radiance_command_reports_its_exit_status(
+    rayhome, server_factory, slurm_cleanup
+) -> None:  # noqa: ANN001
     _slurm_home(rayhome)
     srv = server_factory("-f")
-    body = {"location": "projects", "project": "room", "steps": [
-        {"program": "oconv", "args": ["no-such-scene.rad"], "stdin": None,
-         "stdout": "broken.oct"}]}
+    body = {
+        "location": "projects",
+        "project": "room",
+        "steps": [
+            {
+                "program": "oconv",
+                "args": ["no-such-scene.rad"],
+                "stdin": None,
+                "stdout": "broken.oct",
+            }
+        ],
+    }
     job = _wait_final(srv, _submit(srv, body))
     assert job["state"] == "failed", job
     # oconv: "system - cannot open scene file" exits 2 (Radiance's convention).
@@ -499,8 +540,7 @@ def test_failing_radiance_command_reports_its_exit_status(rayhome, server_factor
 
 
 @needs_slurm
-def test_three_jobs_with_a_cap_of_two(rayhome, server_factory,
-                                      slurm_cleanup) -> None:  # noqa: ANN001
+def test_three_jobs_with_a_cap_of_two(rayhome, server_factory, slurm_cleanup) -> None:  # noqa: ANN001
     """The host record's 2 cpus cap what is with Slurm at once; the third waits here.
 
     The Slurm node could hold more (a PENDING job in squeue would show it), so the
@@ -512,8 +552,11 @@ def test_three_jobs_with_a_cap_of_two(rayhome, server_factory,
     most, samples = 0, 0
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        active = [st for _, st in _our_slurm_jobs(rayhome.path)
-                  if st in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")]
+        active = [
+            st
+            for _, st in _our_slurm_jobs(rayhome.path)
+            if st in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")
+        ]
         most, samples = max(most, len(active)), samples + 1
         _, listing = srv.request("GET", "/v1/jobs?limit=10")
         if all(j["state"] not in ("queued", "running") for j in listing["jobs"]):
@@ -529,8 +572,7 @@ def test_three_jobs_with_a_cap_of_two(rayhome, server_factory,
 
 
 @needs_slurm
-def test_server_restart_finds_the_slurm_job_again(rayhome, server_factory,
-                                                  slurm_cleanup) -> None:  # noqa: ANN001
+def test_server_restart_finds_the_slurm_job_again(rayhome, server_factory, slurm_cleanup) -> None:  # noqa: ANN001
     from rayserver.jobs.jobdb import JobDB
 
     room = _slurm_home(rayhome)
@@ -556,8 +598,9 @@ def test_server_restart_finds_the_slurm_job_again(rayhome, server_factory,
 def test_start_slurm_script_is_idempotent_and_never_fails() -> None:
     """.ci/start-slurm exits 0 whatever happens; on a running cluster it changes nothing."""
     script = Path(__file__).resolve().parent.parent / ".ci" / "start-slurm"
-    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
-                         check=False)
+    out = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     if SLURM_PROBLEM is None:
         assert "Slurm already up" in out.stdout, out.stdout + out.stderr
@@ -571,10 +614,20 @@ def test_executor_dispatch_respects_the_cap(tmp_path: Path) -> None:
 
     db, first = _queued_job(tmp_path)
     db.unstart(first)
-    more = [db.submit(name="t", priority=0, client="c", location="projects", project="p",
-                      workdir=str(tmp_path), steps=[{"program": "true", "path": "/bin/true",
-                                                     "args": []}], env={}, executor="slurm")
-            for _ in range(2)]
+    more = [
+        db.submit(
+            name="t",
+            priority=0,
+            client="c",
+            location="projects",
+            project="p",
+            workdir=str(tmp_path),
+            steps=[{"program": "true", "path": "/bin/true", "args": []}],
+            env={},
+            executor="slurm",
+        )
+        for _ in range(2)
+    ]
     fake = _fake_procwrap(tmp_path, "sleep 1")
     ex = SlurmExecutor(db, Settings(executor="slurm", slurm_poll_interval=0.2), python=fake)
 

@@ -46,7 +46,7 @@ DIRECT = ["-ab", "0", "-dt", "0"]
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Three servers with one cpu each, plus a fourth record nobody answers on."""
     base = tmp_path_factory.mktemp("split")
-    dead = f"127.0.0.4:{free_port()} 1 projects=\"{base / 'projects'}\"\n"
+    dead = f'127.0.0.4:{free_port()} 1 projects="{base / "projects"}"\n'
     c = make_cluster(base, 3, extra_records=dead)
     try:
         write_scene(c.project)
@@ -59,14 +59,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def test_grid_split_gives_the_bytes_of_one_rtrace_run(cluster: Cluster) -> None:
     args = ["rtrace", "-h", "-I", *DIRECT, "-ds", "0.05", "scene.oct"]
     run_local(args, cluster.project, cluster.project / "grid.pts", cluster.project / "one.dat")
-    proc = cluster.rayfront("run", "--json", "--hosts", "all", "--stdin", "grid.pts",
-                            "--stdout", "split.dat", "--", *args)
+    proc = cluster.rayfront(
+        "run",
+        "--json",
+        "--hosts",
+        "all",
+        "--stdin",
+        "grid.pts",
+        "--stdout",
+        "split.dat",
+        "--",
+        *args,
+    )
     summary = as_json(proc)
     assert proc.returncode == 0, proc.stderr
-    assert (cluster.project / "split.dat").read_bytes() == (cluster.project / "one.dat").read_bytes()
+    assert (cluster.project / "split.dat").read_bytes() == (
+        cluster.project / "one.dat"
+    ).read_bytes()
     # One part per cpu, each on its own server, in input order.
     assert [p["label"] for p in summary["parts"]] == [
-        "rays 1-666 of 2000", "rays 667-1333 of 2000", "rays 1334-2000 of 2000"]
+        "rays 1-666 of 2000",
+        "rays 667-1333 of 2000",
+        "rays 1334-2000 of 2000",
+    ]
     assert sorted(p["host"] for p in summary["parts"]) == sorted(cluster.names)
     # --hosts all leaves out the record nobody answers on, and says so.
     assert [h["host"] for h in summary["hosts"]] == cluster.names
@@ -80,17 +95,22 @@ def test_parts_with_indirect_light_share_one_ambient_file(cluster: Cluster) -> N
     # with the folder). Values agree with one run within ambient noise.
     write_points(cluster.project / "few.pts", 600, seed=3)
     before = set((cluster.project / ".rayfront-split").glob("*"))
-    args = ["rtrace", "-h", "-I", "-ab", "1", "-aa", "0.1", "-ad", "256", "-ds", "0.3",
-            "scene.oct"]
+    args = ["rtrace", "-h", "-I", "-ab", "1", "-aa", "0.1", "-ad", "256", "-ds", "0.3", "scene.oct"]
     run_local(args, cluster.project, cluster.project / "few.pts", cluster.project / "few1.dat")
-    proc = cluster.rayfront("run", "--json", "--hosts", "all", "--stdin", "few.pts",
-                            "--stdout", "few.dat", "--", *args)
+    proc = cluster.rayfront(
+        "run", "--json", "--hosts", "all", "--stdin", "few.pts", "--stdout", "few.dat", "--", *args
+    )
     summary = as_json(proc)
     assert proc.returncode == 0, proc.stderr
-    assert any("the parts share the ambient file .rayfront-split/" in e
-               for e in summary["events"]), summary["events"]
-    split = [float(line.split()[0]) for line in (cluster.project / "few.dat").read_text().splitlines()]
-    one = [float(line.split()[0]) for line in (cluster.project / "few1.dat").read_text().splitlines()]
+    assert any(
+        "the parts share the ambient file .rayfront-split/" in e for e in summary["events"]
+    ), summary["events"]
+    split = [
+        float(line.split()[0]) for line in (cluster.project / "few.dat").read_text().splitlines()
+    ]
+    one = [
+        float(line.split()[0]) for line in (cluster.project / "few1.dat").read_text().splitlines()
+    ]
     assert len(split) == len(one) == 600
     assert abs(statistics.fmean(split) / statistics.fmean(one) - 1) < 0.05
     assert set((cluster.project / ".rayfront-split").glob("*")) <= before
@@ -99,12 +119,27 @@ def test_parts_with_indirect_light_share_one_ambient_file(cluster: Cluster) -> N
 def test_header_of_the_first_part_only_and_binary_rays(cluster: Cluster) -> None:
     # Binary float input (-ff) is cut on 24-byte records, and the merged output
     # carries one header although every part wrote one.
-    run_local(["rcalc", "-of", "-e", "$1=$1;$2=$2;$3=$3;$4=$4;$5=$5;$6=$6"], cluster.project,
-              cluster.project / "grid.pts", cluster.project / "grid.bin")
+    run_local(
+        ["rcalc", "-of", "-e", "$1=$1;$2=$2;$3=$3;$4=$4;$5=$5;$6=$6"],
+        cluster.project,
+        cluster.project / "grid.pts",
+        cluster.project / "grid.bin",
+    )
     args = ["rtrace", "-ff", "-I", *DIRECT, "scene.oct"]
     run_local(args, cluster.project, cluster.project / "grid.bin", cluster.project / "one.bin")
-    proc = cluster.rayfront("run", "--hosts", ",".join(cluster.names[:2]), "--parts", "5",
-                            "--stdin", "grid.bin", "--stdout", "split.bin", "--", *args)
+    proc = cluster.rayfront(
+        "run",
+        "--hosts",
+        ",".join(cluster.names[:2]),
+        "--parts",
+        "5",
+        "--stdin",
+        "grid.bin",
+        "--stdout",
+        "split.bin",
+        "--",
+        *args,
+    )
     assert proc.returncode == 0, proc.stderr
     merged = (cluster.project / "split.bin").read_bytes()
     one = (cluster.project / "one.bin").read_bytes()
@@ -112,7 +147,7 @@ def test_header_of_the_first_part_only_and_binary_rays(cluster: Cluster) -> None
     assert merged.count(b"#?RADIANCE") == 1
 
     def stable(data: bytes) -> list[bytes]:  # binary output headers carry the time of day
-        head = data[:len(data) - len(splitplan.strip_header(data))]
+        head = data[: len(data) - len(splitplan.strip_header(data))]
         return [line for line in head.split(b"\n") if not line.startswith((b"CAPDATE=", b"GMT="))]
 
     assert stable(merged) == stable(one)
@@ -122,19 +157,43 @@ def test_header_of_the_first_part_only_and_binary_rays(cluster: Cluster) -> None
 def test_picture_split_has_every_scanline_once(cluster: Cluster) -> None:
     # -ps 1 -pj 0: one sample at each pixel centre, so bands that cover the
     # picture exactly once reproduce the single render pixel for pixel.
-    options = ["-vf", "room.vf", "-x", "320", "-y", "320", *DIRECT, "-ds", "0.2",
-               "-ps", "1", "-pj", "0"]
-    run_local(["rpict", *options, "scene.oct"], cluster.project, None,
-              cluster.project / "one.hdr")
-    proc = cluster.rayfront("run", "--json", "--hosts", "all", "--parts", "7",
-                            "--", "rpict", *options, "-o", "split.hdr", "scene.oct")
+    options = [
+        "-vf",
+        "room.vf",
+        "-x",
+        "320",
+        "-y",
+        "320",
+        *DIRECT,
+        "-ds",
+        "0.2",
+        "-ps",
+        "1",
+        "-pj",
+        "0",
+    ]
+    run_local(["rpict", *options, "scene.oct"], cluster.project, None, cluster.project / "one.hdr")
+    proc = cluster.rayfront(
+        "run",
+        "--json",
+        "--hosts",
+        "all",
+        "--parts",
+        "7",
+        "--",
+        "rpict",
+        *options,
+        "-o",
+        "split.hdr",
+        "scene.oct",
+    )
     summary = as_json(proc)
     assert proc.returncode == 0, proc.stderr
     one, split = cluster.project / "one.hdr", cluster.project / "split.hdr"
     assert picture_size(split) == picture_size(one) == tuple(summary["resolution"])
     assert picture_values(split) == picture_values(one)
     data = split.read_bytes()
-    header = data[:data.index(b"\n\n")].decode("latin-1")
+    header = data[: data.index(b"\n\n")].decode("latin-1")
     top_view = [line for line in header.splitlines() if line.startswith("VIEW=")]
     assert top_view and "-vv 55" in top_view[-1], header
     rows = [p["label"] for p in summary["parts"]]
@@ -149,13 +208,42 @@ def test_picture_with_ambient_matches_within_sampling_noise(cluster: Cluster) ->
     # more than that second render does (twice its figures, plus 1%):
     # the mean brightness, the 95th percentile of per-pixel differences, and the
     # 90th percentile of per-row mean differences.
-    options = ["-vf", "room.vf", "-x", "240", "-y", "240", "-ab", "1", "-aa", "0.1",
-               "-as", "64", "-ds", "0.2"]
+    options = [
+        "-vf",
+        "room.vf",
+        "-x",
+        "240",
+        "-y",
+        "240",
+        "-ab",
+        "1",
+        "-aa",
+        "0.1",
+        "-as",
+        "64",
+        "-ds",
+        "0.2",
+    ]
     for ad, name in (("256", "amb1.hdr"), ("300", "amb2.hdr")):
-        run_local(["rpict", *options, "-ad", ad, "scene.oct"], cluster.project, None,
-                  cluster.project / name)
-    proc = cluster.rayfront("run", "--hosts", "all", "--stdout", "amb_split.hdr",
-                            "--", "rpict", *options, "-ad", "256", "scene.oct")
+        run_local(
+            ["rpict", *options, "-ad", ad, "scene.oct"],
+            cluster.project,
+            None,
+            cluster.project / name,
+        )
+    proc = cluster.rayfront(
+        "run",
+        "--hosts",
+        "all",
+        "--stdout",
+        "amb_split.hdr",
+        "--",
+        "rpict",
+        *options,
+        "-ad",
+        "256",
+        "scene.oct",
+    )
     assert proc.returncode == 0, proc.stderr
     width, height = picture_size(cluster.project / "amb1.hdr")
     assert picture_size(cluster.project / "amb_split.hdr") == (width, height)
@@ -164,9 +252,14 @@ def test_picture_with_ambient_matches_within_sampling_noise(cluster: Cluster) ->
     def deviations(other: Sequence[float]) -> tuple[float, float, float]:
         mean = abs(statistics.fmean(other) / statistics.fmean(one) - 1)
         pixels = sorted(abs(a - b) / max(b, 1e-3) for a, b in zip(other, one, strict=True))
-        rows = sorted(abs(statistics.fmean(other[r * width:(r + 1) * width])
-                          / max(statistics.fmean(one[r * width:(r + 1) * width]), 1e-3) - 1)
-                      for r in range(height))
+        rows = sorted(
+            abs(
+                statistics.fmean(other[r * width : (r + 1) * width])
+                / max(statistics.fmean(one[r * width : (r + 1) * width]), 1e-3)
+                - 1
+            )
+            for r in range(height)
+        )
         return mean, pixels[int(0.95 * len(pixels))], rows[int(0.9 * len(rows))]
 
     split = deviations(picture_values(cluster.project / "amb_split.hdr"))
@@ -176,8 +269,19 @@ def test_picture_with_ambient_matches_within_sampling_noise(cluster: Cluster) ->
 
 
 def test_a_failing_part_fails_the_run_and_cancels_the_rest(cluster: Cluster) -> None:
-    proc = cluster.rayfront("run", "--hosts", "all", "--stdin", "grid.pts", "--stdout", "x.dat",
-                            "--", "rtrace", "-I", "nothere.oct")
+    proc = cluster.rayfront(
+        "run",
+        "--hosts",
+        "all",
+        "--stdin",
+        "grid.pts",
+        "--stdout",
+        "x.dat",
+        "--",
+        "rtrace",
+        "-I",
+        "nothere.oct",
+    )
     # rtrace's "system" errors exit 2; rayfront ends with the part's status.
     assert proc.returncode == 2, proc.stderr
     assert "failed on 127.0.0." in proc.stderr and "exit status 2" in proc.stderr
@@ -187,14 +291,33 @@ def test_a_failing_part_fails_the_run_and_cancels_the_rest(cluster: Cluster) -> 
 
 
 def test_ctrl_c_cancels_every_part(cluster: Cluster) -> None:
-    with cluster.started("run", "--hosts", "all", "--stdout", "slow.hdr", "--", "rpict",
-                         "-vf", "room.vf", "-x", "900", "-y", "900", *DIRECT, "-ds", "0.005",
-                         "scene.oct") as proc:
+    with cluster.started(
+        "run",
+        "--hosts",
+        "all",
+        "--stdout",
+        "slow.hdr",
+        "--",
+        "rpict",
+        "-vf",
+        "room.vf",
+        "-x",
+        "900",
+        "-y",
+        "900",
+        *DIRECT,
+        "-ds",
+        "0.005",
+        "scene.oct",
+    ) as proc:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            running = [j for s in cluster.servers for j in jobs_of(s)
-                       if j["state"] == "running" and "slow.hdr" not in j["name"]
-                       and "rpict" in j["name"]]
+            running = [
+                j
+                for s in cluster.servers
+                for j in jobs_of(s)
+                if j["state"] == "running" and "slow.hdr" not in j["name"] and "rpict" in j["name"]
+            ]
             if len(running) >= 3:
                 break
             time.sleep(0.1)
@@ -217,15 +340,35 @@ def test_ctrl_c_cancels_every_part(cluster: Cluster) -> None:
 
 def test_a_part_cancelled_elsewhere_cancels_the_run(cluster: Cluster) -> None:
     before = set((cluster.project / ".rayfront-split").glob("*"))
-    with cluster.started("run", "--json", "--hosts", "all", "--stdout", "slow2.hdr", "--",
-                         "rpict", "-vf", "room.vf", "-x", "800", "-y", "800", *DIRECT,
-                         "-ds", "0.006", "scene.oct") as proc:
+    with cluster.started(
+        "run",
+        "--json",
+        "--hosts",
+        "all",
+        "--stdout",
+        "slow2.hdr",
+        "--",
+        "rpict",
+        "-vf",
+        "room.vf",
+        "-x",
+        "800",
+        "-y",
+        "800",
+        *DIRECT,
+        "-ds",
+        "0.006",
+        "scene.oct",
+    ) as proc:
         deadline = time.monotonic() + 30
         victim = None
         while victim is None and time.monotonic() < deadline:
             for server in cluster.servers:
-                running = [j for j in jobs_of(server)
-                           if j["state"] == "running" and "-ds 0.006" in j["name"]]
+                running = [
+                    j
+                    for j in jobs_of(server)
+                    if j["state"] == "running" and "-ds 0.006" in j["name"]
+                ]
                 if running:
                     victim = (server, running[0]["id"])
                     break
@@ -248,17 +391,40 @@ def test_a_part_cancelled_elsewhere_cancels_the_run(cluster: Cluster) -> None:
     assert set((cluster.project / ".rayfront-split").glob("*")) <= before
 
 
-@pytest.mark.parametrize(("vtype", "size"), [
-    ("v", ["-vh", "70", "-vv", "55"]), ("l", ["-vh", "8", "-vv", "6"]),
-    ("a", ["-vh", "150", "-vv", "120"]), ("h", ["-vh", "170", "-vv", "150"]),
-    ("c", ["-vh", "200", "-vv", "60"]), ("s", ["-vh", "180", "-vv", "150"]),
-])
+@pytest.mark.parametrize(
+    ("vtype", "size"),
+    [
+        ("v", ["-vh", "70", "-vv", "55"]),
+        ("l", ["-vh", "8", "-vv", "6"]),
+        ("a", ["-vh", "150", "-vv", "120"]),
+        ("h", ["-vh", "170", "-vv", "150"]),
+        ("c", ["-vh", "200", "-vv", "60"]),
+        ("s", ["-vh", "180", "-vv", "150"]),
+    ],
+)
 def test_bands_reproduce_every_view_type(cluster: Cluster, vtype: str, size: list[str]) -> None:
     # The planner and merge alone (no servers): bands rendered here and put
     # together must equal the single render pixel for pixel, with a lifted
     # view (-vl) so the band shifts are not symmetric.
-    options = ["-vf", "room.vf", f"-vt{vtype}", *size, "-vl", "0.05", "-x", "96", "-y", "96",
-               *DIRECT, "-ds", "0.3", "-ps", "1", "-pj", "0"]
+    options = [
+        "-vf",
+        "room.vf",
+        f"-vt{vtype}",
+        *size,
+        "-vl",
+        "0.05",
+        "-x",
+        "96",
+        "-y",
+        "96",
+        *DIRECT,
+        "-ds",
+        "0.3",
+        "-ps",
+        "1",
+        "-pj",
+        "0",
+    ]
     folder = cluster.project / f"views-{vtype}"
     folder.mkdir()
     view = splitplan.resolve_picture(options, cluster.project, RADIANCE_ENV)
@@ -281,28 +447,42 @@ def test_bands_reproduce_every_view_type(cluster: Cluster, vtype: str, size: lis
         assert differ <= 0.01 * len(one), differ
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["--hosts", "nosuch", "--", "rpict", "x.oct"], "nosuch"),
-    (["--hosts", "all", "--", "rad", "x.rif"], "runs on one host"),
-    (["--hosts", "all", "--", "rtrace", "scene.oct"], "--stdin FILE"),
-    (["--hosts", "all", "--", "rpict", "-vf", "room.vf", "scene.oct"], "needs an output file"),
-    (["--hosts", "all", "--host", "x", "--", "rpict", "x.oct"], "not both"),
-    (["--parts", "3", "--", "rpict", "x.oct"], "give --hosts too"),
-    (["--hosts", "ws-client", "--", "rpict", "x.oct"], "client only"),
-])
-def test_usage_errors_name_what_is_wrong(cluster: Cluster, args: list[str],
-                                         expected: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--hosts", "nosuch", "--", "rpict", "x.oct"], "nosuch"),
+        (["--hosts", "all", "--", "rad", "x.rif"], "runs on one host"),
+        (["--hosts", "all", "--", "rtrace", "scene.oct"], "--stdin FILE"),
+        (["--hosts", "all", "--", "rpict", "-vf", "room.vf", "scene.oct"], "needs an output file"),
+        (["--hosts", "all", "--host", "x", "--", "rpict", "x.oct"], "not both"),
+        (["--parts", "3", "--", "rpict", "x.oct"], "give --hosts too"),
+        (["--hosts", "ws-client", "--", "rpict", "x.oct"], "client only"),
+    ],
+)
+def test_usage_errors_name_what_is_wrong(cluster: Cluster, args: list[str], expected: str) -> None:
     proc = cluster.rayfront("run", *args)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert expected in proc.stderr
 
 
 def test_an_explicitly_named_host_that_does_not_answer_is_an_error(cluster: Cluster) -> None:
-    dead = [line.split()[0] for line in
-            (cluster.base / "shared" / "hosts").read_text().splitlines()
-            if line.startswith("127.0.0.4:")][0]
-    proc = cluster.rayfront("run", "--hosts", f"{cluster.names[0]},{dead}", "--stdin",
-                            "grid.pts", "--stdout", "y.dat", "--", "rtrace", "scene.oct")
+    dead = [
+        line.split()[0]
+        for line in (cluster.base / "shared" / "hosts").read_text().splitlines()
+        if line.startswith("127.0.0.4:")
+    ][0]
+    proc = cluster.rayfront(
+        "run",
+        "--hosts",
+        f"{cluster.names[0]},{dead}",
+        "--stdin",
+        "grid.pts",
+        "--stdout",
+        "y.dat",
+        "--",
+        "rtrace",
+        "scene.oct",
+    )
     assert proc.returncode == 1
     assert f"host {dead} named in --hosts is not answering" in proc.stderr
 
@@ -315,11 +495,24 @@ def test_a_server_killed_midway_has_its_part_run_elsewhere(tmp_path: Path) -> No
         args = ["rtrace", "-h", "-I", *DIRECT, "-ds", "0.01", "scene.oct"]
         victim = c.servers[1]
         victim_name = c.names[1]
-        with c.started("run", "--json", "--hosts", "all", "--lost-after", "1",
-                       "--stdin", "grid.pts", "--stdout", "split.dat", "--", *args) as proc:
+        with c.started(
+            "run",
+            "--json",
+            "--hosts",
+            "all",
+            "--lost-after",
+            "1",
+            "--stdin",
+            "grid.pts",
+            "--stdout",
+            "split.dat",
+            "--",
+            *args,
+        ) as proc:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(
-                    j["state"] == "running" for j in jobs_of(victim)):
+                j["state"] == "running" for j in jobs_of(victim)
+            ):
                 time.sleep(0.05)
             time.sleep(0.3)
             # The whole host goes: server, worker and the procwraps with their rtrace.
@@ -363,14 +556,42 @@ def test_a_share_that_does_not_lock_is_refused(tmp_path: Path) -> None:
     try:
         write_scene(c.project)
         # Without the copying, server 2 does not even see the project's files.
-        proc = c.rayfront("run", "--hosts", "all", "--stdout", "p.hdr", "--",
-                          "rpict", "-vf", "room.vf", "-x", "64", "-y", "64", "scene.oct")
+        proc = c.rayfront(
+            "run",
+            "--hosts",
+            "all",
+            "--stdout",
+            "p.hdr",
+            "--",
+            "rpict",
+            "-vf",
+            "room.vf",
+            "-x",
+            "64",
+            "-y",
+            "64",
+            "scene.oct",
+        )
         assert proc.returncode == 1
         assert "not every server sees this project directory" in proc.stderr
         assert str(mirror / "proj") in proc.stderr
         syncer.start()
-        proc = c.rayfront("run", "--hosts", "all", "--stdout", "p.hdr", "--",
-                          "rpict", "-vf", "room.vf", "-x", "64", "-y", "64", "scene.oct")
+        proc = c.rayfront(
+            "run",
+            "--hosts",
+            "all",
+            "--stdout",
+            "p.hdr",
+            "--",
+            "rpict",
+            "-vf",
+            "room.vf",
+            "-x",
+            "64",
+            "-y",
+            "64",
+            "scene.oct",
+        )
         assert proc.returncode == 1, proc.stderr
         assert "the share does not lock files between 127.0.0.1:" in proc.stderr
         assert "refusing to split" in proc.stderr

@@ -77,8 +77,13 @@ SCRIPT = textwrap.dedent("""
 def run_toy(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
     script = tmp_path / "toy.py"
     script.write_text(SCRIPT.format(repo=str(REPO)))
-    return subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 20) -> str:
@@ -92,8 +97,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 20) -> str:
     return out
 
 
-def wait_line(proc: subprocess.Popen[str], text: str, lines: list[str],
-              timeout: float = 10) -> str:
+def wait_line(proc: subprocess.Popen[str], text: str, lines: list[str], timeout: float = 10) -> str:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -188,9 +192,13 @@ def test_listening_socket_flags() -> None:
 
 
 def ps_titles() -> dict[int, str]:
-    out = subprocess.run(["ps", "x", "-ww", "-o", "pid=,args="], capture_output=True, text=True).stdout
-    return {int(pid): args for pid, _, args in
-            (line.strip().partition(" ") for line in out.splitlines())}
+    out = subprocess.run(
+        ["ps", "x", "-ww", "-o", "pid=,args="], capture_output=True, text=True
+    ).stdout
+    return {
+        int(pid): args
+        for pid, _, args in (line.strip().partition(" ") for line in out.splitlines())
+    }
 
 
 def info_pid(server) -> int:
@@ -211,8 +219,12 @@ def test_foreground_messages_titles_and_info(server) -> None:
     assert titles[sup] == f"rfcore -O {home}/server/start.pyo"
     assert titles[worker] == f"rfcore -O {home}/server/start.pyo worker"
     log = server.home.log_file.read_text()
-    assert re.search(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \[{sup}\] INFO rayserver: "
-                     rf"Rayserver {sup} running\.$", log, re.M), log
+    assert re.search(
+        rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \[{sup}\] INFO rayserver: "
+        rf"Rayserver {sup} running\.$",
+        log,
+        re.M,
+    ), log
 
 
 def test_killed_worker_is_restarted_and_clients_queue_meanwhile(server) -> None:
@@ -228,11 +240,14 @@ def test_killed_worker_is_restarted_and_clients_queue_meanwhile(server) -> None:
     assert server.proc.poll() is None
 
 
-@pytest.mark.parametrize(("signum", "message"), [
-    (signal.SIGINT, "*User Interrupt*"),
-    (signal.SIGTERM, "*System Exit* (caught signal 15)"),
-    (signal.SIGQUIT, "*System Exit* (caught signal 3)"),
-])
+@pytest.mark.parametrize(
+    ("signum", "message"),
+    [
+        (signal.SIGINT, "*User Interrupt*"),
+        (signal.SIGTERM, "*System Exit* (caught signal 15)"),
+        (signal.SIGQUIT, "*System Exit* (caught signal 3)"),
+    ],
+)
 def test_stop_signals_leave_nothing_behind(server, signum: int, message: str) -> None:
     worker = info_pid(server)
     os.kill(server.proc.pid, signum)

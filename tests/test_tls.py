@@ -36,16 +36,20 @@ def write_pki(ca: trustme.CA, where: Path) -> dict[str, str]:
     """Server certificate for 127.0.0.1 and localhost, its key, and the CA file."""
     where.mkdir(parents=True, exist_ok=True)
     cert = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {"tls_cert": where / "server.crt", "tls_key": where / "server.key",
-             "tls_ca": where / "ca.pem"}
+    paths = {
+        "tls_cert": where / "server.crt",
+        "tls_key": where / "server.key",
+        "tls_ca": where / "ca.pem",
+    }
     cert.cert_chain_pems[0].write_to_path(str(paths["tls_cert"]))
     cert.private_key_pem.write_to_path(str(paths["tls_key"]))
     ca.cert_pem.write_to_path(str(paths["tls_ca"]))
     return {k: str(v) for k, v in paths.items()}
 
 
-def https_get(port: int, path: str, ctx: ssl.SSLContext, token: str | None = TOKEN,
-              host: str = "127.0.0.1") -> tuple[int, dict]:
+def https_get(
+    port: int, path: str, ctx: ssl.SSLContext, token: str | None = TOKEN, host: str = "127.0.0.1"
+) -> tuple[int, dict]:
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
     try:
         conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -65,8 +69,10 @@ def test_contexts_are_none_without_tls() -> None:
 
 def test_server_context_names_the_bad_file(ca: trustme.CA, tmp_path: Path) -> None:
     pki = write_pki(ca, tmp_path)
-    assert isinstance(server_ssl_context(Settings(tls_cert=pki["tls_cert"], tls_key=pki["tls_key"])),
-                      ssl.SSLContext)
+    assert isinstance(
+        server_ssl_context(Settings(tls_cert=pki["tls_cert"], tls_key=pki["tls_key"])),
+        ssl.SSLContext,
+    )
 
     missing = str(tmp_path / "nope.crt")
     with pytest.raises(CredentialsError, match=rf"{missing} \(tls_cert\) does not exist"):
@@ -86,10 +92,16 @@ def test_server_context_names_the_bad_file(ca: trustme.CA, tmp_path: Path) -> No
     # A passphrase-protected key must fail fast, not prompt on the terminal.
     key = serialization.load_pem_private_key(Path(pki["tls_key"]).read_bytes(), None)
     locked = tmp_path / "locked.key"
-    locked.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"secret")))
-    with pytest.raises(CredentialsError, match=r"locked.key \(tls_key\) is protected by a passphrase"):
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(
+        CredentialsError, match=r"locked.key \(tls_key\) is protected by a passphrase"
+    ):
         server_ssl_context(Settings(tls_cert=pki["tls_cert"], tls_key=str(locked)))
 
 
@@ -144,8 +156,9 @@ def test_wrong_host_name_is_refused_by_the_client(tmp_path: Path) -> None:
     cert.cert_chain_pems[0].write_to_path(str(pki / "c.crt"))
     cert.private_key_pem.write_to_path(str(pki / "c.key"))
     other_ca.cert_pem.write_to_path(str(pki / "ca.pem"))
-    settings = Settings(tls_cert=str(pki / "c.crt"), tls_key=str(pki / "c.key"),
-                        tls_ca=str(pki / "ca.pem"))
+    settings = Settings(
+        tls_cert=str(pki / "c.crt"), tls_key=str(pki / "c.key"), tls_ca=str(pki / "ca.pem")
+    )
     with app_server(tmp_path, settings) as srv:
         ctx = client_ssl_context(settings)
         assert ctx is not None
@@ -155,8 +168,12 @@ def test_wrong_host_name_is_refused_by_the_client(tmp_path: Path) -> None:
 
 def test_refused_address_gets_no_tls_handshake(ca: trustme.CA, tmp_path: Path) -> None:
     pki = write_pki(ca, tmp_path / "pki")
-    settings = Settings(tls_cert=pki["tls_cert"], tls_key=pki["tls_key"], tls_ca=pki["tls_ca"],
-                        allow=("127.0.0.1/32",))
+    settings = Settings(
+        tls_cert=pki["tls_cert"],
+        tls_key=pki["tls_key"],
+        tls_ca=pki["tls_ca"],
+        allow=("127.0.0.1/32",),
+    )
     with app_server(tmp_path, settings) as srv:
         ctx = client_ssl_context(settings)
         assert ctx is not None
@@ -191,33 +208,65 @@ bright sphere lamp 0 0 4 0 0 3 0.5
 void plastic grey 0 0 5 .5 .5 .5 0 0
 grey polygon floor 0 0 12 -5 -5 -1 5 -5 -1 5 5 -1 -5 5 -1
 """
-VIEW = ["-vp", "0", "-6", "1", "-vd", "0", "1", "-0.2", "-vh", "50", "-vv", "40", "-x", "32",
-        "-y", "32", "-ab", "0"]
+VIEW = [
+    "-vp",
+    "0",
+    "-6",
+    "1",
+    "-vd",
+    "0",
+    "1",
+    "-0.2",
+    "-vh",
+    "50",
+    "-vv",
+    "40",
+    "-x",
+    "32",
+    "-y",
+    "32",
+    "-ab",
+    "0",
+]
 
 
-def https(port: int, ctx: ssl.SSLContext, method: str, path: str, body: object = None,
-          token: str | None = None) -> tuple[int, dict | str]:
+def https(
+    port: int,
+    ctx: ssl.SSLContext,
+    method: str,
+    path: str,
+    body: object = None,
+    token: str | None = None,
+) -> tuple[int, dict | str]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     data = None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    return exchange(http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60),
-                    method, path, data, headers)
+    return exchange(
+        http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60),
+        method,
+        path,
+        data,
+        headers,
+    )
 
 
-def test_job_flow_over_tls(ca: trustme.CA, rayhome: Any, server_factory: Any,
-                           tmp_path: Path) -> None:
+def test_job_flow_over_tls(
+    ca: trustme.CA, rayhome: Any, server_factory: Any, tmp_path: Path
+) -> None:
     pki = write_pki(ca, tmp_path / "pki")
     rayhome.write_settings(
         f'bind = "127.0.0.1"\nport = {rayhome.port}\n'
-        f'tls_cert = "{pki["tls_cert"]}"\ntls_key = "{pki["tls_key"]}"\ntls_ca = "{pki["tls_ca"]}"\n')
+        f'tls_cert = "{pki["tls_cert"]}"\ntls_key = "{pki["tls_key"]}"\ntls_ca = "{pki["tls_ca"]}"\n'
+    )
     project = rayhome.projects / "tlsdemo"
     project.mkdir()
     (project / "s.rad").write_text(SCENE)
     srv = server_factory("-f")
-    ctx = client_ssl_context(Settings(tls_cert=pki["tls_cert"], tls_key=pki["tls_key"],
-                                      tls_ca=pki["tls_ca"]))
+    ctx = client_ssl_context(
+        Settings(tls_cert=pki["tls_cert"], tls_key=pki["tls_key"], tls_ca=pki["tls_ca"])
+    )
     assert ctx is not None
     deadline = time.monotonic() + 20
     while True:
@@ -232,13 +281,22 @@ def test_job_flow_over_tls(ca: trustme.CA, rayhome: Any, server_factory: Any,
     token = rayhome.token()
     assert token
 
-    status, job = https(rayhome.port, ctx, "POST", "/v1/jobs", {
-        "location": "projects", "project": "tlsdemo", "name": "over tls",
-        "steps": [
-            {"program": "oconv", "args": ["s.rad"], "stdin": None, "stdout": "s.oct"},
-            {"program": "rpict", "args": [*VIEW, "s.oct"], "stdin": None, "stdout": "s.hdr"},
-        ],
-    }, token=token)
+    status, job = https(
+        rayhome.port,
+        ctx,
+        "POST",
+        "/v1/jobs",
+        {
+            "location": "projects",
+            "project": "tlsdemo",
+            "name": "over tls",
+            "steps": [
+                {"program": "oconv", "args": ["s.rad"], "stdin": None, "stdout": "s.oct"},
+                {"program": "rpict", "args": [*VIEW, "s.oct"], "stdin": None, "stdout": "s.hdr"},
+            ],
+        },
+        token=token,
+    )
     assert status == 201, job
     assert isinstance(job, dict)
     status, done = https(rayhome.port, ctx, "GET", f"/v1/jobs/{job['id']}?wait=60", token=token)

@@ -45,45 +45,72 @@ class _Parser(argparse.ArgumentParser):
 def _common(json_default: Any = argparse.SUPPRESS) -> argparse.ArgumentParser:
     # SUPPRESS on the sub-parsers keeps `rayfront --json status` and `rayfront status --json` both working.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=json_default,
-                        help="machine-readable output")
-    common.add_argument("--host", default=argparse.SUPPRESS if json_default is argparse.SUPPRESS
-                        else None, metavar="HOST",
-                        help="server: a host of the hosts file or ADDRESS[:PORT] "
-                             "(default: the first server in the hosts file)")
+    common.add_argument(
+        "--json", action="store_true", default=json_default, help="machine-readable output"
+    )
+    common.add_argument(
+        "--host",
+        default=argparse.SUPPRESS if json_default is argparse.SUPPRESS else None,
+        metavar="HOST",
+        help="server: a host of the hosts file or ADDRESS[:PORT] "
+        "(default: the first server in the hosts file)",
+    )
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="rayfront", parents=[_common(False)],
-        description="Run Radiance simulations on a rayserver from a project directory.")
+        prog="rayfront",
+        parents=[_common(False)],
+        description="Run Radiance simulations on a rayserver from a project directory.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common()
 
-    sub.add_parser("hosts", parents=[common], help="servers of the hosts file and whether they answer")
+    sub.add_parser(
+        "hosts", parents=[common], help="servers of the hosts file and whether they answer"
+    )
 
-    for name, what in (("submit", "queue a job and print its id"),
-                       ("run", "submit, follow with a progress bar, exit with the job's status")):
-        p = sub.add_parser(name, parents=[common], help=what,
-                           usage=f"rayfront {name} [options] -- PROGRAM [ARGS ...]")
+    for name, what in (
+        ("submit", "queue a job and print its id"),
+        ("run", "submit, follow with a progress bar, exit with the job's status"),
+    ):
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=what,
+            usage=f"rayfront {name} [options] -- PROGRAM [ARGS ...]",
+        )
         p.add_argument("--name", help="a name for the job (default: the command)")
-        p.add_argument("--priority", type=_priority, default=0,
-                       help="-100..100, higher runs first (default 0)")
+        p.add_argument(
+            "--priority", type=_priority, default=0, help="-100..100, higher runs first (default 0)"
+        )
         p.add_argument("--stdin", metavar="FILE", help="project file the program reads as input")
         p.add_argument("--stdout", metavar="FILE", help="project file the program's output goes to")
         if name == "run":
             p.add_argument("--quiet", "-q", action="store_true", help="no log lines, only the bar")
-            p.add_argument("--hosts", metavar="A,B|all",
-                           help="split one rpict, rtrace or rcontrib across these servers of the "
-                                "hosts file ('all': every server with cpus > 0 that answers) "
-                                "and merge the result")
-            p.add_argument("--parts", type=_positive_int, metavar="N",
-                           help="with --hosts: number of parts (default: one per cpu for rays, "
-                                "two per cpu for a picture)")
-            p.add_argument("--lost-after", type=_seconds_arg, default=15.0, metavar="SECS",
-                           help="with --hosts: give a server up after it has not answered for "
-                                "this long, and re-run its parts elsewhere (default 15)")
+            p.add_argument(
+                "--hosts",
+                metavar="A,B|all",
+                help="split one rpict, rtrace or rcontrib across these servers of the "
+                "hosts file ('all': every server with cpus > 0 that answers) "
+                "and merge the result",
+            )
+            p.add_argument(
+                "--parts",
+                type=_positive_int,
+                metavar="N",
+                help="with --hosts: number of parts (default: one per cpu for rays, "
+                "two per cpu for a picture)",
+            )
+            p.add_argument(
+                "--lost-after",
+                type=_seconds_arg,
+                default=15.0,
+                metavar="SECS",
+                help="with --hosts: give a server up after it has not answered for "
+                "this long, and re-run its parts elsewhere (default 15)",
+            )
 
     p = sub.add_parser("status", parents=[common], help="table of jobs, or one job")
     p.add_argument("id", nargs="?", type=_job_id, help="job id")
@@ -101,9 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["new"], help="new: write a fresh random token file")
 
     p = sub.add_parser("demo", parents=[common], help="render the example project end to end")
-    p.add_argument("--home", type=Path, help="installation directory to create (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=Path("demo-out"),
-                   help="folder for the picture and PNG (default ./demo-out)")
+    p.add_argument(
+        "--home", type=Path, help="installation directory to create (default: a temp dir)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-out"),
+        help="folder for the picture and PNG (default ./demo-out)",
+    )
     return parser
 
 
@@ -111,7 +144,9 @@ def _priority(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number -100..100, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number -100..100, got {text!r}"
+        ) from None
     if not -100 <= value <= 100:
         raise argparse.ArgumentTypeError(f"expected -100..100, got {value}")
     return value
@@ -148,8 +183,11 @@ def _project_file(project: Project, text: str, what: str) -> str:
     parent = absolute.parent.resolve()
     base = project.local_dir.resolve()
     if parent != base and base not in parent.parents:
-        raise ClientError(f"{what} {text!r} is outside the project directory {project.local_dir}; "
-                          "expected a file inside it", exit_code=EXIT_USAGE)
+        raise ClientError(
+            f"{what} {text!r} is outside the project directory {project.local_dir}; "
+            "expected a file inside it",
+            exit_code=EXIT_USAGE,
+        )
     return (parent / absolute.name).relative_to(base).as_posix()
 
 
@@ -180,38 +218,58 @@ def _rad_request(args: list[str]) -> dict[str, Any] | None:
             overrides = True
         i += 1
     if rif is None:
-        raise ClientError("rad needs a rif file, e.g. rayfront run -- rad scene.rif",
-                          exit_code=EXIT_USAGE)
+        raise ClientError(
+            "rad needs a rif file, e.g. rayfront run -- rad scene.rif", exit_code=EXIT_USAGE
+        )
     return None if overrides else {"rif": rif, "options": options}
 
 
-def build_job(project: Project, command: list[str], name: str | None = None,
-              priority: int = 0, stdin: str | None = None,
-              stdout: str | None = None) -> dict[str, Any]:
+def build_job(
+    project: Project,
+    command: list[str],
+    name: str | None = None,
+    priority: int = 0,
+    stdin: str | None = None,
+    stdout: str | None = None,
+) -> dict[str, Any]:
     """The POST /v1/jobs body for ``command`` run in ``project``."""
     if not command:
-        raise ClientError("no command: give the Radiance program and its arguments after '--', "
-                          "e.g. rayfront submit -- rad scene.rif", exit_code=EXIT_USAGE)
+        raise ClientError(
+            "no command: give the Radiance program and its arguments after '--', "
+            "e.g. rayfront submit -- rad scene.rif",
+            exit_code=EXIT_USAGE,
+        )
     program = command[0]
     if "/" in program or not program:
-        raise ClientError(f"program {program!r}: give a Radiance program's name (e.g. rpict), "
-                          "not a path; the server runs its own Radiance", exit_code=EXIT_USAGE)
-    job: dict[str, Any] = {"location": project.location, "project": project.path,
-                           "priority": priority,
-                           "name": name or " ".join(command)[:200]}
+        raise ClientError(
+            f"program {program!r}: give a Radiance program's name (e.g. rpict), "
+            "not a path; the server runs its own Radiance",
+            exit_code=EXIT_USAGE,
+        )
+    job: dict[str, Any] = {
+        "location": project.location,
+        "project": project.path,
+        "priority": priority,
+        "name": name or " ".join(command)[:200],
+    }
     if program == "rad":
         if stdin or stdout:
-            raise ClientError("--stdin/--stdout do not apply to rad (it names its own files)",
-                              exit_code=EXIT_USAGE)
+            raise ClientError(
+                "--stdin/--stdout do not apply to rad (it names its own files)",
+                exit_code=EXIT_USAGE,
+            )
         rad = _rad_request(command[1:])
         if rad is not None:
             job["rad"] = rad
             return job
-    job["steps"] = [{
-        "program": program, "args": command[1:],
-        "stdin": _project_file(project, stdin, "--stdin") if stdin else None,
-        "stdout": _project_file(project, stdout, "--stdout") if stdout else None,
-    }]
+    job["steps"] = [
+        {
+            "program": program,
+            "args": command[1:],
+            "stdin": _project_file(project, stdin, "--stdin") if stdin else None,
+            "stdout": _project_file(project, stdout, "--stdout") if stdout else None,
+        }
+    ]
     return job
 
 
@@ -234,24 +292,50 @@ def _job_table(jobs: list[dict[str, Any]]) -> str:
         wall = j.get("wall_time")
         if not isinstance(wall, int | float) and isinstance(j.get("started_at"), int | float):
             wall = (j.get("ended_at") or time.time()) - j["started_at"]
-        rows.append((
-            str(j.get("id")), str(j.get("state")) + ("*" if j.get("cancel_requested") else ""),
-            f"{j.get('progress') or 0:.0f}%", str(j.get("priority", 0)), _when(j.get("submitted_at")),
-            f"{wall:.1f}s" if isinstance(wall, int | float) else "-",
-            "-" if j.get("exit_status") is None else str(j["exit_status"]),
-            str(j.get("name") or ""),
-        ))
+        rows.append(
+            (
+                str(j.get("id")),
+                str(j.get("state")) + ("*" if j.get("cancel_requested") else ""),
+                f"{j.get('progress') or 0:.0f}%",
+                str(j.get("priority", 0)),
+                _when(j.get("submitted_at")),
+                f"{wall:.1f}s" if isinstance(wall, int | float) else "-",
+                "-" if j.get("exit_status") is None else str(j["exit_status"]),
+                str(j.get("name") or ""),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
-        for r in rows)
+        for r in rows
+    )
 
 
 def _job_details(job: dict[str, Any]) -> str:
-    keys = ("id", "name", "state", "progress", "priority", "location", "project", "client",
-            "submitted_at", "started_at", "ended_at", "current_step", "step_count",
-            "exit_status", "signal", "reason", "wall_time", "cpu_time", "max_rss_kb",
-            "cancel_requested", "pid", "outputs")
+    keys = (
+        "id",
+        "name",
+        "state",
+        "progress",
+        "priority",
+        "location",
+        "project",
+        "client",
+        "submitted_at",
+        "started_at",
+        "ended_at",
+        "current_step",
+        "step_count",
+        "exit_status",
+        "signal",
+        "reason",
+        "wall_time",
+        "cpu_time",
+        "max_rss_kb",
+        "cancel_requested",
+        "pid",
+        "outputs",
+    )
     lines = []
     for key in keys:
         value = job.get(key)
@@ -278,17 +362,24 @@ def cmd_hosts(ctx: Context, opts: argparse.Namespace) -> int:
 
     records = ctx.servers()
     if not records:
-        raise ClientError(f"no servers (cpus > 0) in {ctx.layout.hosts_file}"
-                          if ctx.hosts is not None else
-                          f"no hosts file at {ctx.layout.hosts_file}: rayfront works locally only",
-                          exit_code=EXIT_LOCAL_ONLY)
+        raise ClientError(
+            f"no servers (cpus > 0) in {ctx.layout.hosts_file}"
+            if ctx.hosts is not None
+            else f"no hosts file at {ctx.layout.hosts_file}: rayfront works locally only",
+            exit_code=EXIT_LOCAL_ONLY,
+        )
     token = None  # GET /v1/info needs no token
 
     def probe(rec: Any) -> dict[str, Any]:
         target = ctx.target(rec.name)
-        row: dict[str, Any] = {"host": rec.name, "cpus": rec.cpus, "address": target.address,
-                               "port": target.port, "tls": target.ssl_context is not None,
-                               "locations": sorted(rec.locations)}
+        row: dict[str, Any] = {
+            "host": rec.name,
+            "cpus": rec.cpus,
+            "address": target.address,
+            "port": target.port,
+            "tls": target.ssl_context is not None,
+            "locations": sorted(rec.locations),
+        }
         try:
             info = Client(target, token, timeout=2.0).info(timeout=2.0)
             row.update(answering=True, info=info)
@@ -305,8 +396,10 @@ def cmd_hosts(ctx: Context, opts: argparse.Namespace) -> int:
         head = f"{row['host']:<20} cpus {row['cpus']:<4} {row['address']}:{row['port']}"
         if row["answering"]:
             info = row["info"]
-            print(f"{head}  answering: rayserver {info.get('version', '?')}, "
-                  f"{info.get('running', '?')} running, {info.get('queued', '?')} queued")
+            print(
+                f"{head}  answering: rayserver {info.get('version', '?')}, "
+                f"{info.get('running', '?')} running, {info.get('queued', '?')} queued"
+            )
         else:
             print(f"{head}  not answering ({row['error'].rsplit('(', 1)[-1].rstrip(')')})")
     return 0
@@ -320,26 +413,37 @@ def cmd_submit(ctx: Context, opts: argparse.Namespace, command: list[str]) -> in
     if opts.json:
         _print_json(job)
     else:
-        print(f"job {job['id']} {job.get('state', 'queued')} on {client.target.host}: "
-              f"{job_request['name']}")
+        print(
+            f"job {job['id']} {job.get('state', 'queued')} on {client.target.host}: "
+            f"{job_request['name']}"
+        )
     return 0
 
 
-def run_and_follow(client: Any, job_request: dict[str, Any], project_dir: Path | None,
-                   *, json_mode: bool, quiet: bool = False) -> tuple[int, dict[str, Any]]:
+def run_and_follow(
+    client: Any,
+    job_request: dict[str, Any],
+    project_dir: Path | None,
+    *,
+    json_mode: bool,
+    quiet: bool = False,
+) -> tuple[int, dict[str, Any]]:
     """Submit, follow to the end and summarise; (exit code, final job). Shared with demo."""
     from rayserver.client.follow import follow, job_exit_code, summary_lines
 
     job = client.submit(job_request)
     if not json_mode:
-        print(f"job {job['id']} submitted to {client.target.host}: {job_request.get('name', '')}",
-              file=sys.stderr)
+        print(
+            f"job {job['id']} submitted to {client.target.host}: {job_request.get('name', '')}",
+            file=sys.stderr,
+        )
     try:
-        final = follow(client, job, show_log=not (json_mode or quiet),
-                       show_bar=not json_mode)
+        final = follow(client, job, show_log=not (json_mode or quiet), show_bar=not json_mode)
     except KeyboardInterrupt as exc:
-        message = (f"stopped following; job {job['id']} goes on on {client.target.host} "
-                   f"(rayfront cancel {job['id']} ends it)")
+        message = (
+            f"stopped following; job {job['id']} goes on on {client.target.host} "
+            f"(rayfront cancel {job['id']} ends it)"
+        )
         if json_mode:
             _print_json({"error": message, "status": None, "id": job["id"]})
             exc.json_reported = True  # type: ignore[attr-defined]  # main() adds no second one
@@ -358,12 +462,14 @@ def cmd_run(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
         return cmd_split(ctx, opts, command)
     for option in ("parts",):
         if getattr(opts, option) is not None:
-            raise ClientError(f"--{option} belongs to a split run: give --hosts too",
-                              exit_code=EXIT_USAGE)
+            raise ClientError(
+                f"--{option} belongs to a split run: give --hosts too", exit_code=EXIT_USAGE
+            )
     project = ctx.project()
     job_request = build_job(project, command, opts.name, opts.priority, opts.stdin, opts.stdout)
-    code, _ = run_and_follow(ctx.client(opts.host), job_request, project.local_dir,
-                             json_mode=opts.json, quiet=opts.quiet)
+    code, _ = run_and_follow(
+        ctx.client(opts.host), job_request, project.local_dir, json_mode=opts.json, quiet=opts.quiet
+    )
     return code
 
 
@@ -372,24 +478,39 @@ def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int
     from rayserver.client.splitrun import SplitRun, summary_lines
 
     if opts.host is not None:
-        raise ClientError("give --host (one server) or --hosts (a split run), not both",
-                          exit_code=EXIT_USAGE)
+        raise ClientError(
+            "give --host (one server) or --hosts (a split run), not both", exit_code=EXIT_USAGE
+        )
     if not command:
-        raise ClientError("no command: give rpict, rtrace or rcontrib and its arguments after "
-                          "'--'", exit_code=EXIT_USAGE)
+        raise ClientError(
+            "no command: give rpict, rtrace or rcontrib and its arguments after '--'",
+            exit_code=EXIT_USAGE,
+        )
     names = [n.strip() for n in opts.hosts.split(",") if n.strip()]
     if not names:
-        raise ClientError("--hosts: expected host names separated by commas, or 'all'",
-                          exit_code=EXIT_USAGE)
+        raise ClientError(
+            "--hosts: expected host names separated by commas, or 'all'", exit_code=EXIT_USAGE
+        )
     explicit = names != ["all"]
     project = ctx.project()
     records = ctx.server_records(names if explicit else None)
     stdin = _project_file(project, opts.stdin, "--stdin") if opts.stdin else None
     stdout = _project_file(project, opts.stdout, "--stdout") if opts.stdout else None
-    run = SplitRun(ctx, project, command, hosts=records, explicit_hosts=explicit,
-                   stdin=stdin, stdout=stdout, parts=opts.parts, name=opts.name,
-                   priority=opts.priority, json_mode=opts.json, quiet=opts.quiet,
-                   lost_after=opts.lost_after)
+    run = SplitRun(
+        ctx,
+        project,
+        command,
+        hosts=records,
+        explicit_hosts=explicit,
+        stdin=stdin,
+        stdout=stdout,
+        parts=opts.parts,
+        name=opts.name,
+        priority=opts.priority,
+        json_mode=opts.json,
+        quiet=opts.quiet,
+        lost_after=opts.lost_after,
+    )
     result = run.run()
     if opts.json:
         _print_json(result.summary)
@@ -432,8 +553,9 @@ def cmd_log(ctx: Context, opts: argparse.Namespace) -> int:
         else:
             text = client.log(opts.id)
             job = client.job(opts.id)
-        _print_json({"id": opts.id, "state": job.get("state"),
-                     "log": text.decode("utf-8", "replace")})
+        _print_json(
+            {"id": opts.id, "state": job.get("state"), "log": text.decode("utf-8", "replace")}
+        )
         return 0
     out = sys.stdout.buffer
     chunks = client.follow_log(opts.id) if opts.follow else [client.log(opts.id)]
@@ -450,8 +572,10 @@ def cmd_cancel(ctx: Context, opts: argparse.Namespace) -> int:
     elif job.get("state") == "cancelled":
         print(f"job {opts.id} cancelled")
     else:
-        print(f"job {opts.id}: cancel requested (state {job.get('state')}; "
-              "it becomes 'cancelled' when its processes have ended)")
+        print(
+            f"job {opts.id}: cancel requested (state {job.get('state')}; "
+            "it becomes 'cancelled' when its processes have ended)"
+        )
     return 0
 
 
@@ -460,15 +584,20 @@ def cmd_token(ctx: Context, opts: argparse.Namespace) -> int:
 
     path = ctx.settings.token_path(ctx.layout.default_token_file)
     if path is None:
-        raise ClientError(f"tokens are switched off (token_file = \"\" in "
-                          f"{ctx.layout.settings_file}); nothing to write", exit_code=EXIT_USAGE)
+        raise ClientError(
+            f'tokens are switched off (token_file = "" in '
+            f"{ctx.layout.settings_file}); nothing to write",
+            exit_code=EXIT_USAGE,
+        )
     try:
         new_token(path)
     except CredentialsError as exc:
         raise ClientError(str(exc)) from exc
-    hint = ("a running rayserver uses the new token from its next request on (no reload "
-            "needed); clients sharing this installation read it at their next command, "
-            "others need the new token copied to them (or in RAYFRONT_TOKEN)")
+    hint = (
+        "a running rayserver uses the new token from its next request on (no reload "
+        "needed); clients sharing this installation read it at their next command, "
+        "others need the new token copied to them (or in RAYFRONT_TOKEN)"
+    )
     if opts.json:
         _print_json({"token_file": str(path), "mode": "0640", "hint": hint})
     else:
@@ -480,7 +609,7 @@ def cmd_token(ctx: Context, opts: argparse.Namespace) -> int:
 def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, None
 
 
@@ -497,18 +626,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.command in ("submit", "run"):
             if command is None:
-                raise ClientError(f"expected the Radiance command after '--', e.g. "
-                                  f"rayfront {opts.command} -- rad scene.rif", exit_code=EXIT_USAGE)
+                raise ClientError(
+                    f"expected the Radiance command after '--', e.g. "
+                    f"rayfront {opts.command} -- rad scene.rif",
+                    exit_code=EXIT_USAGE,
+                )
             return (cmd_submit if opts.command == "submit" else cmd_run)(ctx, opts, command)
         if command is not None:
-            raise ClientError(f"'rayfront {opts.command}' takes no command after '--'",
-                              exit_code=EXIT_USAGE)
+            raise ClientError(
+                f"'rayfront {opts.command}' takes no command after '--'", exit_code=EXIT_USAGE
+            )
         if opts.command == "demo":
             from rayserver.client.demo import run_demo
 
             return run_demo(opts.home, opts.out, json_mode=opts.json)
-        handler = {"hosts": cmd_hosts, "status": cmd_status, "log": cmd_log,
-                   "cancel": cmd_cancel, "token": cmd_token}[opts.command]
+        handler = {
+            "hosts": cmd_hosts,
+            "status": cmd_status,
+            "log": cmd_log,
+            "cancel": cmd_cancel,
+            "token": cmd_token,
+        }[opts.command]
         return handler(ctx, opts)
     except ClientError as exc:
         if opts.json:

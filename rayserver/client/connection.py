@@ -28,8 +28,9 @@ EXIT_LOCAL_ONLY = 3
 class ClientError(Exception):
     """Something rayfront cannot do; ``str()`` is the message for the user."""
 
-    def __init__(self, message: str, *, status: int | None = None,
-                 exit_code: int = EXIT_ERROR) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, exit_code: int = EXIT_ERROR
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.exit_code = exit_code
@@ -63,8 +64,9 @@ class _TLSConnection(http.client.HTTPSConnection):
     host, so the name used for SNI and the check must differ from the address.
     """
 
-    def __init__(self, address: str, port: int, server_name: str,
-                 context: ssl.SSLContext, timeout: float) -> None:
+    def __init__(
+        self, address: str, port: int, server_name: str, context: ssl.SSLContext, timeout: float
+    ) -> None:
         super().__init__(address, port, timeout=timeout, context=context)
         self._server_name = server_name
 
@@ -86,8 +88,7 @@ class Client:
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
         t = self.target
         if t.ssl_context is not None:
-            return _TLSConnection(t.address, t.port, t.host, t.ssl_context,
-                                  timeout or self.timeout)
+            return _TLSConnection(t.address, t.port, t.host, t.ssl_context, timeout or self.timeout)
         return http.client.HTTPConnection(t.address, t.port, timeout=timeout or self.timeout)
 
     def _headers(self, body: bytes | None) -> dict[str, str]:
@@ -106,9 +107,9 @@ class Client:
             reason = "timed out"
         return ClientError(f"rayserver on {self.target.label} is not answering ({reason})")
 
-    def _open(self, method: str, path: str, body: Any = None,
-              timeout: float | None = None) -> tuple[http.client.HTTPConnection,
-                                                     http.client.HTTPResponse]:
+    def _open(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         data = None if body is None else json.dumps(body).encode()
         conn = self._connection(timeout)
         try:
@@ -131,8 +132,9 @@ class Client:
                 conn.close()
         return conn, resp
 
-    def request(self, method: str, path: str, body: Any = None,
-                timeout: float | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Any:
         """The decoded JSON answer; raises ClientError on any failure."""
         conn, resp = self._open(method, path, body, timeout)
         try:
@@ -186,8 +188,9 @@ class Client:
         timeout = (wait + 30) if wait else None
         return self.request("GET", f"/v1/jobs/{job_id}{query}", timeout=timeout)
 
-    def jobs(self, states: list[str] | None = None, limit: int = 50,
-             before: int | None = None) -> dict[str, Any]:
+    def jobs(
+        self, states: list[str] | None = None, limit: int = 50, before: int | None = None
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
         if states:
             params["state"] = ",".join(states)
@@ -229,5 +232,6 @@ def _http_error(resp: http.client.HTTPResponse, label: str) -> ClientError:
         message = raw.decode("utf-8", "replace").strip()[:300]
     if not message:
         message = resp.reason or "no reason given"
-    return ClientError(f"rayserver on {label} refused: {message} (HTTP {resp.status})",
-                       status=resp.status)
+    return ClientError(
+        f"rayserver on {label} refused: {message} (HTTP {resp.status})", status=resp.status
+    )

@@ -32,6 +32,7 @@ from rayserver.common.settings import Settings, SettingsError, load_settings
 if TYPE_CHECKING:
     import ssl
 
+
 @dataclass(frozen=True)
 class Project:
     """The current directory as a server sees it: location name and relative path."""
@@ -70,7 +71,9 @@ class Context:
         if hosts is None:
             raise ClientError(
                 f"this project is local only: there is no hosts file at {self.layout.hosts_file} "
-                f"(RAYFRONT_HOME is {self.layout.home})", exit_code=EXIT_LOCAL_ONLY)
+                f"(RAYFRONT_HOME is {self.layout.home})",
+                exit_code=EXIT_LOCAL_ONLY,
+            )
         # By the machine's name only: the `name` setting is the server's, and a
         # workstation that also runs a server still mounts the volumes once.
         record = hosts.record_for(self.layout.host)
@@ -78,7 +81,9 @@ class Context:
             raise ClientError(
                 f"this project is local only: the hosts file {self.layout.hosts_file} has no "
                 f"record for this host {self.layout.host!r} (set RAYFRONT_HOSTNAME if this "
-                "machine is known there under another name)", exit_code=EXIT_LOCAL_ONLY)
+                "machine is known there under another name)",
+                exit_code=EXIT_LOCAL_ONLY,
+            )
         return record
 
     def project(self, directory: Path | None = None) -> Project:
@@ -91,7 +96,9 @@ class Context:
             raise ClientError(
                 f"this project is local only: {directory} is not below any location of host "
                 f"{record.name!r} in {record.source or self.layout.hosts_file} "
-                f"(its locations: {mounts})", exit_code=EXIT_LOCAL_ONLY)
+                f"(its locations: {mounts})",
+                exit_code=EXIT_LOCAL_ONLY,
+            )
         return Project(found[0], found[1], directory)
 
     # Which server, and how to reach it.
@@ -116,19 +123,27 @@ class Context:
         if host is None:
             servers = self.servers()
             if not servers:
-                why = ("there is no hosts file at " + str(self.layout.hosts_file)
-                       if self.hosts is None else
-                       f"the hosts file {self.layout.hosts_file} has no server (cpus > 0)")
-                raise ClientError(f"no rayserver to talk to: {why}; name one with --host",
-                                  exit_code=EXIT_LOCAL_ONLY)
+                why = (
+                    "there is no hosts file at " + str(self.layout.hosts_file)
+                    if self.hosts is None
+                    else f"the hosts file {self.layout.hosts_file} has no server (cpus > 0)"
+                )
+                raise ClientError(
+                    f"no rayserver to talk to: {why}; name one with --host",
+                    exit_code=EXIT_LOCAL_ONLY,
+                )
             return self.target_for(servers[0])
         try:
             address, port = split_host(host)
         except ValueError as exc:
-            raise ClientError(f"--host {host!r}: {exc}; expected a server of the hosts file, "
-                              "NAME, NAME:PORT, IP:PORT or [IPv6]:PORT", exit_code=EXIT_USAGE) from exc
-        record = (self.hosts.record_for(host, default_port=self.settings.port)
-                  if self.hosts else None)
+            raise ClientError(
+                f"--host {host!r}: {exc}; expected a server of the hosts file, "
+                "NAME, NAME:PORT, IP:PORT or [IPv6]:PORT",
+                exit_code=EXIT_USAGE,
+            ) from exc
+        record = (
+            self.hosts.record_for(host, default_port=self.settings.port) if self.hosts else None
+        )
         if record is not None:
             self._check_server(record)
             return self.target_for(record)
@@ -142,8 +157,9 @@ class Context:
         the record's address (host name or IP).
         """
         dial = "127.0.0.1" if self.is_this_host(record.address) else record.address
-        return Target(record.address, dial, record.effective_port(self.settings.port),
-                      self.ssl_context())
+        return Target(
+            record.address, dial, record.effective_port(self.settings.port), self.ssl_context()
+        )
 
     def server_records(self, names: list[str] | None = None) -> list[HostRecord]:
         """The servers named (full record name or address), in order, without repeats.
@@ -154,22 +170,30 @@ class Context:
         if names is None or names == ["all"]:
             servers = self.servers()
             if not servers:
-                why = ("there is no hosts file at " + str(self.layout.hosts_file)
-                       if self.hosts is None else
-                       f"the hosts file {self.layout.hosts_file} has no server (cpus > 0)")
+                why = (
+                    "there is no hosts file at " + str(self.layout.hosts_file)
+                    if self.hosts is None
+                    else f"the hosts file {self.layout.hosts_file} has no server (cpus > 0)"
+                )
                 raise ClientError(f"no rayserver to talk to: {why}", exit_code=EXIT_LOCAL_ONLY)
             return servers
         chosen: list[HostRecord] = []
         for name in names:
-            record = (self.hosts.record_for(name, default_port=self.settings.port)
-                      if self.hosts else None)
+            record = (
+                self.hosts.record_for(name, default_port=self.settings.port) if self.hosts else None
+            )
             if record is None:
-                where = (f"the hosts file {self.layout.hosts_file}" if self.hosts is not None
-                         else f"the hosts file (there is none at {self.layout.hosts_file})")
+                where = (
+                    f"the hosts file {self.layout.hosts_file}"
+                    if self.hosts is not None
+                    else f"the hosts file (there is none at {self.layout.hosts_file})"
+                )
                 raise ClientError(
                     f"host {name!r} is not a server of {where}; expected one of: "
-                    + (", ".join(r.name for r in self.servers()) or "none") + " (or 'all')",
-                    exit_code=EXIT_USAGE)
+                    + (", ".join(r.name for r in self.servers()) or "none")
+                    + " (or 'all')",
+                    exit_code=EXIT_USAGE,
+                )
             self._check_server(record)
             if record not in chosen:
                 chosen.append(record)
@@ -181,7 +205,8 @@ class Context:
                 f"host {record.name!r} has 0 cpus in {record.source}: it is a client "
                 "only, not a server; servers: "
                 + (", ".join(r.name for r in self.servers()) or "none"),
-                exit_code=EXIT_USAGE)
+                exit_code=EXIT_USAGE,
+            )
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """TLS when the installation's settings say the server uses it."""

@@ -50,16 +50,20 @@ def free_port() -> int:
 
 def demo_source() -> Path:
     if not (DEMO_SOURCE / RIF).is_file():
-        raise DemoError(f"the example project is missing: no {DEMO_SOURCE / RIF}; the demo runs "
-                        "from a checkout installed with `pip install -e .`")
+        raise DemoError(
+            f"the example project is missing: no {DEMO_SOURCE / RIF}; the demo runs "
+            "from a checkout installed with `pip install -e .`"
+        )
     return DEMO_SOURCE
 
 
 def make_home(home: Path, host: str) -> tuple[Layout, Path, int]:
     """Write a fresh installation at ``home``; returns (layout, project dir, port)."""
     if home.exists() and any(home.iterdir()):
-        raise DemoError(f"--home {home} is not empty; give a new or empty directory "
-                        "(the demo writes its own hosts file and settings there)")
+        raise DemoError(
+            f"--home {home} is not empty; give a new or empty directory "
+            "(the demo writes its own hosts file and settings there)"
+        )
     layout = Layout(home.absolute(), host)
     layout.config_dir.mkdir(parents=True, exist_ok=True)
     projects = layout.home / "projects"
@@ -68,9 +72,12 @@ def make_home(home: Path, host: str) -> tuple[Layout, Path, int]:
     port = free_port()
     layout.hosts_file.write_text(
         "# written by `rayfront demo`: this machine serves 2 simulations at once\n"
-        f'{host} 2 projects="{projects}"\n', encoding="utf-8")
+        f'{host} 2 projects="{projects}"\n',
+        encoding="utf-8",
+    )
     layout.settings_file.write_text(
-        f'# written by `rayfront demo`\nbind = "127.0.0.1"\nport = {port}\n', encoding="utf-8")
+        f'# written by `rayfront demo`\nbind = "127.0.0.1"\nport = {port}\n', encoding="utf-8"
+    )
     return layout, project, port
 
 
@@ -96,8 +103,12 @@ def running_server(layout: Layout, output: Path) -> Iterator[subprocess.Popen[by
     env.pop("RAYFRONT_TOKEN", None)  # the demo's server makes its own token
     with open(output, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rayserver", "-f"], stdin=subprocess.DEVNULL,
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(layout.home),
+            [sys.executable, "-m", "rayserver", "-f"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(layout.home),
             start_new_session=True,
         )
     # SIGTERM to rayfront itself (a CI timeout, `kill`) must stop the server too.
@@ -135,21 +146,30 @@ def stop_server(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> Non
         signal.signal(signal.SIGINT, old_int)
 
 
-def wait_until_answering(client: Client, proc: subprocess.Popen[bytes], layout: Layout,
-                         output: Path, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+def wait_until_answering(
+    client: Client,
+    proc: subprocess.Popen[bytes],
+    layout: Layout,
+    output: Path,
+    timeout: float = START_TIMEOUT,
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DemoError(f"rayserver exited with status {proc.returncode} while starting\n"
-                            + log_tail(layout, output))
+            raise DemoError(
+                f"rayserver exited with status {proc.returncode} while starting\n"
+                + log_tail(layout, output)
+            )
         try:
             return client.info(timeout=1.0)
         except ClientError as exc:
             last = str(exc)
         time.sleep(0.05)
-    raise DemoError(f"rayserver did not answer GET /v1/info within {timeout:.0f} s ({last})\n"
-                    + log_tail(layout, output))
+    raise DemoError(
+        f"rayserver did not answer GET /v1/info within {timeout:.0f} s ({last})\n"
+        + log_tail(layout, output)
+    )
 
 
 def tone_map(picture: Path, png: Path) -> None:
@@ -161,16 +181,30 @@ def tone_map(picture: Path, png: Path) -> None:
     settings = Settings()
     binaries = bin_dir(settings)
     env = simulation_env(settings)
-    pcond = subprocess.run([str(binaries / "pcond"), "-h", str(picture)], capture_output=True,
-                           env=env, check=False, timeout=60)
+    pcond = subprocess.run(
+        [str(binaries / "pcond"), "-h", str(picture)],
+        capture_output=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
     if pcond.returncode != 0:
-        raise DemoError(f"pcond failed on {picture} (exit {pcond.returncode}): "
-                        f"{pcond.stderr.decode(errors='replace').strip()}")
-    ppm = subprocess.run([str(binaries / "ra_ppm")], input=pcond.stdout, capture_output=True,
-                         env=env, check=False, timeout=60)
+        raise DemoError(
+            f"pcond failed on {picture} (exit {pcond.returncode}): "
+            f"{pcond.stderr.decode(errors='replace').strip()}"
+        )
+    ppm = subprocess.run(
+        [str(binaries / "ra_ppm")],
+        input=pcond.stdout,
+        capture_output=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
     if ppm.returncode != 0:
-        raise DemoError(f"ra_ppm failed (exit {ppm.returncode}): "
-                        f"{ppm.stderr.decode(errors='replace').strip()}")
+        raise DemoError(
+            f"ra_ppm failed (exit {ppm.returncode}): {ppm.stderr.decode(errors='replace').strip()}"
+        )
     png.write_bytes(ppm_to_png(ppm.stdout))
 
 
@@ -190,26 +224,35 @@ def run_demo(home: Path | None, out: Path, json_mode: bool = False) -> int:
         with running_server(layout, output) as proc:
             target = Target(host, "127.0.0.1", port, None)
             info = wait_until_answering(Client(target, None, timeout=5), proc, layout, output)
-            say(f"rayfront demo: rayserver {info.get('version', '?')} (pid {info.get('pid')}) "
-                f"answers after {time.monotonic() - started:.1f} s")
+            say(
+                f"rayfront demo: rayserver {info.get('version', '?')} (pid {info.get('pid')}) "
+                f"answers after {time.monotonic() - started:.1f} s"
+            )
             from rayserver.common.credentials import read_client_token
             from rayserver.common.settings import load_settings
 
             token = read_client_token(layout, load_settings(layout.settings_file))
             client = Client(target, token)
-            job_request = {"location": "projects", "project": "demo", "name": "rayfront demo",
-                           "priority": 0, "rad": {"rif": RIF, "options": []}}
+            job_request = {
+                "location": "projects",
+                "project": "demo",
+                "name": "rayfront demo",
+                "priority": 0,
+                "rad": {"rif": RIF, "options": []},
+            }
             try:
                 code, job = _render(client, job_request, json_mode)
             except ClientError as exc:
                 raise DemoError(f"{exc}\n{log_tail(layout, output)}") from exc
             if code != 0:
-                raise DemoError(f"the demo render failed (job {job.get('id')} {job.get('state')}, "
-                                f"exit status {job.get('exit_status')})\n"
-                                + log_tail(layout, output)
-                                + "\n--- job log ---\n"
-                                + client.log(int(job["id"])).decode(errors="replace")[-3000:],
-                                exit_code=code)
+                raise DemoError(
+                    f"the demo render failed (job {job.get('id')} {job.get('state')}, "
+                    f"exit status {job.get('exit_status')})\n"
+                    + log_tail(layout, output)
+                    + "\n--- job log ---\n"
+                    + client.log(int(job["id"])).decode(errors="replace")[-3000:],
+                    exit_code=code,
+                )
         picture = project / PICTURE
         if not picture.is_file():
             raise DemoError(f"the job finished but wrote no {picture}")
@@ -220,8 +263,11 @@ def run_demo(home: Path | None, out: Path, json_mode: bool = False) -> int:
         tone_map(hdr, png)
         total = time.monotonic() - started
         if json_mode:
-            json.dump({"picture": str(hdr), "png": str(png), "job": job,
-                       "seconds": round(total, 2)}, sys.stdout, indent=2)
+            json.dump(
+                {"picture": str(hdr), "png": str(png), "job": job, "seconds": round(total, 2)},
+                sys.stdout,
+                indent=2,
+            )
             sys.stdout.write("\n")
         else:
             print(f"picture: {hdr}")
@@ -236,8 +282,9 @@ def run_demo(home: Path | None, out: Path, json_mode: bool = False) -> int:
             print(f"rayfront demo: kept {home_dir} for a look at what went wrong", file=sys.stderr)
 
 
-def _render(client: Client, job_request: dict[str, Any],
-            json_mode: bool) -> tuple[int, dict[str, Any]]:
+def _render(
+    client: Client, job_request: dict[str, Any], json_mode: bool
+) -> tuple[int, dict[str, Any]]:
     from rayserver.client.cli import run_and_follow
 
     # The summary goes to stderr so stdout carries only the paths (or the JSON).

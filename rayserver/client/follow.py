@@ -55,7 +55,8 @@ def summary_lines(job: dict[str, Any], project_dir: Path | None) -> list[str]:
     lines = [head]
     queued = None
     if isinstance(job.get("started_at"), int | float) and isinstance(
-            job.get("submitted_at"), int | float):
+        job.get("submitted_at"), int | float
+    ):
         queued = job["started_at"] - job["submitted_at"]
     times = f"  wall {_seconds(job.get('wall_time'))}, cpu {_seconds(job.get('cpu_time'))}"
     if queued is not None:
@@ -106,8 +107,14 @@ class _Poller(threading.Thread):
         self.bar.refresh()
 
 
-def follow(client: Client, job: dict[str, Any], *, show_log: bool = True,
-           show_bar: bool = True, out: IO[str] | None = None) -> dict[str, Any]:
+def follow(
+    client: Client,
+    job: dict[str, Any],
+    *,
+    show_log: bool = True,
+    show_bar: bool = True,
+    out: IO[str] | None = None,
+) -> dict[str, Any]:
     """Follow ``job`` until it is final; returns the final job object."""
     out = out or sys.stdout
     job_id = int(job["id"])
@@ -125,11 +132,17 @@ def follow(client: Client, job: dict[str, Any], *, show_log: bool = True,
         except (OSError, ValueError, AttributeError):
             known = False  # not a terminal: tqdm's own defaults apply
             size = None
-        sized: dict[str, Any] = ({"dynamic_ncols": True} if known or size is None
-                                 else {"ncols": 80, "nrows": 24})
-        bar = tqdm(total=100, unit="%", file=sys.stderr, **sized,
-                   desc=f"job {job_id} {job.get('state', 'queued')}",
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+        sized: dict[str, Any] = (
+            {"dynamic_ncols": True} if known or size is None else {"ncols": 80, "nrows": 24}
+        )
+        bar = tqdm(
+            total=100,
+            unit="%",
+            file=sys.stderr,
+            **sized,
+            desc=f"job {job_id} {job.get('state', 'queued')}",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
+        )
     poller = _Poller(client, job, bar)
     poller.show(job)
     poller.start()

@@ -47,11 +47,11 @@ class Part:
 
     index: int
     count: int
-    label: str            # "rays 1-500 of 2000" or "rows 0-79 of 480"
-    weight: float         # fraction of the whole work, for the progress bar
+    label: str  # "rays 1-500 of 2000" or "rows 0-79 of 480"
+    weight: float  # fraction of the whole work, for the progress bar
     args: tuple[str, ...]
-    input_range: tuple[int, int] | None = None   # byte range of the --stdin file
-    rows: tuple[int, int] | None = None          # scanlines [first, last+1) from the top
+    input_range: tuple[int, int] | None = None  # byte range of the --stdin file
+    rows: tuple[int, int] | None = None  # scanlines [first, last+1) from the top
 
     @property
     def name(self) -> str:
@@ -86,12 +86,14 @@ def check_grid_args(program: str, args: Sequence[str]) -> int:
         if value is not None and value not in ("0",):
             raise usage_error(
                 f"{program} {option} {value}: a split run cannot keep an output resolution "
-                f"(each part would claim the whole picture); leave {option} out or run on one host")
+                f"(each part would claim the whole picture); leave {option} out or run on one host"
+            )
     if program == "rcontrib":
         if option_value(args, "-o") is not None:
             raise usage_error(
                 "rcontrib -o: a split run merges standard output only; leave -o out and give "
-                "--stdout FILE")
+                "--stdout FILE"
+            )
         count = option_value(args, "-c")
         if count is not None:
             if not count.isdigit() or int(count) < 1:
@@ -112,7 +114,8 @@ def grid_records(data: bytes, fmt: str, source: str) -> list[int]:
         if len(data) % size:
             raise usage_error(
                 f"--stdin {source}: {len(data)} bytes is not a whole number of "
-                f"{size}-byte rays (-f{fmt} input)")
+                f"{size}-byte rays (-f{fmt} input)"
+            )
         return list(range(0, len(data) + 1, size))
     offsets: list[int] = []
     pos = 0
@@ -122,7 +125,8 @@ def grid_records(data: bytes, fmt: str, source: str) -> list[int]:
             if len(words) != 6:
                 raise usage_error(
                     f"--stdin {source} line {number}: {len(words)} values; expected 6 numbers "
-                    "per line (origin x y z, direction x y z)")
+                    "per line (origin x y z, direction x y z)"
+                )
             try:
                 [float(w) for w in words]
             except ValueError:
@@ -137,8 +141,9 @@ def grid_records(data: bytes, fmt: str, source: str) -> list[int]:
     return offsets
 
 
-def plan_grid(program: str, args: Sequence[str], data: bytes, parts: int,
-              source: str) -> list[Part]:
+def plan_grid(
+    program: str, args: Sequence[str], data: bytes, parts: int, source: str
+) -> list[Part]:
     """Contiguous runs of rays, as even as the ``-c`` grouping allows, at most ``parts``."""
     group = check_grid_args(program, args)
     offsets = grid_records(data, grid_input_format(args), source)
@@ -150,10 +155,16 @@ def plan_grid(program: str, args: Sequence[str], data: bytes, parts: int,
     plan = []
     for k in range(count):
         first, last = units * k // count * group, units * (k + 1) // count * group
-        plan.append(Part(
-            index=k, count=count, label=f"rays {first + 1}-{last} of {rays}",
-            weight=(last - first) / rays, args=tuple(args),
-            input_range=(offsets[first], offsets[last])))
+        plan.append(
+            Part(
+                index=k,
+                count=count,
+                label=f"rays {first + 1}-{last} of {rays}",
+                weight=(last - first) / rays,
+                args=tuple(args),
+                input_range=(offsets[first], offsets[last]),
+            )
+        )
     return plan
 
 
@@ -162,7 +173,7 @@ def strip_header(data: bytes) -> bytes:
     if not data.startswith(_HEADER_START):
         return data
     end = data.find(b"\n\n")
-    return b"" if end < 0 else data[end + 2:]
+    return b"" if end < 0 else data[end + 2 :]
 
 
 def merge_grid(outputs: Sequence[Path], target: Path | None, stream: object = None) -> int:
@@ -210,14 +221,15 @@ def _umask() -> int:
 class PictureView:
     """The full picture rpict would make: view type, view options and resolution."""
 
-    vtype: str                     # one letter: v l a h c s
-    values: dict[str, str]         # "-vp" -> "1 2 3", "-vv" -> "45", ...
+    vtype: str  # one letter: v l a h c s
+    values: dict[str, str]  # "-vp" -> "1 2 3", "-vv" -> "45", ...
     width: int
     height: int
 
     def view_line(self) -> str:
-        return " ".join([f"-vt{self.vtype}", *(f"{k} {self.values[k]}" for k in _VIEW_KEYS
-                                               if k in self.values)])
+        return " ".join(
+            [f"-vt{self.vtype}", *(f"{k} {self.values[k]}" for k in _VIEW_KEYS if k in self.values)]
+        )
 
     def band_view(self, first: int, last: int) -> list[str]:
         """-vv and -vl that narrow the view to scanlines [first, last) counted from the top."""
@@ -243,19 +255,27 @@ class PictureView:
 def split_rpict_args(args: Sequence[str]) -> tuple[list[str], str, str | None]:
     """(options, octree, -o output) of an rpict command line; refuses what cannot split."""
     if not args or args[-1].startswith("-"):
-        raise usage_error("rpict needs the octree as its last argument for a split run, "
-                          "e.g. rayfront run --hosts all --stdout pic.hdr -- rpict -vf v.vf x.oct")
+        raise usage_error(
+            "rpict needs the octree as its last argument for a split run, "
+            "e.g. rayfront run --hosts all --stdout pic.hdr -- rpict -vf v.vf x.oct"
+        )
     options, octree = list(args[:-1]), args[-1]
-    refused = {"-S": "renders a sequence of pictures", "-r": "recovers an old picture",
-               "-ro": "recovers an old picture", "-z": "writes a depth buffer"}
+    refused = {
+        "-S": "renders a sequence of pictures",
+        "-r": "recovers an old picture",
+        "-ro": "recovers an old picture",
+        "-z": "writes a depth buffer",
+    }
     output = None
     kept: list[str] = []
     i = 0
     while i < len(options):
         word = options[i]
         if word in refused:
-            raise usage_error(f"rpict {word} {refused[word]}: it cannot be split across hosts; "
-                              "leave it out or run on one host")
+            raise usage_error(
+                f"rpict {word} {refused[word]}: it cannot be split across hosts; "
+                "leave it out or run on one host"
+            )
         if word == "-o":
             if i + 1 >= len(options):
                 raise usage_error("rpict -o needs a file name")
@@ -290,10 +310,12 @@ def resolve_picture(options: Sequence[str], cwd: Path, env: dict[str, str]) -> P
             res[key] = words[1]
     if not vtype or "-vv" not in values or not {"-x", "-y", "-pa"} <= res.keys():
         raise ClientError(f"cannot read the view from 'rpict -defaults' (got: {out[:300]!r})")
-    view_args = [f"-vt{vtype}"] + [w for k in _VIEW_KEYS if k in values
-                                   for w in (k, *values[k].split())]
-    size = _run_local(["vwrays", *view_args, "-x", res["-x"], "-y", res["-y"],
-                       "-pa", res["-pa"], "-d"], cwd, env).split()
+    view_args = [f"-vt{vtype}"] + [
+        w for k in _VIEW_KEYS if k in values for w in (k, *values[k].split())
+    ]
+    size = _run_local(
+        ["vwrays", *view_args, "-x", res["-x"], "-y", res["-y"], "-pa", res["-pa"], "-d"], cwd, env
+    ).split()
     try:
         width, height = int(size[size.index("-x") + 1]), int(size[size.index("-y") + 1])
     except (ValueError, IndexError):
@@ -301,23 +323,43 @@ def resolve_picture(options: Sequence[str], cwd: Path, env: dict[str, str]) -> P
     return PictureView(vtype, values, width, height)
 
 
-def plan_picture(options: Sequence[str], octree: str, view: PictureView,
-                 parts: int) -> list[Part]:
+def plan_picture(options: Sequence[str], octree: str, view: PictureView, parts: int) -> list[Part]:
     """Horizontal bands of whole scanlines, at most one per scanline."""
     count = max(1, min(parts, view.height))
     plan = []
     for k in range(count):
         first, last = view.height * k // count, view.height * (k + 1) // count
-        args = [*options, *view.band_view(first, last), "-x", str(view.width),
-                "-y", str(last - first), "-pa", "0", octree]
-        plan.append(Part(
-            index=k, count=count, label=f"rows {first}-{last - 1} of {view.height}",
-            weight=(last - first) / view.height, args=tuple(args), rows=(first, last)))
+        args = [
+            *options,
+            *view.band_view(first, last),
+            "-x",
+            str(view.width),
+            "-y",
+            str(last - first),
+            "-pa",
+            "0",
+            octree,
+        ]
+        plan.append(
+            Part(
+                index=k,
+                count=count,
+                label=f"rows {first}-{last - 1} of {view.height}",
+                weight=(last - first) / view.height,
+                args=tuple(args),
+                rows=(first, last),
+            )
+        )
     return plan
 
 
-def merge_picture(bands: Sequence[tuple[Part, Path]], view: PictureView, target: Path,
-                  cwd: Path, env: dict[str, str]) -> None:
+def merge_picture(
+    bands: Sequence[tuple[Part, Path]],
+    view: PictureView,
+    target: Path,
+    cwd: Path,
+    env: dict[str, str],
+) -> None:
     """pcompos the bands into ``target`` (atomically), with the full picture's VIEW= line."""
     placement: list[str] = []
     for part, path in bands:
@@ -330,10 +372,19 @@ def merge_picture(bands: Sequence[tuple[Part, Path]], view: PictureView, target:
         with os.fdopen(fd, "wb") as out:
             pcompos = subprocess.Popen(
                 ["pcompos", "-x", str(view.width), "-y", str(view.height), *placement],
-                cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             getinfo = subprocess.Popen(
-                ["getinfo", "-a", f"VIEW= {view.view_line()}"], cwd=cwd, env=env,
-                stdin=pcompos.stdout, stdout=out, stderr=subprocess.PIPE)
+                ["getinfo", "-a", f"VIEW= {view.view_line()}"],
+                cwd=cwd,
+                env=env,
+                stdin=pcompos.stdout,
+                stdout=out,
+                stderr=subprocess.PIPE,
+            )
             assert pcompos.stdout is not None
             pcompos.stdout.close()
             _, err2 = getinfo.communicate()
@@ -345,7 +396,8 @@ def merge_picture(bands: Sequence[tuple[Part, Path]], view: PictureView, target:
                 raise ClientError(
                     "merging the bands failed: pcompos exit "
                     f"{pcompos.returncode} ({err1.decode(errors='replace').strip()}), getinfo exit "
-                    f"{getinfo.returncode} ({err2.decode(errors='replace').strip()})")
+                    f"{getinfo.returncode} ({err2.decode(errors='replace').strip()})"
+                )
             os.fchmod(out.fileno(), 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
@@ -355,12 +407,15 @@ def merge_picture(bands: Sequence[tuple[Part, Path]], view: PictureView, target:
 
 def _run_local(command: list[str], cwd: Path, env: dict[str, str]) -> str:
     try:
-        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=60, check=False)
+        done = subprocess.run(
+            command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ClientError(f"cannot run {command[0]} here to plan the split: {exc}") from exc
     if done.returncode != 0:
         message = (done.stderr or done.stdout).strip().splitlines()
-        raise usage_error(f"{' '.join(command[:1])} refused the options: "
-                          f"{message[-1] if message else f'exit status {done.returncode}'}")
+        raise usage_error(
+            f"{' '.join(command[:1])} refused the options: "
+            f"{message[-1] if message else f'exit status {done.returncode}'}"
+        )
     return done.stdout

@@ -52,9 +52,9 @@ class Host:
     record: HostRecord
     client: Client
     slots: int
-    depth: int = 0                    # parts handed over beyond slots, queued on the server
+    depth: int = 0  # parts handed over beyond slots, queued on the server
     running: int = 0
-    lost: str = ""                    # why it was given up, "" while in use
+    lost: str = ""  # why it was given up, "" while in use
     unreachable_since: float | None = None
     busy_until: float = 0.0
 
@@ -64,8 +64,11 @@ class Host:
 
     @property
     def free(self) -> bool:
-        return (not self.lost and self.running < self.slots + self.depth
-                and time.monotonic() >= self.busy_until)
+        return (
+            not self.lost
+            and self.running < self.slots + self.depth
+            and time.monotonic() >= self.busy_until
+        )
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Attempt:
     part: Part
     host: Host
     number: int
-    output: str                       # project-relative
+    output: str  # project-relative
     job_id: int | None = None
     state: str = "submitting"
     progress: float = 0.0
@@ -90,11 +93,23 @@ class SplitResult:
 class SplitRun:
     """One ``rayfront run --hosts`` invocation."""
 
-    def __init__(self, ctx: Context, project: Project, command: list[str], *,
-                 hosts: list[HostRecord], explicit_hosts: bool, stdin: str | None,
-                 stdout: str | None, parts: int | None = None, name: str | None = None,
-                 priority: int = 0, json_mode: bool = False, quiet: bool = False,
-                 lost_after: float = DEFAULT_LOST_AFTER) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        project: Project,
+        command: list[str],
+        *,
+        hosts: list[HostRecord],
+        explicit_hosts: bool,
+        stdin: str | None,
+        stdout: str | None,
+        parts: int | None = None,
+        name: str | None = None,
+        priority: int = 0,
+        json_mode: bool = False,
+        quiet: bool = False,
+        lost_after: float = DEFAULT_LOST_AFTER,
+    ) -> None:
         self.ctx = ctx
         self.project = project
         self.program, self.args = command[0], list(command[1:])
@@ -134,31 +149,37 @@ class SplitRun:
         if program not in splitplan.SPLIT_PROGRAMS:
             raise splitplan.usage_error(
                 f"--hosts splits {', '.join(splitplan.SPLIT_PROGRAMS)}; {program} runs on one "
-                "host: leave --hosts out (or use --host NAME)")
+                "host: leave --hosts out (or use --host NAME)"
+            )
         slots = sum(h.slots for h in self.hosts)
         if program in splitplan.GRID_PROGRAMS:
             if not self.stdin:
                 raise splitplan.usage_error(
                     f"a split {program} needs its rays in a file: give --stdin FILE "
-                    "(the points of the sensor grid)")
+                    "(the points of the sensor grid)"
+                )
             if self.json_mode and not self.stdout:
                 raise splitplan.usage_error(
                     "--json prints the summary on standard output: give --stdout FILE for the "
-                    "merged results")
+                    "merged results"
+                )
             self.output = self.stdout
             data = self._read_input()
-            return splitplan.plan_grid(program, self.args, data, self.requested_parts or slots,
-                                       self.stdin)
+            return splitplan.plan_grid(
+                program, self.args, data, self.requested_parts or slots, self.stdin
+            )
         if self.stdin:
             raise splitplan.usage_error("rpict takes no --stdin in a split run")
         options, octree, output = splitplan.split_rpict_args(self.args)
         if output and self.stdout:
-            raise splitplan.usage_error(f"give the picture file once: --stdout {self.stdout} "
-                                        f"or rpict -o {output}, not both")
+            raise splitplan.usage_error(
+                f"give the picture file once: --stdout {self.stdout} or rpict -o {output}, not both"
+            )
         self.output = self.stdout or output
         if not self.output:
             raise splitplan.usage_error(
-                "a split picture needs an output file: give --stdout FILE (or rpict -o FILE)")
+                "a split picture needs an output file: give --stdout FILE (or rpict -o FILE)"
+            )
         if output:
             from rayserver.client.cli import _project_file
 
@@ -167,8 +188,7 @@ class SplitRun:
         # Four bands per cpu: a band of sky renders much faster than one of
         # lamps or furniture (measured: one band of six took half the time), and
         # handing out bands as cpus come free evens that out.
-        return splitplan.plan_picture(options, octree, self.view,
-                                      self.requested_parts or 4 * slots)
+        return splitplan.plan_picture(options, octree, self.view, self.requested_parts or 4 * slots)
 
     def shared_ambient(self) -> str | None:
         """An ambient file for all parts, when they compute cached indirect light without one.
@@ -197,13 +217,16 @@ class SplitRun:
             return path.read_bytes()
         except OSError as exc:
             raise splitplan.usage_error(
-                f"--stdin {self.stdin}: cannot read {path}: {exc.strerror or exc}") from exc
+                f"--stdin {self.stdin}: cannot read {path}: {exc.strerror or exc}"
+            ) from exc
 
     # ------------------------------------------------------------ hosts and share
     def connect(self) -> None:
         token = self.ctx.token()
-        candidates = [Host(rec, Client(self.ctx.target_for(rec), token, timeout=10.0), rec.cpus)
-                      for rec in self.records]
+        candidates = [
+            Host(rec, Client(self.ctx.target_for(rec), token, timeout=10.0), rec.cpus)
+            for rec in self.records
+        ]
 
         def probe(host: Host) -> str:
             try:
@@ -218,8 +241,10 @@ class SplitRun:
             if not problem:
                 self.hosts.append(host)
             elif self.explicit_hosts:
-                raise ClientError(f"host {host.name} named in --hosts is not answering: "
-                                  f"{problem}; leave it out or use --hosts all")
+                raise ClientError(
+                    f"host {host.name} named in --hosts is not answering: "
+                    f"{problem}; leave it out or use --hosts all"
+                )
             else:
                 self.say(f"rayfront: leaving out {host.name}: {problem}")
         if not self.hosts:
@@ -235,23 +260,34 @@ class SplitRun:
                 fh.write(nonce + "\n")
             path.chmod(0o664)
         except OSError as exc:
-            raise ClientError(f"cannot write {path} to check the share: {exc.strerror or exc}"
-                              ) from exc
-        base = {"location": self.project.location, "project": self.project.path,
-                "file": name, "nonce": nonce}
+            raise ClientError(
+                f"cannot write {path} to check the share: {exc.strerror or exc}"
+            ) from exc
+        base = {
+            "location": self.project.location,
+            "project": self.project.path,
+            "file": name,
+            "nonce": nonce,
+        }
         try:
+
             def read(host: Host) -> str:
                 answer = host.client.share_probe({**base, "op": "read"})
-                return "" if answer.get("seen") else (
-                    f"{host.name} sees {answer.get('path', '?')}: {answer.get('detail', '')}")
+                return (
+                    ""
+                    if answer.get("seen")
+                    else (f"{host.name} sees {answer.get('path', '?')}: {answer.get('detail', '')}")
+                )
 
             with ThreadPoolExecutor(max_workers=min(16, len(self.hosts))) as pool:
                 unseen = [p for p in pool.map(read, self.hosts) if p]
             if unseen:
                 raise ClientError(
                     f"not every server sees this project directory ({self.project.local_dir}) "
-                    "as this client does: " + "; ".join(unseen)
-                    + ". Check the location paths of those hosts in the hosts file.")
+                    "as this client does: "
+                    + "; ".join(unseen)
+                    + ". Check the location paths of those hosts in the hosts file."
+                )
             if need_locks and len(self.hosts) > 1:
                 for holder in self.hosts:
                     self._check_locks(holder, base)
@@ -261,8 +297,10 @@ class SplitRun:
     def _check_locks(self, holder: Host, base: dict[str, str]) -> None:
         held = holder.client.share_probe({**base, "op": "hold", "hold_seconds": 30})
         if not held.get("held"):
-            raise ClientError(f"{holder.name} cannot lock a file in the project directory: "
-                              f"{held.get('detail', 'no reason given')}; refusing to split")
+            raise ClientError(
+                f"{holder.name} cannot lock a file in the project directory: "
+                f"{held.get('detail', 'no reason given')}; refusing to split"
+            )
         try:
             for other in self.hosts:
                 if other is holder:
@@ -275,7 +313,8 @@ class SplitRun:
                         f"was not seen by {other.name} ({seen.get('detail') or 'no lock seen'}). "
                         "Radiance's shared ambient file and a split picture rely on such locks "
                         "(NFS needs its lock manager running); refusing to split. Run on one host "
-                        "instead (--host NAME).")
+                        "instead (--host NAME)."
+                    )
         finally:
             with contextlib.suppress(ClientError):
                 holder.client.share_probe({**base, "op": "release", "hold_id": held["hold_id"]})
@@ -294,18 +333,30 @@ class SplitRun:
         for part in parts:
             assert part.input_range is not None
             path = folder / f"in-{part.index + 1}"
-            path.write_bytes(data[part.input_range[0]:part.input_range[1]])
+            path.write_bytes(data[part.input_range[0] : part.input_range[1]])
             path.chmod(0o664)
 
     def _job_request(self, attempt: Attempt) -> dict[str, Any]:
         part = attempt.part
-        stdin = (f"{self.split_dir}/in-{part.index + 1}"
-                 if self.program in splitplan.GRID_PROGRAMS else None)
-        return {"location": self.project.location, "project": self.project.path,
-                "priority": self.priority,
-                "name": f"{self.name[:150]} [{part.name}]",
-                "steps": [{"program": self.program, "args": list(part.args),
-                           "stdin": stdin, "stdout": attempt.output}]}
+        stdin = (
+            f"{self.split_dir}/in-{part.index + 1}"
+            if self.program in splitplan.GRID_PROGRAMS
+            else None
+        )
+        return {
+            "location": self.project.location,
+            "project": self.project.path,
+            "priority": self.priority,
+            "name": f"{self.name[:150]} [{part.name}]",
+            "steps": [
+                {
+                    "program": self.program,
+                    "args": list(part.args),
+                    "stdin": stdin,
+                    "stdout": attempt.output,
+                }
+            ],
+        }
 
     def _pick_host(self, part: Part, tried: set[str]) -> Host | None:
         free = [h for h in self.hosts if h.free]
@@ -318,8 +369,9 @@ class SplitRun:
     def _submit(self, part: Part, host: Host, tried: set[str]) -> Attempt | None:
         number = 1 + sum(1 for a in self.attempts if a.part.index == part.index)
         suffix = ".hdr" if self.view is not None else ""
-        attempt = Attempt(part, host, number,
-                          f"{self.split_dir}/out-{part.index + 1}-{number}{suffix}")
+        attempt = Attempt(
+            part, host, number, f"{self.split_dir}/out-{part.index + 1}-{number}{suffix}"
+        )
         try:
             job = host.client.submit(self._job_request(attempt))
         except ClientError as exc:
@@ -344,16 +396,21 @@ class SplitRun:
         lost = [a for a in self.active() if a.host is host]
         names = ", ".join(a.part.name for a in lost) or "no part"
         left = [h.name for h in self.hosts if not h.lost]
-        self.say(f"rayfront: giving up {host.name} ({why}); re-running {names}"
-                 + (f" on {', '.join(left)}" if left and lost else ""))
+        self.say(
+            f"rayfront: giving up {host.name} ({why}); re-running {names}"
+            + (f" on {', '.join(left)}" if left and lost else "")
+        )
         for a in lost:
             a.state = "lost"
             a.ended = time.monotonic()
         host.running = 0
 
     def active(self) -> list[Attempt]:
-        return [a for a in self.attempts if a.state not in FINAL_STATES
-                and a.state not in ("lost", "superseded")]
+        return [
+            a
+            for a in self.attempts
+            if a.state not in FINAL_STATES and a.state not in ("lost", "superseded")
+        ]
 
     def _poll(self, attempt: Attempt) -> tuple[Attempt, dict[str, Any] | ClientError]:
         assert attempt.job_id is not None
@@ -388,12 +445,16 @@ class SplitRun:
                         queue.append(part)
                 live = [h for h in self.hosts if not h.lost]
                 if not live:
-                    missing = sorted({p.index for p in queue} | {a.part.index for a in self.active()})
+                    missing = sorted(
+                        {p.index for p in queue} | {a.part.index for a in self.active()}
+                    )
                     raise ClientError(
                         "the result is incomplete: "
                         + ", ".join(parts[i].name for i in missing)
-                        + (" are" if len(missing) > 1 else " is") + " missing; every host was "
-                        "given up (" + "; ".join(f"{h.name}: {h.lost}" for h in self.hosts) + ")")
+                        + (" are" if len(missing) > 1 else " is")
+                        + " missing; every host was "
+                        "given up (" + "; ".join(f"{h.name}: {h.lost}" for h in self.hosts) + ")"
+                    )
                 self._show()
                 time.sleep(POLL_SECONDS)
                 for attempt, answer in pool.map(self._poll, self.active()):
@@ -410,8 +471,12 @@ class SplitRun:
         running = {a.part.index for a in self.active()}
         for attempt in self.attempts:
             index = attempt.part.index
-            if (attempt.state == "lost" and index not in self.done and index not in queued
-                    and index not in running):
+            if (
+                attempt.state == "lost"
+                and index not in self.done
+                and index not in queued
+                and index not in running
+            ):
                 queue.append(attempt.part)
                 queued.add(index)
 
@@ -443,8 +508,11 @@ class SplitRun:
         if attempt.state == "done":
             output = self.project.local_dir / attempt.output
             if not output.exists():
-                self._lose(host, f"{part.name} finished but {output} is not there "
-                           "(does it write to the same share?)")
+                self._lose(
+                    host,
+                    f"{part.name} finished but {output} is not there "
+                    "(does it write to the same share?)",
+                )
                 return True
             self.done[part.index] = attempt
             return False
@@ -457,20 +525,28 @@ class SplitRun:
             raise _PartFailed(
                 f"{part.name} failed on {host.name} (job {attempt.job_id}): exit status {status}"
                 + (f" ({answer['reason']})" if answer.get("reason") else "")
-                + (f"\n{tail}" if tail else ""), job_exit_code(answer))
+                + (f"\n{tail}" if tail else ""),
+                job_exit_code(answer),
+            )
         # Interrupted, or ended by a signal nobody here sent: the host's fault, not the part's.
-        reason = answer.get("reason") or (f"signal {answer['signal']}" if answer.get("signal")
-                                         else attempt.state)
-        self.say(f"rayfront: {part.name} ended {attempt.state} on {host.name} ({reason}); "
-                 "running it again")
+        reason = answer.get("reason") or (
+            f"signal {answer['signal']}" if answer.get("signal") else attempt.state
+        )
+        self.say(
+            f"rayfront: {part.name} ended {attempt.state} on {host.name} ({reason}); "
+            "running it again"
+        )
         if sum(1 for a in self.attempts if a.part.index == part.index) >= 2 * len(self.hosts):
-            raise _PartFailed(f"{part.name} ended {attempt.state} on every try; giving up", EXIT_ERROR)
+            raise _PartFailed(
+                f"{part.name} ended {attempt.state} on every try; giving up", EXIT_ERROR
+            )
         return True
 
     def cancel_all(self, why: str) -> list[str]:
         """Cancel every attempt not yet final (lost hosts too, in case they come back)."""
-        targets = [a for a in self.attempts if a.job_id is not None and (
-            a.state not in FINAL_STATES)]
+        targets = [
+            a for a in self.attempts if a.job_id is not None and (a.state not in FINAL_STATES)
+        ]
 
         def cancel(attempt: Attempt) -> str:
             try:
@@ -496,8 +572,13 @@ class SplitRun:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=100, unit="%", file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+        self.bar = tqdm(
+            total=100,
+            unit="%",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
+        )
         self._parts = parts
 
     def _show(self) -> None:
@@ -515,7 +596,9 @@ class SplitRun:
         hosts = sum(1 for h in self.hosts if not h.lost)
         self.bar.set_description_str(
             f"{len(self.done)}/{len(self._parts)} parts done, {running} running on "
-            f"{hosts} host{'s' if hosts != 1 else ''}", refresh=False)
+            f"{hosts} host{'s' if hosts != 1 else ''}",
+            refresh=False,
+        )
         self.bar.refresh()
 
     # ------------------------------------------------------------ the whole run
@@ -529,12 +612,18 @@ class SplitRun:
             parts = [replace(p, args=(*p.args[:-1], "-af", ambient, p.args[-1])) for p in parts]
         need_locks = self.view is not None or "-af" in self.args or ambient is not None
         self.check_share(need_locks)
-        self.say(f"rayfront: {self.program} split into {len(parts)} {kind} on "
-                 + ", ".join(f"{h.name} ({h.slots} cpu{'s' if h.slots != 1 else ''})"
-                             for h in self.hosts)
-                 + (" (the share locks files between them)" if need_locks and len(self.hosts) > 1
-                    else "")
-                 + (f"; the parts share the ambient file {ambient}" if ambient else ""))
+        self.say(
+            f"rayfront: {self.program} split into {len(parts)} {kind} on "
+            + ", ".join(
+                f"{h.name} ({h.slots} cpu{'s' if h.slots != 1 else ''})" for h in self.hosts
+            )
+            + (
+                " (the share locks files between them)"
+                if need_locks and len(self.hosts) > 1
+                else ""
+            )
+            + (f"; the parts share the ambient file {ambient}" if ambient else "")
+        )
         self._write_inputs(parts)
         self._start_bar(parts)
         previous = signal.getsignal(signal.SIGTERM)
@@ -591,35 +680,51 @@ class SplitRun:
         outputs = [self.project.local_dir / self.done[p.index].output for p in parts]
         if self.view is not None:
             assert self.output is not None
-            splitplan.merge_picture(list(zip(parts, outputs, strict=True)), self.view,
-                                    self.project.local_dir / self.output,
-                                    self.project.local_dir, self.env)
+            splitplan.merge_picture(
+                list(zip(parts, outputs, strict=True)),
+                self.view,
+                self.project.local_dir / self.output,
+                self.project.local_dir,
+                self.env,
+            )
             return (self.project.local_dir / self.output).stat().st_size
         if self.output:
             return splitplan.merge_grid(outputs, self.project.local_dir / self.output)
         return splitplan.merge_grid(outputs, None, sys.stdout.buffer)
 
-    def summary(self, parts: list[Part], wall: float, merged: int, error: str,
-                cancelled: bool = False) -> dict[str, Any]:
+    def summary(
+        self, parts: list[Part], wall: float, merged: int, error: str, cancelled: bool = False
+    ) -> dict[str, Any]:
         rows = []
         for part in parts:
             tries = [a for a in self.attempts if a.part.index == part.index]
             final = self.done.get(part.index)
-            rows.append({
-                "index": part.index + 1, "label": part.label,
-                "state": "done" if final else (tries[-1].state if tries else "not started"),
-                "host": final.host.name if final else None,
-                "job": final.job_id if final else None,
-                "seconds": round((final.ended or 0) - final.started, 3) if final else None,
-                "attempts": [{"host": a.host.name, "job": a.job_id, "state": a.state}
-                             for a in tries]})
+            rows.append(
+                {
+                    "index": part.index + 1,
+                    "label": part.label,
+                    "state": "done" if final else (tries[-1].state if tries else "not started"),
+                    "host": final.host.name if final else None,
+                    "job": final.job_id if final else None,
+                    "seconds": round((final.ended or 0) - final.started, 3) if final else None,
+                    "attempts": [
+                        {"host": a.host.name, "job": a.job_id, "state": a.state} for a in tries
+                    ],
+                }
+            )
         return {
-            "state": "cancelled" if cancelled else "failed" if error else "done", "error": error or None,
-            "program": self.program, "output": self.output, "bytes": merged,
+            "state": "cancelled" if cancelled else "failed" if error else "done",
+            "error": error or None,
+            "program": self.program,
+            "output": self.output,
+            "bytes": merged,
             "resolution": ([self.view.width, self.view.height] if self.view else None),
-            "hosts": [{"host": h.name, "cpus": h.slots, "lost": h.lost or None}
-                      for h in self.hosts],
-            "parts": rows, "wall_time": round(wall, 3), "events": self.events,
+            "hosts": [
+                {"host": h.name, "cpus": h.slots, "lost": h.lost or None} for h in self.hosts
+            ],
+            "parts": rows,
+            "wall_time": round(wall, 3),
+            "events": self.events,
             "split_dir": self.split_dir if error and not cancelled else None,
         }
 
@@ -646,13 +751,20 @@ def summary_lines(summary: dict[str, Any], project_dir: Path) -> list[str]:
         if summary.get("split_dir"):
             lines.append(f"  part files kept in {project_dir / summary['split_dir']}")
         return lines
-    what = (f"{summary['resolution'][0]}x{summary['resolution'][1]} picture"
-            if summary.get("resolution") else f"{summary['bytes']} bytes")
+    what = (
+        f"{summary['resolution'][0]}x{summary['resolution'][1]} picture"
+        if summary.get("resolution")
+        else f"{summary['bytes']} bytes"
+    )
     where = project_dir / summary["output"] if summary["output"] else "standard output"
-    lines = [f"merged {len(summary['parts'])} parts into {where} ({what}) in "
-             f"{summary['wall_time']:.1f} s"]
+    lines = [
+        f"merged {len(summary['parts'])} parts into {where} ({what}) in "
+        f"{summary['wall_time']:.1f} s"
+    ]
     for row in summary["parts"]:
         retried = f", {len(row['attempts'])} tries" if len(row["attempts"]) > 1 else ""
-        lines.append(f"  part {row['index']} {row['label']}: {row['host']} job {row['job']}, "
-                     f"{row['seconds']:.1f} s{retried}")
+        lines.append(
+            f"  part {row['index']} {row['label']}: {row['host']} job {row['job']}, "
+            f"{row['seconds']:.1f} s{retried}"
+        )
     return lines

@@ -31,9 +31,7 @@ log = logging.getLogger("rayserver.server.security")
 TOKEN_ENV = "RAYFRONT_TOKEN"
 TOKEN_MODE = 0o640
 # Letters, digits and the punctuation that is safe in an HTTP header value.
-_TOKEN_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/="
-)
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 _MIN_TOKEN_LENGTH = 16
 
 
@@ -76,12 +74,10 @@ def _read_checked(path: Path) -> str:
     except FileNotFoundError as exc:
         raise CredentialsError(
             f"token file {path} does not exist; create it with `rayfront token new` "
-            f"or set token_file = \"\" in rayserver.toml to switch tokens off"
+            f'or set token_file = "" in rayserver.toml to switch tokens off'
         ) from exc
     except OSError as exc:
-        raise CredentialsError(
-            f"cannot read token file {path}: {exc.strerror or exc}"
-        ) from exc
+        raise CredentialsError(f"cannot read token file {path}: {exc.strerror or exc}") from exc
     with os.fdopen(fd, "rb") as f:
         # fstat on the open file, so the mode checked is the mode of what is read.
         st = os.fstat(f.fileno())
@@ -164,8 +160,9 @@ def ensure_token(layout: Layout, settings: Settings) -> str | None:
     path = _token_path(layout, settings)
     if path is None:
         log.warning(
-            "tokens are switched off (token_file = \"\" in %s): every client allowed by "
-            "the allow-list may submit jobs", layout.settings_file,
+            'tokens are switched off (token_file = "" in %s): every client allowed by '
+            "the allow-list may submit jobs",
+            layout.settings_file,
         )
         return None
     if settings.token_file is None:
@@ -227,7 +224,9 @@ def new_token(path: Path) -> str:
             except PermissionError:
                 log.warning(
                     "new token file %s could not keep group id %d (not a member); "
-                    "run `chgrp` on it so the server's group can read it", path, old_gid,
+                    "run `chgrp` on it so the server's group can read it",
+                    path,
+                    old_gid,
                 )
         os.replace(tmp, path)
     except OSError as exc:

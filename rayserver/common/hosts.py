@@ -50,8 +50,10 @@ def split_host(text: str) -> tuple[str, int | None]:
     (then without a port: ``::1:9183`` would be ambiguous). Raises ValueError
     saying what was wrong and what was expected.
     """
-    expected = ("expected a host name, an IPv4 address or [IPv6 address], "
-                "optionally followed by :<port> (1-65535)")
+    expected = (
+        "expected a host name, an IPv4 address or [IPv6 address], "
+        "optionally followed by :<port> (1-65535)"
+    )
     if not text:
         raise ValueError(f"empty host; {expected}")
     if text.startswith("["):
@@ -146,8 +148,9 @@ class HostsConfig:
     libraries: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
-    def record_for(self, host: str, port: int | None = None,
-                   default_port: int = DEFAULT_PORT) -> HostRecord | None:
+    def record_for(
+        self, host: str, port: int | None = None, default_port: int = DEFAULT_PORT
+    ) -> HostRecord | None:
         """The record of ``host`` (optionally on ``port``), or None.
 
         ``host`` is matched against the records' full names first (so
@@ -161,8 +164,9 @@ class HostsConfig:
         """
         records = list(self.records.values())
         for exact in (True, False):
-            named = [r for r in records if (r.name == host if exact
-                                            else r.name.lower() == host.lower())]
+            named = [
+                r for r in records if (r.name == host if exact else r.name.lower() == host.lower())
+            ]
             chosen = _pick(named, port, default_port)
             if chosen is not None:
                 return chosen
@@ -200,8 +204,7 @@ class HostsConfig:
         return [root / lib for lib in self.libraries]
 
 
-def _pick(candidates: list[HostRecord], port: int | None,
-          default_port: int) -> HostRecord | None:
+def _pick(candidates: list[HostRecord], port: int | None, default_port: int) -> HostRecord | None:
     if port is None:
         plain = [r for r in candidates if r.port is None]
         return (plain or candidates or [None])[0]
@@ -272,8 +275,11 @@ def _parse_lines(lines: list[str], path: Path, config: HostsConfig, stack: list[
                 _parse_into(target, config, stack)
             except HostsFileError as exc:
                 raise HostsFileError(
-                    path, number, f"in included file {exc.path}"
-                    + (f" line {exc.line}" if exc.line else "") + f": {exc.detail}"
+                    path,
+                    number,
+                    f"in included file {exc.path}"
+                    + (f" line {exc.line}" if exc.line else "")
+                    + f": {exc.detail}",
                 ) from exc
             continue
         if keyword == "__library__":
@@ -284,7 +290,8 @@ def _parse_lines(lines: list[str], path: Path, config: HostsConfig, stack: list[
             lib = PurePosixPath(words[1])
             if lib.is_absolute() or ".." in lib.parts:
                 raise HostsFileError(
-                    path, number,
+                    path,
+                    number,
                     f"library path {words[1]!r} must be relative to the location root, without '..'",
                 )
             if words[1] not in config.libraries:
@@ -292,14 +299,16 @@ def _parse_lines(lines: list[str], path: Path, config: HostsConfig, stack: list[
             continue
         if keyword.startswith("__"):
             raise HostsFileError(
-                path, number,
+                path,
+                number,
                 f"unknown directive {keyword!r}; expected '__include__' or '__library__'",
             )
         config_record = _parse_record(words, path, number)
         if config_record.name in config.records:
             first = config.records[config_record.name]
             raise HostsFileError(
-                path, number,
+                path,
+                number,
                 f"host {config_record.name!r} already defined at {first.source}:{first.line}",
             )
         if config_record.port is not None:
@@ -307,7 +316,8 @@ def _parse_lines(lines: list[str], path: Path, config: HostsConfig, stack: list[
             for first in config.records.values():
                 if first.port == config_record.port and _address_key(first.address) == key:
                     raise HostsFileError(
-                        path, number,
+                        path,
+                        number,
                         f"host {config_record.name!r} is the same address and port as "
                         f"{first.name!r} at {first.source}:{first.line}; expected one record "
                         "per server (address and port)",
@@ -320,9 +330,7 @@ def _parse_record(words: list[str], path: Path, number: int) -> HostRecord:
     try:
         address, port = split_host(name)
     except ValueError as exc:
-        raise HostsFileError(
-            path, number, f"{exc}; a record is {_RECORD_SYNTAX}"
-        ) from exc
+        raise HostsFileError(path, number, f"{exc}; a record is {_RECORD_SYNTAX}") from exc
     if len(words) < 2:
         raise HostsFileError(
             path, number, f"missing cpu count after host {name!r}; expected {_RECORD_SYNTAX}"
@@ -339,9 +347,7 @@ def _parse_record(words: list[str], path: Path, number: int) -> HostRecord:
     for word in words[2:]:
         key, sep, value = word.partition("=")
         if not sep or not key:
-            raise HostsFileError(
-                path, number, f"expected <location>=\"<local path>\", got {word!r}"
-            )
+            raise HostsFileError(path, number, f'expected <location>="<local path>", got {word!r}')
         if not _LOCATION_RE.match(key):
             raise HostsFileError(
                 path, number, f"bad location name {key!r}; expected letters, digits, '_', '.', '-'"
@@ -349,9 +355,7 @@ def _parse_record(words: list[str], path: Path, number: int) -> HostRecord:
         if not value:
             raise HostsFileError(path, number, f"location {key!r} has an empty path")
         if not value.startswith("/"):
-            raise HostsFileError(
-                path, number, f"location {key!r} path {value!r} must be absolute"
-            )
+            raise HostsFileError(path, number, f"location {key!r} path {value!r} must be absolute")
         if key in locations:
             raise HostsFileError(path, number, f"location {key!r} given twice for host {name!r}")
         locations[key] = value

@@ -52,8 +52,9 @@ def raypath(settings: Settings, extra: list[str] | None = None) -> str:
     return os.pathsep.join(parts)
 
 
-def simulation_env(settings: Settings, extra_libs: list[str] | None = None,
-                   base: dict[str, str] | None = None) -> dict[str, str]:
+def simulation_env(
+    settings: Settings, extra_libs: list[str] | None = None, base: dict[str, str] | None = None
+) -> dict[str, str]:
     """The environment a Radiance program runs with (rad needs its siblings on PATH)."""
     env = dict(os.environ if base is None else base)
     env["RAYPATH"] = raypath(settings, extra_libs)
@@ -80,7 +81,11 @@ def version(bin_directory: str, ray_path: str = "") -> str:
     try:
         out = subprocess.run(
             [str(Path(bin_directory) / "rpict"), "-version"],
-            capture_output=True, text=True, timeout=10, check=False, env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            env=env,
         )
         return (out.stdout or out.stderr).strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):

@@ -17,8 +17,14 @@ from typing import Any
 
 from rayserver.common.hosts import DEFAULT_PORT, split_host
 
-__all__ = ["DEFAULT_PORT", "Settings", "SettingsError", "known_keys", "load_settings",
-           "settings_from_dict"]
+__all__ = [
+    "DEFAULT_PORT",
+    "Settings",
+    "SettingsError",
+    "known_keys",
+    "load_settings",
+    "settings_from_dict",
+]
 DEFAULT_ALLOW = (
     "127.0.0.0/8",
     "::1/128",
@@ -85,12 +91,19 @@ class Settings:
         return bool(self.tls_cert and self.tls_key)
 
 
-_INT_KEYS = {"port", "max_body_bytes", "max_steps", "max_args", "max_arg_length",
-             "server_nice"}
+_INT_KEYS = {"port", "max_body_bytes", "max_steps", "max_args", "max_arg_length", "server_nice"}
 _FLOAT_KEYS = {"client_timeout", "cancel_grace", "slurm_poll_interval"}
 _STR_KEYS = {
-    "bind", "name", "tls_cert", "tls_key", "tls_ca", "radiance_bin", "log_level",
-    "executor", "slurm_partition", "slurm_bin",
+    "bind",
+    "name",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "radiance_bin",
+    "log_level",
+    "executor",
+    "slurm_partition",
+    "slurm_bin",
 }
 _LIST_KEYS = {"allow", "raypath", "slurm_options"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
@@ -149,7 +162,7 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
         return float(value)
     if key == "token_file":
         if not isinstance(value, str):
-            raise SettingsError(path, f"token_file must be a path string (\"\" = off), got {value!r}")
+            raise SettingsError(path, f'token_file must be a path string ("" = off), got {value!r}')
         return value
     if key in _STR_KEYS:
         if not isinstance(value, str):
@@ -159,13 +172,13 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
                 path, f"log_level must be one of {', '.join(sorted(_LOG_LEVELS))}, got {value!r}"
             )
         if key == "executor" and value not in ("local", "slurm"):
-            raise SettingsError(path, f"executor must be \"local\" or \"slurm\", got {value!r}")
+            raise SettingsError(path, f'executor must be "local" or "slurm", got {value!r}')
         if key == "bind" and value:
             try:
                 ipaddress.ip_address(value)
             except ValueError as exc:
                 raise SettingsError(
-                    path, f"bind must be an IP address such as \"0.0.0.0\" or \"::\", got {value!r}"
+                    path, f'bind must be an IP address such as "0.0.0.0" or "::", got {value!r}'
                 ) from exc
         if key == "name" and value:
             return _check_name(path, value)
@@ -181,15 +194,17 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
                     ipaddress.ip_network(item, strict=False)
                 except ValueError as exc:
                     raise SettingsError(
-                        path, f"allow entry {item!r} is not a network (CIDR, e.g. \"10.0.0.0/8\")"
+                        path, f'allow entry {item!r} is not a network (CIDR, e.g. "10.0.0.0/8")'
                     ) from exc
         return tuple(value)
     raise SettingsError(path, f"unknown key {key!r}")
 
 
 def _check_name(path: str | Path, value: str) -> str:
-    expected = ("expected a host name or IP address without a port, as in the hosts file "
-                "(the port is the `port` setting), or \"\" for this machine's name")
+    expected = (
+        "expected a host name or IP address without a port, as in the hosts file "
+        '(the port is the `port` setting), or "" for this machine\'s name'
+    )
     try:
         address, port = split_host(value)
     except ValueError as exc:

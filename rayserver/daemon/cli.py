@@ -144,8 +144,11 @@ def _retry_secs() -> float:
     except ValueError:
         secs = -1.0
     if not 0 <= secs <= 3600:
-        print(f"rayserver: {RETRY_ENV}={raw!r} is not a number of seconds between 0 and 3600; "
-              f"using {DEFAULT_RETRY_SECS:g}", file=sys.stderr)
+        print(
+            f"rayserver: {RETRY_ENV}={raw!r} is not a number of seconds between 0 and 3600; "
+            f"using {DEFAULT_RETRY_SECS:g}",
+            file=sys.stderr,
+        )
         return DEFAULT_RETRY_SECS
     return secs
 
@@ -164,8 +167,11 @@ def _restart_backoff() -> dict[str, float]:
     except ValueError:
         first = cap = -1.0
     if not 0 < first <= cap <= 3600:
-        print(f"rayserver: {BACKOFF_ENV}={raw!r} is not 'first,cap' with 0 < first <= cap <= 3600 "
-              "seconds; using the defaults", file=sys.stderr)
+        print(
+            f"rayserver: {BACKOFF_ENV}={raw!r} is not 'first,cap' with 0 < first <= cap <= 3600 "
+            "seconds; using the defaults",
+            file=sys.stderr,
+        )
         return {}
     return {"backoff_first": first, "backoff_cap": cap}
 
@@ -174,8 +180,9 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None, *,
-         platform_ok: Callable[[], bool] = daemon_supported) -> int:
+def main(
+    argv: list[str] | None = None, *, platform_ok: Callable[[], bool] = daemon_supported
+) -> int:
     """Run the ``rayserver`` command; returns the exit code."""
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
@@ -221,8 +228,10 @@ def main(argv: list[str] | None = None, *,
     except LogFileError as exc:
         _err(str(exc))
         if opts.daemon:
-            _err("rayserver: not starting in daemon mode without a log file "
-                 "(run with -f to see the messages on the terminal)")
+            _err(
+                "rayserver: not starting in daemon mode without a log file "
+                "(run with -f to see the messages on the terminal)"
+            )
             return 1
 
     try:
@@ -232,12 +241,20 @@ def main(argv: list[str] | None = None, *,
         return 0
 
 
-def _serve(opts: Options, layout: Layout, config: LiveConfig, pidfile: PidFile,
-           logs: LogSetup, user: User | None, group: Group | None) -> int:
+def _serve(
+    opts: Options,
+    layout: Layout,
+    config: LiveConfig,
+    pidfile: PidFile,
+    logs: LogSetup,
+    user: User | None,
+    group: Group | None,
+) -> int:
     settings = config.settings
     try:
-        sock = bind_with_retries(settings.bind, settings.port, attempts=BIND_ATTEMPTS,
-                                 delay=_retry_secs())
+        sock = bind_with_retries(
+            settings.bind, settings.port, attempts=BIND_ATTEMPTS, delay=_retry_secs()
+        )
     except BindError as exc:
         announce(log, str(exc), logging.CRITICAL)
         return 1
@@ -265,7 +282,7 @@ def _serve(opts: Options, layout: Layout, config: LiveConfig, pidfile: PidFile,
         readiness = detach(
             on_ready=lambda pid: f"{NAME} {pid} switching to daemon mode.",
             on_silence=f"rayserver: the background server stopped while starting; "
-                       f"see the log {layout.log_file}",
+            f"see the log {layout.log_file}",
         )
         logs.remove_terminal()
     try:
@@ -300,10 +317,16 @@ def _serve(opts: Options, layout: Layout, config: LiveConfig, pidfile: PidFile,
             readiness.close()
 
     sup = Supervisor(
-        sock, _worker_target(layout), name=NAME,
-        title=layout.server_title, worker_title=f"{layout.server_title} worker",
-        on_ready=on_ready, on_reload=on_reload, on_reopen=logs.reopen,
-        child_setup=child_setup, **_restart_backoff(),
+        sock,
+        _worker_target(layout),
+        name=NAME,
+        title=layout.server_title,
+        worker_title=f"{layout.server_title} worker",
+        on_ready=on_ready,
+        on_reload=on_reload,
+        on_reopen=logs.reopen,
+        child_setup=child_setup,
+        **_restart_backoff(),
     )
     try:
         code = sup.run()
@@ -311,8 +334,11 @@ def _serve(opts: Options, layout: Layout, config: LiveConfig, pidfile: PidFile,
         pidfile.release()
         sock.close()
     if readiness is not None and readiness.pending:
-        readiness.fail(code or 1, f"rayserver: the server stopped while starting (exit code "
-                                  f"{code}); see the log {layout.log_file}")
+        readiness.fail(
+            code or 1,
+            f"rayserver: the server stopped while starting (exit code "
+            f"{code}); see the log {layout.log_file}",
+        )
     log.info("%s %d stopped (exit code %d)", NAME, os.getpid(), code)
     return code
 

@@ -139,8 +139,9 @@ def _formatter(fmt: str, colour: bool, datefmt: str | None = None) -> logging.Fo
     if colour:
         import colorlog
 
-        return colorlog.ColoredFormatter("%(log_color)s" + fmt + "%(reset)s",
-                                         datefmt=datefmt, log_colors=COLORS)
+        return colorlog.ColoredFormatter(
+            "%(log_color)s" + fmt + "%(reset)s", datefmt=datefmt, log_colors=COLORS
+        )
     return logging.Formatter(fmt, datefmt=datefmt)
 
 

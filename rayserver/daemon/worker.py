@@ -61,6 +61,7 @@ class MalformedRequestFilter(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
+
 # sysexits: a worker that fails while booting exits with its own code and the
 # supervisor stops instead of respawning it in a loop.
 EX_SOFTWARE = 70
@@ -69,8 +70,9 @@ EX_CONFIG = 78
 SHUTDOWN_GRACE = 2.0
 
 
-def run_worker(sock: socket.socket, layout: Layout,
-               notify_ready: Callable[[], None] = lambda: None) -> int:
+def run_worker(
+    sock: socket.socket, layout: Layout, notify_ready: Callable[[], None] = lambda: None
+) -> int:
     """Serve on ``sock`` until SIGTERM/SIGINT; returns the exit code.
 
     ``notify_ready`` is called once the app is serving, so the supervisor can
@@ -99,8 +101,14 @@ def run_worker(sock: socket.socket, layout: Layout,
     return asyncio.run(_serve(sock, layout, live, token, fork_server, notify_ready))
 
 
-async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | None,
-                 fork_server: Any, notify_ready: Callable[[], None]) -> int:
+async def _serve(
+    sock: socket.socket,
+    layout: Layout,
+    live: Any,
+    token: str | None,
+    fork_server: Any,
+    notify_ready: Callable[[], None],
+) -> int:
     from rayserver.jobs.executors.forkserver import ForkServerClient
     from rayserver.jobs.jobdb import JobDB, JobDBError
     from rayserver.jobs.scheduler import Scheduler
@@ -112,8 +120,9 @@ async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | No
         log.critical("worker cannot start: %s", exc)
         return EX_CONFIG
 
-    ctx = AppContext(layout=layout, live=live, db=db, scheduler=None, started_at=time.time(),
-                     token=token)
+    ctx = AppContext(
+        layout=layout, live=live, db=db, scheduler=None, started_at=time.time(), token=token
+    )
     ctx.radiance_version = await asyncio.to_thread(api.radiance_version, live.settings)
     # Parse openapi.yaml and build the job validator now, not in the first submit
     # (~0.1-0.2 s of YAML).
@@ -129,8 +138,9 @@ async def _serve(sock: socket.socket, layout: Layout, live: Any, token: str | No
     ctx.scheduler = scheduler
     await scheduler.start()
 
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_GRACE)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
+    )
     await runner.setup()
     assert runner.server is not None
     # No ssl= here: filtered_factory checks the address first, then does the

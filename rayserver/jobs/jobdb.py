@@ -140,8 +140,12 @@ class JobDB:
         # A connection inherited across fork must not be used (or closed:
         # closing could touch the parent's locks); just drop the reference.
         try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
-                                   isolation_level=None, check_same_thread=True)
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=True,
+            )
             conn.row_factory = sqlite3.Row
             # (connect's timeout already is the busy timeout.)
             if not self._prepared:
@@ -230,9 +234,19 @@ class JobDB:
 
     # --- the pinned interface ---------------------------------------------
 
-    def submit(self, *, name: str | None, priority: int, client: str, location: str,
-               project: str, workdir: str, steps: list[dict], env: dict[str, str],
-               executor: str = "local") -> int:
+    def submit(
+        self,
+        *,
+        name: str | None,
+        priority: int,
+        client: str,
+        location: str,
+        project: str,
+        workdir: str,
+        steps: list[dict],
+        env: dict[str, str],
+        executor: str = "local",
+    ) -> int:
         """Queue a resolved job; returns its id."""
         if not steps:
             raise ValueError("a job needs at least one step")
@@ -240,15 +254,34 @@ class JobDB:
             missing = {"program", "path", "args"} - set(step)
             if missing:
                 raise ValueError(f"step {i} lacks {', '.join(sorted(missing))}")
-        clean = [{"program": s["program"], "path": s["path"], "args": list(s["args"]),
-                  "stdin": s.get("stdin"), "stdout": s.get("stdout")} for s in steps]
+        clean = [
+            {
+                "program": s["program"],
+                "path": s["path"],
+                "args": list(s["args"]),
+                "stdin": s.get("stdin"),
+                "stdout": s.get("stdout"),
+            }
+            for s in steps
+        ]
         with self._write() as conn:
             cur = conn.execute(
                 "INSERT INTO jobs (name, priority, client, location, project, workdir, steps, "
                 "env, state, submitted_at, step_count, executor) "
                 "VALUES (?,?,?,?,?,?,?,?,'queued',?,?,?)",
-                (name, int(priority), client, location, project, workdir, json.dumps(clean),
-                 json.dumps(env), time.time(), len(clean), executor),
+                (
+                    name,
+                    int(priority),
+                    client,
+                    location,
+                    project,
+                    workdir,
+                    json.dumps(clean),
+                    json.dumps(env),
+                    time.time(),
+                    len(clean),
+                    executor,
+                ),
             )
             job_id = int(cur.lastrowid or 0)
         return job_id
@@ -275,8 +308,15 @@ class JobDB:
             "state": "queued" if state == "starting" else state,
             "location": row["location"],
             "project": row["project"],
-            "steps": [{"program": s["program"], "args": s["args"], "stdin": s.get("stdin"),
-                       "stdout": s.get("stdout")} for s in row["steps"]],
+            "steps": [
+                {
+                    "program": s["program"],
+                    "args": s["args"],
+                    "stdin": s.get("stdin"),
+                    "stdout": s.get("stdout"),
+                }
+                for s in row["steps"]
+            ],
             "client": row["client"],
             "submitted_at": row["submitted_at"],
             "started_at": row["started_at"],
@@ -295,8 +335,9 @@ class JobDB:
             "pid": row["pid"],
         }
 
-    def list(self, states: list[str] | None = None, limit: int = 100,
-             before: int | None = None) -> list[dict[str, Any]]:
+    def list(
+        self, states: list[str] | None = None, limit: int = 100, before: int | None = None
+    ) -> list[dict[str, Any]]:
         """Rows newest first; ``before`` pages on the id (index-backed)."""
         where, args = [], []  # type: ignore[var-annotated]
         if states:
@@ -331,8 +372,11 @@ class JobDB:
 
     def queued_count(self) -> int:
         """Jobs waiting to start (queued or starting); an index range, not a table scan."""
-        return int(self._conn().execute(
-            "SELECT COUNT(*) FROM jobs WHERE state IN ('queued','starting')").fetchone()[0])
+        return int(
+            self._conn()
+            .execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued','starting')")
+            .fetchone()[0]
+        )
 
     def cancel_queued(self, job_id: int) -> bool:
         """Atomically queued -> cancelled; False when the job was not queued."""
@@ -391,7 +435,8 @@ class JobDB:
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET state='queued', pid=NULL, reason=? "
-                "WHERE id=? AND state='starting'", (reason, job_id),
+                "WHERE id=? AND state='starting'",
+                (reason, job_id),
             )
         return cur.rowcount == 1
 
@@ -402,13 +447,13 @@ class JobDB:
             conn.execute("UPDATE jobs SET state='queued', pid=NULL WHERE state='starting'")
         return ids
 
-    def claim(self, job_id: int, pid: int, *, from_states: tuple[str, ...] = ("starting",)
-              ) -> bool:
+    def claim(self, job_id: int, pid: int, *, from_states: tuple[str, ...] = ("starting",)) -> bool:
         """The procwrap's exactly-once claim: from_states -> running with its pid."""
         return self.claim_row(job_id, pid, from_states=from_states) is not None
 
-    def claim_row(self, job_id: int, pid: int, *,
-                  from_states: tuple[str, ...] = ("starting",)) -> dict[str, Any] | None:
+    def claim_row(
+        self, job_id: int, pid: int, *, from_states: tuple[str, ...] = ("starting",)
+    ) -> dict[str, Any] | None:
         """:meth:`claim` that returns the claimed row as :meth:`get` would (None: not ours).
 
         One statement claims and reads, so a procwrap needs no other query to start.
@@ -422,28 +467,48 @@ class JobDB:
             ).fetchone()
         return _decode(row)
 
-    def update_progress(self, job_id: int, *, progress: float | None = None,
-                        current_step: int | None = None, step_count: int | None = None,
-                        pgid_children: int | None = None) -> None:
+    def update_progress(
+        self,
+        job_id: int,
+        *,
+        progress: float | None = None,
+        current_step: int | None = None,
+        step_count: int | None = None,
+        pgid_children: int | None = None,
+    ) -> None:
         """Progress of a running job (only while it is running)."""
         sets, args = [], []  # type: ignore[var-annotated]
-        for col, val in (("progress", progress), ("current_step", current_step),
-                         ("step_count", step_count), ("pgid_children", pgid_children)):
+        for col, val in (
+            ("progress", progress),
+            ("current_step", current_step),
+            ("step_count", step_count),
+            ("pgid_children", pgid_children),
+        ):
             if val is not None:
                 sets.append(f"{col}=?")
                 args.append(val)
         if not sets:
             return
         with self._write() as conn:
-            conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND state='running'",
-                         (*args, job_id))
+            conn.execute(
+                f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND state='running'", (*args, job_id)
+            )
 
-    def finish(self, job_id: int, state: str, *, exit_status: int | None = None,
-               signal: int | None = None, reason: str | None = None,
-               wall_time: float | None = None, cpu_time: float | None = None,
-               max_rss_kb: int | None = None, progress: float | None = None,
-               outputs: list[str] | None = None,
-               from_states: tuple[str, ...] = ("starting", "running")) -> bool:
+    def finish(
+        self,
+        job_id: int,
+        state: str,
+        *,
+        exit_status: int | None = None,
+        signal: int | None = None,
+        reason: str | None = None,
+        wall_time: float | None = None,
+        cpu_time: float | None = None,
+        max_rss_kb: int | None = None,
+        progress: float | None = None,
+        outputs: list[str] | None = None,
+        from_states: tuple[str, ...] = ("starting", "running"),
+    ) -> bool:
         """Record a final state, once: False if the job was already final."""
         if state not in FINAL_STATES:
             raise ValueError(f"final state must be one of {', '.join(FINAL_STATES)}, got {state!r}")
@@ -455,18 +520,31 @@ class JobDB:
                 f"max_rss_kb=COALESCE(?, max_rss_kb), progress=COALESCE(?, progress), "
                 f"outputs=COALESCE(?, outputs), pgid_children=NULL "
                 f"WHERE id=? AND state IN ({marks})",
-                (state, time.time(), exit_status, signal, reason, wall_time, cpu_time,
-                 max_rss_kb, progress, json.dumps(outputs) if outputs is not None else None,
-                 job_id, *from_states),
+                (
+                    state,
+                    time.time(),
+                    exit_status,
+                    signal,
+                    reason,
+                    wall_time,
+                    cpu_time,
+                    max_rss_kb,
+                    progress,
+                    json.dumps(outputs) if outputs is not None else None,
+                    job_id,
+                    *from_states,
+                ),
             )
         return cur.rowcount == 1
 
     def in_states(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
         """All rows in the given states, oldest first (small sets: running, starting)."""
         marks = ",".join("?" * len(states))
-        rows = self._conn().execute(
-            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states)
+            .fetchall()
+        )
         return [r for r in map(_decode, rows) if r]
 
     def set_external_id(self, job_id: int, external_id: str) -> None:

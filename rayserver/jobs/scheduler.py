@@ -41,9 +41,9 @@ from supervisor.util import describe_status
 
 log = logging.getLogger("rayserver.jobs.scheduler")
 
-POLL_INTERVAL = 0.25       # adopted procwraps (not our fork server's children)
-IDLE_RESCAN = 1.0          # rows queued by another process are noticed this fast
-LAUNCH_RETRY = 2.0         # after the fork server failed a launch
+POLL_INTERVAL = 0.25  # adopted procwraps (not our fork server's children)
+IDLE_RESCAN = 1.0  # rows queued by another process are noticed this fast
+LAUNCH_RETRY = 2.0  # after the fork server failed a launch
 
 
 def procwrap_alive(pid: int | None, job_id: int) -> bool:
@@ -60,11 +60,12 @@ def procwrap_alive(pid: int | None, job_id: int) -> bool:
             stat = fh.read()
     except OSError:
         return False
-    if stat[stat.rfind(b")") + 2:].split()[:1] == [b"Z"]:
+    if stat[stat.rfind(b")") + 2 :].split()[:1] == [b"Z"]:
         return False
     words = raw.replace(b"\0", b" ").decode("utf-8", "replace").split()
     return f"job={job_id}" in words and any(
-        w.endswith("/procwrap.pyo") or w == "rayserver.procwrap" for w in words)
+        w.endswith("/procwrap.pyo") or w == "rayserver.procwrap" for w in words
+    )
 
 
 class Scheduler:
@@ -74,8 +75,9 @@ class Scheduler:
     create the client with any placeholder callback.
     """
 
-    def __init__(self, layout: Layout, db: JobDB, live_config: Any,
-                 forkclient: ForkServerClient) -> None:
+    def __init__(
+        self, layout: Layout, db: JobDB, live_config: Any, forkclient: ForkServerClient
+    ) -> None:
         self.layout = layout
         self.db = db
         self.live = live_config
@@ -83,8 +85,8 @@ class Scheduler:
         forkclient.on_exit = self._on_fork_exit
         forkclient.on_lost = self._on_fork_lost
         forkclient.on_final = self._on_final
-        self._running: dict[int, int] = {}   # job id -> procwrap pid (0 while launching)
-        self._adopted: dict[int, int] = {}   # the subset we poll: not our fork server's
+        self._running: dict[int, int] = {}  # job id -> procwrap pid (0 while launching)
+        self._adopted: dict[int, int] = {}  # the subset we poll: not our fork server's
         self._events: dict[int, asyncio.Event] = {}
         self._backstops: dict[int, asyncio.Task[None]] = {}
         self._wake: asyncio.Event | None = None
@@ -92,8 +94,8 @@ class Scheduler:
         self._stopping = False
         self._fork_lost = False
         self._dispatching = False
-        self._launch_paused_until = 0.0      # monotonic; after the fork server failed a launch
-        self._slurm: Any = None              # rayserver.jobs.executors.slurm.SlurmExecutor with executor=slurm
+        self._launch_paused_until = 0.0  # monotonic; after the fork server failed a launch
+        self._slurm: Any = None  # rayserver.jobs.executors.slurm.SlurmExecutor with executor=slurm
 
     # --- properties ---------------------------------------------------------
 
@@ -128,9 +130,14 @@ class Scheduler:
                 self._adopted[job_id] = pid
                 log.info("adopted job %s (procwrap pid %s)", job_id, pid)
             else:
-                self._record_dead(row, f"its procwrap (pid {pid}) was gone when the server "
-                                       "restarted: the job died with the server")
-        if self.live.settings.executor == "slurm":  # Slurm jobs: see rayserver/jobs/executors/slurm.py
+                self._record_dead(
+                    row,
+                    f"its procwrap (pid {pid}) was gone when the server "
+                    "restarted: the job died with the server",
+                )
+        if (
+            self.live.settings.executor == "slurm"
+        ):  # Slurm jobs: see rayserver/jobs/executors/slurm.py
             from rayserver.jobs.executors.slurm import SlurmExecutor
 
             self._slurm = SlurmExecutor(self.db, self.live.settings, on_change=self.notify)
@@ -245,15 +252,19 @@ class Scheduler:
             if other and other != pid and procwrap_alive(other, job_id):
                 self._running[job_id] = other
                 self._adopted[job_id] = other
-                log.info("job %s: claimed by procwrap %s of the previous worker; adopted",
-                         job_id, other)
+                log.info(
+                    "job %s: claimed by procwrap %s of the previous worker; adopted", job_id, other
+                )
                 return
             log.info("job %s: procwrap %s found nothing to run", job_id, pid)
         else:
             row = self.db.get(job_id)
             if row and row["state"] not in FINAL_STATES and row["pid"] in (pid, None):
-                self._record_dead(row, f"its procwrap (pid {pid}) ended ({describe_status(status)}) "
-                                       "before it recorded a result")
+                self._record_dead(
+                    row,
+                    f"its procwrap (pid {pid}) ended ({describe_status(status)}) "
+                    "before it recorded a result",
+                )
         self._finished(job_id)
 
     def _on_fork_lost(self) -> None:
@@ -276,8 +287,12 @@ class Scheduler:
                 reason += f"; killed {len(members)} leftover step process(es)"
         if row.get("cancel_request") == "cancel":
             state = "cancelled"
-        elif row.get("cancel_request") == "shutdown" or "restarted" in reason \
-                or "killed by" in reason or "adopted" in reason:
+        elif (
+            row.get("cancel_request") == "shutdown"
+            or "restarted" in reason
+            or "killed by" in reason
+            or "adopted" in reason
+        ):
             # Ended from outside (a signal, the server going away): not the job's fault.
             state = "interrupted"
         else:
@@ -304,8 +319,11 @@ class Scheduler:
                     continue
                 row = self.db.get(job_id)
                 if row and row["state"] not in FINAL_STATES:
-                    self._record_dead(row, f"its procwrap (pid {pid}) ended without recording "
-                                           "a result (exit status unknown: adopted process)")
+                    self._record_dead(
+                        row,
+                        f"its procwrap (pid {pid}) ended without recording "
+                        "a result (exit status unknown: adopted process)",
+                    )
                 self._finished(job_id)
 
     # --- waiting, cancel, shutdown ---------------------------------------------
@@ -364,15 +382,20 @@ class Scheduler:
             return
         pid = row["pid"]
         if row["state"] == "running" and procwrap_alive(pid, job_id):
-            log.warning("job %s: procwrap %s ignored the cancel for %.1f s; SIGKILL",
-                        job_id, pid, self.grace + 2.0)
+            log.warning(
+                "job %s: procwrap %s ignored the cancel for %.1f s; SIGKILL",
+                job_id,
+                pid,
+                self.grace + 2.0,
+            )
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             await asyncio.sleep(0.1)
         row = self.db.get(job_id)
         if row and row["state"] not in FINAL_STATES and not procwrap_alive(row["pid"], job_id):
-            self._record_dead(row, f"killed after not stopping within {self.grace + 2.0:g} s "
-                                   "of the cancel")
+            self._record_dead(
+                row, f"killed after not stopping within {self.grace + 2.0:g} s of the cancel"
+            )
         self._backstops.pop(job_id, None)
 
     async def shutdown(self) -> None:
@@ -397,11 +420,17 @@ class Scheduler:
         deadline = time.monotonic() + self.grace + 1.0
         while waiting and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            waiting = [j for j in waiting
-                       if (r := self.db.get(j)) is not None and r["state"] not in FINAL_STATES]
+            waiting = [
+                j
+                for j in waiting
+                if (r := self.db.get(j)) is not None and r["state"] not in FINAL_STATES
+            ]
         if waiting:
-            log.warning("jobs %s did not record their end within %.1f s of the shutdown",
-                        waiting, self.grace + 1.0)
+            log.warning(
+                "jobs %s did not record their end within %.1f s of the shutdown",
+                waiting,
+                self.grace + 1.0,
+            )
         for task in [*self._tasks, *self._backstops.values()]:
             task.cancel()
         for task in [*self._tasks, *self._backstops.values()]:

@@ -57,9 +57,9 @@ class AppContext:
     """What the handlers (and the security and dashboard hooks) work with."""
 
     layout: Layout
-    live: Any                # rayserver.server.confwatch.LiveConfig: .settings, .hosts, .record, reload()
-    db: Any                  # rayserver.jobs.jobdb.JobDB
-    scheduler: Any           # rayserver.jobs.scheduler.Scheduler
+    live: Any  # rayserver.server.confwatch.LiveConfig: .settings, .hosts, .record, reload()
+    db: Any  # rayserver.jobs.jobdb.JobDB
+    scheduler: Any  # rayserver.jobs.scheduler.Scheduler
     started_at: float = field(default_factory=time.time)
     token: str | None = None
     radiance_version: str = "unknown"
@@ -106,8 +106,9 @@ def _job_id(request: web.Request) -> int:
     return int(raw)
 
 
-def _int_param(request: web.Request, name: str, default: int | None, lo: int, hi: int
-               ) -> int | None:
+def _int_param(
+    request: web.Request, name: str, default: int | None, lo: int, hi: int
+) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -127,11 +128,13 @@ def _float_param(request: web.Request, name: str, lo: float, hi: float) -> float
     try:
         value = float(raw)
     except ValueError:
-        raise ApiError(400, f"query parameter {name} must be a number of seconds, got {raw!r}"
-                       ) from None
+        raise ApiError(
+            400, f"query parameter {name} must be a number of seconds, got {raw!r}"
+        ) from None
     if not lo <= value <= hi:  # also false for nan
-        raise ApiError(400, f"query parameter {name} must be between {lo:g} and {hi:g} seconds, "
-                       f"got {raw}")
+        raise ApiError(
+            400, f"query parameter {name} must be between {lo:g} and {hi:g} seconds, got {raw}"
+        )
     return value
 
 
@@ -142,8 +145,9 @@ def _get_row(ctx: AppContext, job_id: int) -> dict[str, Any]:
     return row
 
 
-def _job_response(ctx: AppContext, row: dict[str, Any], status: int = 200,
-                  headers: dict[str, str] | None = None) -> web.Response:
+def _job_response(
+    ctx: AppContext, row: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.json_response(ctx.db.public(row), status=status, headers=headers)
 
 
@@ -159,24 +163,30 @@ async def info(request: web.Request) -> web.Response:
         load = list(os.getloadavg())
     except OSError:
         load = [0.0, 0.0, 0.0]
-    return web.json_response({
-        "hostname": ctx.layout.host,
-        # The own record's name as written in the hosts file ("box:9183"): tells
-        # apart several servers of one machine, which share the hostname.
-        "name": record.name if record else ctx.layout.host,
-        "pid": os.getpid(),
-        "version": __version__,
-        "radiance_version": ctx.radiance_version,
-        "cpus": record.cpus if record else 0,
-        "running": counts.get("running", 0),
-        "queued": counts.get("queued", 0),
-        "locations": sorted(record.locations) if record else [],
-        "executor": settings.executor,
-        "tls": bool(settings.tls_enabled),
-        "auth": ctx.token is not None,
-        "load": load,
-        **({"slurm": await slurm.cluster_info(settings)} if settings.executor == "slurm" else {}),
-    })
+    return web.json_response(
+        {
+            "hostname": ctx.layout.host,
+            # The own record's name as written in the hosts file ("box:9183"): tells
+            # apart several servers of one machine, which share the hostname.
+            "name": record.name if record else ctx.layout.host,
+            "pid": os.getpid(),
+            "version": __version__,
+            "radiance_version": ctx.radiance_version,
+            "cpus": record.cpus if record else 0,
+            "running": counts.get("running", 0),
+            "queued": counts.get("queued", 0),
+            "locations": sorted(record.locations) if record else [],
+            "executor": settings.executor,
+            "tls": bool(settings.tls_enabled),
+            "auth": ctx.token is not None,
+            "load": load,
+            **(
+                {"slurm": await slurm.cluster_info(settings)}
+                if settings.executor == "slurm"
+                else {}
+            ),
+        }
+    )
 
 
 async def openapi(_request: web.Request) -> web.Response:
@@ -188,37 +198,60 @@ async def submit(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     settings = ctx.live.settings
     if request.content_type != "application/json":
-        raise ApiError(415, "send the job as JSON with 'Content-Type: application/json' "
-                       f"(got {request.content_type or 'no content type'!r})")
+        raise ApiError(
+            415,
+            "send the job as JSON with 'Content-Type: application/json' "
+            f"(got {request.content_type or 'no content type'!r})",
+        )
     raw = await request.read()
     if not raw:
         raise ApiError(400, "empty request body; expected a JSON job object")
     try:
         data = json.loads(raw)
     except UnicodeDecodeError:
-        raise ApiError(400, "request body is not UTF-8 text; expected a JSON job object"
-                       ) from None
+        raise ApiError(400, "request body is not UTF-8 text; expected a JSON job object") from None
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                       f"column {exc.colno}") from None
+        raise ApiError(
+            400,
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+        ) from None
     jobspec.check_shape(data, settings)
     client = request.remote or "?"
     live = ctx.live
     # Path checks touch the (possibly network) file system: keep them off the loop.
     job = await asyncio.to_thread(
-        jobspec.resolve_job, data, settings=settings, hosts=live.hosts,
-        record=lambda: live.record, reload=live.reload_if_changed, client=client)
+        jobspec.resolve_job,
+        data,
+        settings=settings,
+        hosts=live.hosts,
+        record=lambda: live.record,
+        reload=live.reload_if_changed,
+        client=client,
+    )
     queued = ctx.db.queued_count()
     if queued >= MAX_QUEUED:
         raise ApiError(503, f"the queue is full ({queued} jobs waiting); try again later")
     # On the loop, like the scheduler's writes: a short local transaction
     # costs less than the hop to a thread and back.
     job_id = ctx.db.submit(
-        name=job.name, priority=job.priority, client=client, location=job.location,
-        project=job.project, workdir=job.workdir, steps=job.steps, env=job.env,
-        executor=settings.executor)
-    log.info("job %d submitted by %s: %s in %s/%s", job_id, client,
-             " | ".join(s["program"] for s in job.steps), job.location, job.project)
+        name=job.name,
+        priority=job.priority,
+        client=client,
+        location=job.location,
+        project=job.project,
+        workdir=job.workdir,
+        steps=job.steps,
+        env=job.env,
+        executor=settings.executor,
+    )
+    log.info(
+        "job %d submitted by %s: %s in %s/%s",
+        job_id,
+        client,
+        " | ".join(s["program"] for s in job.steps),
+        job.location,
+        job.project,
+    )
     ctx.scheduler.notify()
     row = _get_row(ctx, job_id)
     return _job_response(ctx, row, 201, {"Location": f"/v1/jobs/{job_id}"})
@@ -232,8 +265,10 @@ async def list_jobs(request: web.Request) -> web.Response:
         states = [s.strip() for s in raw_states.split(",") if s.strip()]
         bad = [s for s in states if s not in API_STATES]
         if bad:
-            raise ApiError(400, f"unknown job state {bad[0]!r} in state=; expected some of "
-                           f"{', '.join(API_STATES)}")
+            raise ApiError(
+                400,
+                f"unknown job state {bad[0]!r} in state=; expected some of {', '.join(API_STATES)}",
+            )
     limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     before = _int_param(request, "before", None, 1, 2**63 - 1)
     assert limit is not None
@@ -260,8 +295,9 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = _job_id(request)
     row = _get_row(ctx, job_id)
     if row["state"] in FINAL_STATES:
-        raise ApiError(409, f"job {job_id} has already ended ({row['state']}); "
-                       "there is nothing to cancel")
+        raise ApiError(
+            409, f"job {job_id} has already ended ({row['state']}); there is nothing to cancel"
+        )
     after = await ctx.scheduler.cancel(job_id)
     row = after if after is not None else _get_row(ctx, job_id)
     if row["state"] in FINAL_STATES and row["state"] != "cancelled":

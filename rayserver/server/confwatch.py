@@ -31,13 +31,20 @@ DEBOUNCE_SECS = 0.3
 class NoHostRecordError(HostsFileError):
     """The hosts file has no record for this server's name and port."""
 
-    def __init__(self, path: Path | str, host: str, port: int | None = None,
-                 settings_file: Path | str | None = None,
-                 others: list[HostRecord] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        host: str,
+        port: int | None = None,
+        settings_file: Path | str | None = None,
+        others: list[HostRecord] | None = None,
+    ) -> None:
         written = f"[{host}]" if ":" in host else host
         settings = settings_file or "rayserver.toml"
         if port is None:
-            expected = f"expected a line '{written} <number_of_cpus> [<location>=\"<local path>\" ...]'"
+            expected = (
+                f"expected a line '{written} <number_of_cpus> [<location>=\"<local path>\" ...]'"
+            )
             where = ""
         else:
             where = f" on port {port}"
@@ -48,10 +55,12 @@ class NoHostRecordError(HostsFileError):
             )
         seen = ""
         if others:
-            seen = ("; records with that name but other ports: "
-                    + ", ".join(f"{r.name} ({r.source}:{r.line})" for r in others))
+            seen = "; records with that name but other ports: " + ", ".join(
+                f"{r.name} ({r.source}:{r.line})" for r in others
+            )
         super().__init__(
-            path, None,
+            path,
+            None,
             f"no record for this host {host!r}{where}; {expected}, or set `name` in {settings} "
             f"to the name of this server's record (RAYFRONT_HOSTNAME overrides the machine's "
             f"name){seen}",
@@ -75,8 +84,9 @@ def server_name(layout: Layout, settings: Settings) -> str:
     return settings.name or layout.host
 
 
-def own_record(layout: Layout, hosts: HostsConfig, settings: Settings,
-               port: int | None = None) -> HostRecord:
+def own_record(
+    layout: Layout, hosts: HostsConfig, settings: Settings, port: int | None = None
+) -> HostRecord:
     """This server's record: matched by :func:`server_name` and the port it listens on.
 
     ``port`` defaults to the settings' port. A record without a port means
@@ -89,8 +99,11 @@ def own_record(layout: Layout, hosts: HostsConfig, settings: Settings,
     record = hosts.record_for(name, port=port, default_port=port)
     if record is None:
         # Name the records this name has on other ports: the usual slip.
-        others = [r for r in hosts.records.values()
-                  if HostsConfig(records={r.name: r}).record_for(name) is not None]
+        others = [
+            r
+            for r in hosts.records.values()
+            if HostsConfig(records={r.name: r}).record_for(name) is not None
+        ]
         raise NoHostRecordError(layout.hosts_file, name, port, layout.settings_file, others)
     return record
 
@@ -111,8 +124,9 @@ def load_config(layout: Layout, generation: int = 0, port: int | None = None) ->
 class LiveConfig:
     """The configuration in force, reloaded on demand or when the files change."""
 
-    def __init__(self, layout: Layout, debounce: float = DEBOUNCE_SECS,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, layout: Layout, debounce: float = DEBOUNCE_SECS, port: int | None = None
+    ) -> None:
         """``port``: the port the server listens on, when known (default: the settings')."""
         self.layout = layout
         self.debounce = debounce
@@ -128,8 +142,11 @@ class LiveConfig:
 
     def _signature(self) -> tuple:
         """What the config files look like on disk now (None for a missing file)."""
-        paths = [self.layout.settings_file, self.layout.hosts_file,
-                 *(Path(f) for f in self._current.hosts.files)]
+        paths = [
+            self.layout.settings_file,
+            self.layout.hosts_file,
+            *(Path(f) for f in self._current.hosts.files),
+        ]
         sig = []
         for path in paths:
             try:
@@ -191,8 +208,10 @@ class LiveConfig:
             self._current = fresh
             self._seen = self._signature()  # the include list may have changed
         if fresh.settings.bind != old.settings.bind or fresh.settings.port != old.settings.port:
-            log.warning("bind/port changed in %s; this takes effect at the next server start",
-                        self.layout.settings_file)
+            log.warning(
+                "bind/port changed in %s; this takes effect at the next server start",
+                self.layout.settings_file,
+            )
         log.info("configuration reloaded (generation %d)", fresh.generation)
         for callback in list(self._listeners):
             try:

@@ -86,7 +86,8 @@ def schema_validator(name: str) -> jsonschema.Draft202012Validator:
     if name not in doc["components"]["schemas"]:
         raise KeyError(f"no schema {name!r} in openapi.yaml")
     resource = referencing.Resource.from_contents(
-        doc, default_specification=referencing.jsonschema.DRAFT202012)
+        doc, default_specification=referencing.jsonschema.DRAFT202012
+    )
     registry = referencing.Registry().with_resource(_SCHEMA_URI, resource)
     # $refs inside are document-relative ("#/components/..."); they resolve
     # against the URI the document is registered under.
@@ -105,8 +106,13 @@ def _field_name(path: Any) -> str:
 
 
 _TYPE_WORDS = {
-    "string": "a string", "integer": "a whole number", "number": "a number",
-    "object": "an object", "array": "a list", "boolean": "true or false", "null": "null",
+    "string": "a string",
+    "integer": "a whole number",
+    "number": "a number",
+    "object": "an object",
+    "array": "a list",
+    "boolean": "true or false",
+    "null": "null",
 }
 
 
@@ -155,8 +161,12 @@ def _describe(error: ValidationError) -> tuple[str, str]:
         wanted = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
         return where, f"{prefix}expected {wanted}, got {_json_type(inst)} {_short(inst)}"
     if kind == "minLength":
-        return where, f"{prefix}must not be empty" if value == 1 else \
-            f"{prefix}must be at least {value} characters long"
+        return (
+            where,
+            f"{prefix}must not be empty"
+            if value == 1
+            else f"{prefix}must be at least {value} characters long",
+        )
     if kind == "maxLength":
         return where, f"{prefix}is longer than {value} characters"
     if kind == "minimum":
@@ -176,14 +186,18 @@ def check_shape(data: Any, settings: Settings) -> dict[str, Any]:
     """The request body checked against the JobRequest schema and the settings' limits."""
     if not isinstance(data, dict):
         raise JobSpecError(
-            422, f"the job must be a JSON object with location, project and steps or rad; "
-            f"got {_json_type(data)}")
+            422,
+            f"the job must be a JSON object with location, project and steps or rad; "
+            f"got {_json_type(data)}",
+        )
     has_steps, has_rad = "steps" in data, "rad" in data
     if has_steps == has_rad:
         raise JobSpecError(
-            422, "give exactly one of 'steps' (a list of programs to run) and 'rad' "
-            "({\"rif\": ..., \"options\": [...]}); got " + ("both" if has_steps else "neither"),
-            "steps")
+            422,
+            "give exactly one of 'steps' (a list of programs to run) and 'rad' "
+            '({"rif": ..., "options": [...]}); got ' + ("both" if has_steps else "neither"),
+            "steps",
+        )
     error = best_match(schema_validator("JobRequest").iter_errors(data))
     if error is not None:
         where, message = _describe(error)
@@ -196,33 +210,46 @@ def _check_limits(data: dict[str, Any], settings: Settings) -> None:
     steps = data.get("steps") or []
     if len(steps) > settings.max_steps:
         raise JobSpecError(
-            422, f"steps: {len(steps)} steps given, this server accepts at most "
-            f"{settings.max_steps} (setting max_steps)", "steps")
-    lists: list[tuple[str, list[str]]] = [(f"steps[{i}].args", s.get("args") or [])
-                                         for i, s in enumerate(steps)]
+            422,
+            f"steps: {len(steps)} steps given, this server accepts at most "
+            f"{settings.max_steps} (setting max_steps)",
+            "steps",
+        )
+    lists: list[tuple[str, list[str]]] = [
+        (f"steps[{i}].args", s.get("args") or []) for i, s in enumerate(steps)
+    ]
     if "rad" in data:
         lists.append(("rad.options", data["rad"].get("options") or []))
     for where, args in lists:
         if len(args) > settings.max_args:
             raise JobSpecError(
-                422, f"{where}: {len(args)} arguments given, this server accepts at most "
-                f"{settings.max_args} (setting max_args)", where)
+                422,
+                f"{where}: {len(args)} arguments given, this server accepts at most "
+                f"{settings.max_args} (setting max_args)",
+                where,
+            )
         for i, arg in enumerate(args):
             if len(arg) > settings.max_arg_length:
                 raise JobSpecError(
-                    422, f"{where}[{i}]: argument is {len(arg)} characters long, this server "
+                    422,
+                    f"{where}[{i}]: argument is {len(arg)} characters long, this server "
                     f"accepts at most {settings.max_arg_length} (setting max_arg_length)",
-                    f"{where}[{i}]")
+                    f"{where}[{i}]",
+                )
             if "\x00" in arg:
-                raise JobSpecError(422, f"{where}[{i}]: NUL character in argument",
-                                   f"{where}[{i}]")
+                raise JobSpecError(422, f"{where}[{i}]: NUL character in argument", f"{where}[{i}]")
 
 
 # ---------------------------------------------------------------- location
 
 
-def translate_location(location: str, *, record: Callable[[], HostRecord | None],
-                       reload: Callable[[], object], client: str) -> Path:
+def translate_location(
+    location: str,
+    *,
+    record: Callable[[], HostRecord | None],
+    reload: Callable[[], object],
+    client: str,
+) -> Path:
     """The local root of ``location`` from this server's host record.
 
     An unknown name makes the server re-read its configuration once (the
@@ -236,12 +263,13 @@ def translate_location(location: str, *, record: Callable[[], HostRecord | None]
             reload()
     rec = record()
     known = ", ".join(sorted(rec.locations)) if rec and rec.locations else "none"
-    log.warning("client %s asked for unknown location %r (known here: %s)",
-                client, location, known)
+    log.warning("client %s asked for unknown location %r (known here: %s)", client, location, known)
     host = rec.name if rec else "this server"
     raise JobSpecError(
-        404, f"location {location!r} is not known on {host}; its hosts record has: {known}",
-        "location")
+        404,
+        f"location {location!r} is not known on {host}; its hosts record has: {known}",
+        "location",
+    )
 
 
 # ---------------------------------------------------------------- paths
@@ -258,19 +286,26 @@ def _confine(rel: str, base: Path, root: Path, what: str) -> Path:
     pure = PurePosixPath(rel)
     if pure.is_absolute():
         raise JobSpecError(
-            403, f"{what}: absolute path {rel!r} refused; name files relative to the "
-            "project directory", what)
+            403,
+            f"{what}: absolute path {rel!r} refused; name files relative to the project directory",
+            what,
+        )
     if ".." in pure.parts:
         raise JobSpecError(
-            403, f"{what}: '..' in {rel!r} refused; files must stay inside the project "
-            "directory", what)
+            403,
+            f"{what}: '..' in {rel!r} refused; files must stay inside the project directory",
+            what,
+        )
     # realpath follows every symlink that exists, dangling ones included, so a
     # link pointing out of the project is caught even before its target exists.
     resolved = Path(os.path.realpath(base / rel))
     if not _inside(resolved, root):
         raise JobSpecError(
-            403, f"{what}: {rel!r} leads outside the project directory (a symlink to "
-            f"{resolved}); refused", what)
+            403,
+            f"{what}: {rel!r} leads outside the project directory (a symlink to "
+            f"{resolved}); refused",
+            what,
+        )
     return resolved
 
 
@@ -295,24 +330,35 @@ _SHELL_SYNTAX = re.compile(r"[;&|$`<>()\n\r\\]")
 def _check_arg(arg: str, base: Path, root: Path, what: str, *, shell: bool = False) -> None:
     if shell and (bad := _SHELL_SYNTAX.search(arg)):
         raise JobSpecError(
-            403, f"{what}: {bad.group()!r} in {arg!r} refused; rad passes its arguments to a "
-            "shell, so shell syntax (; & | $ ` < > ( ) \\ line breaks) is not accepted", what)
+            403,
+            f"{what}: {bad.group()!r} in {arg!r} refused; rad passes its arguments to a "
+            "shell, so shell syntax (; & | $ ` < > ( ) \\ line breaks) is not accepted",
+            what,
+        )
     # sh splits "render=-af /x" into words for rad: each word may name a file.
     words = [arg, *arg.split()[1:]] if shell else [arg]
     for cand in (c for word in words for c in _path_candidates(word)):
         if cand.startswith("!"):
             # pcomb, oconv and others open a "file" named !cmd by running cmd in a shell.
             raise JobSpecError(
-                403, f"{what}: {arg!r} refused; Radiance runs a name starting with '!' as a "
-                "shell command; name a file in the project directory instead", what)
+                403,
+                f"{what}: {arg!r} refused; Radiance runs a name starting with '!' as a "
+                "shell command; name a file in the project directory instead",
+                what,
+            )
         if cand.startswith("/"):
             raise JobSpecError(
-                403, f"{what}: absolute path {arg!r} refused; name files relative to the "
-                "project directory", what)
+                403,
+                f"{what}: absolute path {arg!r} refused; name files relative to the "
+                "project directory",
+                what,
+            )
         if _DOTDOT.search(cand):
             raise JobSpecError(
-                403, f"{what}: '..' in {arg!r} refused; files must stay inside the project "
-                "directory", what)
+                403,
+                f"{what}: '..' in {arg!r} refused; files must stay inside the project directory",
+                what,
+            )
         if "/" in cand or os.path.lexists(base / cand):
             _confine(cand, base, root, what)
 
@@ -320,8 +366,14 @@ def _check_arg(arg: str, base: Path, root: Path, what: str, *, shell: bool = Fal
 # ---------------------------------------------------------------- whole job
 
 
-def resolve_project(location: str, project: str, *, record: Callable[[], HostRecord | None],
-                    reload: Callable[[], object], client: str) -> tuple[Path, Path]:
+def resolve_project(
+    location: str,
+    project: str,
+    *,
+    record: Callable[[], HostRecord | None],
+    reload: Callable[[], object],
+    client: str,
+) -> tuple[Path, Path]:
     """(location root as configured, resolved project directory), checked as for a job.
 
     Shared by job submission and the share probe (rayserver.server.shareprobe), so
@@ -331,23 +383,36 @@ def resolve_project(location: str, project: str, *, record: Callable[[], HostRec
     loc_root = Path(os.path.realpath(loc_root_raw))
     if not loc_root.is_dir():
         raise JobSpecError(
-            404, f"location {location!r} is {loc_root_raw} on this server, which is not a "
-            "directory (is the volume mounted?)", "location")
+            404,
+            f"location {location!r} is {loc_root_raw} on this server, which is not a "
+            "directory (is the volume mounted?)",
+            "location",
+        )
     project_dir = _confine(project, loc_root, loc_root, "project")
     if not project_dir.is_dir():
         raise JobSpecError(
-            404, f"project {project!r} does not exist in location {location!r} on this "
-            f"server (looked for {project_dir})", "project")
+            404,
+            f"project {project!r} does not exist in location {location!r} on this "
+            f"server (looked for {project_dir})",
+            "project",
+        )
     return loc_root_raw, project_dir
 
 
-def resolve_job(data: dict[str, Any], *, settings: Settings, hosts: HostsConfig,
-                record: Callable[[], HostRecord | None], reload: Callable[[], object],
-                client: str) -> ResolvedJob:
+def resolve_job(
+    data: dict[str, Any],
+    *,
+    settings: Settings,
+    hosts: HostsConfig,
+    record: Callable[[], HostRecord | None],
+    reload: Callable[[], object],
+    client: str,
+) -> ResolvedJob:
     """Check a shaped request (see :func:`check_shape`) and resolve it for the queue."""
     location, project = data["location"], data["project"]
-    loc_root_raw, project_dir = resolve_project(location, project, record=record,
-                                                reload=reload, client=client)
+    loc_root_raw, project_dir = resolve_project(
+        location, project, record=record, reload=reload, client=client
+    )
 
     if "rad" in data:
         steps_in, workdir = _rad_steps(data["rad"], project_dir)
@@ -361,9 +426,11 @@ def resolve_job(data: dict[str, Any], *, settings: Settings, hosts: HostsConfig,
         path = radiance.program_path(settings, program)
         if path is None:
             raise JobSpecError(
-                422, f"{where}.program: {program!r} is not a Radiance program on this server "
+                422,
+                f"{where}.program: {program!r} is not a Radiance program on this server "
                 f"(programs come from {radiance.bin_dir(settings)}, given by name only)",
-                f"{where}.program")
+                f"{where}.program",
+            )
         args = list(step.get("args") or [])
         for j, arg in enumerate(args):
             what = f"{where}.args[{j}]" if "steps" in data else f"rad.options[{j}]"
@@ -373,17 +440,32 @@ def resolve_job(data: dict[str, Any], *, settings: Settings, hosts: HostsConfig,
         for key in ("stdin", "stdout"):
             if step.get(key) is not None:
                 _confine(step[key], workdir, project_dir, f"{where}.{key}")
-        steps.append({"program": program, "path": str(path), "args": args,
-                      "stdin": step.get("stdin"), "stdout": step.get("stdout")})
+        steps.append(
+            {
+                "program": program,
+                "path": str(path),
+                "args": args,
+                "stdin": step.get("stdin"),
+                "stdout": step.get("stdout"),
+            }
+        )
 
     libs = [str(p) for p in hosts.library_dirs(loc_root_raw) if p.is_dir()]
     # Only RAYPATH and PATH are kept: start from PATH alone, not a copy of os.environ.
     full_env = radiance.simulation_env(
-        settings, libs, base={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        settings, libs, base={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    )
     env = {"RAYPATH": full_env["RAYPATH"], "PATH": full_env["PATH"]}
     return ResolvedJob(
-        name=data.get("name"), priority=int(data.get("priority", 0)), location=location,
-        project=project, workdir=str(workdir), steps=steps, env=env, libraries=libs)
+        name=data.get("name"),
+        priority=int(data.get("priority", 0)),
+        location=location,
+        project=project,
+        workdir=str(workdir),
+        steps=steps,
+        env=env,
+        libraries=libs,
+    )
 
 
 def _rad_steps(rad: dict[str, Any], project_dir: Path) -> tuple[list[dict[str, Any]], Path]:
@@ -391,8 +473,9 @@ def _rad_steps(rad: dict[str, Any], project_dir: Path) -> tuple[list[dict[str, A
     rif = rad["rif"]
     rif_path = _confine(rif, project_dir, project_dir, "rad.rif")
     if not rif_path.is_file():
-        raise JobSpecError(422, f"rad.rif: {rif!r} is not a file in the project directory",
-                           "rad.rif")
+        raise JobSpecError(
+            422, f"rad.rif: {rif!r} is not a file in the project directory", "rad.rif"
+        )
     workdir = rif_path.parent
     args = [*list(rad.get("options") or []), rif_path.name]
     return [{"program": "rad", "args": args, "stdin": None, "stdout": None}], workdir

@@ -105,8 +105,9 @@ class _RefusalLog:
             self._last[address] = (last[0], last[1] + 1)
             return
         extra = f" ({last[1]} more refused since the last warning)" if last and last[1] else ""
-        log.warning("refused connection from %s port %s: address not in allow%s",
-                    address, port, extra)
+        log.warning(
+            "refused connection from %s port %s: address not in allow%s", address, port, extra
+        )
         self._last[address] = (now, 0)
         if len(self._last) > 4096:
             # Forget the oldest half; a scan across many addresses must not grow memory.
@@ -177,7 +178,7 @@ class _Guard(asyncio.Protocol):
         self._idle_since: float | None = None
         self._request_since: float | None = None
         self._write_paused_since: float | None = None
-        self.handling = 0          # handlers running (set by the middleware)
+        self.handling = 0  # handlers running (set by the middleware)
         self.reading_body = False  # the middleware is receiving a body
 
     # ---- connection set-up
@@ -216,7 +217,10 @@ class _Guard(asyncio.Protocol):
         timeout = self._timeout()
         try:
             new = await self._loop.start_tls(
-                transport, self, tls, server_side=True,
+                transport,
+                self,
+                tls,
+                server_side=True,
                 ssl_handshake_timeout=timeout if timeout > 0 else None,
             )
         except asyncio.CancelledError:
@@ -352,8 +356,9 @@ class _Guard(asyncio.Protocol):
         return None
 
 
-def filtered_factory(server_factory: Callable[[], asyncio.BaseProtocol], ctx: Any
-                     ) -> Callable[[], asyncio.Protocol]:
+def filtered_factory(
+    server_factory: Callable[[], asyncio.BaseProtocol], ctx: Any
+) -> Callable[[], asyncio.Protocol]:
     """Wrap aiohttp's ``web.Server`` (``runner.server``) for ``loop.create_server``.
 
     Connections from addresses outside ``ctx.live.settings.allow`` are
@@ -377,8 +382,7 @@ def filtered_factory(server_factory: Callable[[], asyncio.BaseProtocol], ctx: An
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message, "status": status}, status=status,
-                             headers=headers)
+    return web.json_response({"error": message, "status": status}, status=status, headers=headers)
 
 
 def _is_open(request: web.Request) -> bool:
@@ -396,8 +400,9 @@ def _message_for(request: web.Request, exc: web.HTTPException, limit: int) -> st
         return f"not found: {request.method} {request.path}"
     if exc.status == 405:
         allowed = exc.headers.get("Allow", "")
-        return (f"method {request.method} is not allowed on {request.path}"
-                + (f"; allowed: {allowed}" if allowed else ""))
+        return f"method {request.method} is not allowed on {request.path}" + (
+            f"; allowed: {allowed}" if allowed else ""
+        )
     if exc.status == 413:
         return f"request body too large: at most {limit} bytes are accepted"
     text = (exc.text or "").strip()
@@ -440,8 +445,11 @@ class _TokenWatch:
             new = read_server_token(ctx.layout, ctx.live.settings)
         except CredentialsError as exc:
             self.problem = str(exc)
-            log.error("token file changed and cannot be used: %s; requests that need a "
-                      "token are refused until it is fixed", exc)
+            log.error(
+                "token file changed and cannot be used: %s; requests that need a "
+                "token are refused until it is fixed",
+                exc,
+            )
             return ctx.token
         self.problem = None
         if new != ctx.token:
@@ -462,8 +470,11 @@ def middlewares(ctx: Any) -> list[Any]:
         except web.HTTPException as exc:
             if exc.status < 400 or (exc.content_type or "").endswith("json"):
                 raise
-            headers = {k: v for k, v in exc.headers.items()
-                       if k.lower() not in ("content-type", "content-length")}
+            headers = {
+                k: v
+                for k, v in exc.headers.items()
+                if k.lower() not in ("content-type", "content-length")
+            }
             resp = _error(exc.status, _message_for(request, exc, limit), headers)
             if exc.status == 413:
                 # The rest of the body is not read; this connection cannot be reused.
@@ -472,8 +483,9 @@ def middlewares(ctx: Any) -> list[Any]:
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception:
-            log.exception("internal error on %s %s from %s",
-                          request.method, request.path, request.remote)
+            log.exception(
+                "internal error on %s %s from %s", request.method, request.path, request.remote
+            )
             return _error(500, "internal server error; the details are in the server log")
 
     @web.middleware
@@ -484,22 +496,32 @@ def middlewares(ctx: Any) -> list[Any]:
         if token is None:
             return await handler(request)
         if watch.problem:
-            return _error(503, "the server's token file cannot be used; the reason is in "
-                               "the server log")
+            return _error(
+                503, "the server's token file cannot be used; the reason is in the server log"
+            )
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
-            problem, message = "no token", (
-                "a token is required: send 'Authorization: Bearer <token>' "
-                "(rayfront reads it from <home>/config/token or $RAYFRONT_TOKEN)")
+            problem, message = (
+                "no token",
+                (
+                    "a token is required: send 'Authorization: Bearer <token>' "
+                    "(rayfront reads it from <home>/config/token or $RAYFRONT_TOKEN)"
+                ),
+            )
         elif not tokens_equal(given, token):
-            problem, message = "wrong token", (
-                "wrong token: the server's token differs (it may have been rotated "
-                "with `rayfront token new`)")
+            problem, message = (
+                "wrong token",
+                (
+                    "wrong token: the server's token differs (it may have been rotated "
+                    "with `rayfront token new`)"
+                ),
+            )
         else:
             return await handler(request)
-        log.warning("refused %s %s from %s: %s", request.method, request.path,
-                    request.remote, problem)
+        log.warning(
+            "refused %s %s from %s: %s", request.method, request.path, request.remote, problem
+        )
         return _error(401, message, {"WWW-Authenticate": 'Bearer realm="rayserver"'})
 
     @web.middleware

@@ -63,7 +63,7 @@ READ_LIMIT = 4096
 
 _FORMS = {
     "file": "a plain file name of the form .rayfront-probe-<16 to 64 lowercase hex digits> "
-            "in the project directory",
+    "in the project directory",
     "nonce": "16 to 128 lowercase hex digits",
     "hold_id": "the hold_id of a 'hold' answer (32 lowercase hex digits)",
 }
@@ -78,7 +78,7 @@ class Hold:
     hold_id: str
     fd: int
     path: str
-    key: tuple[int, int]          # (st_dev, st_ino) of the locked file
+    key: tuple[int, int]  # (st_dev, st_ino) of the locked file
     nonce: str
     client: str
     timer: asyncio.TimerHandle | None = None
@@ -97,10 +97,11 @@ class Hold:
 class _Opened:
     """A descriptor of the probe file, or the reason there is none."""
 
-    def __init__(self, fd: int | None, hold: Hold | None, detail: str, missing: bool = False
-                 ) -> None:
-        self.fd = fd            # our own descriptor, to close after use
-        self.hold = hold        # the file is held by this worker: use hold.fd
+    def __init__(
+        self, fd: int | None, hold: Hold | None, detail: str, missing: bool = False
+    ) -> None:
+        self.fd = fd  # our own descriptor, to close after use
+        self.hold = hold  # the file is held by this worker: use hold.fd
         self.detail = detail
         self.missing = missing
 
@@ -117,13 +118,16 @@ class _Opened:
 
 def _open_error(path: str, exc: OSError, write: bool) -> str:
     if exc.errno == errno.ELOOP:
-        return (f"{path} is a symbolic link; the probe file must be the plain file the "
-                "client created")
+        return (
+            f"{path} is a symbolic link; the probe file must be the plain file the client created"
+        )
     if exc.errno == errno.EACCES:
         how = "for writing" if write else "for reading"
         access = "write" if write else "read"
-        return (f"cannot open {path} {how}: permission denied; the server's user/group needs "
-                f"{access} access to the project directory")
+        return (
+            f"cannot open {path} {how}: permission denied; the server's user/group needs "
+            f"{access} access to the project directory"
+        )
     if exc.errno == errno.EROFS:
         return f"cannot open {path} for writing: the share is mounted read-only on this server"
     return f"cannot open {path}: {exc.strerror or exc}"
@@ -132,15 +136,17 @@ def _open_error(path: str, exc: OSError, write: bool) -> str:
 def _describe_nonce_mismatch(path: str, content: bytes | None) -> str:
     if content is None:
         return f"{path} does not exist on this server"
-    return (f"{path} holds something other than the client's nonce ({len(content)} bytes): "
-            "this server sees a different folder under that location")
+    return (
+        f"{path} holds something other than the client's nonce ({len(content)} bytes): "
+        "this server sees a different folder under that location"
+    )
 
 
 class ShareProbes:
     """The route handler and the worker's registry of holds."""
 
     def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx                  # rayserver.server.api.AppContext (live config)
+        self.ctx = ctx  # rayserver.server.api.AppContext (live config)
         self.holds: dict[str, Hold] = {}
         self._by_key: dict[tuple[int, int], Hold] = {}
         self._lock: asyncio.Lock | None = None
@@ -150,19 +156,26 @@ class ShareProbes:
 
     async def _read_json(self, request: web.Request) -> dict[str, Any]:
         if request.content_type != "application/json":
-            raise JobSpecError(415, "send the probe as JSON with 'Content-Type: "
-                               f"application/json' (got {request.content_type or 'no content type'!r})")
+            raise JobSpecError(
+                415,
+                "send the probe as JSON with 'Content-Type: "
+                f"application/json' (got {request.content_type or 'no content type'!r})",
+            )
         raw = await request.read()
         if not raw:
             raise JobSpecError(400, "empty request body; expected a JSON probe object")
         try:
             data = json.loads(raw)
         except UnicodeDecodeError:
-            raise JobSpecError(400, "request body is not UTF-8 text; expected a JSON probe "
-                               "object") from None
+            raise JobSpecError(
+                400, "request body is not UTF-8 text; expected a JSON probe object"
+            ) from None
         except json.JSONDecodeError as exc:
-            raise JobSpecError(400, f"request body is not valid JSON: {exc.msg} at line "
-                               f"{exc.lineno} column {exc.colno}") from None
+            raise JobSpecError(
+                400,
+                f"request body is not valid JSON: {exc.msg} at line "
+                f"{exc.lineno} column {exc.colno}",
+            ) from None
         return check_probe(data)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -175,12 +188,19 @@ class ShareProbes:
         if op == "hold" and len(self.holds) >= MAX_HOLDS:
             log.info("share probe: refused a hold for %s: %d holds already", client, MAX_HOLDS)
             raise JobSpecError(
-                429, f"this server already keeps {MAX_HOLDS} probe locks, the most it holds at "
-                "once; release some (op 'release') or wait until they expire")
+                429,
+                f"this server already keeps {MAX_HOLDS} probe locks, the most it holds at "
+                "once; release some (op 'release') or wait until they expire",
+            )
         live = self.ctx.live
         _root, project_dir = await asyncio.to_thread(
-            jobspec.resolve_project, data["location"], data["project"],
-            record=lambda: live.record, reload=live.reload_if_changed, client=client)
+            jobspec.resolve_project,
+            data["location"],
+            data["project"],
+            record=lambda: live.record,
+            reload=live.reload_if_changed,
+            client=client,
+        )
         path = str(project_dir / data["file"])
         if op == "read":
             answer = await self._read(path, data["nonce"], client)
@@ -244,8 +264,10 @@ class ShareProbes:
         """(descriptor, file key) with the exclusive lock taken, or why not."""
         opened = self._open(path, os.O_RDWR)
         if opened.hold is not None:
-            return (f"{path} is already locked by this server (hold {opened.hold.hold_id}); "
-                    "release it first")
+            return (
+                f"{path} is already locked by this server (hold {opened.hold.hold_id}); "
+                "release it first"
+            )
         if opened.fd is None:
             return opened.detail
         fd = opened.fd
@@ -260,7 +282,7 @@ class ShareProbes:
                     return "already locked by another process"
                 return _lock_error(path, exc)
             st = os.fstat(fd)
-            opened.fd = None        # the hold owns it now
+            opened.fd = None  # the hold owns it now
             return fd, (st.st_dev, st.st_ino)
         except OSError as exc:
             return f"cannot read {path}: {exc.strerror or exc}"
@@ -271,9 +293,11 @@ class ShareProbes:
         opened = self._open(path, os.O_RDONLY)
         try:
             if opened.hold is not None:
-                return False, (f"this server holds that lock itself (hold {opened.hold.hold_id}):"
-                               " the server asked to hold and the one asked to test are the "
-                               "same; test from another server")
+                return False, (
+                    f"this server holds that lock itself (hold {opened.hold.hold_id}):"
+                    " the server asked to hold and the one asked to test are the "
+                    "same; test from another server"
+                )
             if opened.fd is None:
                 return False, opened.detail
             fd = opened.fd
@@ -321,18 +345,19 @@ class ShareProbes:
     async def _hold(self, path: str, data: dict[str, Any], client: str) -> dict[str, Any]:
         seconds = float(data.get("hold_seconds", DEFAULT_HOLD_SECONDS))
         async with self._mutex():
-            if len(self.holds) >= MAX_HOLDS:   # filled while this request waited
+            if len(self.holds) >= MAX_HOLDS:  # filled while this request waited
                 raise JobSpecError(
-                    429, f"this server already keeps {MAX_HOLDS} probe locks, the most it holds "
-                    "at once; release some (op 'release') or wait until they expire")
+                    429,
+                    f"this server already keeps {MAX_HOLDS} probe locks, the most it holds "
+                    "at once; release some (op 'release') or wait until they expire",
+                )
             result = await asyncio.to_thread(self._try_hold, path, data["nonce"])
             if isinstance(result, str):
                 log.info("share probe: %s hold %s refused: %s", client, path, result)
                 return {"op": "hold", "held": False, "detail": result}
             fd, key = result
             hold = Hold(secrets.token_hex(16), fd, path, key, data["nonce"], client)
-            hold.timer = asyncio.get_running_loop().call_later(seconds, self._expire,
-                                                               hold.hold_id)
+            hold.timer = asyncio.get_running_loop().call_later(seconds, self._expire, hold.hold_id)
             self.holds[hold.hold_id] = hold
             self._by_key[key] = hold
         log.debug("share probe: %s holds %s (hold %s, %g s)", client, path, hold.hold_id, seconds)
@@ -352,8 +377,10 @@ class ShareProbes:
         async with self._mutex():
             hold = self.holds.get(hold_id)
             if hold is None:
-                detail = (f"no hold {hold_id} on this server: it was released already, it "
-                          "expired (hold_seconds), or the server restarted")
+                detail = (
+                    f"no hold {hold_id} on this server: it was released already, it "
+                    "expired (hold_seconds), or the server restarted"
+                )
             elif hold.nonce != data["nonce"]:
                 hold, detail = None, f"hold {hold_id} belongs to another probe (other nonce)"
             else:
@@ -384,7 +411,7 @@ class ShareProbes:
                     log.debug("share probe: hold %s on %s expired", hold_id, hold.path)
 
         task = asyncio.get_running_loop().create_task(expire())
-        self._tasks.add(task)   # the loop keeps only weak references
+        self._tasks.add(task)  # the loop keeps only weak references
         task.add_done_callback(self._tasks.discard)
 
     async def cleanup(self, _app: web.Application | None = None) -> None:
@@ -401,16 +428,21 @@ class ShareProbes:
 
 def _lock_error(path: str, exc: OSError) -> str:
     if exc.errno == errno.ENOLCK:
-        return (f"cannot lock {path}: no locks available (the share has no working lock "
-                "manager on this server)")
+        return (
+            f"cannot lock {path}: no locks available (the share has no working lock "
+            "manager on this server)"
+        )
     return f"cannot lock {path}: {exc.strerror or exc}"
 
 
 def check_probe(data: Any) -> dict[str, Any]:
     """The request body checked against ShareProbeRequest and the per-op field rules (422)."""
     if not isinstance(data, dict):
-        raise JobSpecError(422, "the probe must be a JSON object with location, project, file, "
-                           f"nonce and op; got {type(data).__name__}")
+        raise JobSpecError(
+            422,
+            "the probe must be a JSON object with location, project, file, "
+            f"nonce and op; got {type(data).__name__}",
+        )
     error = best_match(jobspec.schema_validator("ShareProbeRequest").iter_errors(data))
     if error is not None:
         where, message = _describe(error)
@@ -427,8 +459,12 @@ def check_probe(data: Any) -> dict[str, Any]:
             raise JobSpecError(422, f"{name}: expected {_FORMS[name]}, got {value!r}", name)
     op = data["op"]
     if op == "release" and "hold_id" not in data:
-        raise JobSpecError(422, "missing required field 'hold_id' (op 'release' names the "
-                           "hold_id a 'hold' answer gave)", "hold_id")
+        raise JobSpecError(
+            422,
+            "missing required field 'hold_id' (op 'release' names the "
+            "hold_id a 'hold' answer gave)",
+            "hold_id",
+        )
     if op != "release" and "hold_id" in data:
         raise JobSpecError(422, f"hold_id: only for op 'release', not {op!r}", "hold_id")
     if op != "hold" and "hold_seconds" in data:

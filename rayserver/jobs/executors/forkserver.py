@@ -73,20 +73,25 @@ class ForkServer:
         inheritable for a moment)."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         final_r, final_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        config = json.dumps({
-            "home": str(layout.home), "host": layout.host, "db": str(db_path),
-            "grace": settings.cancel_grace, "sock": child_sock.fileno(),
-            "final": final_w.fileno(),
-        })
+        config = json.dumps(
+            {
+                "home": str(layout.home),
+                "host": layout.host,
+                "db": str(db_path),
+                "grace": settings.cancel_grace,
+                "sock": child_sock.fileno(),
+                "final": final_w.fileno(),
+            }
+        )
         # The package this worker runs, first on the path: the same code, whatever
         # the current directory holds.
         package_root = str(Path(__file__).resolve().parents[3])
         try:
             child_sock.set_inheritable(True)
             final_w.set_inheritable(True)
-            pid = os.posix_spawn(sys.executable,
-                                 [sys.executable, "-c", _BOOT, package_root, config],
-                                 os.environ)
+            pid = os.posix_spawn(
+                sys.executable, [sys.executable, "-c", _BOOT, package_root, config], os.environ
+            )
         except BaseException:
             for s in (parent_sock, child_sock, final_r, final_w):
                 s.close()
@@ -135,8 +140,10 @@ def _final_reporter(final_sock: socket.socket | None) -> Callable[[int], None] |
     return report
 
 
-_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from rayserver.jobs.executors.forkserver import boot; sys.exit(boot(sys.argv[2]))")
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from rayserver.jobs.executors.forkserver import boot; sys.exit(boot(sys.argv[2]))"
+)
 
 
 def boot(config: str) -> int:
@@ -148,8 +155,13 @@ def boot(config: str) -> int:
         final = socket.socket(fileno=conf["final"])
         for s in (sock, final):
             s.set_inheritable(False)
-        code = _serve(sock, Layout(Path(conf["home"]), conf["host"]), Path(conf["db"]),
-                      float(conf["grace"]), final)
+        code = _serve(
+            sock,
+            Layout(Path(conf["home"]), conf["host"]),
+            Path(conf["db"]),
+            float(conf["grace"]),
+            final,
+        )
     except BaseException:  # noqa: BLE001 - report, then exit (the worker sees EOF)
         with contextlib.suppress(Exception):
             import traceback
@@ -162,8 +174,13 @@ def boot(config: str) -> int:
     return code  # pragma: no cover
 
 
-def _serve(sock: socket.socket, layout: Layout, db_path: Path, grace: float,
-           final_sock: socket.socket | None = None) -> int:
+def _serve(
+    sock: socket.socket,
+    layout: Layout,
+    db_path: Path,
+    grace: float,
+    final_sock: socket.socket | None = None,
+) -> int:
     """The fork server's loop (in its own process)."""
     with contextlib.suppress(ImportError):
         import setproctitle
@@ -216,8 +233,9 @@ def _serve(sock: socket.socket, layout: Layout, db_path: Path, grace: float,
                 devnull = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(devnull, 0)
                 os.close(devnull)
-                code = procwrap.run_spare(theirs, db_path, layout.procwrap_title, grace=grace,
-                                          on_final=on_final)
+                code = procwrap.run_spare(
+                    theirs, db_path, layout.procwrap_title, grace=grace, on_final=on_final
+                )
             except BaseException:  # noqa: BLE001
                 with contextlib.suppress(Exception):
                     import traceback
@@ -331,8 +349,9 @@ class ForkServerClient:
         self.on_lost: Callable[[], None] | None = None
         # on_final(job_id): a procwrap committed its final state (it exits next).
         self.on_final: Callable[[int], None] | None = None
-        self._waiting: collections.deque[Callable[[int | None, str | None], None]] = \
+        self._waiting: collections.deque[Callable[[int | None, str | None], None]] = (
             collections.deque()
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.handle.sock.setblocking(False)
@@ -411,8 +430,7 @@ class ForkServerClient:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self.handle.final_sock.fileno())
 
-    def launch_nowait(self, job_id: int,
-                      done: Callable[[int | None, str | None], None]) -> None:
+    def launch_nowait(self, job_id: int, done: Callable[[int | None, str | None], None]) -> None:
         """Ask for a procwrap for ``job_id`` without waiting for the answer.
 
         ``done(pid, None)`` follows once it is forked, or ``done(None, message)``

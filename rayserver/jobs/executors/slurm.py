@@ -44,11 +44,23 @@ log = logging.getLogger("rayserver.jobs.executors.slurm")
 COMMAND_TIMEOUT = 30.0
 
 # Slurm job states (squeue -o %T, scontrol JobState) that are not final yet.
-ACTIVE_STATES = frozenset({
-    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
-    "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD",
-    "STOPPED",
-})
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "SUSPENDED",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "RESV_DEL_HOLD",
+        "STOPPED",
+    }
+)
 
 # Final Slurm states -> (our state, reason). Failures of the machinery (node,
 # preemption) are "interrupted" like a local job whose server went away;
@@ -150,9 +162,12 @@ def job_from_scontrol(line: str) -> SlurmJob:
     status, sig = parse_exit_code(rec.get("ExitCode", ""))
     nodes = rec.get("NodeList", "")
     return SlurmJob(
-        job_id=rec["JobId"], state=base_state(rec.get("JobState", "UNKNOWN")),
+        job_id=rec["JobId"],
+        state=base_state(rec.get("JobState", "UNKNOWN")),
         reason=rec.get("Reason", "") if rec.get("Reason") != "None" else "",
-        nodes="" if nodes == "(null)" else nodes, exit_status=status, signal=sig,
+        nodes="" if nodes == "(null)" else nodes,
+        exit_status=status,
+        signal=sig,
     )
 
 
@@ -185,14 +200,17 @@ class SlurmCommands:
             )
         return found
 
-    async def run(self, name: str, args: Sequence[str], stdin: bytes | None = None,
-                  check: bool = True) -> tuple[int, str, str]:
+    async def run(
+        self, name: str, args: Sequence[str], stdin: bytes | None = None, check: bool = True
+    ) -> tuple[int, str, str]:
         """Run one Slurm command; returns (exit code, stdout, stderr)."""
         argv = [self.path(name), *args]
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                *argv,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
             raise SlurmError(f"cannot run {name}: {exc.strerror or exc}") from exc
@@ -201,13 +219,16 @@ class SlurmCommands:
         except TimeoutError as exc:
             proc.kill()
             await proc.wait()
-            raise SlurmError(f"{name} did not answer within {self.timeout:.0f} s "
-                             "(is slurmctld up?)") from exc
+            raise SlurmError(
+                f"{name} did not answer within {self.timeout:.0f} s (is slurmctld up?)"
+            ) from exc
         code = proc.returncode if proc.returncode is not None else -1
         stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
         if check and code != 0:
-            raise SlurmError(f"{shlex.join([name, *args])} failed (exit {code}): "
-                             f"{stderr.strip() or stdout.strip() or 'no message'}")
+            raise SlurmError(
+                f"{shlex.join([name, *args])} failed (exit {code}): "
+                f"{stderr.strip() or stdout.strip() or 'no message'}"
+            )
         return code, stdout, stderr
 
     async def sbatch(self, script: str, options: Sequence[str]) -> str:
@@ -229,7 +250,9 @@ class SlurmCommands:
         if not ids:
             return {}
         code, out, err = await self.run(
-            "squeue", ["-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r|%N"], check=False,
+            "squeue",
+            ["-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r|%N"],
+            check=False,
         )
         if code != 0:
             # Every id unknown: squeue fails instead of printing nothing.
@@ -242,19 +265,20 @@ class SlurmCommands:
             if len(parts) != 4:
                 continue
             job_id, state, reason, nodes = parts
-            jobs[job_id] = SlurmJob(job_id, base_state(state),
-                                    "" if reason == "None" else reason, nodes)
+            jobs[job_id] = SlurmJob(
+                job_id, base_state(state), "" if reason == "None" else reason, nodes
+            )
         return jobs
 
     async def show_job(self, job_id: str) -> SlurmJob | None:
         """``scontrol show job -o ID`` (with exit code and signal), None if Slurm forgot it."""
-        code, out, err = await self.run("scontrol", ["show", "job", "-o", str(job_id)],
-                                        check=False)
+        code, out, err = await self.run("scontrol", ["show", "job", "-o", str(job_id)], check=False)
         if code != 0:
             if "Invalid job id" in err:
                 return None
-            raise SlurmError(f"scontrol show job {job_id} failed (exit {code}): "
-                             f"{err.strip() or 'no message'}")
+            raise SlurmError(
+                f"scontrol show job {job_id} failed (exit {code}): {err.strip() or 'no message'}"
+            )
         lines = [ln for ln in out.splitlines() if ln.startswith("JobId=")]
         if not lines:
             return None
@@ -265,8 +289,10 @@ class SlurmCommands:
         args = [f"--signal={signal}", "--full"] if signal else []
         code, out, err = await self.run("scancel", [*args, str(job_id)], check=False)
         if code != 0 and "Invalid job id" not in err and "already completing" not in err:
-            raise SlurmError(f"scancel {job_id} failed (exit {code}): "
-                             f"{err.strip() or out.strip() or 'no message'}")
+            raise SlurmError(
+                f"scancel {job_id} failed (exit {code}): "
+                f"{err.strip() or out.strip() or 'no message'}"
+            )
 
     async def partition_nodes(self, partition: str = "") -> list[dict[str, Any]]:
         """One dict per node of the partition: name, state, cpus, free cpus."""
@@ -285,11 +311,17 @@ class SlurmCommands:
                 alloc, idle, _other, total = (int(x) for x in cpus.split("/"))
             except ValueError:
                 alloc = idle = total = 0
-            node = nodes.setdefault(name, {
-                "name": name, "state": state.rstrip("*~#!%$@^-"), "cpus": total,
-                "free_cpus": idle if state.rstrip("*~#!%$@^-") in ("idle", "mixed") else 0,
-                "allocated_cpus": alloc, "partitions": [],
-            })
+            node = nodes.setdefault(
+                name,
+                {
+                    "name": name,
+                    "state": state.rstrip("*~#!%$@^-"),
+                    "cpus": total,
+                    "free_cpus": idle if state.rstrip("*~#!%$@^-") in ("idle", "mixed") else 0,
+                    "allocated_cpus": alloc,
+                    "partitions": [],
+                },
+            )
             node["partitions"].append(part.rstrip("*"))
         return list(nodes.values())
 
@@ -316,33 +348,60 @@ async def _cluster_info(settings: Settings) -> dict[str, Any]:
     info: dict[str, Any] = {"partition": settings.slurm_partition or None}
     try:
         nodes = await SlurmCommands(settings.slurm_bin, timeout=10).partition_nodes(
-            settings.slurm_partition)
+            settings.slurm_partition
+        )
     except SlurmError as exc:
         info.update(available=False, error=str(exc), nodes=[], cpus=0, free_cpus=0)
         return info
     if settings.slurm_partition and not nodes:
-        info.update(available=False, nodes=[], cpus=0, free_cpus=0,
-                    error=f"Slurm partition {settings.slurm_partition!r} has no nodes "
-                          "(check slurm_partition in rayserver.toml)")
+        info.update(
+            available=False,
+            nodes=[],
+            cpus=0,
+            free_cpus=0,
+            error=f"Slurm partition {settings.slurm_partition!r} has no nodes "
+            "(check slurm_partition in rayserver.toml)",
+        )
         return info
-    info.update(available=True, nodes=nodes, cpus=sum(n["cpus"] for n in nodes),
-                free_cpus=sum(n["free_cpus"] for n in nodes))
+    info.update(
+        available=True,
+        nodes=nodes,
+        cpus=sum(n["cpus"] for n in nodes),
+        free_cpus=sum(n["free_cpus"] for n in nodes),
+    )
     return info
 
 
-def batch_script(db_path: Path | str, job_id: int, python: str = sys.executable,
-                 grace: float = 5.0) -> str:
+def batch_script(
+    db_path: Path | str, job_id: int, python: str = sys.executable, grace: float = 5.0
+) -> str:
     """The batch script of one job: exec the procwrap, so Slurm's signals reach it directly."""
-    argv = [python, "-m", "rayserver.procwrap", "--db", str(db_path), "--job", str(job_id),
-            "--grace", f"{grace:g}", "--claim-queued"]
+    argv = [
+        python,
+        "-m",
+        "rayserver.procwrap",
+        "--db",
+        str(db_path),
+        "--job",
+        str(job_id),
+        "--grace",
+        f"{grace:g}",
+        "--claim-queued",
+    ]
     return f"#!/bin/sh\n# rayserver job {job_id}\nexec {shlex.join(argv)}\n"
 
 
 # --- the executor -------------------------------------------------------------------
 
 # sbatch/squeue messages that mean "Slurm is not reachable right now", not "never".
-_TRANSIENT = ("Unable to contact slurm controller", "did not answer", "Socket timed out",
-              "Zero Bytes were transmitted", "Connection refused", "try again")
+_TRANSIENT = (
+    "Unable to contact slurm controller",
+    "did not answer",
+    "Socket timed out",
+    "Zero Bytes were transmitted",
+    "Connection refused",
+    "try again",
+)
 
 
 def job_name(job_id: int) -> str:
@@ -363,9 +422,15 @@ class SlurmExecutor:
     a Slurm job ended, so the scheduler can start the next queued job.
     """
 
-    def __init__(self, db: Any, settings: Settings, *, python: str = sys.executable,
-                 commands: SlurmCommands | None = None,
-                 on_change: Any = None) -> None:
+    def __init__(
+        self,
+        db: Any,
+        settings: Settings,
+        *,
+        python: str = sys.executable,
+        commands: SlurmCommands | None = None,
+        on_change: Any = None,
+    ) -> None:
         self.db = db
         self.settings = settings
         self.python = python
@@ -419,9 +484,10 @@ class SlurmExecutor:
         self._launching.add(job_id)
         try:
             self.db.log_path(job_id).parent.mkdir(parents=True, exist_ok=True)
-            slurm_id = await self.commands.sbatch(batch_script(self.db_path, job_id, self.python,
-                                                               self.settings.cancel_grace),
-                                                  self.sbatch_options(job))
+            slurm_id = await self.commands.sbatch(
+                batch_script(self.db_path, job_id, self.python, self.settings.cancel_grace),
+                self.sbatch_options(job),
+            )
         except (SlurmError, OSError) as exc:
             self._launching.discard(job_id)
             text = str(exc)
@@ -495,8 +561,11 @@ class SlurmExecutor:
             log.warning("cannot reach Slurm to find its jobs again (will retry): %s", exc)
 
     async def _adopt(self) -> None:
-        rows = [r for r in self.db.in_states(("queued", "starting"))
-                if r.get("executor") == "slurm" or r.get("external_id")]
+        rows = [
+            r
+            for r in self.db.in_states(("queued", "starting"))
+            if r.get("executor") == "slurm" or r.get("external_id")
+        ]
         if not rows:
             await self.poll_once()
             return
@@ -522,7 +591,8 @@ class SlurmExecutor:
     async def _our_jobs(self) -> dict[str, SlurmJob]:
         """Slurm jobs of this user that carry one of our comments: comment -> job."""
         _, out, _ = await self.commands.run(
-            "squeue", ["-h", "-t", "all", "-u", str(os.getuid()), "-o", "%i|%T|%k"])
+            "squeue", ["-h", "-t", "all", "-u", str(os.getuid()), "-o", "%i|%T|%k"]
+        )
         found: dict[str, SlurmJob] = {}
         for line in out.splitlines():
             sid, _, rest = line.partition("|")
@@ -536,8 +606,11 @@ class SlurmExecutor:
 
     async def poll_once(self) -> list[int]:
         """One look at Slurm for every job with it; returns the ids recorded final here."""
-        rows = [r for r in self.db.in_states(("starting", "running"))
-                if r.get("external_id") and r["id"] not in self._launching]
+        rows = [
+            r
+            for r in self.db.in_states(("starting", "running"))
+            if r.get("external_id") and r["id"] not in self._launching
+        ]
         if not rows:
             return []
         slurm = await self.commands.squeue([r["external_id"] for r in rows])
@@ -563,24 +636,35 @@ class SlurmExecutor:
     def _record_from_slurm(self, row: dict[str, Any], job: SlurmJob | None) -> bool:
         sid = row["external_id"]
         if job is None:
-            return bool(self.db.finish(
-                row["id"], "interrupted",
-                reason=f"Slurm no longer knows job {sid} and the job recorded no result "
-                       "(finished longer ago than Slurm's MinJobAge, or the controller lost it)"))
+            return bool(
+                self.db.finish(
+                    row["id"],
+                    "interrupted",
+                    reason=f"Slurm no longer knows job {sid} and the job recorded no result "
+                    "(finished longer ago than Slurm's MinJobAge, or the controller lost it)",
+                )
+            )
         state, reason = final_state(job.state)
         if row.get("cancel_request") == "cancel" and state in ("cancelled", "failed"):
             state, reason = "cancelled", "cancelled"
         elif state == "done":
             # Slurm says the batch script succeeded, but the procwrap recorded nothing.
             state = "failed"
-            reason = ("the Slurm job ended without running the job's steps (the procwrap did "
-                      "not claim it; see the job's log)" if row["state"] == "starting"
-                      else "the procwrap ended without recording a result (see the job's log)")
+            reason = (
+                "the Slurm job ended without running the job's steps (the procwrap did "
+                "not claim it; see the job's log)"
+                if row["state"] == "starting"
+                else "the procwrap ended without recording a result (see the job's log)"
+            )
         reason = f"{reason} (Slurm job {sid}, state {job.state}" + (
-            f", {job.reason})" if job.reason else ")")
+            f", {job.reason})" if job.reason else ")"
+        )
         log.info("job %d: recorded %s from Slurm: %s", row["id"], state, reason)
-        return bool(self.db.finish(row["id"], state, exit_status=job.exit_status,
-                                   signal=job.signal, reason=reason))
+        return bool(
+            self.db.finish(
+                row["id"], state, exit_status=job.exit_status, signal=job.signal, reason=reason
+            )
+        )
 
     def _changed(self) -> None:
         if self.on_change is not None:

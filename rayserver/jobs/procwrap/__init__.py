@@ -39,8 +39,22 @@ from rayserver.jobs.procwrap.exits import (
 from rayserver.jobs.procwrap.procs import group_gone, group_members, set_subreaper, spawn
 
 __all__ = [
-    "EXIT_CANCELLED", "EXIT_CLAIM_LOST", "EXIT_DONE", "EXIT_FAILED", "EXIT_INTERNAL",
-    "EXIT_INTERRUPTED", "EXIT_USAGE", "ConfinementError", "group_gone", "group_members",
-    "main", "open_confined", "preload", "procwrap_title", "run_job", "run_spare",
-    "set_subreaper", "spawn",
+    "EXIT_CANCELLED",
+    "EXIT_CLAIM_LOST",
+    "EXIT_DONE",
+    "EXIT_FAILED",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "ConfinementError",
+    "group_gone",
+    "group_members",
+    "main",
+    "open_confined",
+    "preload",
+    "procwrap_title",
+    "run_job",
+    "run_spare",
+    "set_subreaper",
+    "spawn",
 ]

@@ -28,16 +28,18 @@ def open_confined(workdir: str, rel: str, *, write: bool) -> int:
     try:
         for comp in parts[:-1]:
             try:
-                nxt = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=dir_fd)
+                nxt = os.open(
+                    comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                )
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise ConfinementError(
                         f"{rel!r}: folder {comp!r} is a symbolic link or not a folder; "
                         "refusing to follow it out of the project"
                     ) from exc
-                raise ConfinementError(f"{rel!r}: cannot open folder {comp!r}: "
-                                       f"{exc.strerror}") from exc
+                raise ConfinementError(
+                    f"{rel!r}: cannot open folder {comp!r}: {exc.strerror}"
+                ) from exc
             os.close(dir_fd)
             dir_fd = nxt
         flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -70,5 +72,3 @@ def open_confined(workdir: str, rel: str, *, write: bool) -> int:
         os.close(fd)
         raise
     return fd
-
-

@@ -33,7 +33,6 @@ def procwrap_title(db_path: Path, job_id: int, row: dict[str, Any] | None) -> st
     return f"rfcore -O {home}/procwrap.pyo job={job_id} {what}".rstrip()
 
 
-
 def preload(db_path: Path) -> None:
     """Work every procwrap would repeat, done once in the fork server before it forks:
     the libc handle (a dlopen), the installation's real path, the environment copy."""
@@ -43,8 +42,14 @@ def preload(db_path: Path) -> None:
     base_env()
 
 
-def run_spare(intake: socket.socket, db_path: Path, title: str, *, grace: float,
-              on_final: Callable[[int], None] | None = None) -> int:
+def run_spare(
+    intake: socket.socket,
+    db_path: Path,
+    title: str,
+    *,
+    grace: float,
+    on_final: Callable[[int], None] | None = None,
+) -> int:
     """A procwrap started before its job: get ready, wait for the job id, run it.
 
     Everything that does not depend on the job is done while waiting: the
@@ -86,13 +91,31 @@ def _warm_statements(db: JobDB) -> None:
     db.get(0)
     db.claim_row(0, 0)
     db.update_progress(0, current_step=1, pgid_children=1, progress=0.0)
-    db.finish(0, "done", exit_status=0, signal=None, reason=None, wall_time=0.0,
-              cpu_time=0.0, max_rss_kb=0, progress=100.0, outputs=[], from_states=("running",))
+    db.finish(
+        0,
+        "done",
+        exit_status=0,
+        signal=None,
+        reason=None,
+        wall_time=0.0,
+        cpu_time=0.0,
+        max_rss_kb=0,
+        progress=100.0,
+        outputs=[],
+        from_states=("running",),
+    )
 
 
-def run_job(db_path: Path, job_id: int, *, log_dir: Path | None = None, grace: float = 5.0,
-            claim_queued: bool = False, on_final: Callable[[int], None] | None = None,
-            db: JobDB | None = None) -> int:
+def run_job(
+    db_path: Path,
+    job_id: int,
+    *,
+    log_dir: Path | None = None,
+    grace: float = 5.0,
+    claim_queued: bool = False,
+    on_final: Callable[[int], None] | None = None,
+    db: JobDB | None = None,
+) -> int:
     """Claim job ``job_id``, run its steps, record the result; returns the exit code.
 
     ``on_final(job_id)`` is called once the final state is committed (the
@@ -134,8 +157,12 @@ def run_job(db_path: Path, job_id: int, *, log_dir: Path | None = None, grace: f
         with contextlib.suppress(Exception):
             job.log("rayserver: internal error in the procwrap:\n" + traceback.format_exc())
         with contextlib.suppress(Exception):
-            db.finish(job_id, "failed", reason=f"internal error in the procwrap: {exc}",
-                      from_states=("running",))
+            db.finish(
+                job_id,
+                "failed",
+                reason=f"internal error in the procwrap: {exc}",
+                from_states=("running",),
+            )
         code = EXIT_INTERNAL
     finally:
         os.close(log_fd)
@@ -146,14 +173,23 @@ def run_job(db_path: Path, job_id: int, *, log_dir: Path | None = None, grace: f
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m rayserver.procwrap --db DB --job ID [--grace S] [--claim-queued]``."""
-    parser = argparse.ArgumentParser(prog="python -m rayserver.procwrap",
-                                     description="Run one rayserver job and record its result.")
+    parser = argparse.ArgumentParser(
+        prog="python -m rayserver.procwrap",
+        description="Run one rayserver job and record its result.",
+    )
     parser.add_argument("--db", required=True, type=Path, help="the job database file")
     parser.add_argument("--job", required=True, type=int, help="the job id")
-    parser.add_argument("--grace", type=float, default=5.0,
-                        help="seconds between SIGTERM and SIGKILL on cancel (default 5)")
-    parser.add_argument("--claim-queued", action="store_true",
-                        help="claim a queued job (Slurm/CLI), not only a starting one")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds between SIGTERM and SIGKILL on cancel (default 5)",
+    )
+    parser.add_argument(
+        "--claim-queued",
+        action="store_true",
+        help="claim a queued job (Slurm/CLI), not only a starting one",
+    )
     parser.add_argument("--log-dir", type=Path, default=None)
     ns = parser.parse_args(argv)
     if not ns.db.is_file():
@@ -165,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     # Our own session, like a fork-server child (fails harmlessly if we lead one).
     with contextlib.suppress(PermissionError):
         os.setsid()
-    code = run_job(ns.db, ns.job, log_dir=ns.log_dir, grace=ns.grace,
-                   claim_queued=ns.claim_queued)
+    code = run_job(ns.db, ns.job, log_dir=ns.log_dir, grace=ns.grace, claim_queued=ns.claim_queued)
     if code == EXIT_CLAIM_LOST:
-        print(f"procwrap: job {ns.job} was not ours to run (already claimed, finished or "
-              f"unknown)", file=sys.stderr)
+        print(
+            f"procwrap: job {ns.job} was not ours to run (already claimed, finished or unknown)",
+            file=sys.stderr,
+        )
     return code
 
 

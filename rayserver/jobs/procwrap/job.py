@@ -19,16 +19,17 @@ from rayserver.jobs.procwrap.procs import base_env, fmt_status, group_gone, grou
 from rayserver.jobs.procwrap.rtcount import RtraceCount
 
 PR_SET_CHILD_SUBREAPER = 36
-SAMPLE_INTERVAL = 0.5      # RSS sampling of the step group
+SAMPLE_INTERVAL = 0.5  # RSS sampling of the step group
 # The first /proc scan and rtrace line count wait this long: a step that ends
 # sooner (a tiny rtrace) costs no scan (~0.7 ms of CPU each on a busy
 # machine); its peak memory still comes from getrusage.
 FIRST_SAMPLE = 0.05
-PROGRESS_INTERVAL = 0.5    # at most ~2 progress writes per second
+PROGRESS_INTERVAL = 0.5  # at most ~2 progress writes per second
 RPICT_POKE_INTERVAL = 3.0  # SIGCONT asks rpict for one report (no -t needed)
 RAD_REPORT = "REPORT=0.05"  # minutes: rpict -t 3
 DRY_RUN_TIMEOUT = 60.0
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
 
 class Job:
     """State of one procwrap run (one instance per process)."""
@@ -122,8 +123,7 @@ class Job:
             if self.term_signal is None and (code != 0 or sig is not None):
                 failed_step = idx + 1
                 state = "failed"
-                reason = (f"step {idx + 1}/{n} ({step['program']}) "
-                          f"{fmt_status(code, sig)}")
+                reason = f"step {idx + 1}/{n} ({step['program']}) {fmt_status(code, sig)}"
                 break
         if self.term_signal is not None:
             state, reason = self.interrupted_state()
@@ -131,18 +131,28 @@ class Job:
         wall = time.monotonic() - started
         cpu = usage.ru_utime + usage.ru_stime
         rss = max(int(usage.ru_maxrss), self.max_rss_kb)
-        self.log(f"== {state}: {fmt_status(code, sig)}"
-                 f"{f' in step {failed_step}/{n}' if failed_step else ''}, wall {wall:.2f} s, "
-                 f"cpu {cpu:.2f} s, max rss {rss} kB"
-                 f"{f' ({reason})' if reason and state != 'failed' else ''} ==\n")
+        self.log(
+            f"== {state}: {fmt_status(code, sig)}"
+            f"{f' in step {failed_step}/{n}' if failed_step else ''}, wall {wall:.2f} s, "
+            f"cpu {cpu:.2f} s, max rss {rss} kB"
+            f"{f' ({reason})' if reason and state != 'failed' else ''} ==\n"
+        )
         self.db.finish(
-            self.id, state, exit_status=code, signal=sig, reason=reason, wall_time=round(wall, 3),
-            cpu_time=round(cpu, 3), max_rss_kb=rss,
-            progress=100.0 if state == "done" else None, outputs=self.outputs,
+            self.id,
+            state,
+            exit_status=code,
+            signal=sig,
+            reason=reason,
+            wall_time=round(wall, 3),
+            cpu_time=round(cpu, 3),
+            max_rss_kb=rss,
+            progress=100.0 if state == "done" else None,
+            outputs=self.outputs,
             from_states=("running",),
         )
         return {"done": EXIT_DONE, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}.get(
-            state, EXIT_INTERRUPTED)
+            state, EXIT_INTERRUPTED
+        )
 
     def interrupted_state(self) -> tuple[str, str]:
         row = self.db.get(self.id) or {}
@@ -163,8 +173,10 @@ class Job:
         if not os.path.isdir(self.workdir):
             # Moved, deleted or unmounted since the submit: say so, rather than
             # "cannot start <program>" (the chdir's error) or a traceback.
-            raise ConfinementError(f"the project directory {self.workdir} is missing "
-                                   "(moved, deleted or its volume unmounted?)")
+            raise ConfinementError(
+                f"the project directory {self.workdir} is missing "
+                "(moved, deleted or its volume unmounted?)"
+            )
         if program == "rad":
             args, tracker = self.prepare_rad(step["path"], args)
         shown = " ".join([program, *args])
@@ -173,31 +185,45 @@ class Job:
         if step.get("stdout"):
             shown += f" > {step['stdout']}"
         self.log(f"== step {idx + 1}/{n}: {shown} ==\n")
-        stdin_fd = open_confined(self.workdir, step["stdin"], write=False) \
-            if step.get("stdin") else None
+        stdin_fd = (
+            open_confined(self.workdir, step["stdin"], write=False) if step.get("stdin") else None
+        )
         try:
-            stdout_fd = open_confined(self.workdir, step["stdout"], write=True) \
-                if step.get("stdout") else None
+            stdout_fd = (
+                open_confined(self.workdir, step["stdout"], write=True)
+                if step.get("stdout")
+                else None
+            )
         except BaseException:
             if stdin_fd is not None:
                 os.close(stdin_fd)
             raise
         counter: RtraceCount | None = None
-        if program == "rtrace" and stdin_fd is not None and stdout_fd is not None \
-                and not any(a.startswith("-f") and a not in ("-fa", "-faa") for a in args):
+        if (
+            program == "rtrace"
+            and stdin_fd is not None
+            and stdout_fd is not None
+            and not any(a.startswith("-f") and a not in ("-fa", "-faa") for a in args)
+        ):
             in_fd: int | None = None
             with contextlib.suppress(OSError):
                 in_fd = os.open(f"/proc/self/fd/{stdin_fd}", os.O_RDONLY | os.O_CLOEXEC)
                 count_fd = os.open(f"/proc/self/fd/{stdout_fd}", os.O_RDONLY | os.O_CLOEXEC)
-                counter = RtraceCount(in_fd, count_fd,
-                                       header="-h-" not in args and "-h" not in args)
+                counter = RtraceCount(
+                    in_fd, count_fd, header="-h-" not in args and "-h" not in args
+                )
             if counter is None and in_fd is not None:
                 os.close(in_fd)
         out_r, out_w = os.pipe()
         try:
-            pid = spawn([step["path"], *args], cwd=self.workdir, env=self.env,
-                        stdin_fd=stdin_fd,
-                        stdout_fd=stdout_fd if stdout_fd is not None else out_w, stderr_fd=out_w)
+            pid = spawn(
+                [step["path"], *args],
+                cwd=self.workdir,
+                env=self.env,
+                stdin_fd=stdin_fd,
+                stdout_fd=stdout_fd if stdout_fd is not None else out_w,
+                stderr_fd=out_w,
+            )
         except OSError as exc:
             self.log(f"rayserver: cannot start {step['path']}: {exc.strerror or exc}\n")
             for fd in (out_r, out_w, stdin_fd, stdout_fd):
@@ -211,29 +237,41 @@ class Job:
                 os.close(fd)
         pgid = pid
         # One write per step: which step runs, and the group to kill should we die.
-        self.db.update_progress(self.id, current_step=idx + 1, pgid_children=pgid,
-                                progress=prog.overall_percent(idx, n, 0.0))
+        self.db.update_progress(
+            self.id,
+            current_step=idx + 1,
+            pgid_children=pgid,
+            progress=prog.overall_percent(idx, n, 0.0),
+        )
         try:
-            code, sig = self.supervise(pid, out_r, idx, program, tracker, counter,
-                                       seen_outputs)
+            code, sig = self.supervise(pid, out_r, idx, program, tracker, counter, seen_outputs)
         finally:
             os.close(out_r)
             if counter is not None:
                 counter.close()
         for rel in seen_outputs:
-            if not rel.startswith("/") and ".." not in rel.split("/") \
-                    and rel not in self.outputs \
-                    and os.path.isfile(os.path.join(self.workdir, rel)):
+            if (
+                not rel.startswith("/")
+                and ".." not in rel.split("/")
+                and rel not in self.outputs
+                and os.path.isfile(os.path.join(self.workdir, rel))
+            ):
                 self.outputs.append(rel)
         return code, sig
 
-    def prepare_rad(self, rad: str, args: list[str]
-                    ) -> tuple[list[str], prog.RadProgress | None]:
+    def prepare_rad(self, rad: str, args: list[str]) -> tuple[list[str], prog.RadProgress | None]:
         """Dry-run rad to count its renders; add REPORT so rpict reports progress."""
         try:
-            dry = subprocess.run([rad, *prog.rad_dry_run_args(args)], cwd=self.workdir,
-                                 env=self.env, stdin=subprocess.DEVNULL, capture_output=True,
-                                 timeout=DRY_RUN_TIMEOUT, check=False, process_group=0)
+            dry = subprocess.run(
+                [rad, *prog.rad_dry_run_args(args)],
+                cwd=self.workdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=DRY_RUN_TIMEOUT,
+                check=False,
+                process_group=0,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.log(f"rayserver: rad dry run failed ({exc}); progress by steps only\n")
             return args, None
@@ -248,10 +286,16 @@ class Job:
         self.log(f"rayserver: rad will run {len(plan)} command(s), {renders} render(s)\n")
         return args, prog.RadProgress(renders=renders) if renders else None
 
-    def supervise(self, pid: int, out_r: int, idx: int,
-                  program: str, tracker: prog.RadProgress | None,
-                  counter: RtraceCount | None,
-                  seen_outputs: list[str]) -> tuple[int | None, int | None]:
+    def supervise(
+        self,
+        pid: int,
+        out_r: int,
+        idx: int,
+        program: str,
+        tracker: prog.RadProgress | None,
+        counter: RtraceCount | None,
+        seen_outputs: list[str],
+    ) -> tuple[int | None, int | None]:
         """Copy output to the log, parse progress, sample memory, handle cancel; reap.
 
         ``pid`` leads the step's process group (pgid == pid).
@@ -286,16 +330,19 @@ class Job:
                     lines = (partial + data).split(b"\n")
                     partial = lines.pop()
                     for raw in lines:
-                        frac = self.parse_line(raw.decode("utf-8", "replace"), program,
-                                               tracker, seen_outputs)
+                        frac = self.parse_line(
+                            raw.decode("utf-8", "replace"), program, tracker, seen_outputs
+                        )
                         if frac is not None:
                             self.progress(prog.overall_percent(idx, n, frac))
                 status = self.reap(pid, status)
                 now = time.monotonic()
                 if self.term_signal is not None and term_at is None:
                     term_at = now
-                    self.log(f"\nrayserver: {signal.Signals(self.term_signal).name} received; "
-                             f"stopping step {idx + 1} (process group {pgid})\n")
+                    self.log(
+                        f"\nrayserver: {signal.Signals(self.term_signal).name} received; "
+                        f"stopping step {idx + 1} (process group {pgid})\n"
+                    )
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pgid, signal.SIGTERM)
                 if term_at is not None and not killed and now - term_at >= self.grace:
@@ -325,8 +372,10 @@ class Job:
                     if not gone and now - leader_gone_at > 1.0 and term_at is None:
                         # The step's leader is gone but part of its group lives on
                         # (a background process): end it, nothing may outlive a step.
-                        self.log(f"rayserver: ending {len(group_members(pgid))} leftover "
-                                 f"process(es) of step {idx + 1}\n")
+                        self.log(
+                            f"rayserver: ending {len(group_members(pgid))} leftover "
+                            f"process(es) of step {idx + 1}\n"
+                        )
                         term_at = now
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(pgid, signal.SIGTERM)
@@ -342,8 +391,9 @@ class Job:
             return None, os.WTERMSIG(status)
         return os.WEXITSTATUS(status), None
 
-    def parse_line(self, line: str, program: str, tracker: prog.RadProgress | None,
-                   seen_outputs: list[str]) -> float | None:
+    def parse_line(
+        self, line: str, program: str, tracker: prog.RadProgress | None, seen_outputs: list[str]
+    ) -> float | None:
         if program == "rad":
             cmd = prog.parse_rad_command(line)
             if cmd is not None and cmd.output and cmd.output != "/dev/null":
@@ -366,5 +416,3 @@ class Job:
                 return status
             if pid == leader:
                 status = st
-
-

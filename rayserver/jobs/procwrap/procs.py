@@ -13,9 +13,9 @@ PR_SET_CHILD_SUBREAPER = 36
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 _subreaper_pid = 0  # the process that set the flag (a fork does not inherit it)
 # Python ignores these; a Radiance program must get them back (rad's pipelines need SIGPIPE).
-DEFAULT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ")
-                         if hasattr(signal, name))
-
+DEFAULT_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, name)
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,7 +38,6 @@ def set_subreaper() -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-
 def _proc_stat(pid: str) -> tuple[int, str, int] | None:
     """(pgrp, state, rss pages) of one /proc entry, or None if it is gone."""
     try:
@@ -46,7 +45,7 @@ def _proc_stat(pid: str) -> tuple[int, str, int] | None:
             raw = fh.read()
     except OSError:
         return None
-    fields = raw[raw.rfind(b")") + 2:].split()
+    fields = raw[raw.rfind(b")") + 2 :].split()
     try:
         return int(fields[2]), fields[0].decode(), int(fields[21])
     except (IndexError, ValueError):
@@ -81,9 +80,15 @@ def group_gone(pgid: int) -> bool:
     return not group_members(pgid)
 
 
-
-def spawn(argv: list[str], *, cwd: str, env: dict[str, str], stdin_fd: int | None,
-          stdout_fd: int, stderr_fd: int) -> int:
+def spawn(
+    argv: list[str],
+    *,
+    cwd: str,
+    env: dict[str, str],
+    stdin_fd: int | None,
+    stdout_fd: int,
+    stderr_fd: int,
+) -> int:
     """Start ``argv`` as the leader of a new process group; returns its pid.
 
     What ``subprocess.Popen(..., process_group=0, close_fds=True)`` does,
@@ -101,13 +106,15 @@ def spawn(argv: list[str], *, cwd: str, env: dict[str, str], stdin_fd: int | Non
                     os.set_inheritable(fd, False)
     os.chdir(cwd)
     actions: list[tuple[Any, ...]] = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
+        if stdin_fd is None
         else (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
         (os.POSIX_SPAWN_DUP2, stdout_fd, 1),
         (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
     ]
-    return os.posix_spawn(argv[0], argv, env, file_actions=actions, setpgroup=0,
-                          setsigdef=DEFAULT_SIGNALS)
+    return os.posix_spawn(
+        argv[0], argv, env, file_actions=actions, setpgroup=0, setsigdef=DEFAULT_SIGNALS
+    )
 
 
 def fmt_status(code: int | None, sig: int | None) -> str:
@@ -125,5 +132,3 @@ def fmt_status(code: int | None, sig: int | None) -> str:
 def base_env() -> dict[str, str]:
     # A copy decodes every variable: done once (in a spare, before its job).
     return dict(os.environ)
-
-

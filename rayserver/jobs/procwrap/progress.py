@@ -53,8 +53,15 @@ def parse_rpict_report(line: str) -> RpictReport | None:
     percent = float(m["percent"])
     if not 0.0 <= percent <= 100.0:
         return None
-    return RpictReport(int(m["rays"]), percent, float(m["user"]), float(m["sys"]),
-                       float(m["real"]), m["host"], int(m["pid"]))
+    return RpictReport(
+        int(m["rays"]),
+        percent,
+        float(m["user"]),
+        float(m["sys"]),
+        float(m["real"]),
+        m["host"],
+        int(m["pid"]),
+    )
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ class LineCounter:
                 self._tail = data[-1:] if data else b""
                 return self.lines
             self.in_header = False
-            data = data[end + 2:]
+            data = data[end + 2 :]
         self._tail = b""
         self.lines += data.count(b"\n")
         return self.lines

@@ -39,7 +39,3 @@ class RtraceCount:
         for fd in (self.in_fd, self.out_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-
-

@@ -55,8 +55,10 @@ INDEX_FILE = "index.html"
 
 # The page loads nothing from elsewhere (the render host may have no internet);
 # previews are blob: URLs made by fetch(), so the token never goes in a URL.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
-       "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -189,7 +191,7 @@ def picture_size(picture: Path | int, name: str = "") -> tuple[int, int]:
     end = head.find(b"\n\n")
     if end < 0:
         raise PreviewError(422, f"{name}: Radiance picture header has no end (blank line)")
-    line = head[end + 2:].split(b"\n", 1)[0].decode("ascii", "replace")
+    line = head[end + 2 :].split(b"\n", 1)[0].decode("ascii", "replace")
     match = re.fullmatch(r"\s*([-+])([XY])\s+(\d+)\s+([-+])([XY])\s+(\d+)\s*", line)
     if not match or match[2] == match[5]:
         raise PreviewError(
@@ -204,9 +206,7 @@ def picture_size(picture: Path | int, name: str = "") -> tuple[int, int]:
 # rad's variable names may be abbreviated (rad.c: PICTURE to 3 letters, view to 2).
 _RIF_ASSIGN = re.compile(r"^\s*([A-Za-z]+)\s*=\s*(.*?)\s*$")
 # rad echoes each command; its pictures are the targets of '>' (pfilt ... > x.hdr) or mv.
-_LOG_PICTURE = re.compile(
-    r"(?:>\s*|^\s*mv\s+\S+\s+)([^\s>|;&]+\.(?:hdr|pic))\s*$", re.MULTILINE
-)
+_LOG_PICTURE = re.compile(r"(?:>\s*|^\s*mv\s+\S+\s+)([^\s>|;&]+\.(?:hdr|pic))\s*$", re.MULTILINE)
 
 
 def rif_pictures(rif: Path) -> list[str]:
@@ -295,14 +295,16 @@ def find_picture(row: dict[str, Any], step: int | None, log_text: str = "") -> t
     if step is not None:
         if not 0 <= step < len(steps):
             raise PreviewError(
-                404, f"job {row.get('id')} has no step {step}; its steps are numbered "
-                     f"0 to {len(steps) - 1}"
+                404,
+                f"job {row.get('id')} has no step {step}; its steps are numbered "
+                f"0 to {len(steps) - 1}",
             )
         pictures = step_pictures(row, step, log_text)
         if not pictures:
             raise PreviewError(
-                404, f"step {step} of job {row.get('id')} wrote no Radiance picture "
-                     f"(a file starting with #?RADIANCE in the job's folder)"
+                404,
+                f"step {step} of job {row.get('id')} wrote no Radiance picture "
+                f"(a file starting with #?RADIANCE in the job's folder)",
             )
         return step, pictures[0]
     refused: PreviewError | None = None
@@ -317,19 +319,29 @@ def find_picture(row: dict[str, Any], step: int | None, log_text: str = "") -> t
     if refused is not None:
         raise refused
     raise PreviewError(
-        404, f"job {row.get('id')} wrote no Radiance picture (a file starting with #?RADIANCE "
-             f"in the job's folder)"
+        404,
+        f"job {row.get('id')} wrote no Radiance picture (a file starting with #?RADIANCE "
+        f"in the job's folder)",
     )
 
 
 # ---------------------------------------------------------------- conversion
 
 
-async def _run(argv: list[str], env: dict[str, str], cwd: Path, *, stdin: int | None = None,
-               stdout: int | None = None, pass_fds: tuple[int, ...] = ()
-               ) -> asyncio.subprocess.Process:
+async def _run(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    *,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *argv, env=env, cwd=str(cwd), pass_fds=pass_fds,
+        *argv,
+        env=env,
+        cwd=str(cwd),
+        pass_fds=pass_fds,
         stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -348,8 +360,14 @@ def _stderr(data: bytes) -> str:
     return data.decode(errors="replace").strip()[-500:] or "no message"
 
 
-async def picture_to_png(picture_fd: int, name: str, bin_dir: Path, env: dict[str, str],
-                         scratch: Path, timeout: float = CONVERT_TIMEOUT) -> bytes:
+async def picture_to_png(
+    picture_fd: int,
+    name: str,
+    bin_dir: Path,
+    env: dict[str, str],
+    scratch: Path,
+    timeout: float = CONVERT_TIMEOUT,
+) -> bytes:
     """PNG bytes of an open Radiance picture: [pfilt to shrink] -> pcond -> ra_ppm -> PNG.
 
     The programs read the already verified descriptor as /dev/fd/N, never the
@@ -366,19 +384,35 @@ async def picture_to_png(picture_fd: int, name: str, bin_dir: Path, env: dict[st
                 scale = PREVIEW_MAX_SIDE / max(width, height)
                 w, h = max(1, round(width * scale)), max(1, round(height * scale))
                 with open(scratch, "wb") as out:
-                    proc = await _run([str(bin_dir / "pfilt"), "-1", "-x", str(w), "-y", str(h),
-                                       "-p", "0", source], env, cwd, stdout=out.fileno(),
-                                      pass_fds=fds)
+                    proc = await _run(
+                        [
+                            str(bin_dir / "pfilt"),
+                            "-1",
+                            "-x",
+                            str(w),
+                            "-y",
+                            str(h),
+                            "-p",
+                            "0",
+                            source,
+                        ],
+                        env,
+                        cwd,
+                        stdout=out.fileno(),
+                        pass_fds=fds,
+                    )
                 procs.append(proc)
                 _, err = await proc.communicate()
                 if proc.returncode != 0:
-                    raise PreviewError(500, f"pfilt failed on {name} (exit {proc.returncode}): "
-                                            f"{_stderr(err)}")
+                    raise PreviewError(
+                        500, f"pfilt failed on {name} (exit {proc.returncode}): {_stderr(err)}"
+                    )
                 source, fds = str(scratch), ()
             read_end, write_end = os.pipe()
             try:
-                pcond = await _run([str(bin_dir / "pcond"), source], env, cwd,
-                                   stdout=write_end, pass_fds=fds)
+                pcond = await _run(
+                    [str(bin_dir / "pcond"), source], env, cwd, stdout=write_end, pass_fds=fds
+                )
                 procs.append(pcond)
                 os.close(write_end)
                 write_end = -1
@@ -390,7 +424,8 @@ async def picture_to_png(picture_fd: int, name: str, bin_dir: Path, env: dict[st
                     os.close(write_end)
             assert pcond.stderr is not None
             (ppm, ppm_err), pcond_err = await asyncio.gather(
-                ra_ppm.communicate(), pcond.stderr.read())
+                ra_ppm.communicate(), pcond.stderr.read()
+            )
             await pcond.wait()
     except TimeoutError as exc:
         raise PreviewError(500, f"converting {name} took longer than {timeout:g} s") from exc
@@ -399,11 +434,13 @@ async def picture_to_png(picture_fd: int, name: str, bin_dir: Path, env: dict[st
         with contextlib.suppress(FileNotFoundError):
             scratch.unlink()
     if pcond.returncode != 0:
-        raise PreviewError(500, f"pcond failed on {name} (exit {pcond.returncode}): "
-                                f"{_stderr(pcond_err)}")
+        raise PreviewError(
+            500, f"pcond failed on {name} (exit {pcond.returncode}): {_stderr(pcond_err)}"
+        )
     if ra_ppm.returncode != 0:
-        raise PreviewError(500, f"ra_ppm failed on {name} (exit {ra_ppm.returncode}): "
-                                f"{_stderr(ppm_err)}")
+        raise PreviewError(
+            500, f"ra_ppm failed on {name} (exit {ra_ppm.returncode}): {_stderr(ppm_err)}"
+        )
     try:
         # zlib releases the GIL; a thread keeps a big picture from stalling the event loop
         return await asyncio.to_thread(ppm_to_png, ppm)
@@ -425,8 +462,15 @@ class PreviewService:
     def cache_path(self, job_id: int, step: int) -> Path:
         return self.jobs_dir / str(job_id) / f"preview-{step}.png"
 
-    async def preview(self, job_id: int, step: int, picture: Path, workdir: Path,
-                      bin_dir: Path, env: dict[str, str]) -> Path:
+    async def preview(
+        self,
+        job_id: int,
+        step: int,
+        picture: Path,
+        workdir: Path,
+        bin_dir: Path,
+        env: dict[str, str],
+    ) -> Path:
         """The cached PNG for (job, step), made first if missing or older than the picture."""
         task = asyncio.ensure_future(self._make(job_id, step, picture, workdir, bin_dir, env))
         self._tasks.add(task)
@@ -434,8 +478,15 @@ class PreviewService:
         # shield: a client that goes away does not waste a half-done conversion
         return await asyncio.shield(task)
 
-    async def _make(self, job_id: int, step: int, picture: Path, workdir: Path,
-                    bin_dir: Path, env: dict[str, str]) -> Path:
+    async def _make(
+        self,
+        job_id: int,
+        step: int,
+        picture: Path,
+        workdir: Path,
+        bin_dir: Path,
+        env: dict[str, str],
+    ) -> Path:
         png = self.cache_path(job_id, step)
         lock, users = self._locks.get(job_id, (asyncio.Lock(), 0))
         self._locks[job_id] = (lock, users + 1)
@@ -446,8 +497,9 @@ class PreviewService:
                 try:
                     fd = open_regular(picture, workdir)
                 except OSError as exc:
-                    raise PreviewError(404, f"{picture.name} cannot be read: "
-                                            f"{exc.strerror or exc}") from exc
+                    raise PreviewError(
+                        404, f"{picture.name} cannot be read: {exc.strerror or exc}"
+                    ) from exc
                 try:
                     if os.pread(fd, len(PICTURE_MAGIC), 0) != PICTURE_MAGIC:
                         raise PreviewError(404, f"{picture.name} is no longer a Radiance picture")
@@ -465,8 +517,9 @@ class PreviewService:
                 tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp")
                 tmp.write_bytes(data)
                 os.replace(tmp, png)  # atomic: a reader never sees half a PNG
-                log.info("preview of job %d step %d: %s (%d bytes)",
-                         job_id, step, picture, len(data))
+                log.info(
+                    "preview of job %d step %d: %s (%d bytes)", job_id, step, picture, len(data)
+                )
                 return png
         finally:
             lock, users = self._locks[job_id]
@@ -515,8 +568,8 @@ async def preview(request: web.Request) -> web.StreamResponse:
             raise PreviewError(404, f"no job {job_id}")
         if row.get("state") != "done":
             raise PreviewError(
-                409, f"job {job_id} is {row.get('state')}; a preview exists only for a job "
-                     f"that is done"
+                409,
+                f"job {job_id} is {row.get('state')}; a preview exists only for a job that is done",
             )
         log_text = _job_log(ctx, job_id) if any(_is_rad(s) for s in row["steps"]) else ""
         index, picture = find_picture(row, step_index, log_text)
@@ -530,13 +583,16 @@ async def preview(request: web.Request) -> web.StreamResponse:
         png = await service.preview(job_id, index, picture, Path(row["workdir"]), bin_dir, env)
     except PreviewError as exc:
         return error_response(exc.status, exc.message)
-    return web.FileResponse(png, headers={
-        "Content-Type": "image/png",
-        # the same URL shows another picture after a re-render of the file: revalidate
-        "Cache-Control": "private, no-cache",
-        "X-Preview-Step": str(index),
-        "X-Content-Type-Options": "nosniff",
-    })
+    return web.FileResponse(
+        png,
+        headers={
+            "Content-Type": "image/png",
+            # the same URL shows another picture after a re-render of the file: revalidate
+            "Cache-Control": "private, no-cache",
+            "X-Preview-Step": str(index),
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 def setup_dashboard(app: web.Application, ctx: Any) -> None:
@@ -561,6 +617,13 @@ def setup_dashboard(app: web.Application, ctx: Any) -> None:
 
 
 __all__ = [
-    "PreviewError", "PreviewService", "find_picture", "log_pictures", "picture_size",
-    "picture_to_png", "resolve_output", "rif_pictures", "setup_dashboard",
+    "PreviewError",
+    "PreviewService",
+    "find_picture",
+    "log_pictures",
+    "picture_size",
+    "picture_to_png",
+    "resolve_output",
+    "rif_pictures",
+    "setup_dashboard",
 ]
