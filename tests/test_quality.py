@@ -50,3 +50,14 @@ def test_every_module_has_a_docstring() -> None:
         if not ast.get_docstring(tree):
             missing.append(str(path.relative_to(REPO)))
     assert not missing, f"modules without a docstring: {missing}"
+
+
+def test_ruff_format_clean() -> None:
+    out = subprocess.run(
+        [_tool("ruff"), "format", "--check", "."],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
