@@ -171,13 +171,13 @@ ready = detach(on_ready=lambda pid: f"Toy {{pid}} switching to daemon mode.",
                on_silence="toy: background start failed")
 def on_ready(pid, first):
     ready.ready()
-code = Supervisor(sock, lambda s, r: 9, on_ready=on_ready).run()
+code = Supervisor(sock, lambda s, r: 78, on_ready=on_ready).run()  # EX_CONFIG: a start-up error
 ready.fail(code, f"toy: worker failed while starting (exit code {{code}})")
 sys.exit(code)
 """)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 9
-    assert "toy: worker failed while starting (exit code 9)" in out.stderr
+    assert out.returncode == 78
+    assert "toy: worker failed while starting (exit code 78)" in out.stderr
     assert "switching" not in out.stdout
 
 

@@ -35,12 +35,20 @@ SCRIPT = textwrap.dedent("""
     logging.basicConfig(level=logging.DEBUG, stream=sys.stdout,
                         format="%(process)d %(levelname)s %(message)s")
     mode = sys.argv[1]
+    timeout = float(sys.argv[2]) if len(sys.argv) > 2 else None
     sock = bind_with_retries("127.0.0.1", 0)
+    spawns = 0
 
-    def target(sock, ready):
+    def target(sock, link):
         if mode == "bootfail":
+            return 78
+        if mode.startswith("boot") and spawns <= 2:  # the first two die while starting
+            if mode == "bootkill":
+                os.kill(os.getpid(), signal.SIGKILL)
             return 7
-        ready()
+        if mode == "nobeat":
+            time.sleep(300)
+        link()
         if mode == "crash":
             time.sleep(0.05)
             os._exit(3)
@@ -57,7 +65,8 @@ SCRIPT = textwrap.dedent("""
                     os._exit(0)
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
         while True:
-            time.sleep(1)
+            link.beat()
+            time.sleep(link.beat_interval)
 
     def on_ready(pid, first):
         print("READY", pid, first, flush=True)
@@ -66,19 +75,26 @@ SCRIPT = textwrap.dedent("""
         if mode == "hupbug":
             raise RuntimeError("bug in the reload hook")
 
-    sup = Supervisor(sock, target, name="Toy", on_ready=on_ready, on_reload=on_reload,
-                     backoff_first=0.1, backoff_cap=0.8, kill_grace=0.5, shutdown_grace=2)
+    class Toy(Supervisor):
+        def _spawn(self):
+            global spawns
+            spawns += 1  # the forked worker sees how many came before it
+            super()._spawn()
+
+    sup = Toy(sock, target, name="Toy", on_ready=on_ready, on_reload=on_reload,
+              backoff_first=0.1, backoff_cap=0.8, kill_grace=0.5, shutdown_grace=2,
+              worker_timeout=timeout, boot_timeout=2 * (timeout or 0))
     code = sup.run()
-    print("EXIT", code, "restarts", sup.restarts, flush=True)
+    print("EXIT", code, "restarts", sup.restarts, "hung", sup.hung_kills, flush=True)
     sys.exit(code)
 """)
 
 
-def run_toy(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
+def run_toy(tmp_path: Path, mode: str, *args: str) -> subprocess.Popen[str]:
     script = tmp_path / "toy.py"
     script.write_text(SCRIPT.format(repo=str(REPO)))
     return subprocess.Popen(
-        [sys.executable, str(script), mode],
+        [sys.executable, str(script), mode, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -113,9 +129,69 @@ def wait_line(proc: subprocess.Popen[str], text: str, lines: list[str], timeout:
 def test_worker_failing_at_boot_stops_the_supervisor_with_its_code(tmp_path: Path) -> None:
     proc = run_toy(tmp_path, "bootfail")
     out = finish(proc)
-    assert proc.returncode == 7, out
-    assert "failed while starting (exit code 7); not restarting" in out
+    assert proc.returncode == 78, out
+    assert "failed while starting (exit code 78); not restarting" in out
     assert out.count("worker") and len(re.findall(r"worker \d+ started", out)) == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "how"),
+    [
+        ("bootkill", "killed by signal 9 (SIGKILL)"),  # the OOM killer, or kill -9, while starting
+        ("bootexit", "exit code 7"),  # not a start-up error code: a crash
+    ],
+)
+def test_worker_dying_while_starting_is_restarted(tmp_path: Path, mode: str, how: str) -> None:
+    proc = run_toy(tmp_path, mode)
+    lines: list[str] = []
+    try:
+        wait_line(proc, "READY", lines, timeout=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out = "\n".join(lines) + finish(proc)
+    assert proc.returncode == 0, out
+    assert len(re.findall(rf"worker \d+ died while starting \({re.escape(how)}\)", out)) == 2, out
+    assert "not restarting" not in out
+    assert "EXIT 0 restarts 2" in out
+
+
+def test_silent_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    """A worker that stops beating (SIGSTOP here) is SIGKILLed and a new one started."""
+    proc = run_toy(tmp_path, "beat", "1")
+    lines: list[str] = []
+    try:
+        first = int(wait_line(proc, "READY", lines).split()[1])
+        os.kill(first, signal.SIGSTOP)
+        t0 = time.monotonic()
+        second = int(wait_line(proc, "READY", lines, timeout=30).split()[1])
+        replaced_after = time.monotonic() - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out = "\n".join(lines) + finish(proc)
+    assert second != first
+    assert re.search(
+        rf"worker {first} sent no heartbeat for 1\.\d s since its last beat "
+        r"\(limit 1 s, worker_timeout\); killing it \(SIGKILL\)",
+        out,
+    ), out
+    assert f"worker {first} was killed for missing its heartbeat (killed by signal 9" in out
+    assert not Path(f"/proc/{first}").exists(), "the stopped worker was not reaped"
+    assert replaced_after >= 1.0, replaced_after  # not before the timeout
+    assert "hung 1" in out, out
+
+
+def test_worker_that_never_starts_beating_is_killed_after_the_boot_timeout(tmp_path: Path) -> None:
+    proc = run_toy(tmp_path, "nobeat", "0.5")  # boot timeout: 1 s
+    lines: list[str] = []
+    try:
+        wait_line(proc, "since it started (limit 1 s", lines, timeout=30)
+        wait_line(proc, "was killed for missing its heartbeat", lines, timeout=30)
+        wait_line(proc, "started", lines, timeout=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out = "\n".join(lines) + finish(proc)
+    assert proc.returncode == 0 and "not restarting" not in out, out
+    assert re.search(r"was killed for missing its heartbeat .*; restart 1 in 0\.10 s", out), out
 
 
 def test_crash_loop_backs_off_and_caps(tmp_path: Path) -> None:
