@@ -155,13 +155,13 @@ def boot(config: str) -> int:
         final = socket.socket(fileno=conf["final"])
         for s in (sock, final):
             s.set_inheritable(False)
-        code = _serve(
+        code = Arbiter(
             sock,
             Layout(Path(conf["home"]), conf["host"]),
             Path(conf["db"]),
             float(conf["grace"]),
             final,
-        )
+        ).run()
     except BaseException:  # noqa: BLE001 - report, then exit (the worker sees EOF)
         with contextlib.suppress(Exception):
             import traceback
@@ -174,39 +174,137 @@ def boot(config: str) -> int:
     return code  # pragma: no cover
 
 
-def _serve(
-    sock: socket.socket,
-    layout: Layout,
-    db_path: Path,
-    grace: float,
-    final_sock: socket.socket | None = None,
-) -> int:
-    """The fork server's loop (in its own process)."""
-    with contextlib.suppress(ImportError):
-        import setproctitle
+class Arbiter:
+    """The fork server's state and loop: reap children, hand jobs to spares, fork spares.
 
-        setproctitle.setproctitle(f"{layout.server_title} forkserver")
-    # Ctrl-C on a foreground server reaches the whole group: the worker decides,
-    # then closes the socket, and we follow on EOF.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the worker's inherited handler
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    children: dict[int, int] = {}  # pid -> job id
-    on_final = _final_reporter(final_sock)
-    procwrap.preload(db_path)
-    # Everything alive now is shared with every procwrap: keep the garbage
-    # collector of a child away from it, or its first collection touches
-    # (and copies) every page of the inherited heap.
-    gc.collect()
-    gc.freeze()
+    Single-threaded; a SIGCHLD only writes to the wakeup pipe, the loop acts.
+    """
 
-    def fork_spare() -> tuple[int, socket.socket]:
+    def __init__(
+        self,
+        sock: socket.socket,
+        layout: Layout,
+        db_path: Path,
+        grace: float,
+        final_sock: socket.socket | None = None,
+    ) -> None:
+        self.sock = sock
+        self.layout = layout
+        self.db_path = db_path
+        self.grace = grace
+        self.on_final = _final_reporter(final_sock)
+        self.children: dict[int, int] = {}  # pid -> job id
+        self.spare: tuple[int, socket.socket] | None = None
+        self.wake_r = self.wake_w = -1
+
+    def run(self) -> int:
+        """Serve launches until the worker closes its end; the exit code."""
+        self.setup()
+        with contextlib.suppress(OSError):
+            self.spare = self.fork_spare()
+        while True:
+            try:
+                ready, _, _ = select.select([self.sock, self.wake_r], [], [])
+            except InterruptedError:
+                ready = []
+            if self.wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self.wake_r, 512):
+                        pass
+            # Reap on every turn: a SIGCHLD may have been merged with another.
+            if not self.reap():
+                return 0
+            if self.sock in ready and not self.serve_request():
+                return 0
+
+    def setup(self) -> None:
+        """Title, signals, wakeup pipe, preloaded procwrap code and a frozen heap."""
+        with contextlib.suppress(ImportError):
+            import setproctitle
+
+            setproctitle.setproctitle(f"{self.layout.server_title} forkserver")
+        # Ctrl-C on a foreground server reaches the whole group: the worker decides,
+        # then closes the socket, and we follow on EOF.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the worker's inherited handler
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        procwrap.preload(self.db_path)
+        # Everything alive now is shared with every procwrap: keep the garbage
+        # collector of a child away from it, or its first collection touches
+        # (and copies) every page of the inherited heap.
+        gc.collect()
+        gc.freeze()
+
+    def reap(self) -> bool:
+        """Reap every exited child and tell the worker of procwraps; False if it is gone."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return True
+            if pid == 0:
+                return True
+            job = self.children.pop(pid, None)
+            if job is not None:
+                try:
+                    _send(self.sock, {"op": "exited", "job": job, "pid": pid, "status": status})
+                except OSError:
+                    return False
+            elif self.spare is not None and self.spare[0] == pid:
+                self.spare[1].close()  # the spare died unused; the next launch forks another
+                self.spare = None
+
+    def serve_request(self) -> bool:
+        """Read one packet from the worker and answer it; False once the worker is gone."""
+        try:
+            raw = self.sock.recv(_MAX_PACKET)
+        except ConnectionResetError:
+            return False
+        if not raw:
+            return False  # the worker is gone: so are we (the spare follows on EOF)
+        try:
+            job_id = _parse_launch(raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            _send(self.sock, {"op": "error", "job": None, "message": f"bad request: {exc}"})
+            return True
+        try:
+            pid = self.hand_over(job_id)
+        except OSError as exc:
+            _send(self.sock, {"op": "error", "job": job_id, "message": f"fork failed: {exc}"})
+            return True
+        self.children[pid] = job_id
+        try:
+            _send(self.sock, {"op": "started", "job": job_id, "pid": pid})
+        except OSError:
+            return False
+        # The next job's procwrap, while this one runs.
+        with contextlib.suppress(OSError):
+            self.spare = self.fork_spare()
+        return True
+
+    def hand_over(self, job_id: int) -> int:
+        """Give ``job_id`` to the spare (forking one if there is none); its pid."""
+        for _attempt in (1, 2):
+            if self.spare is None:
+                self.spare = self.fork_spare()
+            pid, chan = self.spare
+            self.spare = None
+            try:
+                chan.send(b"%d" % job_id, socket.MSG_NOSIGNAL)
+            except OSError:
+                continue  # that spare died meanwhile (it is reaped as any child)
+            finally:
+                chan.close()
+            return pid
+        raise OSError("two procwraps in a row died before they got their job")
+
+    def fork_spare(self) -> tuple[int, socket.socket]:
         """A procwrap forked ahead of its job: set up, connected, waiting for a job id.
 
         A launch then costs one datagram instead of a fork, the child's
@@ -220,112 +318,52 @@ def _serve(
             theirs.close()
             raise
         if pid == 0:  # pragma: no cover - child
-            code = procwrap.EXIT_INTERNAL
-            try:
-                ours.close()
-                sock.close()
-                signal.set_wakeup_fd(-1)
-                os.close(wake_r)
-                os.close(wake_w)
-                for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGTERM):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.setsid()
-                devnull = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(devnull, 0)
-                os.close(devnull)
-                code = procwrap.run_spare(
-                    theirs, db_path, layout.procwrap_title, grace=grace, on_final=on_final
-                )
-            except BaseException:  # noqa: BLE001
-                with contextlib.suppress(Exception):
-                    import traceback
-
-                    traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stderr.flush()
-                os._exit(code)
+            ours.close()
+            self._spare_main(theirs)
         theirs.close()
         return pid, ours
 
-    def hand_over(job_id: int) -> int:
-        """Give ``job_id`` to the spare (forking one if there is none); its pid."""
-        nonlocal spare
-        for _attempt in (1, 2):
-            if spare is None:
-                spare = fork_spare()
-            pid, chan = spare
-            spare = None
-            try:
-                chan.send(b"%d" % job_id, socket.MSG_NOSIGNAL)
-            except OSError:
-                continue  # that spare died meanwhile (it is reaped as any child)
-            finally:
-                chan.close()
-            return pid
-        raise OSError("two procwraps in a row died before they got their job")
+    def _spare_main(self, chan: socket.socket) -> None:  # pragma: no cover - child
+        """The forked spare: drop the server's fds and handlers, wait for a job, exit."""
+        code = procwrap.EXIT_INTERNAL
+        try:
+            self.sock.close()
+            signal.set_wakeup_fd(-1)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+            code = procwrap.run_spare(
+                chan,
+                self.db_path,
+                self.layout.procwrap_title,
+                grace=self.grace,
+                on_final=self.on_final,
+            )
+        except BaseException:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                import traceback
 
-    spare: tuple[int, socket.socket] | None = None
-    with contextlib.suppress(OSError):
-        spare = fork_spare()
+                traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os._exit(code)
 
-    while True:
-        try:
-            ready, _, _ = select.select([sock, wake_r], [], [])
-        except InterruptedError:
-            ready = []
-        if wake_r in ready:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(wake_r, 512):
-                    pass
-        # Reap on every turn: a SIGCHLD may have been merged with another.
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            job = children.pop(pid, None)
-            if job is not None:
-                try:
-                    _send(sock, {"op": "exited", "job": job, "pid": pid, "status": status})
-                except OSError:
-                    return 0
-            elif spare is not None and spare[0] == pid:
-                spare[1].close()  # the spare died unused; the next launch forks another
-                spare = None
-        if sock not in ready:
-            continue
-        try:
-            raw = sock.recv(_MAX_PACKET)
-        except ConnectionResetError:
-            return 0
-        if not raw:
-            return 0  # the worker is gone: so are we (the spare follows on EOF); procwraps live on
-        try:
-            msg = json.loads(raw)
-            if msg.get("op") != "launch":
-                raise ValueError(f"unknown op {msg.get('op')!r}; expected 'launch'")
-            job_id = msg["job"]
-            if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id < 1:
-                raise ValueError(f"job must be a positive integer, got {job_id!r}")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            _send(sock, {"op": "error", "job": None, "message": f"bad request: {exc}"})
-            continue
-        try:
-            pid = hand_over(job_id)
-        except OSError as exc:
-            _send(sock, {"op": "error", "job": job_id, "message": f"fork failed: {exc}"})
-            continue
-        children[pid] = job_id
-        try:
-            _send(sock, {"op": "started", "job": job_id, "pid": pid})
-        except OSError:
-            return 0
-        # The next job's procwrap, while this one runs.
-        with contextlib.suppress(OSError):
-            spare = fork_spare()
+
+def _parse_launch(raw: bytes) -> int:
+    """The job id of a launch request; raises ValueError (etc.) naming what is wrong."""
+    msg = json.loads(raw)
+    if msg.get("op") != "launch":
+        raise ValueError(f"unknown op {msg.get('op')!r}; expected 'launch'")
+    job_id = msg["job"]
+    if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id < 1:
+        raise ValueError(f"job must be a positive integer, got {job_id!r}")
+    return job_id
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import selectors
 import signal
 import subprocess
 import time
@@ -15,20 +14,13 @@ from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
 from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
-from rayserver.jobs.procwrap.procs import base_env, fmt_status, group_gone, group_members, spawn
+from rayserver.jobs.procwrap.procs import base_env, fmt_status, spawn
 from rayserver.jobs.procwrap.rtcount import RtraceCount
+from rayserver.jobs.procwrap.watch import StepWatch
 
-PR_SET_CHILD_SUBREAPER = 36
-SAMPLE_INTERVAL = 0.5  # RSS sampling of the step group
-# The first /proc scan and rtrace line count wait this long: a step that ends
-# sooner (a tiny rtrace) costs no scan (~0.7 ms of CPU each on a busy
-# machine); its peak memory still comes from getrusage.
-FIRST_SAMPLE = 0.05
 PROGRESS_INTERVAL = 0.5  # at most ~2 progress writes per second
-RPICT_POKE_INTERVAL = 3.0  # SIGCONT asks rpict for one report (no -t needed)
 RAD_REPORT = "REPORT=0.05"  # minutes: rpict -t 3
 DRY_RUN_TIMEOUT = 60.0
-_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 class Job:
@@ -165,11 +157,11 @@ class Job:
         return "interrupted", f"the procwrap received {name} (no cancel was requested)"
 
     def run_step(self, idx: int, step: dict[str, Any]) -> tuple[int | None, int | None]:
+        """Run one step to its end; (exit status, None), (None, signal) or (127, None)."""
         n = len(self.steps)
         program = step["program"]
         args = list(step["args"])
-        tracker: Any = None
-        seen_outputs: list[str] = []
+        tracker: prog.RadProgress | None = None
         if not os.path.isdir(self.workdir):
             # Moved, deleted or unmounted since the submit: say so, rather than
             # "cannot start <program>" (the chdir's error) or a traceback.
@@ -179,12 +171,45 @@ class Job:
             )
         if program == "rad":
             args, tracker = self.prepare_rad(step["path"], args)
-        shown = " ".join([program, *args])
-        if step.get("stdin"):
-            shown += f" < {step['stdin']}"
-        if step.get("stdout"):
-            shown += f" > {step['stdout']}"
-        self.log(f"== step {idx + 1}/{n}: {shown} ==\n")
+        self.log(f"== step {idx + 1}/{n}: {_shown(program, args, step)} ==\n")
+        stdin_fd, stdout_fd = self.open_redirects(step)
+        counter = _rtrace_counter(program, args, stdin_fd, stdout_fd)
+        out_r, out_w = os.pipe()
+        try:
+            pid = spawn(
+                [step["path"], *args],
+                cwd=self.workdir,
+                env=self.env,
+                stdin_fd=stdin_fd,
+                stdout_fd=stdout_fd if stdout_fd is not None else out_w,
+                stderr_fd=out_w,
+            )
+        except OSError as exc:
+            self.log(f"rayserver: cannot start {step['path']}: {exc.strerror or exc}\n")
+            _close(out_r, out_w, stdin_fd, stdout_fd)
+            if counter is not None:
+                counter.close()
+            return 127, None
+        _close(out_w, stdin_fd, stdout_fd)
+        # One write per step: which step runs, and the group to kill should we die.
+        self.db.update_progress(
+            self.id,
+            current_step=idx + 1,
+            pgid_children=pid,
+            progress=prog.overall_percent(idx, n, 0.0),
+        )
+        watch = StepWatch(self, pid, out_r, idx, program, tracker, counter)
+        try:
+            code, sig = watch.run()
+        finally:
+            os.close(out_r)
+            if counter is not None:
+                counter.close()
+        self.add_outputs(watch.seen_outputs)
+        return code, sig
+
+    def open_redirects(self, step: dict[str, Any]) -> tuple[int | None, int | None]:
+        """The step's stdin and stdout files, opened confined to the project (or None)."""
         stdin_fd = (
             open_confined(self.workdir, step["stdin"], write=False) if step.get("stdin") else None
         )
@@ -198,57 +223,10 @@ class Job:
             if stdin_fd is not None:
                 os.close(stdin_fd)
             raise
-        counter: RtraceCount | None = None
-        if (
-            program == "rtrace"
-            and stdin_fd is not None
-            and stdout_fd is not None
-            and not any(a.startswith("-f") and a not in ("-fa", "-faa") for a in args)
-        ):
-            in_fd: int | None = None
-            with contextlib.suppress(OSError):
-                in_fd = os.open(f"/proc/self/fd/{stdin_fd}", os.O_RDONLY | os.O_CLOEXEC)
-                count_fd = os.open(f"/proc/self/fd/{stdout_fd}", os.O_RDONLY | os.O_CLOEXEC)
-                counter = RtraceCount(
-                    in_fd, count_fd, header="-h-" not in args and "-h" not in args
-                )
-            if counter is None and in_fd is not None:
-                os.close(in_fd)
-        out_r, out_w = os.pipe()
-        try:
-            pid = spawn(
-                [step["path"], *args],
-                cwd=self.workdir,
-                env=self.env,
-                stdin_fd=stdin_fd,
-                stdout_fd=stdout_fd if stdout_fd is not None else out_w,
-                stderr_fd=out_w,
-            )
-        except OSError as exc:
-            self.log(f"rayserver: cannot start {step['path']}: {exc.strerror or exc}\n")
-            for fd in (out_r, out_w, stdin_fd, stdout_fd):
-                if fd is not None:
-                    os.close(fd)
-            if counter is not None:
-                counter.close()
-            return 127, None
-        for fd in (out_w, stdin_fd, stdout_fd):
-            if fd is not None:
-                os.close(fd)
-        pgid = pid
-        # One write per step: which step runs, and the group to kill should we die.
-        self.db.update_progress(
-            self.id,
-            current_step=idx + 1,
-            pgid_children=pgid,
-            progress=prog.overall_percent(idx, n, 0.0),
-        )
-        try:
-            code, sig = self.supervise(pid, out_r, idx, program, tracker, counter, seen_outputs)
-        finally:
-            os.close(out_r)
-            if counter is not None:
-                counter.close()
+        return stdin_fd, stdout_fd
+
+    def add_outputs(self, seen_outputs: list[str]) -> None:
+        """Record the files a step said it wrote that exist inside the project."""
         for rel in seen_outputs:
             if (
                 not rel.startswith("/")
@@ -257,7 +235,6 @@ class Job:
                 and os.path.isfile(os.path.join(self.workdir, rel))
             ):
                 self.outputs.append(rel)
-        return code, sig
 
     def prepare_rad(self, rad: str, args: list[str]) -> tuple[list[str], prog.RadProgress | None]:
         """Dry-run rad to count its renders; add REPORT so rpict reports progress."""
@@ -286,125 +263,6 @@ class Job:
         self.log(f"rayserver: rad will run {len(plan)} command(s), {renders} render(s)\n")
         return args, prog.RadProgress(renders=renders) if renders else None
 
-    def supervise(
-        self,
-        pid: int,
-        out_r: int,
-        idx: int,
-        program: str,
-        tracker: prog.RadProgress | None,
-        counter: RtraceCount | None,
-        seen_outputs: list[str],
-    ) -> tuple[int | None, int | None]:
-        """Copy output to the log, parse progress, sample memory, handle cancel; reap.
-
-        ``pid`` leads the step's process group (pgid == pid).
-        """
-        pgid = pid
-        n = len(self.steps)
-        sel = selectors.DefaultSelector()
-        sel.register(out_r, selectors.EVENT_READ)
-        sel.register(self.wake_r, selectors.EVENT_READ)
-        status: int | None = None
-        eof = False
-        partial = b""
-        term_at: float | None = None
-        killed = False
-        leader_gone_at: float | None = None
-        next_sample = time.monotonic() + FIRST_SAMPLE
-        next_poke = time.monotonic() + 1.0
-        try:
-            while True:
-                for key, _ in sel.select(0.25):
-                    if key.fd == self.wake_r:
-                        with contextlib.suppress(BlockingIOError):
-                            while os.read(self.wake_r, 512):
-                                pass
-                        continue
-                    data = os.read(out_r, 65536)
-                    if not data:
-                        eof = True
-                        sel.unregister(out_r)
-                        continue
-                    self.log(data.decode("utf-8", "replace"))
-                    lines = (partial + data).split(b"\n")
-                    partial = lines.pop()
-                    for raw in lines:
-                        frac = self.parse_line(
-                            raw.decode("utf-8", "replace"), program, tracker, seen_outputs
-                        )
-                        if frac is not None:
-                            self.progress(prog.overall_percent(idx, n, frac))
-                status = self.reap(pid, status)
-                now = time.monotonic()
-                if self.term_signal is not None and term_at is None:
-                    term_at = now
-                    self.log(
-                        f"\nrayserver: {signal.Signals(self.term_signal).name} received; "
-                        f"stopping step {idx + 1} (process group {pgid})\n"
-                    )
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pgid, signal.SIGTERM)
-                if term_at is not None and not killed and now - term_at >= self.grace:
-                    killed = True
-                    self.log(f"rayserver: still running after {self.grace:g} s; SIGKILL\n")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pgid, signal.SIGKILL)
-                if now >= next_sample and status is None:
-                    next_sample = now + SAMPLE_INTERVAL
-                    members = group_members(pgid)
-                    self.max_rss_kb = max(self.max_rss_kb, sum(kb for _, kb in members))
-                    frac = counter.fraction() if counter is not None else None
-                    if frac is not None:
-                        self.progress(prog.overall_percent(idx, n, frac))
-                if program == "rpict" and status is None and now >= next_poke:
-                    # SIGCONT makes rpict print one progress report, without -t.
-                    next_poke = now + RPICT_POKE_INTERVAL
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGCONT)
-                self.flush_progress()
-                if status is not None:
-                    if leader_gone_at is None:
-                        leader_gone_at = now
-                    gone = group_gone(pgid)
-                    if gone and eof:
-                        break
-                    if not gone and now - leader_gone_at > 1.0 and term_at is None:
-                        # The step's leader is gone but part of its group lives on
-                        # (a background process): end it, nothing may outlive a step.
-                        self.log(
-                            f"rayserver: ending {len(group_members(pgid))} leftover "
-                            f"process(es) of step {idx + 1}\n"
-                        )
-                        term_at = now
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(pgid, signal.SIGTERM)
-                    if gone and not eof and now - leader_gone_at > 2.0:
-                        # Someone outside the group holds the pipe; stop reading.
-                        break
-        finally:
-            sel.close()
-        if partial:
-            self.parse_line(partial.decode("utf-8", "replace"), program, tracker, seen_outputs)
-        assert status is not None
-        if os.WIFSIGNALED(status):
-            return None, os.WTERMSIG(status)
-        return os.WEXITSTATUS(status), None
-
-    def parse_line(
-        self, line: str, program: str, tracker: prog.RadProgress | None, seen_outputs: list[str]
-    ) -> float | None:
-        if program == "rad":
-            cmd = prog.parse_rad_command(line)
-            if cmd is not None and cmd.output and cmd.output != "/dev/null":
-                seen_outputs.append(cmd.output)
-            return tracker.feed(line) if tracker is not None else None
-        if program == "rpict":
-            rep = prog.parse_rpict_report(line)
-            if rep is not None:
-                return rep.percent / 100.0
-        return None
-
     def reap(self, leader: int, status: int | None) -> int | None:
         """Reap every exited child (orphans come to us as subreaper); the leader's status."""
         while True:
@@ -416,3 +274,41 @@ class Job:
                 return status
             if pid == leader:
                 status = st
+
+
+def _shown(program: str, args: list[str], step: dict[str, Any]) -> str:
+    """The step's command line as the log shows it, redirections included."""
+    shown = " ".join([program, *args])
+    if step.get("stdin"):
+        shown += f" < {step['stdin']}"
+    if step.get("stdout"):
+        shown += f" > {step['stdout']}"
+    return shown
+
+
+def _rtrace_counter(
+    program: str, args: list[str], stdin_fd: int | None, stdout_fd: int | None
+) -> RtraceCount | None:
+    """A line counter of an rtrace's input and output files (text output only), or None."""
+    if (
+        program != "rtrace"
+        or stdin_fd is None
+        or stdout_fd is None
+        or any(a.startswith("-f") and a not in ("-fa", "-faa") for a in args)
+    ):
+        return None
+    in_fd: int | None = None
+    counter: RtraceCount | None = None
+    with contextlib.suppress(OSError):
+        in_fd = os.open(f"/proc/self/fd/{stdin_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        count_fd = os.open(f"/proc/self/fd/{stdout_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        counter = RtraceCount(in_fd, count_fd, header="-h-" not in args and "-h" not in args)
+    if counter is None and in_fd is not None:
+        os.close(in_fd)
+    return counter
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
