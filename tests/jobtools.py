@@ -3,7 +3,9 @@ its octree, rpict steps, submit / status / wait calls over HTTP."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,3 +103,35 @@ def wait_until(
             return value
         time.sleep(interval)
     raise AssertionError(f"not within {timeout}s: {what}")
+
+
+RAYFRONT = [sys.executable, "-m", "rayserver.client.cli"]
+
+
+def rayfront(
+    home: RayHome, *args: str, cwd: Path, timeout: float = 120, **run: Any
+) -> subprocess.CompletedProcess[Any]:
+    """One real ``rayfront`` process against the test home's server (text unless input is bytes)."""
+    env = home.env
+    env.pop("RAYFRONT_TOKEN", None)
+    text = not isinstance(run.get("input"), bytes)
+    return subprocess.run(
+        [*RAYFRONT, *args],
+        cwd=str(cwd),
+        env=env,
+        capture_output=True,
+        text=text,
+        timeout=timeout,
+        check=False,
+        **run,
+    )
+
+
+def rayfront_json(home: RayHome, *args: str, cwd: Path, **run: Any) -> dict[str, Any]:
+    proc = rayfront(home, args[0], "--json", *args[1:], cwd=cwd, **run)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise AssertionError(
+            f"not JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        ) from None

@@ -85,7 +85,10 @@ def test_submit_get_public(db: JobDB) -> None:
         "cancel_requested",
         "outputs",
         "pid",
+        "after",
+        "waiting_for",
     }
+    assert pub["after"] == [] and pub["waiting_for"] == []
     assert db.mark_starting(job)
     assert db.public(db.get(job))["state"] == "queued"  # 'starting' is internal
     assert db.get(12345) is None
@@ -276,3 +279,78 @@ def test_locked_database_gives_a_clear_message(tmp_path: Path, monkeypatch) -> N
         holder.kill()
         holder.wait(10)
     JobDB(path)  # usable again once the holder is gone
+
+
+def _submit_after(db: JobDB, after: list[int]) -> int:
+    return db.submit(
+        name=None,
+        priority=0,
+        client="",
+        location="projects",
+        project="office",
+        workdir="/srv/projects/office",
+        steps=[dict(STEP)],
+        env={},
+        after=after,
+    )
+
+
+def _run_to(db: JobDB, job: int, state: str) -> None:
+    assert db.mark_starting(job) and db.claim(job, 4242)
+    assert db.finish(job, state, exit_status=0 if state == "done" else None)
+
+
+def test_after_waits_until_done_and_unknown_ids_are_refused(db: JobDB) -> None:
+    first = submit(db, priority=-5)
+    second = submit(db, priority=-5)
+    waiting = _submit_after(db, [second, first, first])
+    assert db.get(waiting)["after_ids"] == [first, second]
+    pub = db.public(db.get(waiting))
+    assert pub["after"] == [first, second] and pub["waiting_for"] == [first, second]
+    # The dependent has the higher priority and still does not come first.
+    assert db.next_queued()["id"] == first
+    _run_to(db, first, "done")
+    assert db.public(db.get(waiting))["waiting_for"] == [second]
+    assert db.next_queued()["id"] == second
+    _run_to(db, second, "done")
+    assert db.next_queued()["id"] == waiting
+    assert db.public(db.get(waiting))["waiting_for"] == []
+    assert db.cancel_blocked() == []
+    with pytest.raises(jobdb.UnknownJobsError, match=r"no job 777, 778 on this server"):
+        _submit_after(db, [first, 778, 777])
+    assert [r["id"] for r in db.list()] == [waiting, second, first]  # nothing was added
+
+
+@pytest.mark.parametrize("how", ["failed", "cancelled", "interrupted"])
+def test_after_a_job_that_did_not_succeed_cancels_the_chain(db: JobDB, how: str) -> None:
+    first = submit(db)
+    second = _submit_after(db, [first])
+    third = _submit_after(db, [second])
+    other = submit(db)
+    _run_to(db, first, how)
+    changed = db.cancel_blocked()
+    assert changed == [(second, first, how), (third, second, "cancelled")]
+    assert db.get(second)["reason"] == f"job {first}, which it was to run after, ended {how}"
+    assert db.get(third)["reason"] == f"job {second}, which it was to run after, ended cancelled"
+    assert db.get(third)["state"] == "cancelled" and db.get(other)["state"] == "queued"
+    assert db.cancel_blocked() == []  # exactly once
+    assert db.next_queued()["id"] == other
+
+
+def test_an_older_database_gets_the_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "srvstate" / "jobs.sqlite3"
+    path.parent.mkdir()
+    old_schema = jobdb._SCHEMA.replace(",\n    after_ids TEXT", "")
+    assert "after_ids" not in old_schema
+    conn = sqlite3.connect(path)
+    conn.executescript(old_schema)
+    conn.execute(
+        "INSERT INTO jobs (workdir, steps, env, submitted_at) VALUES ('/w', '[]', '{}', 1.0)"
+    )
+    conn.commit()
+    conn.close()
+    db = JobDB(path)
+    assert db.get(1)["after_ids"] == [] and db.next_queued()["id"] == 1
+    assert _submit_after(db, [1]) == 2
+    db.close()
+    JobDB(path).close()  # a second open finds nothing to add

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--stdin", metavar="FILE", help="project file the program reads as input")
         p.add_argument("--stdout", metavar="FILE", help="project file the program's output goes to")
+        p.add_argument(
+            "--after",
+            type=_job_ids,
+            action="extend",
+            metavar="ID[,ID...]",
+            help="start only when these jobs of the same server are done; cancelled "
+            "when one of them fails or is cancelled",
+        )
         if name == "run":
             p.add_argument("--quiet", "-q", action="store_true", help="no log lines, only the bar")
             p.add_argument(
@@ -168,6 +176,16 @@ def _seconds_arg(text: str) -> float:
     return value
 
 
+def _job_ids(text: str) -> list[int]:
+    words = [w.strip() for w in text.split(",")]
+    bad = [w for w in words if not (w.isdigit() and w.isascii() and int(w) >= 1)]
+    if bad or not words:
+        raise argparse.ArgumentTypeError(
+            f"expected job ids separated by commas (e.g. 12,13), got {text!r}"
+        )
+    return [int(w) for w in words]
+
+
 def _job_id(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a job id (a whole number >= 1), got {text!r}")
@@ -231,6 +249,7 @@ def build_job(
     priority: int = 0,
     stdin: str | None = None,
     stdout: str | None = None,
+    after: list[int] | None = None,
 ) -> dict[str, Any]:
     """The POST /v1/jobs body for ``command`` run in ``project``."""
     if not command:
@@ -252,6 +271,8 @@ def build_job(
         "priority": priority,
         "name": name or " ".join(command)[:200],
     }
+    if after:
+        job["after"] = sorted(set(after))
     if program == "rad":
         if stdin or stdout:
             raise ClientError(
@@ -295,7 +316,7 @@ def _job_table(jobs: list[dict[str, Any]]) -> str:
         rows.append(
             (
                 str(j.get("id")),
-                str(j.get("state")) + ("*" if j.get("cancel_requested") else ""),
+                _state_cell(j),
                 f"{j.get('progress') or 0:.0f}%",
                 str(j.get("priority", 0)),
                 _when(j.get("submitted_at")),
@@ -309,6 +330,15 @@ def _job_table(jobs: list[dict[str, Any]]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
         for r in rows
     )
+
+
+def _state_cell(job: dict[str, Any]) -> str:
+    """The state as the table shows it: ``*`` marks a cancel request, ``>`` what it waits for."""
+    cell = str(job.get("state")) + ("*" if job.get("cancel_requested") else "")
+    waiting = job.get("waiting_for") or []
+    if waiting:
+        cell += " >" + ",".join(map(str, waiting))
+    return cell
 
 
 def _job_details(job: dict[str, Any]) -> str:
@@ -334,6 +364,8 @@ def _job_details(job: dict[str, Any]) -> str:
         "max_rss_kb",
         "cancel_requested",
         "pid",
+        "after",
+        "waiting_for",
         "outputs",
     )
     lines = []
@@ -343,6 +375,8 @@ def _job_details(job: dict[str, Any]) -> str:
             value = _when(value) if value is not None else "-"
         elif key == "outputs":
             value = ", ".join(value or []) or "-"
+        elif key in ("after", "waiting_for"):
+            value = ", ".join(map(str, value or [])) or "-"
         lines.append(f"{key:>16}: {'-' if value is None else value}")
     for n, step in enumerate(job.get("steps") or [], start=1):
         cmd = " ".join([step.get("program", "?"), *step.get("args", [])])
@@ -407,7 +441,9 @@ def cmd_hosts(ctx: Context, opts: argparse.Namespace) -> int:
 
 def cmd_submit(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
     project = ctx.project()
-    job_request = build_job(project, command, opts.name, opts.priority, opts.stdin, opts.stdout)
+    job_request = build_job(
+        project, command, opts.name, opts.priority, opts.stdin, opts.stdout, opts.after
+    )
     client = ctx.client(opts.host)
     job = client.submit(job_request)
     if opts.json:
@@ -466,7 +502,9 @@ def cmd_run(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
                 f"--{option} belongs to a split run: give --hosts too", exit_code=EXIT_USAGE
             )
     project = ctx.project()
-    job_request = build_job(project, command, opts.name, opts.priority, opts.stdin, opts.stdout)
+    job_request = build_job(
+        project, command, opts.name, opts.priority, opts.stdin, opts.stdout, opts.after
+    )
     code, _ = run_and_follow(
         ctx.client(opts.host), job_request, project.local_dir, json_mode=opts.json, quiet=opts.quiet
     )
@@ -480,6 +518,12 @@ def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int
     if opts.host is not None:
         raise ClientError(
             "give --host (one server) or --hosts (a split run), not both", exit_code=EXIT_USAGE
+        )
+    if opts.after:
+        raise ClientError(
+            "--after names jobs of one server and does not apply to a split run (--hosts); "
+            "wait for them first, e.g. with rayfront run --after ID on a small step",
+            exit_code=EXIT_USAGE,
         )
     if not command:
         raise ClientError(

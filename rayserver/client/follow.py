@@ -103,6 +103,8 @@ class _Poller(threading.Thread):
         desc = f"job {job.get('id')} {state}"
         if isinstance(step, int) and isinstance(count, int) and count > 1:
             desc += f" step {min(step + 1, count)}/{count}"
+        if job.get("waiting_for"):
+            desc += f" (after job {', '.join(map(str, job['waiting_for']))})"
         self.bar.set_description_str(desc, refresh=False)
         self.bar.refresh()
 

@@ -58,14 +58,42 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_request TEXT,
     executor TEXT NOT NULL DEFAULT 'local',
     external_id TEXT,
-    outputs TEXT
+    outputs TEXT,
+    after_ids TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, id);
 CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);
 """
 
+# Columns added to the table after databases were in use: a worker's open adds
+# the missing ones (ALTER TABLE ... ADD COLUMN keeps every row; new columns are NULL).
+_ADDED_COLUMNS = (("after_ids", "TEXT"),)
+
 # Columns that hold JSON text in the table and Python objects in a row dict.
-_JSON_COLUMNS = ("steps", "env", "outputs")
+_JSON_COLUMNS = ("steps", "env", "outputs", "after_ids")
+# A job ended so: the jobs waiting for it (--after) are cancelled.
+BLOCKING_STATES = ("failed", "cancelled", "interrupted")
+
+
+# A queued row may start: none of its ``after`` jobs is anything but done.
+_READY = (
+    "(after_ids IS NULL OR NOT EXISTS (SELECT 1 FROM json_each(jobs.after_ids) d "
+    "JOIN jobs p ON p.id = d.value WHERE p.state != 'done'))"
+)
+# Queued rows that never can: (job, the job it waits for, that one's state).
+_BLOCKED = (
+    "SELECT j.id, p.id, p.state FROM jobs j, json_each(j.after_ids) d "
+    "JOIN jobs p ON p.id = d.value WHERE j.state = 'queued' AND j.after_ids IS NOT NULL "
+    f"AND p.state IN ({', '.join(repr(s) for s in BLOCKING_STATES)}) ORDER BY j.id, p.id"
+)
+
+
+class UnknownJobsError(ValueError):
+    """Jobs named in ``after`` that the database does not hold (``ids``)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        super().__init__(f"no job {', '.join(map(str, ids))} on this server")
 
 
 class JobDBError(Exception):
@@ -121,15 +149,29 @@ class JobDB:
             have = conn.execute(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type='index' AND name='jobs_state_id'"
             ).fetchone()[0]
-            if have:
-                return
-            with self._write(conn):
-                # executescript would COMMIT our transaction; run statement by statement.
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
+            if not have:
+                with self._write(conn):
+                    # executescript would COMMIT our transaction; run statement by statement.
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+            self._migrate(conn)
         except sqlite3.OperationalError as exc:
             raise self._locked_or_broken(exc) from exc
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Add the columns a database made by an older version lacks (see _ADDED_COLUMNS)."""
+
+        def missing() -> list[tuple[str, str]]:
+            have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+            return [(name, decl) for name, decl in _ADDED_COLUMNS if name not in have]
+
+        if not missing():
+            return
+        with JobDB._Tx(conn):
+            for name, decl in missing():  # again under the write lock: another open may race
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     # --- connections -----------------------------------------------------
 
@@ -246,8 +288,14 @@ class JobDB:
         steps: list[dict],
         env: dict[str, str],
         executor: str = "local",
+        after: list[int] | None = None,
     ) -> int:
-        """Queue a resolved job; returns its id."""
+        """Queue a resolved job; returns its id.
+
+        ``after``: ids of jobs that must be ``done`` before this one starts;
+        :class:`UnknownJobsError` when some are not in the database (checked
+        in the inserting transaction, so the answer holds).
+        """
         if not steps:
             raise ValueError("a job needs at least one step")
         for i, step in enumerate(steps, 1):
@@ -264,11 +312,19 @@ class JobDB:
             }
             for s in steps
         ]
+        after = sorted({int(i) for i in after or []})
         with self._write() as conn:
+            if after:
+                marks = ",".join("?" * len(after))
+                known = {
+                    r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", after)
+                }
+                if unknown := [i for i in after if i not in known]:
+                    raise UnknownJobsError(unknown)
             cur = conn.execute(
                 "INSERT INTO jobs (name, priority, client, location, project, workdir, steps, "
-                "env, state, submitted_at, step_count, executor) "
-                "VALUES (?,?,?,?,?,?,?,?,'queued',?,?,?)",
+                "env, state, submitted_at, step_count, executor, after_ids) "
+                "VALUES (?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
                 (
                     name,
                     int(priority),
@@ -281,6 +337,7 @@ class JobDB:
                     time.time(),
                     len(clean),
                     executor,
+                    json.dumps(after) if after else None,
                 ),
             )
             job_id = int(cur.lastrowid or 0)
@@ -333,7 +390,18 @@ class JobDB:
             "cancel_requested": bool(row["cancel_request"]),
             "outputs": outputs,
             "pid": row["pid"],
+            "after": list(row.get("after_ids") or []),
+            "waiting_for": self.waiting_for(row) if state == "queued" else [],
         }
+
+    def waiting_for(self, row: dict[str, Any]) -> list[int]:
+        """The jobs of ``row``'s ``after`` that are not done yet (ascending ids)."""
+        after = list(row.get("after_ids") or [])
+        if not after:
+            return []
+        marks = ",".join("?" * len(after))
+        sql = f"SELECT id FROM jobs WHERE id IN ({marks}) AND state != 'done' ORDER BY id"
+        return [r[0] for r in self._conn().execute(sql, after)]
 
     def list(
         self, states: list[str] | None = None, limit: int = 100, before: int | None = None
@@ -413,14 +481,50 @@ class JobDB:
     # --- used by the scheduler and the procwrap ------------------------------
 
     def next_queued(self, executor: str | None = None) -> dict[str, Any] | None:
-        """The job that should start next: highest priority, then oldest."""
-        sql = "SELECT * FROM jobs WHERE state='queued'"
+        """The job that should start next: highest priority, then oldest.
+
+        A job with ``after`` waits until every one of those jobs is done.
+        """
+        sql = f"SELECT * FROM jobs WHERE state='queued' AND {_READY}"
         args: list[Any] = []
         if executor:
             sql += " AND executor=?"
             args.append(executor)
         sql += " ORDER BY priority DESC, id LIMIT 1"
         return _decode(self._conn().execute(sql, args).fetchone())
+
+    def cancel_blocked(self) -> list[tuple[int, int, str]]:
+        """Cancel queued jobs whose ``after`` job ended failed, cancelled or interrupted.
+
+        Each is one guarded UPDATE (``state='queued'``), so a job that
+        started or was cancelled meanwhile is left alone; a cancelled job
+        blocks its own followers in turn (repeated until none is left).
+        Returns (job, the job it waited for, that job's state) per change.
+        """
+        changed: list[tuple[int, int, str]] = []
+        while True:
+            first: dict[int, tuple[int, int, str]] = {}
+            for job_id, pred, pred_state in self._conn().execute(_BLOCKED):
+                first.setdefault(job_id, (job_id, pred, pred_state))
+            if not first:
+                return changed
+            done_now = []
+            with self._write() as conn:
+                for job_id, pred, pred_state in first.values():
+                    cur = conn.execute(
+                        "UPDATE jobs SET state='cancelled', ended_at=?, reason=? "
+                        "WHERE id=? AND state='queued'",
+                        (
+                            time.time(),
+                            f"job {pred}, which it was to run after, ended {pred_state}",
+                            job_id,
+                        ),
+                    )
+                    if cur.rowcount == 1:
+                        done_now.append((job_id, pred, pred_state))
+            changed += done_now
+            if not done_now:
+                return changed
 
     def mark_starting(self, job_id: int) -> bool:
         """queued -> starting (the scheduler picked it); False if someone else did."""

@@ -1,7 +1,9 @@
 """The scheduler (in the worker): starts queued jobs when a cpu slot is free.
 
 At most the host record's cpu count of jobs run at once; the rest wait,
-highest priority first, then oldest. Everything it knows is in the job
+highest priority first, then oldest. A job with ``after`` waits (queued)
+until those jobs are done, and is cancelled, naming the job, when one of
+them ends failed, cancelled or interrupted. Everything it knows is in the job
 database, so a new worker picks up where a crashed one stopped:
 
 - ``starting`` rows go back to ``queued`` (guarded: if the old worker's
@@ -191,6 +193,7 @@ class Scheduler:
             return  # re-entered from a callback below: the outer loop goes on
         self._dispatching = True
         try:
+            self._cancel_blocked()
             while not self._stopping and len(self._running) < self.capacity:
                 if self._fork_lost or time.monotonic() < self._launch_paused_until:
                     return
@@ -209,6 +212,19 @@ class Scheduler:
                     raise
         finally:
             self._dispatching = False
+
+    def _cancel_blocked(self) -> None:
+        """Queued jobs whose ``after`` job ended otherwise than done will never start."""
+        for job_id, pred, pred_state in self.db.cancel_blocked():
+            log.info(
+                "job %s cancelled: job %s, which it was to run after, ended %s",
+                job_id,
+                pred,
+                pred_state,
+            )
+            event = self._events.pop(job_id, None)
+            if event is not None:
+                event.set()
 
     def _launched_callback(self, job_id: int):  # noqa: ANN202 - a closure
         def launched(pid: int | None, error: str | None) -> None:

@@ -32,6 +32,7 @@ from rayserver import __version__
 from rayserver.common import radiance
 from rayserver.common.paths import Layout
 from rayserver.jobs.executors import slurm
+from rayserver.jobs.jobdb import UnknownJobsError
 from rayserver.server import jobspec, shareprobe
 from rayserver.server.jobspec import JobSpecError
 
@@ -233,7 +234,32 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(503, f"the queue is full ({queued} jobs waiting); try again later")
     # On the loop, like the scheduler's writes: a short local transaction
     # costs less than the hop to a thread and back.
-    job_id = ctx.db.submit(
+    after = data.get("after") or []
+    try:
+        job_id = _insert(ctx, job, client, settings.executor, after)
+    except UnknownJobsError as exc:
+        raise ApiError(
+            422,
+            f"after: {exc}; expected ids of jobs on this server (each server numbers its own jobs)",
+        ) from None
+    log.info(
+        "job %d submitted by %s: %s in %s/%s%s",
+        job_id,
+        client,
+        " | ".join(s["program"] for s in job.steps),
+        job.location,
+        job.project,
+        f" after {', '.join(map(str, after))}" if after else "",
+    )
+    ctx.scheduler.notify()
+    row = _get_row(ctx, job_id)
+    return _job_response(ctx, row, 201, {"Location": f"/v1/jobs/{job_id}"})
+
+
+def _insert(
+    ctx: AppContext, job: jobspec.ResolvedJob, client: str, executor: str, after: list[int]
+) -> int:
+    return ctx.db.submit(
         name=job.name,
         priority=job.priority,
         client=client,
@@ -242,19 +268,9 @@ async def submit(request: web.Request) -> web.Response:
         workdir=job.workdir,
         steps=job.steps,
         env=job.env,
-        executor=settings.executor,
+        executor=executor,
+        after=after,
     )
-    log.info(
-        "job %d submitted by %s: %s in %s/%s",
-        job_id,
-        client,
-        " | ".join(s["program"] for s in job.steps),
-        job.location,
-        job.project,
-    )
-    ctx.scheduler.notify()
-    row = _get_row(ctx, job_id)
-    return _job_response(ctx, row, 201, {"Location": f"/v1/jobs/{job_id}"})
 
 
 async def list_jobs(request: web.Request) -> web.Response:
