@@ -32,8 +32,9 @@ from test_procwrap import (
 
 from rayserver.common.paths import Layout
 from rayserver.common.settings import Settings
+from rayserver.common.states import FINAL_STATES
 from rayserver.jobs.executors.forkserver import ForkServer, ForkServerClient
-from rayserver.jobs.jobdb import FINAL_STATES, JobDB
+from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.scheduler import Scheduler, procwrap_alive
 
 SLOW = ["-x", "800", "-y", "800", "-ab", "2", "-ad", "2048", "-as", "512"]

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 from rayserver.client.connection import EXIT_LOCAL_ONLY, EXIT_USAGE, ClientError
 from rayserver.client.context import Context, Project
+from rayserver.common.states import JobState
 
 # rad options that take a value (rad [-s][-n|-N npr][-t][-e][-V][-w][-v view][-o dev] rfile [VAR=val ..])
 _RAD_VALUE_OPTIONS = {"-N", "-v", "-o"}
@@ -450,7 +451,7 @@ def cmd_submit(ctx: Context, opts: argparse.Namespace, command: list[str]) -> in
         _print_json(job)
     else:
         print(
-            f"job {job['id']} {job.get('state', 'queued')} on {client.target.host}: "
+            f"job {job['id']} {job.get('state', JobState.QUEUED)} on {client.target.host}: "
             f"{job_request['name']}"
         )
     return 0
@@ -613,7 +614,7 @@ def cmd_cancel(ctx: Context, opts: argparse.Namespace) -> int:
     job = ctx.client(opts.host).cancel(opts.id)
     if opts.json:
         _print_json(job)
-    elif job.get("state") == "cancelled":
+    elif job.get("state") == JobState.CANCELLED:
         print(f"job {opts.id} cancelled")
     else:
         print(

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from rayserver.client.connection import Client, ClientError
+from rayserver.common.states import FINAL_STATES, JobState
 
-FINAL_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
 # rpict's `-t` reports: the bar shows them, so the log view leaves them out.
 _PROGRESS_LINE = re.compile(r"^\w+: \d+ rays, [\d.]+% after ")
 POLL_SECONDS = 0.5
@@ -33,7 +33,7 @@ def job_exit_code(job: dict[str, Any]) -> int:
     sig = job.get("signal")
     if isinstance(sig, int) and sig > 0:
         return 128 + sig
-    return 0 if job.get("state") == "done" else 1
+    return 0 if job.get("state") == JobState.DONE else 1
 
 
 def _seconds(value: Any) -> str:
@@ -142,7 +142,7 @@ def follow(
             unit="%",
             file=sys.stderr,
             **sized,
-            desc=f"job {job_id} {job.get('state', 'queued')}",
+            desc=f"job {job_id} {job.get('state', JobState.QUEUED)}",
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
         )
     poller = _Poller(client, job, bar)

@@ -34,9 +34,10 @@ from typing import Any
 from rayserver.client import splitplan
 from rayserver.client.connection import EXIT_ERROR, Client, ClientError
 from rayserver.client.context import Context, Project
-from rayserver.client.follow import FINAL_STATES, job_exit_code
+from rayserver.client.follow import job_exit_code
 from rayserver.client.splitplan import Part, PictureView
 from rayserver.common.hosts import HostRecord
+from rayserver.common.states import FINAL_STATES, JobState
 
 POLL_SECONDS = 0.25
 DEFAULT_LOST_AFTER = 15.0
@@ -383,7 +384,7 @@ class SplitRun:
             self._lose(host, f"submitting failed: {exc}")
             return None
         attempt.job_id = int(job["id"])
-        attempt.state = str(job.get("state", "queued"))
+        attempt.state = str(job.get("state", JobState.QUEUED))
         host.running += 1
         tried.add(host.name)
         self.attempts.append(attempt)
@@ -505,7 +506,7 @@ class SplitRun:
         attempt.ended = now
         host.running = max(0, host.running - 1)
         part = attempt.part
-        if attempt.state == "done":
+        if attempt.state == JobState.DONE:
             output = self.project.local_dir / attempt.output
             if not output.exists():
                 self._lose(
@@ -516,11 +517,11 @@ class SplitRun:
                 return True
             self.done[part.index] = attempt
             return False
-        if attempt.state == "cancelled":
+        if attempt.state == JobState.CANCELLED:
             self.say(f"rayfront: {part.name} was cancelled on {host.name} (job {attempt.job_id})")
             raise SplitCancelled(f"{part.name} was cancelled on {host.name}")
         status = answer.get("exit_status")
-        if attempt.state == "failed" and isinstance(status, int) and status != 0:
+        if attempt.state == JobState.FAILED and isinstance(status, int) and status != 0:
             tail = self._log_tail(attempt)
             raise _PartFailed(
                 f"{part.name} failed on {host.name} (job {attempt.job_id}): exit status {status}"
@@ -551,7 +552,7 @@ class SplitRun:
         def cancel(attempt: Attempt) -> str:
             try:
                 attempt.host.client.cancel(int(attempt.job_id or 0))
-                attempt.state = "cancelled"
+                attempt.state = JobState.CANCELLED
                 return f"{attempt.host.name} job {attempt.job_id}"
             except ClientError as exc:
                 if exc.status == 409:  # it ended by itself meanwhile: nothing to stop

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
-ALL_STATES = ("queued", "starting", "running", *FINAL_STATES)
-API_STATES = ("queued", "running", *FINAL_STATES)
+from rayserver.common.states import ACTIVE_STATES, API_STATES, FINAL_STATES, JobState
+from rayserver.jobs.rows import JobRow, StepSpec
+
 BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -69,22 +69,20 @@ CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);
 # the missing ones (ALTER TABLE ... ADD COLUMN keeps every row; new columns are NULL).
 _ADDED_COLUMNS = (("after_ids", "TEXT"),)
 
-# Columns that hold JSON text in the table and Python objects in a row dict.
-_JSON_COLUMNS = ("steps", "env", "outputs", "after_ids")
 # A job ended so: the jobs waiting for it (--after) are cancelled.
-BLOCKING_STATES = ("failed", "cancelled", "interrupted")
+BLOCKING_STATES = (JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED)
 
 
 # A queued row may start: none of its ``after`` jobs is anything but done.
 _READY = (
     "(after_ids IS NULL OR NOT EXISTS (SELECT 1 FROM json_each(jobs.after_ids) d "
-    "JOIN jobs p ON p.id = d.value WHERE p.state != 'done'))"
+    "JOIN jobs p ON p.id = d.value WHERE p.state != ?))"
 )
 # Queued rows that never can: (job, the job it waits for, that one's state).
 _BLOCKED = (
     "SELECT j.id, p.id, p.state FROM jobs j, json_each(j.after_ids) d "
-    "JOIN jobs p ON p.id = d.value WHERE j.state = 'queued' AND j.after_ids IS NOT NULL "
-    f"AND p.state IN ({', '.join(repr(s) for s in BLOCKING_STATES)}) ORDER BY j.id, p.id"
+    "JOIN jobs p ON p.id = d.value WHERE j.state = ? AND j.after_ids IS NOT NULL "
+    f"AND p.state IN ({', '.join('?' * len(BLOCKING_STATES))}) ORDER BY j.id, p.id"
 )
 
 
@@ -100,14 +98,12 @@ class JobDBError(Exception):
     """The job database cannot be used; the message says which file and why."""
 
 
-def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    out = dict(row)
-    for key in _JSON_COLUMNS:
-        raw = out.get(key)
-        out[key] = json.loads(raw) if raw else ([] if key != "env" else {})
-    return out
+def _one(row: sqlite3.Row | None) -> JobRow | None:
+    return None if row is None else JobRow.decode(row)
+
+
+def _marks(values: tuple[object, ...]) -> str:
+    return ",".join("?" * len(values))
 
 
 class JobDB:
@@ -285,7 +281,7 @@ class JobDB:
         location: str,
         project: str,
         workdir: str,
-        steps: list[dict],
+        steps: list[dict[str, Any]],
         env: dict[str, str],
         executor: str = "local",
         after: list[int] | None = None,
@@ -302,7 +298,7 @@ class JobDB:
             missing = {"program", "path", "args"} - set(step)
             if missing:
                 raise ValueError(f"step {i} lacks {', '.join(sorted(missing))}")
-        clean = [
+        clean: list[StepSpec] = [
             {
                 "program": s["program"],
                 "path": s["path"],
@@ -324,7 +320,7 @@ class JobDB:
             cur = conn.execute(
                 "INSERT INTO jobs (name, priority, client, location, project, workdir, steps, "
                 "env, state, submitted_at, step_count, executor, after_ids) "
-                "VALUES (?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     name,
                     int(priority),
@@ -334,6 +330,7 @@ class JobDB:
                     workdir,
                     json.dumps(clean),
                     json.dumps(env),
+                    JobState.QUEUED,
                     time.time(),
                     len(clean),
                     executor,
@@ -343,81 +340,39 @@ class JobDB:
             job_id = int(cur.lastrowid or 0)
         return job_id
 
-    def get(self, job_id: int) -> dict[str, Any] | None:
-        """The full row as a dict (steps, env, outputs decoded), or None."""
+    def get(self, job_id: int) -> JobRow | None:
+        """The job's full row, or None."""
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return _decode(row)
+        return _one(row)
 
-    def public(self, row: dict[str, Any]) -> dict[str, Any]:
+    def public(self, row: JobRow) -> dict[str, Any]:
         """The API job object of docs/api-contract.md for a row from :meth:`get`."""
-        outputs: list[str] = []
-        for step in row["steps"]:
-            if step.get("stdout") and step["stdout"] not in outputs:
-                outputs.append(step["stdout"])
-        for extra in row.get("outputs") or []:
-            if extra not in outputs:
-                outputs.append(extra)
-        state = row["state"]
-        return {
-            "id": row["id"],
-            "name": row["name"],
-            "priority": row["priority"],
-            "state": "queued" if state == "starting" else state,
-            "location": row["location"],
-            "project": row["project"],
-            "steps": [
-                {
-                    "program": s["program"],
-                    "args": s["args"],
-                    "stdin": s.get("stdin"),
-                    "stdout": s.get("stdout"),
-                }
-                for s in row["steps"]
-            ],
-            "client": row["client"],
-            "submitted_at": row["submitted_at"],
-            "started_at": row["started_at"],
-            "ended_at": row["ended_at"],
-            "progress": row["progress"] or 0.0,
-            "current_step": row["current_step"],
-            "step_count": row["step_count"],
-            "exit_status": row["exit_status"],
-            "signal": row["signal"],
-            "reason": row["reason"],
-            "wall_time": row["wall_time"],
-            "cpu_time": row["cpu_time"],
-            "max_rss_kb": row["max_rss_kb"],
-            "cancel_requested": bool(row["cancel_request"]),
-            "outputs": outputs,
-            "pid": row["pid"],
-            "after": list(row.get("after_ids") or []),
-            "waiting_for": self.waiting_for(row) if state == "queued" else [],
-        }
+        waiting = self.waiting_for(row) if row.state == JobState.QUEUED else []
+        return row.to_api(waiting_for=waiting)
 
-    def waiting_for(self, row: dict[str, Any]) -> list[int]:
+    def waiting_for(self, row: JobRow) -> list[int]:
         """The jobs of ``row``'s ``after`` that are not done yet (ascending ids)."""
-        after = list(row.get("after_ids") or [])
+        after = list(row.after_ids or [])
         if not after:
             return []
-        marks = ",".join("?" * len(after))
-        sql = f"SELECT id FROM jobs WHERE id IN ({marks}) AND state != 'done' ORDER BY id"
-        return [r[0] for r in self._conn().execute(sql, after)]
+        sql = f"SELECT id FROM jobs WHERE id IN ({_marks(after)}) AND state != ? ORDER BY id"
+        return [r[0] for r in self._conn().execute(sql, (*after, JobState.DONE))]
 
     def list(
         self, states: list[str] | None = None, limit: int = 100, before: int | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[JobRow]:
         """Rows newest first; ``before`` pages on the id (index-backed)."""
         where, args = [], []  # type: ignore[var-annotated]
         if states:
             wanted = set()
             for st in states:
-                if st not in API_STATES and st != "starting":
+                if st not in API_STATES and st != JobState.STARTING:
                     raise ValueError(
                         f"unknown job state {st!r}; expected one of {', '.join(API_STATES)}"
                     )
                 wanted.add(st)
-                if st == "queued":
-                    wanted.add("starting")
+                if st == JobState.QUEUED:
+                    wanted.add(JobState.STARTING)
             where.append(f"state IN ({','.join('?' * len(wanted))})")
             args.extend(sorted(wanted))
         if before is not None:
@@ -428,13 +383,13 @@ class JobDB:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(max(0, int(limit)))
-        return [r for r in map(_decode, self._conn().execute(sql, args).fetchall()) if r]
+        return [JobRow.decode(r) for r in self._conn().execute(sql, args).fetchall()]
 
     def counts(self) -> dict[str, int]:
         """Number of jobs per API state ('starting' counts as 'queued')."""
-        out = dict.fromkeys(API_STATES, 0)
+        out = {str(state): 0 for state in API_STATES}
         for state, n in self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-            key = "queued" if state == "starting" else state
+            key = str(JobState(state).public)
             out[key] = out.get(key, 0) + n
         return out
 
@@ -442,7 +397,10 @@ class JobDB:
         """Jobs waiting to start (queued or starting); an index range, not a table scan."""
         return int(
             self._conn()
-            .execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued','starting')")
+            .execute(
+                "SELECT COUNT(*) FROM jobs WHERE state IN (?,?)",
+                (JobState.QUEUED, JobState.STARTING),
+            )
             .fetchone()[0]
         )
 
@@ -450,13 +408,13 @@ class JobDB:
         """Atomically queued -> cancelled; False when the job was not queued."""
         with self._write() as conn:
             cur = conn.execute(
-                "UPDATE jobs SET state='cancelled', ended_at=?, cancel_request='cancel', "
-                "reason='cancelled before it started' WHERE id=? AND state='queued'",
-                (time.time(), job_id),
+                "UPDATE jobs SET state=?, ended_at=?, cancel_request='cancel', "
+                "reason='cancelled before it started' WHERE id=? AND state=?",
+                (JobState.CANCELLED, time.time(), job_id, JobState.QUEUED),
             )
         return cur.rowcount == 1
 
-    def request_cancel(self, job_id: int, reason: str) -> dict[str, Any] | None:
+    def request_cancel(self, job_id: int, reason: str) -> JobRow | None:
         """Mark a starting/running job for cancel ('cancel') or shutdown ('shutdown').
 
         Returns the row after the change, or None when the job was not
@@ -467,8 +425,8 @@ class JobDB:
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET cancel_request=CASE WHEN cancel_request='cancel' THEN 'cancel' "
-                "ELSE ? END WHERE id=? AND state IN ('starting','running')",
-                (reason, job_id),
+                "ELSE ? END WHERE id=? AND state IN (?,?)",
+                (reason, job_id, *ACTIVE_STATES),
             )
         if cur.rowcount != 1:
             return None
@@ -480,18 +438,18 @@ class JobDB:
 
     # --- used by the scheduler and the procwrap ------------------------------
 
-    def next_queued(self, executor: str | None = None) -> dict[str, Any] | None:
+    def next_queued(self, executor: str | None = None) -> JobRow | None:
         """The job that should start next: highest priority, then oldest.
 
         A job with ``after`` waits until every one of those jobs is done.
         """
-        sql = f"SELECT * FROM jobs WHERE state='queued' AND {_READY}"
-        args: list[Any] = []
+        sql = f"SELECT * FROM jobs WHERE state=? AND {_READY}"
+        args: list[Any] = [JobState.QUEUED, JobState.DONE]
         if executor:
             sql += " AND executor=?"
             args.append(executor)
         sql += " ORDER BY priority DESC, id LIMIT 1"
-        return _decode(self._conn().execute(sql, args).fetchone())
+        return _one(self._conn().execute(sql, args).fetchone())
 
     def cancel_blocked(self) -> list[tuple[int, int, str]]:
         """Cancel queued jobs whose ``after`` job ended failed, cancelled or interrupted.
@@ -504,7 +462,9 @@ class JobDB:
         changed: list[tuple[int, int, str]] = []
         while True:
             first: dict[int, tuple[int, int, str]] = {}
-            for job_id, pred, pred_state in self._conn().execute(_BLOCKED):
+            for job_id, pred, pred_state in self._conn().execute(
+                _BLOCKED, (JobState.QUEUED, *BLOCKING_STATES)
+            ):
                 first.setdefault(job_id, (job_id, pred, pred_state))
             if not first:
                 return changed
@@ -512,12 +472,13 @@ class JobDB:
             with self._write() as conn:
                 for job_id, pred, pred_state in first.values():
                     cur = conn.execute(
-                        "UPDATE jobs SET state='cancelled', ended_at=?, reason=? "
-                        "WHERE id=? AND state='queued'",
+                        "UPDATE jobs SET state=?, ended_at=?, reason=? WHERE id=? AND state=?",
                         (
+                            JobState.CANCELLED,
                             time.time(),
                             f"job {pred}, which it was to run after, ended {pred_state}",
                             job_id,
+                            JobState.QUEUED,
                         ),
                     )
                     if cur.rowcount == 1:
@@ -530,7 +491,8 @@ class JobDB:
         """queued -> starting (the scheduler picked it); False if someone else did."""
         with self._write() as conn:
             cur = conn.execute(
-                "UPDATE jobs SET state='starting' WHERE id=? AND state='queued'", (job_id,)
+                "UPDATE jobs SET state=? WHERE id=? AND state=?",
+                (JobState.STARTING, job_id, JobState.QUEUED),
             )
         return cur.rowcount == 1
 
@@ -538,38 +500,44 @@ class JobDB:
         """starting -> queued (a launch failed or a new worker found it half-started)."""
         with self._write() as conn:
             cur = conn.execute(
-                "UPDATE jobs SET state='queued', pid=NULL, reason=? "
-                "WHERE id=? AND state='starting'",
-                (reason, job_id),
+                "UPDATE jobs SET state=?, pid=NULL, reason=? WHERE id=? AND state=?",
+                (JobState.QUEUED, reason, job_id, JobState.STARTING),
             )
         return cur.rowcount == 1
 
     def reset_starting(self) -> list[int]:
         """Every starting row back to queued (a new worker starts); returns their ids."""
         with self._write() as conn:
-            ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state='starting'")]
-            conn.execute("UPDATE jobs SET state='queued', pid=NULL WHERE state='starting'")
+            ids = [
+                r[0]
+                for r in conn.execute("SELECT id FROM jobs WHERE state=?", (JobState.STARTING,))
+            ]
+            conn.execute(
+                "UPDATE jobs SET state=?, pid=NULL WHERE state=?",
+                (JobState.QUEUED, JobState.STARTING),
+            )
         return ids
 
-    def claim(self, job_id: int, pid: int, *, from_states: tuple[str, ...] = ("starting",)) -> bool:
+    def claim(
+        self, job_id: int, pid: int, *, from_states: tuple[str, ...] = (JobState.STARTING,)
+    ) -> bool:
         """The procwrap's exactly-once claim: from_states -> running with its pid."""
         return self.claim_row(job_id, pid, from_states=from_states) is not None
 
     def claim_row(
-        self, job_id: int, pid: int, *, from_states: tuple[str, ...] = ("starting",)
-    ) -> dict[str, Any] | None:
+        self, job_id: int, pid: int, *, from_states: tuple[str, ...] = (JobState.STARTING,)
+    ) -> JobRow | None:
         """:meth:`claim` that returns the claimed row as :meth:`get` would (None: not ours).
 
         One statement claims and reads, so a procwrap needs no other query to start.
         """
-        marks = ",".join("?" * len(from_states))
         with self._write() as conn:
             row = conn.execute(
-                f"UPDATE jobs SET state='running', pid=?, started_at=?, progress=0, "
-                f"current_step=0 WHERE id=? AND state IN ({marks}) RETURNING *",
-                (pid, time.time(), job_id, *from_states),
+                f"UPDATE jobs SET state=?, pid=?, started_at=?, progress=0, "
+                f"current_step=0 WHERE id=? AND state IN ({_marks(from_states)}) RETURNING *",
+                (JobState.RUNNING, pid, time.time(), job_id, *from_states),
             ).fetchone()
-        return _decode(row)
+        return _one(row)
 
     def update_progress(
         self,
@@ -595,7 +563,8 @@ class JobDB:
             return
         with self._write() as conn:
             conn.execute(
-                f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND state='running'", (*args, job_id)
+                f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND state=?",
+                (*args, job_id, JobState.RUNNING),
             )
 
     def finish(
@@ -611,12 +580,12 @@ class JobDB:
         max_rss_kb: int | None = None,
         progress: float | None = None,
         outputs: list[str] | None = None,
-        from_states: tuple[str, ...] = ("starting", "running"),
+        from_states: tuple[str, ...] = ACTIVE_STATES,
     ) -> bool:
         """Record a final state, once: False if the job was already final."""
         if state not in FINAL_STATES:
             raise ValueError(f"final state must be one of {', '.join(FINAL_STATES)}, got {state!r}")
-        marks = ",".join("?" * len(from_states))
+        marks = _marks(from_states)
         with self._write() as conn:
             cur = conn.execute(
                 f"UPDATE jobs SET state=?, ended_at=?, exit_status=?, signal=?, reason=?, "
@@ -641,15 +610,14 @@ class JobDB:
             )
         return cur.rowcount == 1
 
-    def in_states(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
+    def in_states(self, states: tuple[str, ...]) -> list[JobRow]:
         """All rows in the given states, oldest first (small sets: running, starting)."""
-        marks = ",".join("?" * len(states))
         rows = (
             self._conn()
-            .execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states)
+            .execute(f"SELECT * FROM jobs WHERE state IN ({_marks(states)}) ORDER BY id", states)
             .fetchall()
         )
-        return [r for r in map(_decode, rows) if r]
+        return [JobRow.decode(r) for r in rows]
 
     def set_external_id(self, job_id: int, external_id: str) -> None:
         """Remember the Slurm job id of a job."""

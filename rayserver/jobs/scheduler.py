@@ -36,9 +36,11 @@ import time
 from typing import Any
 
 from rayserver.common.paths import Layout
+from rayserver.common.states import JobState
 from rayserver.jobs import procwrap
 from rayserver.jobs.executors.forkserver import ForkServerClient, ForkServerError
-from rayserver.jobs.jobdb import FINAL_STATES, JobDB
+from rayserver.jobs.jobdb import JobDB
+from rayserver.jobs.rows import JobRow
 from supervisor.util import describe_status
 
 log = logging.getLogger("rayserver.jobs.scheduler")
@@ -123,10 +125,10 @@ class Scheduler:
         reset = self.db.reset_starting()
         if reset:
             log.info("jobs %s were being started by a previous worker; queued again", reset)
-        for row in self.db.in_states(("running",)):
-            if row["executor"] != "local":
+        for row in self.db.in_states((JobState.RUNNING,)):
+            if row.executor != "local":
                 continue
-            job_id, pid = row["id"], row["pid"]
+            job_id, pid = row.id, row.pid
             if procwrap_alive(pid, job_id):
                 self._running[job_id] = pid
                 self._adopted[job_id] = pid
@@ -134,6 +136,7 @@ class Scheduler:
             else:
                 self._record_dead(
                     row,
+                    JobState.INTERRUPTED,
                     f"its procwrap (pid {pid}) was gone when the server "
                     "restarted: the job died with the server",
                 )
@@ -200,7 +203,7 @@ class Scheduler:
                 row = self.db.next_queued(executor="local")
                 if row is None:
                     return
-                job_id = row["id"]
+                job_id = row.id
                 if not self.db.mark_starting(job_id):
                     continue  # cancelled or taken meanwhile
                 self._running[job_id] = 0  # hold the slot: the exit may come before the pid
@@ -264,7 +267,7 @@ class Scheduler:
             # queued it again. It runs the job (once); we watch it like any
             # adopted one, so its slot counts and its waiters are answered.
             row = self.db.get(job_id)
-            other = row["pid"] if row and row["state"] == "running" else None
+            other = row.pid if row and row.state == JobState.RUNNING else None
             if other and other != pid and procwrap_alive(other, job_id):
                 self._running[job_id] = other
                 self._adopted[job_id] = other
@@ -275,9 +278,11 @@ class Scheduler:
             log.info("job %s: procwrap %s found nothing to run", job_id, pid)
         else:
             row = self.db.get(job_id)
-            if row and row["state"] not in FINAL_STATES and row["pid"] in (pid, None):
+            if row and not row.final and row.pid in (pid, None):
+                # Killed by a signal: ended from outside, not the job's fault.
                 self._record_dead(
                     row,
+                    JobState.INTERRUPTED if os.WIFSIGNALED(status) else JobState.FAILED,
                     f"its procwrap (pid {pid}) ended ({describe_status(status)}) "
                     "before it recorded a result",
                 )
@@ -287,9 +292,13 @@ class Scheduler:
         self._fork_lost = True
         log.error("the fork server exited: no new job can start until the worker restarts")
 
-    def _record_dead(self, row: dict[str, Any], reason: str) -> None:
-        """Final state for a job whose procwrap is gone; ends what is left of its steps."""
-        pgid = row.get("pgid_children")
+    def _record_dead(self, row: JobRow, state: JobState, reason: str) -> None:
+        """Final ``state`` for a job whose procwrap is gone; ends what is left of its steps.
+
+        A recorded request wins over ``state``: a cancel makes the job
+        ``cancelled``, a shutdown ``interrupted``.
+        """
+        pgid = row.pgid_children
         if pgid:
             members = procwrap.group_members(pgid)
             if members:
@@ -301,20 +310,12 @@ class Scheduler:
                 while procwrap.group_members(pgid) and time.monotonic() < deadline:
                     time.sleep(0.01)
                 reason += f"; killed {len(members)} leftover step process(es)"
-        if row.get("cancel_request") == "cancel":
-            state = "cancelled"
-        elif (
-            row.get("cancel_request") == "shutdown"
-            or "restarted" in reason
-            or "killed by" in reason
-            or "adopted" in reason
-        ):
-            # Ended from outside (a signal, the server going away): not the job's fault.
-            state = "interrupted"
-        else:
-            state = "failed"
-        if self.db.finish(row["id"], state, reason=reason):
-            log.warning("job %s %s: %s", row["id"], state, reason)
+        if row.cancel_request == "cancel":
+            state = JobState.CANCELLED
+        elif row.cancel_request == "shutdown":
+            state = JobState.INTERRUPTED
+        if self.db.finish(row.id, state, reason=reason):
+            log.warning("job %s %s: %s", row.id, state, reason)
 
     def _finished(self, job_id: int) -> None:
         self._adopted.pop(job_id, None)
@@ -334,9 +335,10 @@ class Scheduler:
                 if procwrap_alive(pid, job_id):
                     continue
                 row = self.db.get(job_id)
-                if row and row["state"] not in FINAL_STATES:
+                if row and not row.final:
                     self._record_dead(
                         row,
+                        JobState.INTERRUPTED,
                         f"its procwrap (pid {pid}) ended without recording "
                         "a result (exit status unknown: adopted process)",
                     )
@@ -349,7 +351,7 @@ class Scheduler:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             row = self.db.get(job_id)
-            if row is None or row["state"] in FINAL_STATES:
+            if row is None or row.final:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
@@ -360,7 +362,7 @@ class Scheduler:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), min(left, POLL_INTERVAL))
 
-    async def cancel(self, job_id: int) -> dict[str, Any] | None:
+    async def cancel(self, job_id: int) -> JobRow | None:
         """Cancel a job; returns its row (as :meth:`JobDB.get`) after the change, or None.
 
         Queued: cancelled at once. Starting/running: ``cancel_request`` is
@@ -372,19 +374,19 @@ class Scheduler:
         row = self.db.get(job_id)
         if row is None:
             return None
-        if row["state"] == "queued" and self.db.cancel_queued(job_id):
+        if row.state == JobState.QUEUED and self.db.cancel_queued(job_id):
             self._finished(job_id)
             return self.db.get(job_id)
-        if row["state"] in FINAL_STATES:
+        if row.final:
             return row
         updated = self.db.request_cancel(job_id, "cancel")
         if updated is None:  # became final meanwhile (or was cancelled while queued)
             return self.db.get(job_id)
-        if updated["executor"] == "slurm" and self._slurm is not None:
+        if updated.executor == "slurm" and self._slurm is not None:
             await self._slurm.cancel(updated)  # scancel: Slurm signals and kills
             return self.db.get(job_id)
-        pid = updated["pid"]
-        if updated["state"] == "running" and procwrap_alive(pid, job_id):
+        pid = updated.pid
+        if updated.state == JobState.RUNNING and procwrap_alive(pid, job_id):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
         if job_id not in self._backstops:
@@ -396,8 +398,8 @@ class Scheduler:
         row = self.db.get(job_id)
         if row is None:
             return
-        pid = row["pid"]
-        if row["state"] == "running" and procwrap_alive(pid, job_id):
+        pid = row.pid
+        if row.state == JobState.RUNNING and procwrap_alive(pid, job_id):
             log.warning(
                 "job %s: procwrap %s ignored the cancel for %.1f s; SIGKILL",
                 job_id,
@@ -408,9 +410,12 @@ class Scheduler:
                 os.killpg(pid, signal.SIGKILL)
             await asyncio.sleep(0.1)
         row = self.db.get(job_id)
-        if row and row["state"] not in FINAL_STATES and not procwrap_alive(row["pid"], job_id):
+        if row and not row.final and not procwrap_alive(row.pid, job_id):
+            # After a cancel: the request makes it cancelled.
             self._record_dead(
-                row, f"killed after not stopping within {self.grace + 2.0:g} s of the cancel"
+                row,
+                JobState.FAILED,
+                f"killed after not stopping within {self.grace + 2.0:g} s of the cancel",
             )
         self._backstops.pop(job_id, None)
 
@@ -418,29 +423,25 @@ class Scheduler:
         """Stop dispatching; running jobs are interrupted and record it; queued stay queued."""
         self._stopping = True
         self.notify()
-        for row in self.db.in_states(("starting",)):
-            if row["executor"] == "slurm":
+        for row in self.db.in_states((JobState.STARTING,)):
+            if row.executor == "slurm":
                 continue  # with Slurm: it runs on without us, found again by its Slurm id
             # Not yet claimed: give it back to the queue (the procwrap's claim then fails).
-            self.db.unstart(row["id"])
+            self.db.unstart(row.id)
         waiting: list[int] = []
-        for row in self.db.in_states(("running",)):
-            job_id = row["id"]
-            if job_id not in self._running or row["executor"] != "local":
+        for row in self.db.in_states((JobState.RUNNING,)):
+            job_id = row.id
+            if job_id not in self._running or row.executor != "local":
                 continue
             self.db.request_cancel(job_id, "shutdown")
-            if procwrap_alive(row["pid"], job_id):
+            if procwrap_alive(row.pid, job_id):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(row["pid"], signal.SIGTERM)
+                    os.killpg(row.pid, signal.SIGTERM)
                 waiting.append(job_id)
         deadline = time.monotonic() + self.grace + 1.0
         while waiting and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            waiting = [
-                j
-                for j in waiting
-                if (r := self.db.get(j)) is not None and r["state"] not in FINAL_STATES
-            ]
+            waiting = [j for j in waiting if (r := self.db.get(j)) is not None and not r.final]
         if waiting:
             log.warning(
                 "jobs %s did not record their end within %.1f s of the shutdown",

@@ -31,15 +31,15 @@ from aiohttp import web
 from rayserver import __version__
 from rayserver.common import radiance
 from rayserver.common.paths import Layout
+from rayserver.common.states import API_STATES, FINAL_STATES, JobState
 from rayserver.jobs.executors import slurm
 from rayserver.jobs.jobdb import UnknownJobsError
+from rayserver.jobs.rows import JobRow
 from rayserver.server import jobspec, shareprobe
 from rayserver.server.jobspec import JobSpecError
 
 log = logging.getLogger("rayserver.server.api")
 
-FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
-API_STATES = ("queued", "running", *FINAL_STATES)
 MAX_WAIT = 300.0
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -139,7 +139,7 @@ def _float_param(request: web.Request, name: str, lo: float, hi: float) -> float
     return value
 
 
-def _get_row(ctx: AppContext, job_id: int) -> dict[str, Any]:
+def _get_row(ctx: AppContext, job_id: int) -> JobRow:
     row = ctx.db.get(job_id)
     if row is None:
         raise ApiError(404, f"no job {job_id} on this server")
@@ -147,7 +147,7 @@ def _get_row(ctx: AppContext, job_id: int) -> dict[str, Any]:
 
 
 def _job_response(
-    ctx: AppContext, row: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+    ctx: AppContext, row: JobRow, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.json_response(ctx.db.public(row), status=status, headers=headers)
 
@@ -174,8 +174,8 @@ async def info(request: web.Request) -> web.Response:
             "version": __version__,
             "radiance_version": ctx.radiance_version,
             "cpus": record.cpus if record else 0,
-            "running": counts.get("running", 0),
-            "queued": counts.get("queued", 0),
+            "running": counts.get(JobState.RUNNING, 0),
+            "queued": counts.get(JobState.QUEUED, 0),
             "locations": sorted(record.locations) if record else [],
             "executor": settings.executor,
             "tls": bool(settings.tls_enabled),
@@ -291,7 +291,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     # One row more than asked tells whether there is a next page.
     rows = ctx.db.list(states, limit + 1, before)
     page = rows[:limit]
-    nxt = page[-1]["id"] if len(rows) > limit else None
+    nxt = page[-1].id if len(rows) > limit else None
     return web.json_response({"jobs": [ctx.db.public(r) for r in page], "next": nxt})
 
 
@@ -300,7 +300,7 @@ async def get_job(request: web.Request) -> web.Response:
     job_id = _job_id(request)
     wait = _float_param(request, "wait", 0.0, MAX_WAIT)
     row = _get_row(ctx, job_id)
-    if wait and row["state"] not in FINAL_STATES:
+    if wait and not row.final:
         await ctx.scheduler.wait(job_id, wait)
         row = _get_row(ctx, job_id)
     return _job_response(ctx, row)
@@ -310,14 +310,14 @@ async def cancel_job(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     job_id = _job_id(request)
     row = _get_row(ctx, job_id)
-    if row["state"] in FINAL_STATES:
+    if row.final:
         raise ApiError(
-            409, f"job {job_id} has already ended ({row['state']}); there is nothing to cancel"
+            409, f"job {job_id} has already ended ({row.state}); there is nothing to cancel"
         )
     after = await ctx.scheduler.cancel(job_id)
     row = after if after is not None else _get_row(ctx, job_id)
-    if row["state"] in FINAL_STATES and row["state"] != "cancelled":
-        raise ApiError(409, f"job {job_id} ended ({row['state']}) before it could be cancelled")
+    if row.final and row.state != JobState.CANCELLED:
+        raise ApiError(409, f"job {job_id} ended ({row.state}) before it could be cancelled")
     log.info("job %d cancel requested by %s", job_id, request.remote)
     return _job_response(ctx, row)
 

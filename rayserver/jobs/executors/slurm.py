@@ -37,7 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayserver.common import states
 from rayserver.common.settings import Settings
+from rayserver.common.states import JobState
+from rayserver.jobs.rows import JobRow
 
 log = logging.getLogger("rayserver.jobs.executors.slurm")
 
@@ -65,18 +68,18 @@ ACTIVE_STATES = frozenset(
 # Final Slurm states -> (our state, reason). Failures of the machinery (node,
 # preemption) are "interrupted" like a local job whose server went away;
 # failures of the job itself are "failed".
-_FINAL_STATES: dict[str, tuple[str, str]] = {
-    "COMPLETED": ("done", ""),
-    "FAILED": ("failed", "the job's batch script failed in Slurm"),
-    "CANCELLED": ("cancelled", "cancelled in Slurm"),
-    "TIMEOUT": ("failed", "Slurm's time limit was reached"),
-    "DEADLINE": ("failed", "Slurm's deadline was reached"),
-    "OUT_OF_MEMORY": ("failed", "Slurm: out of memory"),
-    "NODE_FAIL": ("interrupted", "Slurm: the node failed"),
-    "BOOT_FAIL": ("interrupted", "Slurm: the node failed to boot"),
-    "PREEMPTED": ("interrupted", "Slurm preempted the job"),
-    "REVOKED": ("interrupted", "Slurm revoked the job (federation)"),
-    "SPECIAL_EXIT": ("failed", "Slurm: special exit"),
+_FROM_SLURM: dict[str, tuple[JobState, str]] = {
+    "COMPLETED": (JobState.DONE, ""),
+    "FAILED": (JobState.FAILED, "the job's batch script failed in Slurm"),
+    "CANCELLED": (JobState.CANCELLED, "cancelled in Slurm"),
+    "TIMEOUT": (JobState.FAILED, "Slurm's time limit was reached"),
+    "DEADLINE": (JobState.FAILED, "Slurm's deadline was reached"),
+    "OUT_OF_MEMORY": (JobState.FAILED, "Slurm: out of memory"),
+    "NODE_FAIL": (JobState.INTERRUPTED, "Slurm: the node failed"),
+    "BOOT_FAIL": (JobState.INTERRUPTED, "Slurm: the node failed to boot"),
+    "PREEMPTED": (JobState.INTERRUPTED, "Slurm preempted the job"),
+    "REVOKED": (JobState.INTERRUPTED, "Slurm revoked the job (federation)"),
+    "SPECIAL_EXIT": (JobState.FAILED, "Slurm: special exit"),
 }
 
 
@@ -114,7 +117,7 @@ def base_state(state: str) -> str:
     return word.rstrip("+*").upper()
 
 
-def final_state(slurm_state: str) -> tuple[str, str]:
+def final_state(slurm_state: str) -> tuple[JobState, str]:
     """Map a final Slurm state onto (our state, reason).
 
     Raises ValueError for a state that is not final (the job is still with Slurm).
@@ -122,7 +125,7 @@ def final_state(slurm_state: str) -> tuple[str, str]:
     state = base_state(slurm_state)
     if state in ACTIVE_STATES:
         raise ValueError(f"Slurm state {state!r} is not final")
-    return _FINAL_STATES.get(state, ("failed", f"Slurm ended the job in state {state}"))
+    return _FROM_SLURM.get(state, (JobState.FAILED, f"Slurm ended the job in state {state}"))
 
 
 def parse_exit_code(text: str) -> tuple[int | None, int | None]:
@@ -451,12 +454,12 @@ class SlurmExecutor:
         """False for a while after Slurm could not be reached (the scheduler waits)."""
         return time.monotonic() >= self._retry_at
 
-    def sbatch_options(self, job: dict[str, Any]) -> list[str]:
-        log_file = self.db.log_path(job["id"])
+    def sbatch_options(self, job: JobRow) -> list[str]:
+        log_file = self.db.log_path(job.id)
         opts = [
-            f"--job-name={job_name(job['id'])}",
-            f"--comment={job_comment(self.db_path, job['id'])}",
-            f"--chdir={job['workdir']}",
+            f"--job-name={job_name(job.id)}",
+            f"--comment={job_comment(self.db_path, job.id)}",
+            f"--chdir={job.workdir}",
             f"--output={log_file}",
             "--open-mode=append",
             # A requeued job would start a second procwrap for a row already
@@ -470,16 +473,16 @@ class SlurmExecutor:
         opts.extend(self.settings.slurm_options)
         return opts
 
-    async def launch(self, job: dict[str, Any]) -> bool:
+    async def launch(self, job: JobRow) -> bool:
         """sbatch one job the scheduler moved to ``starting``; True when Slurm took it.
 
         A refusal (bad partition, bad option) fails the job with Slurm's
         message; an unreachable controller puts it back in the queue.
         """
-        job_id = int(job["id"])
-        if job.get("external_id"):
-            known = await self.commands.squeue([job["external_id"]])
-            if job["external_id"] in known and known[job["external_id"]].active:
+        job_id = job.id
+        if job.external_id:
+            known = await self.commands.squeue([job.external_id])
+            if job.external_id in known and known[job.external_id].active:
                 return True  # already with Slurm (found again after a restart)
         self._launching.add(job_id)
         try:
@@ -497,7 +500,7 @@ class SlurmExecutor:
                 self.db.unstart(job_id, f"waiting for Slurm: {text}")
             else:
                 log.error("job %d: Slurm refused the job: %s", job_id, text)
-                self.db.finish(job_id, "failed", reason=f"Slurm refused the job: {text}")
+                self.db.finish(job_id, JobState.FAILED, reason=f"Slurm refused the job: {text}")
             self._changed()
             return False
         self.db.set_external_id(job_id, slurm_id)
@@ -510,8 +513,8 @@ class SlurmExecutor:
 
     def active_count(self) -> int:
         """Jobs with Slurm now (submitted or being submitted, not final): what the cap counts."""
-        rows = self.db.in_states(("starting", "running"))
-        return sum(1 for r in rows if r.get("executor") == "slurm" or r.get("external_id"))
+        rows = self.db.in_states(states.ACTIVE_STATES)
+        return sum(1 for r in rows if r.executor == "slurm" or r.external_id)
 
     async def dispatch(self, capacity: int) -> int:
         """Hand queued Slurm jobs to Slurm while fewer than ``capacity`` are with it.
@@ -524,23 +527,23 @@ class SlurmExecutor:
             row = self.db.next_queued(executor="slurm")
             if row is None:
                 break
-            if not self.db.mark_starting(row["id"]):
+            if not self.db.mark_starting(row.id):
                 continue  # cancelled or taken meanwhile
-            if await self.launch(self.db.get(row["id"]) or row):
+            if await self.launch(self.db.get(row.id) or row):
                 submitted += 1
         return submitted
 
-    async def cancel(self, job: dict[str, Any]) -> None:
+    async def cancel(self, job: JobRow) -> None:
         """scancel the job's Slurm job (the caller set cancel_request first).
 
         Slurm signals the batch script (the procwrap) with SIGTERM, which
         ends its steps and records ``cancelled``; a job still pending in
         Slurm never ran, and the poll records it.
         """
-        job_id = int(job["id"])
+        job_id = job.id
         row = self.db.get(job_id) or job
-        if row.get("external_id"):
-            await self.commands.scancel(row["external_id"])
+        if row.external_id:
+            await self.commands.scancel(row.external_id)
         elif job_id in self._launching:
             self._cancel_after_launch.add(job_id)
 
@@ -563,8 +566,8 @@ class SlurmExecutor:
     async def _adopt(self) -> None:
         rows = [
             r
-            for r in self.db.in_states(("queued", "starting"))
-            if r.get("executor") == "slurm" or r.get("external_id")
+            for r in self.db.in_states((JobState.QUEUED, JobState.STARTING))
+            if r.executor == "slurm" or r.external_id
         ]
         if not rows:
             await self.poll_once()
@@ -573,19 +576,17 @@ class SlurmExecutor:
         # submitted without storing the id (matched by the comment).
         mine = await self._our_jobs()
         for row in rows:
-            sid = row.get("external_id")
-            if not sid and row["id"] not in self._launching:
-                found = mine.get(job_comment(self.db_path, row["id"]))
-                if found:
-                    sid = found.job_id
-                    self.db.set_external_id(row["id"], sid)
-            seen = mine.get(job_comment(self.db_path, row["id"]))
+            sid = row.external_id
+            seen = mine.get(job_comment(self.db_path, row.id))
+            if not sid and row.id not in self._launching and seen is not None:
+                sid = seen.job_id
+                self.db.set_external_id(row.id, sid)
             if sid and seen is not None and seen.job_id == sid and seen.active:
-                if row["state"] == "queued" and self.db.mark_starting(row["id"]):
-                    log.info("job %d found again in Slurm as job %s", row["id"], sid)
-            elif row["state"] == "starting" and row["id"] not in self._launching:
+                if row.state == JobState.QUEUED and self.db.mark_starting(row.id):
+                    log.info("job %d found again in Slurm as job %s", row.id, sid)
+            elif row.state == JobState.STARTING and row.id not in self._launching:
                 # Started by a dead worker but never (or no longer) with Slurm.
-                self.db.unstart(row["id"], None)
+                self.db.unstart(row.id, None)
         await self.poll_once()
 
     async def _our_jobs(self) -> dict[str, SlurmJob]:
@@ -608,61 +609,62 @@ class SlurmExecutor:
         """One look at Slurm for every job with it; returns the ids recorded final here."""
         rows = [
             r
-            for r in self.db.in_states(("starting", "running"))
-            if r.get("external_id") and r["id"] not in self._launching
+            for r in self.db.in_states(states.ACTIVE_STATES)
+            if r.external_id and r.id not in self._launching
         ]
         if not rows:
             return []
-        slurm = await self.commands.squeue([r["external_id"] for r in rows])
+        slurm = await self.commands.squeue([r.external_id for r in rows if r.external_id])
         recorded: list[int] = []
         changed = False
         for row in rows:
-            seen = slurm.get(row["external_id"])
+            assert row.external_id is not None
+            seen = slurm.get(row.external_id)
             if seen is not None and seen.active:
                 continue
             # Slurm is done with it; the procwrap normally recorded the result already.
-            fresh = self.db.get(row["id"])
-            if fresh is None or fresh["state"] not in ("starting", "running"):
+            fresh = self.db.get(row.id)
+            if fresh is None or fresh.state not in states.ACTIVE_STATES:
                 changed = True
                 continue
-            detail = await self.commands.show_job(row["external_id"])
+            detail = await self.commands.show_job(row.external_id)
             if self._record_from_slurm(fresh, detail or seen):
-                recorded.append(row["id"])
+                recorded.append(row.id)
                 changed = True
         if changed:
             self._changed()
         return recorded
 
-    def _record_from_slurm(self, row: dict[str, Any], job: SlurmJob | None) -> bool:
-        sid = row["external_id"]
+    def _record_from_slurm(self, row: JobRow, job: SlurmJob | None) -> bool:
+        sid = row.external_id
         if job is None:
             return bool(
                 self.db.finish(
-                    row["id"],
-                    "interrupted",
+                    row.id,
+                    JobState.INTERRUPTED,
                     reason=f"Slurm no longer knows job {sid} and the job recorded no result "
                     "(finished longer ago than Slurm's MinJobAge, or the controller lost it)",
                 )
             )
         state, reason = final_state(job.state)
-        if row.get("cancel_request") == "cancel" and state in ("cancelled", "failed"):
-            state, reason = "cancelled", "cancelled"
-        elif state == "done":
+        if row.cancel_request == "cancel" and state in (JobState.CANCELLED, JobState.FAILED):
+            state, reason = JobState.CANCELLED, "cancelled"
+        elif state == JobState.DONE:
             # Slurm says the batch script succeeded, but the procwrap recorded nothing.
-            state = "failed"
+            state = JobState.FAILED
             reason = (
                 "the Slurm job ended without running the job's steps (the procwrap did "
                 "not claim it; see the job's log)"
-                if row["state"] == "starting"
+                if row.state == JobState.STARTING
                 else "the procwrap ended without recording a result (see the job's log)"
             )
         reason = f"{reason} (Slurm job {sid}, state {job.state}" + (
             f", {job.reason})" if job.reason else ")"
         )
-        log.info("job %d: recorded %s from Slurm: %s", row["id"], state, reason)
+        log.info("job %d: recorded %s from Slurm: %s", row.id, state, reason)
         return bool(
             self.db.finish(
-                row["id"], state, exit_status=job.exit_status, signal=job.signal, reason=reason
+                row.id, state, exit_status=job.exit_status, signal=job.signal, reason=reason
             )
         )
 

@@ -12,24 +12,25 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap.exits import EXIT_CLAIM_LOST, EXIT_INTERNAL, EXIT_USAGE
 from rayserver.jobs.procwrap.job import Job
 from rayserver.jobs.procwrap.procs import base_env, libc, set_subreaper
+from rayserver.jobs.rows import JobRow
 
 
 def _home_of(db_path: Path) -> Path:
     return Path(db_path).resolve().parent.parent
 
 
-def procwrap_title(db_path: Path, job_id: int, row: dict[str, Any] | None) -> str:
+def procwrap_title(db_path: Path, job_id: int, row: JobRow | None) -> str:
     """``rfcore -O <home>/procwrap.pyo job=<id> <name or program>`` (home = db's grandparent)."""
     home = _home_of(Path(db_path))
     what = ""
     if row:
-        what = row.get("name") or (row["steps"][0]["program"] if row.get("steps") else "")
+        what = row.name or (row.steps[0]["program"] if row.steps else "")
     return f"rfcore -O {home}/procwrap.pyo job={job_id} {what}".rstrip()
 
 
@@ -93,7 +94,7 @@ def _warm_statements(db: JobDB) -> None:
     db.update_progress(0, current_step=1, pgid_children=1, progress=0.0)
     db.finish(
         0,
-        "done",
+        JobState.DONE,
         exit_status=0,
         signal=None,
         reason=None,
@@ -102,7 +103,7 @@ def _warm_statements(db: JobDB) -> None:
         max_rss_kb=0,
         progress=100.0,
         outputs=[],
-        from_states=("running",),
+        from_states=(JobState.RUNNING,),
     )
 
 
@@ -132,7 +133,7 @@ def run_job(
     job = Job(db, job_id, log_fd, grace)
     # Handlers before the claim: a SIGTERM from here on is recorded, not fatal.
     job.install_signals()
-    states = ("queued", "starting") if claim_queued else ("starting",)
+    states = (JobState.QUEUED, JobState.STARTING) if claim_queued else (JobState.STARTING,)
     try:
         row = db.claim_row(job_id, os.getpid(), from_states=states)
     except BaseException:
@@ -150,7 +151,7 @@ def run_job(
             setproctitle.setproctitle(procwrap_title(db_path, job_id, row))
         set_subreaper()
         job.load(row)
-        if row.get("cancel_request") == "cancel":
+        if row.cancel_request == "cancel":
             job.term_signal = signal.SIGTERM
         code = job.run()
     except Exception as exc:  # noqa: BLE001 - record any failure instead of dying silently
@@ -159,9 +160,9 @@ def run_job(
         with contextlib.suppress(Exception):
             db.finish(
                 job_id,
-                "failed",
+                JobState.FAILED,
                 reason=f"internal error in the procwrap: {exc}",
-                from_states=("running",),
+                from_states=(JobState.RUNNING,),
             )
         code = EXIT_INTERNAL
     finally:

@@ -8,8 +8,8 @@ import resource
 import signal
 import subprocess
 import time
-from typing import Any
 
+from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
@@ -17,6 +17,15 @@ from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED
 from rayserver.jobs.procwrap.procs import base_env, fmt_status, spawn
 from rayserver.jobs.procwrap.rtcount import RtraceCount
 from rayserver.jobs.procwrap.watch import StepWatch
+from rayserver.jobs.rows import JobRow, StepSpec
+
+# The procwrap's exit code for each final state it records itself.
+_EXIT_CODES = {
+    JobState.DONE: EXIT_DONE,
+    JobState.FAILED: EXIT_FAILED,
+    JobState.CANCELLED: EXIT_CANCELLED,
+    JobState.INTERRUPTED: EXIT_INTERRUPTED,
+}
 
 PROGRESS_INTERVAL = 0.5  # at most ~2 progress writes per second
 RAD_REPORT = "REPORT=0.05"  # minutes: rpict -t 3
@@ -31,8 +40,8 @@ class Job:
         self.id = job_id
         self.log_fd = log_fd
         self.grace = grace
-        self.row: dict[str, Any] = {}
-        self.steps: list[dict[str, Any]] = []
+        self.row: JobRow | None = None
+        self.steps: list[StepSpec] = []
         self.env: dict[str, str] = {}
         self.workdir = ""
         self.term_signal: int | None = None
@@ -46,13 +55,13 @@ class Job:
         os.set_blocking(wake_w, False)
         self._wake_w = wake_w
 
-    def load(self, row: dict[str, Any]) -> None:
+    def load(self, row: JobRow) -> None:
         """Take the job's steps and environment from its (claimed) row."""
         self.row = row
-        self.steps = row["steps"]
+        self.steps = row.steps
         self.env = dict(base_env())
-        self.env.update(row["env"] or {})
-        self.workdir = row["workdir"]
+        self.env.update(row.env or {})
+        self.workdir = row.workdir
 
     # --- signals ----------------------------------------------------------
 
@@ -99,7 +108,7 @@ class Job:
         code: int | None = 0
         sig: int | None = None
         failed_step = 0
-        state = "done"
+        state = JobState.DONE
         reason: str | None = None
         self.log(f"== job {self.id}: {n} step(s) in {self.workdir} ==\n")
         for idx, step in enumerate(self.steps):
@@ -110,11 +119,11 @@ class Job:
             except ConfinementError as exc:
                 self.log(f"rayserver: refused: {exc}\n")
                 code, sig, failed_step = None, None, idx + 1
-                state, reason = "failed", f"step {idx + 1}/{n} ({step['program']}): {exc}"
+                state, reason = JobState.FAILED, f"step {idx + 1}/{n} ({step['program']}): {exc}"
                 break
             if self.term_signal is None and (code != 0 or sig is not None):
                 failed_step = idx + 1
-                state = "failed"
+                state = JobState.FAILED
                 reason = f"step {idx + 1}/{n} ({step['program']}) {fmt_status(code, sig)}"
                 break
         if self.term_signal is not None:
@@ -127,7 +136,7 @@ class Job:
             f"== {state}: {fmt_status(code, sig)}"
             f"{f' in step {failed_step}/{n}' if failed_step else ''}, wall {wall:.2f} s, "
             f"cpu {cpu:.2f} s, max rss {rss} kB"
-            f"{f' ({reason})' if reason and state != 'failed' else ''} ==\n"
+            f"{f' ({reason})' if reason and state != JobState.FAILED else ''} ==\n"
         )
         self.db.finish(
             self.id,
@@ -138,25 +147,23 @@ class Job:
             wall_time=round(wall, 3),
             cpu_time=round(cpu, 3),
             max_rss_kb=rss,
-            progress=100.0 if state == "done" else None,
+            progress=100.0 if state == JobState.DONE else None,
             outputs=self.outputs,
-            from_states=("running",),
+            from_states=(JobState.RUNNING,),
         )
-        return {"done": EXIT_DONE, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}.get(
-            state, EXIT_INTERRUPTED
-        )
+        return _EXIT_CODES[state]
 
-    def interrupted_state(self) -> tuple[str, str]:
-        row = self.db.get(self.id) or {}
-        request = row.get("cancel_request")
+    def interrupted_state(self) -> tuple[JobState, str]:
+        row = self.db.get(self.id)
+        request = row.cancel_request if row is not None else None
         name = signal.Signals(self.term_signal or signal.SIGTERM).name
         if request == "cancel":
-            return "cancelled", "cancelled by request"
+            return JobState.CANCELLED, "cancelled by request"
         if request == "shutdown":
-            return "interrupted", "the server shut down while the job ran"
-        return "interrupted", f"the procwrap received {name} (no cancel was requested)"
+            return JobState.INTERRUPTED, "the server shut down while the job ran"
+        return JobState.INTERRUPTED, f"the procwrap received {name} (no cancel was requested)"
 
-    def run_step(self, idx: int, step: dict[str, Any]) -> tuple[int | None, int | None]:
+    def run_step(self, idx: int, step: StepSpec) -> tuple[int | None, int | None]:
         """Run one step to its end; (exit status, None), (None, signal) or (127, None)."""
         n = len(self.steps)
         program = step["program"]
@@ -208,7 +215,7 @@ class Job:
         self.add_outputs(watch.seen_outputs)
         return code, sig
 
-    def open_redirects(self, step: dict[str, Any]) -> tuple[int | None, int | None]:
+    def open_redirects(self, step: StepSpec) -> tuple[int | None, int | None]:
         """The step's stdin and stdout files, opened confined to the project (or None)."""
         stdin_fd = (
             open_confined(self.workdir, step["stdin"], write=False) if step.get("stdin") else None
@@ -276,7 +283,7 @@ class Job:
                 status = st
 
 
-def _shown(program: str, args: list[str], step: dict[str, Any]) -> str:
+def _shown(program: str, args: list[str], step: StepSpec) -> str:
     """The step's command line as the log shows it, redirections included."""
     shown = " ".join([program, *args])
     if step.get("stdin"):

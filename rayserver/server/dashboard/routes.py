@@ -33,6 +33,8 @@ from aiohttp import web
 
 from rayserver.common import radiance
 from rayserver.common.png import PPMError, ppm_to_png
+from rayserver.common.states import JobState
+from rayserver.jobs.rows import JobRow, StepSpec
 from rayserver.server.api import error_response
 
 log = logging.getLogger("rayserver.server.dashboard.routes")
@@ -242,7 +244,7 @@ def log_pictures(text: str) -> list[str]:
     return list(seen)
 
 
-def _rad_rif(step: dict[str, Any]) -> str | None:
+def _rad_rif(step: StepSpec) -> str | None:
     args = [str(a) for a in step.get("args") or []]
     for arg in args:
         if arg.endswith(".rif"):
@@ -251,25 +253,25 @@ def _rad_rif(step: dict[str, Any]) -> str | None:
     return plain[-1] if plain else None
 
 
-def _is_rad(step: dict[str, Any]) -> bool:
+def _is_rad(step: StepSpec) -> bool:
     program = str(step.get("program") or step.get("path") or "")
     return Path(program).name == "rad"
 
 
-def step_pictures(row: dict[str, Any], index: int, log_text: str = "") -> list[Path]:
+def step_pictures(row: JobRow, index: int, log_text: str = "") -> list[Path]:
     """Real paths of the Radiance pictures step ``index`` of a job wrote, best first.
 
     Raises PreviewError(403) when the step's only candidate leads out of the
     job's folder, so a refused output is reported as refused, not as missing.
     """
-    workdir = Path(row["workdir"])
-    step = row["steps"][index]
+    workdir = Path(row.workdir)
+    step = row.steps[index]
     names: list[str] = []
     if step.get("stdout"):
         names.append(str(step["stdout"]))
     if _is_rad(step):
         names += log_pictures(log_text)
-        names += [o for o in row.get("outputs") or [] if str(o).endswith(PICTURE_SUFFIXES)]
+        names += [o for o in row.outputs or [] if str(o).endswith(PICTURE_SUFFIXES)]
         rif = _rad_rif(step)
         if rif:
             with contextlib.suppress(PreviewError):
@@ -289,21 +291,20 @@ def step_pictures(row: dict[str, Any], index: int, log_text: str = "") -> list[P
     return found
 
 
-def find_picture(row: dict[str, Any], step: int | None, log_text: str = "") -> tuple[int, Path]:
+def find_picture(row: JobRow, step: int | None, log_text: str = "") -> tuple[int, Path]:
     """(step index, picture) to preview; the last step with a picture when step is None."""
-    steps = row.get("steps") or []
+    steps = row.steps or []
     if step is not None:
         if not 0 <= step < len(steps):
             raise PreviewError(
                 404,
-                f"job {row.get('id')} has no step {step}; its steps are numbered "
-                f"0 to {len(steps) - 1}",
+                f"job {row.id} has no step {step}; its steps are numbered 0 to {len(steps) - 1}",
             )
         pictures = step_pictures(row, step, log_text)
         if not pictures:
             raise PreviewError(
                 404,
-                f"step {step} of job {row.get('id')} wrote no Radiance picture "
+                f"step {step} of job {row.id} wrote no Radiance picture "
                 f"(a file starting with #?RADIANCE in the job's folder)",
             )
         return step, pictures[0]
@@ -320,7 +321,7 @@ def find_picture(row: dict[str, Any], step: int | None, log_text: str = "") -> t
         raise refused
     raise PreviewError(
         404,
-        f"job {row.get('id')} wrote no Radiance picture (a file starting with #?RADIANCE "
+        f"job {row.id} wrote no Radiance picture (a file starting with #?RADIANCE "
         f"in the job's folder)",
     )
 
@@ -566,12 +567,12 @@ async def preview(request: web.Request) -> web.StreamResponse:
         row = ctx.db.get(job_id)
         if row is None:
             raise PreviewError(404, f"no job {job_id}")
-        if row.get("state") != "done":
+        if row.state != JobState.DONE:
             raise PreviewError(
                 409,
-                f"job {job_id} is {row.get('state')}; a preview exists only for a job that is done",
+                f"job {job_id} is {row.state}; a preview exists only for a job that is done",
             )
-        log_text = _job_log(ctx, job_id) if any(_is_rad(s) for s in row["steps"]) else ""
+        log_text = _job_log(ctx, job_id) if any(_is_rad(s) for s in row.steps) else ""
         index, picture = find_picture(row, step_index, log_text)
         settings = ctx.live.settings
         try:
@@ -580,7 +581,7 @@ async def preview(request: web.Request) -> web.StreamResponse:
         except FileNotFoundError as exc:
             raise PreviewError(500, str(exc)) from exc
         service = request.app[SERVICE_KEY]
-        png = await service.preview(job_id, index, picture, Path(row["workdir"]), bin_dir, env)
+        png = await service.preview(job_id, index, picture, Path(row.workdir), bin_dir, env)
     except PreviewError as exc:
         return error_response(exc.status, exc.message)
     return web.FileResponse(

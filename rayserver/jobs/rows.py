@@ -1,0 +1,148 @@
+"""A job's row, decoded once where it leaves the job database (:class:`JobRow`).
+
+Columns that hold JSON text in the table (steps, env, outputs) are Python
+objects here, and the state is a :class:`~rayserver.common.states.JobState`.
+:meth:`JobRow.to_api` is the job object of docs/api-contract.md (given what
+only the database knows: which ``after`` jobs are not done yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from rayserver.common.states import JobState
+
+# Columns that hold JSON text in the table, and their empty value.
+JSON_COLUMNS = {"steps": list, "env": dict, "outputs": list, "after_ids": list}
+
+
+class StepSpec(TypedDict):
+    """One resolved step as stored: absolute program path, arguments, redirections."""
+
+    program: str
+    path: str
+    args: list[str]
+    stdin: str | None
+    stdout: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One row of the ``jobs`` table (see jobdb's schema for what each column means)."""
+
+    id: int
+    name: str | None
+    priority: int
+    client: str
+    location: str
+    project: str
+    workdir: str
+    steps: list[StepSpec]
+    env: dict[str, str]
+    state: JobState
+    submitted_at: float
+    started_at: float | None
+    ended_at: float | None
+    pid: int | None
+    pgid_children: int | None
+    progress: float
+    current_step: int
+    step_count: int
+    exit_status: int | None
+    signal: int | None
+    reason: str | None
+    wall_time: float | None
+    cpu_time: float | None
+    max_rss_kb: int | None
+    cancel_request: str | None  # None, "cancel" or "shutdown"
+    executor: str  # "local" or "slurm": where the job runs
+    external_id: str | None  # the Slurm job id
+    outputs: list[str]  # files the steps said they wrote (rad), beyond their stdout
+    after_ids: list[int]  # jobs that must be done before this one starts (--after)
+
+    @classmethod
+    def decode(cls, row: sqlite3.Row) -> JobRow:
+        """The row of a ``SELECT *`` (or ``RETURNING *``)."""
+        values = dict(row)
+        unknown = set(values) - _FIELDS
+        if unknown:
+            # A column added to the table needs its field here (and in to_api if public).
+            raise TypeError(
+                f"jobs table column(s) {', '.join(sorted(unknown))} have no JobRow field "
+                "(add them in rayserver/jobs/rows.py)"
+            )
+        for key, empty in JSON_COLUMNS.items():
+            raw = values.get(key)
+            values[key] = json.loads(raw) if raw else empty()
+        values["state"] = JobState(values["state"])
+        return cls(**values)
+
+    @property
+    def final(self) -> bool:
+        return self.state.final
+
+    def __getitem__(self, column: str) -> Any:
+        """``row["state"]``: read access by column name, as for the plain rows of old
+        (tests and bench scripts read rows so); the code uses the attributes."""
+        if column not in _FIELDS:
+            raise KeyError(column)
+        return getattr(self, column)
+
+    def all_outputs(self) -> list[str]:
+        """The steps' stdout files, then the files they said they wrote, each once."""
+        outputs: list[str] = []
+        for step in self.steps:
+            if step.get("stdout") and step["stdout"] not in outputs:
+                outputs.append(step["stdout"])
+        for extra in self.outputs or []:
+            if extra not in outputs:
+                outputs.append(extra)
+        return outputs
+
+    def to_api(self, waiting_for: list[int]) -> dict[str, Any]:
+        """The API job object of docs/api-contract.md.
+
+        ``waiting_for``: the jobs of ``after_ids`` not done yet (the database knows).
+        """
+        return {
+            "id": self.id,
+            "name": self.name,
+            "priority": self.priority,
+            "state": self.state.public.value,
+            "location": self.location,
+            "project": self.project,
+            "steps": [
+                {
+                    "program": s["program"],
+                    "args": s["args"],
+                    "stdin": s.get("stdin"),
+                    "stdout": s.get("stdout"),
+                }
+                for s in self.steps
+            ],
+            "client": self.client,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "progress": self.progress or 0.0,
+            "current_step": self.current_step,
+            "step_count": self.step_count,
+            "exit_status": self.exit_status,
+            "signal": self.signal,
+            "reason": self.reason,
+            "wall_time": self.wall_time,
+            "cpu_time": self.cpu_time,
+            "max_rss_kb": self.max_rss_kb,
+            "cancel_requested": bool(self.cancel_request),
+            "outputs": self.all_outputs(),
+            "pid": self.pid,
+            "after": list(self.after_ids or []),
+            "waiting_for": waiting_for,
+        }
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRow))
