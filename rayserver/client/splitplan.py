@@ -2,10 +2,12 @@
 
 Two kinds of work split cleanly:
 
-* **Sensor grids**: ``rtrace`` / ``rcontrib`` reading rays from a ``--stdin``
-  file. The input is cut into contiguous runs of records, one part per cpu,
-  and the outputs are concatenated in input order (the header of the first
-  part kept, the others' dropped), which gives the bytes one run would give.
+* **Sensor grids**: ``rtrace`` reading rays from a ``--stdin`` file. The
+  input is cut into contiguous runs of records, one part per cpu, and the
+  outputs are concatenated in input order (the header of the first part kept,
+  the others' dropped), which gives the bytes one run would give. ``rcontrib``
+  and ``rfluxmtx`` are cut the same way, in whole matrix rows, with the
+  header fixes of :mod:`rayserver.client.splitmatrix`.
 * **Pictures**: ``rpict``. The picture is cut into horizontal bands of whole
   scanlines. Each band is an ordinary rpict whose view is narrowed to the band
   (``-vv``, ``-vl``) at the full picture's exact resolution (``-pa 0``), so
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from rayserver.client.connection import EXIT_USAGE, ClientError
 
-GRID_PROGRAMS = ("rtrace", "rcontrib")
+GRID_PROGRAMS = ("rtrace", "rcontrib", "rfluxmtx")
 PICTURE_PROGRAMS = ("rpict",)
 SPLIT_PROGRAMS = (*PICTURE_PROGRAMS, *GRID_PROGRAMS)
 # Bytes per ray of the binary input formats: 6 floats or 6 doubles.
@@ -79,8 +81,8 @@ def grid_input_format(args: Sequence[str]) -> str:
     return fmt
 
 
-def check_grid_args(program: str, args: Sequence[str]) -> int:
-    """Refuse options a split cannot honour; returns rcontrib's ``-c`` count (rays per record)."""
+def check_grid_args(program: str, args: Sequence[str]) -> None:
+    """Refuse rtrace options a split cannot honour (rcontrib's: rayserver.client.splitmatrix)."""
     for option in ("-x", "-y"):
         value = option_value(args, option)
         if value is not None and value not in ("0",):
@@ -88,18 +90,6 @@ def check_grid_args(program: str, args: Sequence[str]) -> int:
                 f"{program} {option} {value}: a split run cannot keep an output resolution "
                 f"(each part would claim the whole picture); leave {option} out or run on one host"
             )
-    if program == "rcontrib":
-        if option_value(args, "-o") is not None:
-            raise usage_error(
-                "rcontrib -o: a split run merges standard output only; leave -o out and give "
-                "--stdout FILE"
-            )
-        count = option_value(args, "-c")
-        if count is not None:
-            if not count.isdigit() or int(count) < 1:
-                raise usage_error(f"rcontrib -c {count!r}: expected a whole number >= 1")
-            return int(count)
-    return 1
 
 
 def grid_records(data: bytes, fmt: str, source: str) -> list[int]:
@@ -144,17 +134,14 @@ def grid_records(data: bytes, fmt: str, source: str) -> list[int]:
 def plan_grid(
     program: str, args: Sequence[str], data: bytes, parts: int, source: str
 ) -> list[Part]:
-    """Contiguous runs of rays, as even as the ``-c`` grouping allows, at most ``parts``."""
-    group = check_grid_args(program, args)
+    """Contiguous runs of rays, as even as possible, at most ``parts`` (rtrace)."""
+    check_grid_args(program, args)
     offsets = grid_records(data, grid_input_format(args), source)
     rays = len(offsets) - 1
-    if rays % group:
-        raise usage_error(f"--stdin {source}: {rays} rays is not a multiple of rcontrib -c {group}")
-    units = rays // group
-    count = max(1, min(parts, units))
+    count = max(1, min(parts, rays))
     plan = []
     for k in range(count):
-        first, last = units * k // count * group, units * (k + 1) // count * group
+        first, last = rays * k // count, rays * (k + 1) // count
         plan.append(
             Part(
                 index=k,

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rayserver.client import splitplan
+from rayserver.client import splitmatrix, splitplan
 from rayserver.client.connection import EXIT_ERROR, Client, ClientError
 from rayserver.client.context import Context, Project
 from rayserver.client.follow import job_exit_code
+from rayserver.client.splitmatrix import ContribSpec, HeaderFix
 from rayserver.client.splitplan import Part, PictureView
 from rayserver.common.hosts import HostRecord
 from rayserver.common.states import FINAL_STATES, JobState
@@ -78,6 +79,8 @@ class Attempt:
     host: Host
     number: int
     output: str  # project-relative
+    args: tuple[str, ...] = ()  # as submitted (rcontrib -o patterns point into folder)
+    folder: str | None = None  # project-relative, for the -o files of this attempt
     job_id: int | None = None
     state: str = "submitting"
     progress: float = 0.0
@@ -132,6 +135,9 @@ class SplitRun:
         self.bar: Any = None
         self.view: PictureView | None = None
         self.output: str | None = None
+        self.contrib: ContribSpec | None = None
+        self.matrix_rows = 0  # rows of the whole matrix (rcontrib, rfluxmtx)
+        self.merged_files: list[str] = []
         self.env = _radiance_env(ctx)
 
     # ------------------------------------------------------------ messages
@@ -159,16 +165,27 @@ class SplitRun:
                     f"a split {program} needs its rays in a file: give --stdin FILE "
                     "(the points of the sensor grid)"
                 )
-            if self.json_mode and not self.stdout:
+            if program in splitmatrix.CONTRIB_PROGRAMS:
+                self.contrib = splitmatrix.parse_contrib(program, self.args)
+                splitmatrix.check_receiver(self.contrib, self.args, self.project.local_dir)
+                splitmatrix.check_outputs(self.contrib, self.args, self.project.local_dir)
+            if self.json_mode and not self.stdout and self._writes_stdout():
                 raise splitplan.usage_error(
                     "--json prints the summary on standard output: give --stdout FILE for the "
                     "merged results"
                 )
             self.output = self.stdout
             data = self._read_input()
-            return splitplan.plan_grid(
-                program, self.args, data, self.requested_parts or slots, self.stdin
+            if self.contrib is None:
+                return splitplan.plan_grid(
+                    program, self.args, data, self.requested_parts or slots, self.stdin
+                )
+            plan, self.matrix_rows, note = splitmatrix.plan_contrib(
+                self.contrib, self.args, data, self.requested_parts or slots, self.stdin
             )
+            if note:
+                self.say(f"rayfront: {note}")
+            return plan
         if self.stdin:
             raise splitplan.usage_error("rpict takes no --stdin in a split run")
         options, octree, output = splitplan.split_rpict_args(self.args)
@@ -191,6 +208,9 @@ class SplitRun:
         # handing out bands as cpus come free evens that out.
         return splitplan.plan_picture(options, octree, self.view, self.requested_parts or 4 * slots)
 
+    def _writes_stdout(self) -> bool:
+        return self.contrib is None or splitmatrix.writes_stdout(self.contrib, self.args)
+
     def shared_ambient(self) -> str | None:
         """An ambient file for all parts, when they compute cached indirect light without one.
 
@@ -199,7 +219,7 @@ class SplitRun:
         cpu of one). With it Radiance shares the values through the file, under
         the fcntl locks the share check has proven to work.
         """
-        if self.program == "rcontrib" or "-af" in self.args:
+        if self.program in splitmatrix.CONTRIB_PROGRAMS or "-af" in self.args:
             return None
         bounces = splitplan.option_value(self.args, "-ab")
         if bounces is None or not bounces.isdigit() or int(bounces) == 0:
@@ -352,7 +372,7 @@ class SplitRun:
             "steps": [
                 {
                     "program": self.program,
-                    "args": list(part.args),
+                    "args": list(attempt.args or part.args),
                     "stdin": stdin,
                     "stdout": attempt.output,
                 }
@@ -373,6 +393,12 @@ class SplitRun:
         attempt = Attempt(
             part, host, number, f"{self.split_dir}/out-{part.index + 1}-{number}{suffix}"
         )
+        if self.contrib is not None and self.contrib.o_at:
+            attempt.folder = f"{self.split_dir}/o-{part.index + 1}-{number}"
+            attempt.args = tuple(splitmatrix.attempt_args(self.contrib, part.args, attempt.folder))
+            splitmatrix.make_output_folders(
+                self.contrib, part.args, self.project.local_dir / attempt.folder
+            )
         try:
             job = host.client.submit(self._job_request(attempt))
         except ClientError as exc:
@@ -689,9 +715,30 @@ class SplitRun:
                 self.env,
             )
             return (self.project.local_dir / self.output).stat().st_size
+        if self.contrib is not None:
+            return self._merge_contrib(parts, outputs)
         if self.output:
             return splitplan.merge_grid(outputs, self.project.local_dir / self.output)
         return splitplan.merge_grid(outputs, None, sys.stdout.buffer)
+
+    def _merge_contrib(self, parts: list[Part], outputs: list[Path]) -> int:
+        """Standard output and every -o file, each under the single run's header."""
+        spec = self.contrib
+        assert spec is not None
+        first = self.done[parts[0].index]
+        fix = HeaderFix.of(spec, self.args, first.args or first.part.args, self.matrix_rows)
+        if spec.o_at:
+            folders = [self.project.local_dir / str(self.done[p.index].folder) for p in parts]
+            self.merged_files = splitmatrix.merge_patterns(
+                spec, folders, self.project.local_dir, fix
+            )
+        if self.output:
+            return splitmatrix.merge_into(
+                outputs, self.project.local_dir / self.output, fix, spec.picture
+            )
+        if not self._writes_stdout():
+            return 0
+        return splitmatrix.merge_stream(outputs, sys.stdout.buffer, fix, spec.picture)
 
     def summary(
         self, parts: list[Part], wall: float, merged: int, error: str, cancelled: bool = False
@@ -724,6 +771,7 @@ class SplitRun:
                 {"host": h.name, "cpus": h.slots, "lost": h.lost or None} for h in self.hosts
             ],
             "parts": rows,
+            "files": self.merged_files,
             "wall_time": round(wall, 3),
             "events": self.events,
             "split_dir": self.split_dir if error and not cancelled else None,
@@ -758,6 +806,11 @@ def summary_lines(summary: dict[str, Any], project_dir: Path) -> list[str]:
         else f"{summary['bytes']} bytes"
     )
     where = project_dir / summary["output"] if summary["output"] else "standard output"
+    files = summary.get("files") or []
+    if files and not summary["output"] and not summary["bytes"]:
+        where, what = f"{len(files)} -o files", ", ".join(files[:3]) + (" ..." if files[3:] else "")
+    elif files:
+        what += f"; and {len(files)} -o files: " + ", ".join(files[:3]) + (" ..." * bool(files[3:]))
     lines = [
         f"merged {len(summary['parts'])} parts into {where} ({what}) in "
         f"{summary['wall_time']:.1f} s"
