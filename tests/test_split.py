@@ -451,7 +451,8 @@ def test_bands_reproduce_every_view_type(cluster: Cluster, vtype: str, size: lis
     ("args", "expected"),
     [
         (["--hosts", "nosuch", "--", "rpict", "x.oct"], "nosuch"),
-        (["--hosts", "all", "--", "rad", "x.rif"], "runs on one host"),
+        (["--hosts", "all", "--", "oconv", "x.rad"], "runs on one host"),
+        (["--hosts", "all", "--", "rad", "-v", "a", "x.rif"], "renders one view"),
         (["--hosts", "all", "--", "rtrace", "scene.oct"], "--stdin FILE"),
         (["--hosts", "all", "--", "rpict", "-vf", "room.vf", "scene.oct"], "needs an output file"),
         (["--hosts", "all", "--host", "x", "--", "rpict", "x.oct"], "not both"),

@@ -20,6 +20,7 @@ from splittools import (
     as_json,
     jobs_of,
     make_cluster,
+    picture_values,
     run_local,
     write_points,
     write_scene,
@@ -212,3 +213,34 @@ def test_a_receiver_naming_its_output_file_is_refused(cluster: Cluster) -> None:
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "lamps_o.rad line 1 names an output file (o=)" in proc.stderr
+
+
+def test_rad_views_render_on_different_hosts_after_one_octree(cluster: Cluster) -> None:
+    # Three views of one rif, one per server; the octree first, by one job.
+    # With -ab 0, -dt 0 and no pixel jitter (-pj 0) rad's renders use no random
+    # numbers, so every picture equals the one a direct rad run makes.
+    rif = (
+        "scene= scene.rad\nZONE= I 0 6 0 5 0 3\nQUALITY= L\nRESOLUTION= 48\nINDIRECT= 0\n"
+        "render= -pj 0 -dt 0\nview= corner -vf room.vf\n"
+        "view= down -vp 3 2.5 2.9 -vd 0 0 -1 -vu 0 1 0 -vh 90 -vv 90\nview= xZl\n"
+    )
+    (cluster.project / "views.rif").write_text(rif)
+    here = cluster.project / "direct"
+    here.mkdir()
+    for name in ("scene.rad", "room.vf", "views.rif"):
+        (here / name).write_bytes((cluster.project / name).read_bytes())
+    run_local(["rad", "views.rif"], here)
+    proc = cluster.rayfront("run", "--json", "--hosts", "all", "--", "rad", "views.rif")
+    summary = as_json(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert [p["label"] for p in summary["parts"]] == ["view corner", "view down", "view xZl"]
+    assert sorted(p["host"] for p in summary["parts"]) == sorted(cluster.names)
+    assert summary["files"] == ["views_corner.hdr", "views_down.hdr", "views_xZl.hdr"]
+    for name in summary["files"]:
+        assert picture_values(cluster.project / name) == picture_values(here / name), name
+    jobs = [j for s in cluster.servers for j in jobs_of(s) if "views.rif" in j["name"]]
+    octree = [j for j in jobs if "octree" in j["name"]]
+    assert len(octree) == 1 and octree[0]["state"] == "done"
+    # Each view's job started after the octree's ended.
+    assert all(j["started_at"] >= octree[0]["ended_at"] for j in jobs if j not in octree)
+    assert (cluster.project / "views.oct").exists()

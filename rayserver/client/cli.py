@@ -3,7 +3,7 @@
     rayfront hosts                      servers of the hosts file, and whether they answer
     rayfront submit [opts] -- rad x.rif queue a job (any Radiance program after --)
     rayfront run [opts] -- rad x.rif    submit, follow with a progress bar, exit with its status
-    rayfront run --hosts A,B|all ...    split one rpict/rtrace/rcontrib across servers, merge
+    rayfront run --hosts A,B|all ...    split rpict/rtrace/rcontrib/rfluxmtx/rad across servers
     rayfront status [ID]                table of jobs, or one job
     rayfront log [-f] ID                a job's log (follow it with -f)
     rayfront cancel ID                  cancel a queued or running job
@@ -101,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--hosts",
                 metavar="A,B|all",
-                help="split one rpict, rtrace or rcontrib across these servers of the "
-                "hosts file ('all': every server with cpus > 0 that answers) "
-                "and merge the result",
+                help="split one rpict, rtrace, rcontrib, rfluxmtx or rad across these "
+                "servers of the hosts file ('all': every server with cpus > 0 that "
+                "answers) and merge the result",
             )
             p.add_argument(
                 "--parts",

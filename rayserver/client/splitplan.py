@@ -32,7 +32,7 @@ from rayserver.client.connection import EXIT_USAGE, ClientError
 
 GRID_PROGRAMS = ("rtrace", "rcontrib", "rfluxmtx")
 PICTURE_PROGRAMS = ("rpict",)
-SPLIT_PROGRAMS = (*PICTURE_PROGRAMS, *GRID_PROGRAMS)
+SPLIT_PROGRAMS = (*PICTURE_PROGRAMS, *GRID_PROGRAMS, "rad")
 # Bytes per ray of the binary input formats: 6 floats or 6 doubles.
 _BINARY_RECORD = {"f": 24, "d": 48}
 _VIEW_KEYS = ("-vp", "-vd", "-vu", "-vh", "-vv", "-vo", "-va", "-vs", "-vl")
@@ -280,7 +280,7 @@ def resolve_picture(options: Sequence[str], cwd: Path, env: dict[str, str]) -> P
     Radiance itself reads ``-vf`` files and ``@`` option files and applies the
     pixel aspect ratio, so the plan cannot disagree with a single render.
     """
-    out = _run_local(["rpict", *options, "-defaults"], cwd, env)
+    out = run_tool(["rpict", *options, "-defaults"], cwd, env)
     vtype = ""
     values: dict[str, str] = {}
     res: dict[str, str] = {}
@@ -300,7 +300,7 @@ def resolve_picture(options: Sequence[str], cwd: Path, env: dict[str, str]) -> P
     view_args = [f"-vt{vtype}"] + [
         w for k in _VIEW_KEYS if k in values for w in (k, *values[k].split())
     ]
-    size = _run_local(
+    size = run_tool(
         ["vwrays", *view_args, "-x", res["-x"], "-y", res["-y"], "-pa", res["-pa"], "-d"], cwd, env
     ).split()
     try:
@@ -392,7 +392,8 @@ def merge_picture(
         raise
 
 
-def _run_local(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+def run_tool(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """A Radiance program's standard output, run here to plan a split; its refusal as an error."""
     try:
         done = subprocess.run(
             command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False

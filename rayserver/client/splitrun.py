@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rayserver.client import splitmatrix, splitplan
+from rayserver.client import splitmatrix, splitplan, splitrad
 from rayserver.client.connection import EXIT_ERROR, Client, ClientError
 from rayserver.client.context import Context, Project
 from rayserver.client.follow import job_exit_code
@@ -138,6 +138,8 @@ class SplitRun:
         self.contrib: ContribSpec | None = None
         self.matrix_rows = 0  # rows of the whole matrix (rcontrib, rfluxmtx)
         self.merged_files: list[str] = []
+        self.rad: splitrad.RadPlan | None = None
+        self.prelude_attempts: list[Attempt] = []
         self.env = _radiance_env(ctx)
 
     # ------------------------------------------------------------ messages
@@ -160,32 +162,51 @@ class SplitRun:
             )
         slots = sum(h.slots for h in self.hosts)
         if program in splitplan.GRID_PROGRAMS:
-            if not self.stdin:
-                raise splitplan.usage_error(
-                    f"a split {program} needs its rays in a file: give --stdin FILE "
-                    "(the points of the sensor grid)"
-                )
-            if program in splitmatrix.CONTRIB_PROGRAMS:
-                self.contrib = splitmatrix.parse_contrib(program, self.args)
-                splitmatrix.check_receiver(self.contrib, self.args, self.project.local_dir)
-                splitmatrix.check_outputs(self.contrib, self.args, self.project.local_dir)
-            if self.json_mode and not self.stdout and self._writes_stdout():
-                raise splitplan.usage_error(
-                    "--json prints the summary on standard output: give --stdout FILE for the "
-                    "merged results"
-                )
-            self.output = self.stdout
-            data = self._read_input()
-            if self.contrib is None:
-                return splitplan.plan_grid(
-                    program, self.args, data, self.requested_parts or slots, self.stdin
-                )
-            plan, self.matrix_rows, note = splitmatrix.plan_contrib(
-                self.contrib, self.args, data, self.requested_parts or slots, self.stdin
+            return self._plan_grid(slots)
+        if program == "rad":
+            return self._plan_rad()
+        return self._plan_picture(slots)
+
+    def _plan_grid(self, slots: int) -> list[Part]:
+        program = self.program
+        if not self.stdin:
+            raise splitplan.usage_error(
+                f"a split {program} needs its rays in a file: give --stdin FILE "
+                "(the points of the sensor grid)"
             )
-            if note:
-                self.say(f"rayfront: {note}")
-            return plan
+        if program in splitmatrix.CONTRIB_PROGRAMS:
+            self.contrib = splitmatrix.parse_contrib(program, self.args)
+            splitmatrix.check_receiver(self.contrib, self.args, self.project.local_dir)
+            splitmatrix.check_outputs(self.contrib, self.args, self.project.local_dir)
+        if self.json_mode and not self.stdout and self._writes_stdout():
+            raise splitplan.usage_error(
+                "--json prints the summary on standard output: give --stdout FILE for the "
+                "merged results"
+            )
+        self.output = self.stdout
+        data = self._read_input()
+        if self.contrib is None:
+            return splitplan.plan_grid(
+                program, self.args, data, self.requested_parts or slots, self.stdin
+            )
+        plan, self.matrix_rows, note = splitmatrix.plan_contrib(
+            self.contrib, self.args, data, self.requested_parts or slots, self.stdin
+        )
+        if note:
+            self.say(f"rayfront: {note}")
+        return plan
+
+    def _plan_rad(self) -> list[Part]:
+        if self.stdin or self.stdout:
+            raise splitplan.usage_error(
+                "--stdin/--stdout do not apply to rad (it names its own files)"
+            )
+        if self.requested_parts:
+            raise splitplan.usage_error("rad is split into one part per view; leave --parts out")
+        self.rad = splitrad.plan_rad(self.args, self.project.local_dir, self.env)
+        return self.rad.views
+
+    def _plan_picture(self, slots: int) -> list[Part]:
         if self.stdin:
             raise splitplan.usage_error("rpict takes no --stdin in a split run")
         options, octree, output = splitplan.split_rpict_args(self.args)
@@ -359,6 +380,12 @@ class SplitRun:
 
     def _job_request(self, attempt: Attempt) -> dict[str, Any]:
         part = attempt.part
+        if self.rad is not None:
+            from rayserver.client.cli import build_job
+
+            return build_job(
+                self.project, ["rad", *part.args], f"{self.name[:150]} [{part.name}]", self.priority
+            )
         stdin = (
             f"{self.split_dir}/in-{part.index + 1}"
             if self.program in splitplan.GRID_PROGRAMS
@@ -533,8 +560,8 @@ class SplitRun:
         host.running = max(0, host.running - 1)
         part = attempt.part
         if attempt.state == JobState.DONE:
-            output = self.project.local_dir / attempt.output
-            if not output.exists():
+            output = self._expected_output(attempt)
+            if output is not None and not output.exists():
                 self._lose(
                     host,
                     f"{part.name} finished but {output} is not there "
@@ -568,6 +595,16 @@ class SplitRun:
                 f"{part.name} ended {attempt.state} on every try; giving up", EXIT_ERROR
             )
         return True
+
+    def _expected_output(self, attempt: Attempt) -> Path | None:
+        """The file a part that ended done must have left in the project."""
+        if self.rad is None:
+            return self.project.local_dir / attempt.output
+        if attempt.part in self.rad.views:
+            if self.rad.touch_only:
+                return None
+            return self.project.local_dir / self.rad.pictures[attempt.part.index]
+        return self.project.local_dir / self.rad.octree
 
     def cancel_all(self, why: str) -> list[str]:
         """Cancel every attempt not yet final (lost hosts too, in case they come back)."""
@@ -633,57 +670,20 @@ class SplitRun:
         started = time.monotonic()
         self.connect()
         parts = self.plan()
-        kind = "bands" if self.view is not None else "parts"
         ambient = self.shared_ambient()
         if ambient:
             parts = [replace(p, args=(*p.args[:-1], "-af", ambient, p.args[-1])) for p in parts]
-        need_locks = self.view is not None or "-af" in self.args or ambient is not None
-        self.check_share(need_locks)
-        self.say(
-            f"rayfront: {self.program} split into {len(parts)} {kind} on "
-            + ", ".join(
-                f"{h.name} ({h.slots} cpu{'s' if h.slots != 1 else ''})" for h in self.hosts
-            )
-            + (
-                " (the share locks files between them)"
-                if need_locks and len(self.hosts) > 1
-                else ""
-            )
-            + (f"; the parts share the ambient file {ambient}" if ambient else "")
+        need_locks = (
+            self.view is not None
+            or "-af" in self.args
+            or ambient is not None
+            or (self.rad is not None and self.rad.ambient)
         )
+        self.check_share(need_locks)
+        self._announce(parts, need_locks, ambient)
         self._write_inputs(parts)
         self._start_bar(parts)
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def on_term(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, on_term)
-        code = 0
-        error = ""
-        cancelled = False
-        try:
-            try:
-                self.dispatch(parts)
-                self._show()
-            except KeyboardInterrupt:
-                self.cancel_all("interrupted")
-                self._remove_split_dir()
-                raise
-            except SplitCancelled as exc:
-                self.cancel_all(str(exc))
-                code, error, cancelled = 130, f"{exc}; every part was cancelled", True
-            except _PartFailed as exc:
-                self.cancel_all("a part failed")
-                code, error = exc.exit_code, str(exc)
-            except ClientError as exc:
-                self.cancel_all("the run cannot finish")
-                code, error = exc.exit_code, str(exc)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
+        code, error, cancelled = self._execute(parts)
         merged = 0
         if not error:
             try:
@@ -698,12 +698,72 @@ class SplitRun:
         summary = self.summary(parts, time.monotonic() - started, merged, error, cancelled)
         return SplitResult(code, summary)
 
+    def _announce(self, parts: list[Part], need_locks: bool, ambient: str | None) -> None:
+        kind = "bands" if self.view is not None else "views" if self.rad else "parts"
+        self.say(
+            f"rayfront: {self.program} split into {len(parts)} {kind} on "
+            + ", ".join(
+                f"{h.name} ({h.slots} cpu{'s' if h.slots != 1 else ''})" for h in self.hosts
+            )
+            + (
+                " (the share locks files between them)"
+                if need_locks and len(self.hosts) > 1
+                else ""
+            )
+            + (f"; the parts share the ambient file {ambient}" if ambient else "")
+            + ("; the octree is made first, by one job" if self.rad else "")
+        )
+
+    def _execute(self, parts: list[Part]) -> tuple[int, str, bool]:
+        """Every part run to its end: (exit code, error, cancelled by someone)."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)
+        try:
+            if self.rad is not None:
+                self._prelude(self.rad.prelude)
+            self.dispatch(parts)
+            self._show()
+        except KeyboardInterrupt:
+            self.cancel_all("interrupted")
+            self._remove_split_dir()
+            raise
+        except SplitCancelled as exc:
+            self.cancel_all(str(exc))
+            return 130, f"{exc}; every part was cancelled", True
+        except _PartFailed as exc:
+            self.cancel_all("a part failed")
+            return exc.exit_code, str(exc), False
+        except ClientError as exc:
+            self.cancel_all("the run cannot finish")
+            return exc.exit_code, str(exc), False
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+        return 0, "", False
+
+    def _prelude(self, part: Part) -> None:
+        """One job that must end done before the parts start (rad: the octree)."""
+        self.dispatch([part])
+        self.prelude_attempts = self.attempts
+        self.attempts, self.done = [], {}
+
     def _remove_split_dir(self) -> None:
         shutil.rmtree(self.project.local_dir / self.split_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             (self.project.local_dir / SPLIT_DIR).rmdir()
 
     def merge(self, parts: list[Part]) -> int:
+        if self.rad is not None:  # rad wrote each view's files itself
+            self.merged_files = [
+                p for p in self.rad.pictures if (self.project.local_dir / p).exists()
+            ]
+            return 0
         outputs = [self.project.local_dir / self.done[p.index].output for p in parts]
         if self.view is not None:
             assert self.output is not None
@@ -807,12 +867,15 @@ def summary_lines(summary: dict[str, Any], project_dir: Path) -> list[str]:
     )
     where = project_dir / summary["output"] if summary["output"] else "standard output"
     files = summary.get("files") or []
-    if files and not summary["output"] and not summary["bytes"]:
+    if summary["program"] == "rad":
+        where, what = f"{len(files)} pictures", ", ".join(files) or "all up to date"
+    elif files and not summary["output"] and not summary["bytes"]:
         where, what = f"{len(files)} -o files", ", ".join(files[:3]) + (" ..." if files[3:] else "")
     elif files:
         what += f"; and {len(files)} -o files: " + ", ".join(files[:3]) + (" ..." * bool(files[3:]))
     lines = [
-        f"merged {len(summary['parts'])} parts into {where} ({what}) in "
+        f"{'rendered' if summary['program'] == 'rad' else 'merged'} {len(summary['parts'])} "
+        f"parts into {where} ({what}) in "
         f"{summary['wall_time']:.1f} s"
     ]
     for row in summary["parts"]:
