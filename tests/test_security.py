@@ -82,11 +82,14 @@ class AppServer:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         token: str | None = TOKEN,
+        source: str | None = None,
     ) -> tuple[int, Any, http.client.HTTPResponse]:
         hdrs = dict(headers or {})
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        conn = http.client.HTTPConnection(
+            self.host, self.port, timeout=10, source_address=(source, 0) if source else None
+        )
         try:
             conn.request(method, path, body=body, headers=hdrs)
             resp = conn.getresponse()
@@ -294,11 +297,17 @@ def test_token_missing_or_wrong_gives_401_and_is_logged(tmp_path: Path) -> None:
         assert resp.getheader("WWW-Authenticate", "").startswith("Bearer")
         srv.wait_log("refused GET /v1/jobs from 127.0.0.1: no token")
 
+        # From another address: refusals are logged once a minute per address.
         status, body, _ = srv.request(
-            "POST", "/v1/jobs", b"{}", token="x" * 43, headers={"Content-Type": "application/json"}
+            "POST",
+            "/v1/jobs",
+            b"{}",
+            token="x" * 43,
+            headers={"Content-Type": "application/json"},
+            source="127.0.0.2",
         )
         assert status == 401 and "wrong token" in body["error"]
-        srv.wait_log("refused POST /v1/jobs from 127.0.0.1: wrong token")
+        srv.wait_log("refused POST /v1/jobs from 127.0.0.2: wrong token")
         assert "x" * 43 not in srv.log_text()  # a guessed token never lands in the log
 
         status, body, _ = srv.request(
@@ -592,8 +601,9 @@ def test_server_makes_token_0640_and_demands_it(server: Any) -> None:
     assert status == 401 and body["status"] == 401 and "token" in body["error"]
     wait_server_log(server, "refused GET /v1/jobs from 127.0.0.1: no token")
     status, body = server.request("GET", "/v1/jobs", token="y" * 43)
-    assert status == 401
-    wait_server_log(server, "refused GET /v1/jobs from 127.0.0.1: wrong token")
+    assert status == 401 and "wrong token" in body["error"]
+    # Within the minute after the first refusal from this address: counted, not logged.
+    assert server.home.log_file.read_text().count("refused GET /v1/jobs from 127.0.0.1") == 1
     assert "y" * 43 not in server_log(server)
     assert server.request("GET", "/v1/jobs")[0] == 200
     assert server.request("GET", "/v1/info", token=False)[0] == 200

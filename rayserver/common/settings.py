@@ -68,6 +68,9 @@ class Settings:
     max_args: int = 256
     max_arg_length: int = 4096
     client_timeout: float = 60.0
+    # Open connections: per client address, and in all (see docs/security.md).
+    max_connections_per_client: int = 64
+    max_connections: int = 1024
     cancel_grace: float = 5.0
     log_level: str = "INFO"
     server_nice: int = 5
@@ -91,7 +94,16 @@ class Settings:
         return bool(self.tls_cert and self.tls_key)
 
 
-_INT_KEYS = {"port", "max_body_bytes", "max_steps", "max_args", "max_arg_length", "server_nice"}
+_INT_KEYS = {
+    "port",
+    "max_body_bytes",
+    "max_steps",
+    "max_args",
+    "max_arg_length",
+    "server_nice",
+    "max_connections_per_client",
+    "max_connections",
+}
 _FLOAT_KEYS = {"client_timeout", "cancel_grace", "slurm_poll_interval"}
 _STR_KEYS = {
     "bind",

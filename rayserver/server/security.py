@@ -24,11 +24,14 @@ connection or request, so a reload takes effect without restarting.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
 import os
 import posixpath
+import resource
+import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -93,29 +96,130 @@ def is_allowed(address: str, allow: tuple[str, ...] | list[str]) -> bool:
 
 
 class _RefusalLog:
-    """Warn once per address per interval; count what was left out."""
+    """Warn once per address and kind of refusal per interval; count what was left out.
+
+    Used for every refusal a client can repeat at will: connections from
+    outside ``allow``, connections over the limits, requests without the
+    right token. One line a minute per address is enough to act on, and a
+    scan or a script in a loop cannot fill the disk.
+    """
 
     def __init__(self) -> None:
-        self._last: dict[str, tuple[float, int]] = {}
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
 
-    def refused(self, address: str, port: Any) -> None:
+    def refused(self, address: str, kind: str, message: str, *args: Any) -> bool:
+        """Log ``message % args`` unless ``(address, kind)`` was logged within the interval.
+
+        Returns True when the line was written.
+        """
         now = time.monotonic()
-        last = self._last.get(address)
+        key = (address, kind)
+        last = self._last.get(key)
         if last is not None and now - last[0] < _REFUSAL_LOG_INTERVAL:
-            self._last[address] = (last[0], last[1] + 1)
-            return
+            self._last[key] = (last[0], last[1] + 1)
+            return False
         extra = f" ({last[1]} more refused since the last warning)" if last and last[1] else ""
-        log.warning(
-            "refused connection from %s port %s: address not in allow%s", address, port, extra
-        )
-        self._last[address] = (now, 0)
+        log.warning(message + "%s", *args, extra)
+        self._last[key] = (now, 0)
         if len(self._last) > 4096:
             # Forget the oldest half; a scan across many addresses must not grow memory.
-            for key in sorted(self._last, key=lambda k: self._last[k][0])[:2048]:
-                del self._last[key]
+            for old in sorted(self._last, key=lambda k: self._last[k][0])[:2048]:
+                del self._last[old]
+        return True
 
 
 _refusals = _RefusalLog()
+
+
+class _Census:
+    """The open connections of one listening server, by client address.
+
+    A guard is counted from its address check to ``connection_lost``. A
+    guard whose transport closed without telling it (possible when a TLS
+    handshake fails) is pruned when a limit is reached, so the count cannot
+    creep up and lock everyone out.
+    """
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, set[_Guard]] = {}
+        self._total = 0
+        self._nofile_for = 0
+
+    def admit(self, guard: _Guard, address: str, settings: Any) -> str | None:
+        """Count ``guard`` in, or the reason it is over a limit (then it is not counted)."""
+        self.fd_room(settings)
+        mine = self._by_address.get(address, set())
+        if len(mine) >= settings.max_connections_per_client or (
+            self._total >= settings.max_connections
+        ):
+            self._prune()
+            mine = self._by_address.get(address, set())
+        if len(mine) >= settings.max_connections_per_client:
+            return (
+                f"{len(mine)} connections from this address are open, the most one client "
+                "may keep (setting max_connections_per_client)"
+            )
+        if self._total >= settings.max_connections:
+            return (
+                f"{self._total} connections are open, the most this server keeps "
+                "(setting max_connections)"
+            )
+        self._by_address.setdefault(address, set()).add(guard)
+        self._total += 1
+        return None
+
+    def fd_room(self, settings: Any) -> None:
+        """Make room for ``max_connections`` file descriptors (again after a reload changed it)."""
+        if settings.max_connections != self._nofile_for:
+            self._nofile_for = settings.max_connections
+            ensure_fd_room(settings.max_connections)
+
+    def release(self, guard: _Guard, address: str) -> None:
+        mine = self._by_address.get(address)
+        if mine is None or guard not in mine:
+            return
+        mine.discard(guard)
+        self._total -= 1
+        if not mine:
+            del self._by_address[address]
+
+    def _prune(self) -> None:
+        for address, guards in list(self._by_address.items()):
+            for guard in [g for g in guards if g.stale()]:
+                self.release(guard, address)
+
+
+# File descriptors kept free for everything but client connections: the job
+# database, log files, procwrap pipes, the configuration watcher.
+_FD_RESERVE = 256
+
+
+def ensure_fd_room(max_connections: int) -> None:
+    """Raise the soft open-file limit so ``max_connections`` sockets fit, if the hard limit allows.
+
+    Many systems start daemons with a soft limit of 1024; without this, the
+    1024th connection would fail in accept() (EMFILE) rather than be refused
+    by the limit, and so would the server's own files.
+    """
+    want = max_connections + _FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, new, exc)
+            new = soft
+        if new < want:
+            log.warning(
+                "the open-file limit (%d, hard limit %d) is below max_connections (%d) plus "
+                "%d for the server's own files: raise it (LimitNOFILE= in the systemd unit, "
+                "ulimit -n) or lower max_connections",
+                new,
+                hard,
+                max_connections,
+                _FD_RESERVE,
+            )
 
 
 # --------------------------------------------------------- connection guard
@@ -161,10 +265,12 @@ class _TLSCache:
 class _Guard(asyncio.Protocol):
     """Wraps one aiohttp RequestHandler: allow-list, optional TLS, client timeouts."""
 
-    def __init__(self, inner: Any, ctx: Any, tls: _TLSCache) -> None:
+    def __init__(self, inner: Any, ctx: Any, tls: _TLSCache, census: _Census) -> None:
         self._inner = inner
         self._ctx = ctx
         self._tls = tls
+        self._census = census
+        self._counted: str | None = None  # the address this connection is counted under
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._attached = False
@@ -186,24 +292,15 @@ class _Guard(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        peer = transport.get_extra_info("peername")
-        settings = self._ctx.live.settings
-        if isinstance(peer, tuple) and peer:
-            host, port = str(peer[0]), peer[1]
-            self._peer = f"{host} port {port}"
-            if not is_allowed(host, settings.allow):
-                _refusals.refused(host, port)
-                self._closed = True
-                transport.abort()
-                return
-        # else: a Unix socket, reachable only through file permissions.
+        if not self._admit(transport):
+            self._refuse()
+            return
         if transport.get_extra_info("sslcontext") is None:
             try:
-                tls = self._tls.get(settings)
+                tls = self._tls.get(self._ctx.live.settings)
             except CredentialsError as exc:
                 log.error("refusing connection from %s: %s", self._peer, exc)
-                self._closed = True
-                transport.abort()
+                self._refuse()
                 return
             if tls is not None:
                 # Hold the bytes in the kernel until the TLS layer takes over.
@@ -212,6 +309,49 @@ class _Guard(asyncio.Protocol):
                 self._arm()
                 return
         self._attach(transport)
+
+    def _admit(self, transport: asyncio.Transport) -> bool:
+        """The allow-list, then the connection limits; False (logged) to close at once."""
+        settings = self._ctx.live.settings
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            host, port = str(peer[0]), peer[1]
+            self._peer = f"{host} port {port}"
+            if not is_allowed(host, settings.allow):
+                _refusals.refused(
+                    host,
+                    "allow",
+                    "refused connection from %s port %s: address not in allow",
+                    host,
+                    port,
+                )
+                return False
+        else:
+            # A Unix socket, reachable only through file permissions: counted in the total.
+            host = "local"
+        reason = self._census.admit(self, host, settings)
+        if reason is not None:
+            _refusals.refused(
+                host, "limit", "closed connection from %s before HTTP: %s", self._peer, reason
+            )
+            return False
+        self._counted = host
+        return True
+
+    def _refuse(self) -> None:
+        self._closed = True
+        self._uncount()
+        assert self._transport is not None
+        self._transport.abort()
+
+    def _uncount(self) -> None:
+        if self._counted is not None:
+            self._census.release(self, self._counted)
+            self._counted = None
+
+    def stale(self) -> bool:
+        """True when the connection is gone but was never reported lost."""
+        return self._closed or self._transport is None or self._transport.is_closing()
 
     async def _start_tls(self, transport: asyncio.Transport, tls: ssl.SSLContext) -> None:
         timeout = self._timeout()
@@ -228,11 +368,13 @@ class _Guard(asyncio.Protocol):
             raise
         except (OSError, ConnectionError, ssl.SSLError) as exc:
             log.info("TLS handshake with %s failed: %s", self._peer, exc or type(exc).__name__)
+            self._uncount()
             transport.abort()
             return
         finally:
             self._tls_task = None
         if new is None or self._closed:
+            self._uncount()
             transport.abort()
             return
         self._attach(new)
@@ -279,6 +421,7 @@ class _Guard(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closed = True
+        self._uncount()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -371,9 +514,11 @@ def filtered_factory(
     """
     tls = _TLSCache()
     tls.get(ctx.live.settings)
+    census = _Census()
+    census.fd_room(ctx.live.settings)
 
     def factory() -> asyncio.Protocol:
-        return _Guard(server_factory(), ctx, tls)
+        return _Guard(server_factory(), ctx, tls, census)
 
     return factory
 
@@ -460,33 +605,77 @@ class _TokenWatch:
 
 def middlewares(ctx: Any) -> list[Any]:
     """The aiohttp middlewares, outermost first: errors, token, body."""
-    watch = _TokenWatch(ctx)
+    return [_json_errors(ctx), _bearer_token(ctx, _TokenWatch(ctx)), _body_limit(ctx)]
+
+
+def _json_errors(ctx: Any) -> Any:
+    """Every error answer in the API's JSON shape; an unexpected exception a logged 500."""
 
     @web.middleware
     async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        limit = ctx.live.settings.max_body_bytes
         try:
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400 or (exc.content_type or "").endswith("json"):
                 raise
-            headers = {
-                k: v
-                for k, v in exc.headers.items()
-                if k.lower() not in ("content-type", "content-length")
-            }
-            resp = _error(exc.status, _message_for(request, exc, limit), headers)
-            if exc.status == 413:
-                # The rest of the body is not read; this connection cannot be reused.
-                resp.force_close()
-            return resp
+            return _http_error(request, exc, ctx.live.settings.max_body_bytes)
         except (asyncio.CancelledError, ConnectionError):
             raise
-        except Exception:
+        except Exception as exc:
+            full = _disk_full(exc, ctx)
+            if full is not None:
+                log.error("%s %s from %s: %s", request.method, request.path, request.remote, full)
+                return _error(507, full)
             log.exception(
                 "internal error on %s %s from %s", request.method, request.path, request.remote
             )
             return _error(500, "internal server error; the details are in the server log")
+
+    return json_errors
+
+
+def _http_error(request: web.Request, exc: web.HTTPException, limit: int) -> web.Response:
+    headers = {
+        k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+    }
+    resp = _error(exc.status, _message_for(request, exc, limit), headers)
+    if exc.status == 413:
+        # The rest of the body is not read; this connection cannot be reused.
+        resp.force_close()
+    return resp
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _disk_full(exc: BaseException, ctx: Any) -> str | None:
+    """The 507 message when ``exc`` (or what it was raised from) is a full disk, else None.
+
+    SQLite reports ENOSPC as "database or disk is full"; a failed ROLLBACK
+    after it may be what arrives, with the real cause as its context.
+    """
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, sqlite3.OperationalError) and "full" in str(seen):
+            folder = ctx.layout.db_path.parent
+            return (
+                f"no space left in {folder}, the folder of the job database ({seen}); "
+                "nothing was changed: free space there and try again"
+            )
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            where = os.path.dirname(str(seen.filename)) if seen.filename else "the server's disk"
+            return (
+                f"no space left in {where} ({seen.strerror}); "
+                "nothing was changed: free space there and try again"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _bearer_token(ctx: Any, watch: _TokenWatch) -> Any:
+    """The token check; refusals are logged at most once a minute per client address."""
 
     @web.middleware
     async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -499,49 +688,50 @@ def middlewares(ctx: Any) -> list[Any]:
             return _error(
                 503, "the server's token file cannot be used; the reason is in the server log"
             )
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        given = given.strip()
-        if scheme.lower() != "bearer" or not given:
-            problem, message = (
-                "no token",
-                (
-                    "a token is required: send 'Authorization: Bearer <token>' "
-                    "(rayfront reads it from <home>/config/token or $RAYFRONT_TOKEN)"
-                ),
-            )
-        elif not tokens_equal(given, token):
-            problem, message = (
-                "wrong token",
-                (
-                    "wrong token: the server's token differs (it may have been rotated "
-                    "with `rayfront token new`)"
-                ),
-            )
-        else:
+        refusal = _token_refusal(request, token)
+        if refusal is None:
             return await handler(request)
-        log.warning(
-            "refused %s %s from %s: %s", request.method, request.path, request.remote, problem
+        problem, message = refusal
+        address = request.remote or "?"
+        _refusals.refused(
+            address,
+            "token",
+            "refused %s %s from %s: %s",
+            request.method,
+            request.path,
+            address,
+            problem,
         )
         return _error(401, message, {"WWW-Authenticate": 'Bearer realm="rayserver"'})
+
+    return bearer_token
+
+
+def _token_refusal(request: web.Request, token: str) -> tuple[str, str] | None:
+    """(what the log says, what the client is told) when the request's token is not ``token``."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given:
+        return "no token", (
+            "a token is required: send 'Authorization: Bearer <token>' "
+            "(rayfront reads it from <home>/config/token or $RAYFRONT_TOKEN)"
+        )
+    if not tokens_equal(given, token):
+        return "wrong token", (
+            "wrong token: the server's token differs (it may have been rotated "
+            "with `rayfront token new`)"
+        )
+    return None
+
+
+def _body_limit(ctx: Any) -> Any:
+    """Reads the whole body up to max_body_bytes, so receiving it counts against the client."""
 
     @web.middleware
     async def body_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
         guard = _GUARDS.get(id(request.protocol))
         if request.body_exists:
-            limit = ctx.live.settings.max_body_bytes
-            length = request.content_length
-            if length is not None and length > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
-            # Read the whole body here, so the time it takes counts against
-            # the client's timeout and the limit holds for chunked bodies too.
-            request = request.clone(client_max_size=limit)
-            if guard is not None:
-                guard.reading_body = True
-            try:
-                await request.read()
-            finally:
-                if guard is not None:
-                    guard.reading_body = False
+            request = await _read_body(request, guard, ctx.live.settings.max_body_bytes)
         if guard is None:
             return await handler(request)
         guard.handling += 1
@@ -550,4 +740,21 @@ def middlewares(ctx: Any) -> list[Any]:
         finally:
             guard.handling -= 1
 
-    return [json_errors, bearer_token, body_limit]
+    return body_limit
+
+
+async def _read_body(request: web.Request, guard: _Guard | None, limit: int) -> web.Request:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+    # Read the whole body here, so the time it takes counts against the
+    # client's timeout and the limit holds for chunked bodies too.
+    request = request.clone(client_max_size=limit)
+    if guard is not None:
+        guard.reading_body = True
+    try:
+        await request.read()
+    finally:
+        if guard is not None:
+            guard.reading_body = False
+    return request
