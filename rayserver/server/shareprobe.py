@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -44,7 +43,7 @@ from typing import Any
 from aiohttp import web
 from jsonschema.exceptions import best_match
 
-from rayserver.server import jobspec
+from rayserver.server import jobspec, jsonbody
 from rayserver.server.jobspec import JobSpecError, _describe
 
 log = logging.getLogger("rayserver.server.shareprobe")
@@ -161,21 +160,7 @@ class ShareProbes:
                 "send the probe as JSON with 'Content-Type: "
                 f"application/json' (got {request.content_type or 'no content type'!r})",
             )
-        raw = await request.read()
-        if not raw:
-            raise JobSpecError(400, "empty request body; expected a JSON probe object")
-        try:
-            data = json.loads(raw)
-        except UnicodeDecodeError:
-            raise JobSpecError(
-                400, "request body is not UTF-8 text; expected a JSON probe object"
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise JobSpecError(
-                400,
-                f"request body is not valid JSON: {exc.msg} at line "
-                f"{exc.lineno} column {exc.colno}",
-            ) from None
+        data = jsonbody.parse(await request.read(), "a JSON probe object")
         return check_probe(data)
 
     async def handle(self, request: web.Request) -> web.Response:
