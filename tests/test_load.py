@@ -2,7 +2,8 @@
 
 A real ``python -m rayserver -f`` (2 cpus) renders two pictures with real
 rpict while 200 aiohttp clients, each with a connection of its own, poll
-job status, the job list and /v1/info for about ten seconds. Every answer
+job status, the job list and /v1/info for about ten seconds, each from a
+loopback address of its own (as 200 workstations would). Every answer
 must be a 200 with a sane body, no request may fail, and both renders must
 end ``done``. Latency numbers are printed for the report (``pytest -s``).
 """
@@ -37,8 +38,11 @@ async def _client(
     headers = {"Authorization": f"Bearer {token}"}
     answered = 0
     timeout = aiohttp.ClientTimeout(total=30)
+    # Each client from an address of its own (127.0.0.2-201), as from 200
+    # workstations: one address may keep max_connections_per_client (64).
+    connector = aiohttp.TCPConnector(limit=1, local_addr=(f"127.0.0.{2 + n}", 0))
     async with aiohttp.ClientSession(
-        base, headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=1)
+        base, headers=headers, timeout=timeout, connector=connector
     ) as session:
         i = n
         while time.monotonic() < until:

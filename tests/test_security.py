@@ -278,6 +278,21 @@ def test_refusals_are_logged_once_per_address_per_interval(tmp_path: Path) -> No
         assert srv.log_text().count("refused connection from 127.0.0.2") == 1
 
 
+def test_refusals_left_out_are_counted_in_the_next_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token refusals share the once-per-interval rule; the next line says how many were left out."""
+    monkeypatch.setattr(security, "_REFUSAL_LOG_INTERVAL", 1.0)
+    with app_server(tmp_path, Settings()) as srv:
+        for i in range(20):
+            assert srv.request("GET", "/v1/jobs", token=None if i % 2 else "w" * 20)[0] == 401
+        time.sleep(1.1)
+        assert srv.request("GET", "/v1/jobs", token=None)[0] == 401
+        line = srv.wait_log("19 more refused since the last warning")
+        assert line.startswith("refused GET /v1/jobs from 127.0.0.1: no token"), line
+        assert srv.log_text().count("refused GET /v1/jobs") == 2
+
+
 def test_allow_list_change_applies_to_next_connection(tmp_path: Path) -> None:
     with app_server(tmp_path, Settings()) as srv:
         assert srv.request("GET", "/v1/info")[0] == 200

@@ -200,6 +200,41 @@ def test_stalled_tls_handshake_is_closed(ca: trustme.CA, tmp_path: Path) -> None
         s.close()
 
 
+def test_failed_handshakes_do_not_count_against_the_connection_limit(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A failed or abandoned handshake releases its place (asyncio may never report it lost)."""
+    pki = write_pki(ca, tmp_path / "pki")
+    settings = Settings(
+        tls_cert=pki["tls_cert"],
+        tls_key=pki["tls_key"],
+        tls_ca=pki["tls_ca"],
+        max_connections_per_client=2,
+        max_connections=3,
+    )
+    with app_server(tmp_path, settings) as srv:
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a ClientHello
+            assert read_all(s) == b""
+            s.close()
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            s.sendall(b"\x16\x03\x01")  # a ClientHello begun, then the client leaves
+            s.close()
+        ctx = client_ssl_context(settings)
+        assert ctx is not None
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert https_get(srv.port, "/v1/info", ctx, token=None)[0] == 200
+                break
+            except (ssl.SSLError, ConnectionError):
+                # The server may not have noticed the last abandoned handshake yet.
+                assert time.monotonic() < deadline, srv.log_text()
+                time.sleep(0.05)
+
+
 # ----------------------------------------------- the whole job flow over TLS
 
 SCENE = """\
