@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 from conftest import RayHome, stop_everything
 from jobtools import wait_final, wait_until
+from test_openapi import document, response_validator
 
 LOG_BYTES = 50 * 1024 * 1024
 LATENCY_BOUND = 0.050
@@ -394,6 +395,8 @@ def test_full_disk_under_the_job_database_is_a_507_and_loses_nothing(
                     break
             status, body = answers[-1]
             assert status == 507, answers
+            doc = document()
+            response_validator(doc, "/v1/jobs", "POST", 507, "application/json").validate(body)
             assert body["status"] == 507 and str(state) in body["error"], body
             assert "database or disk is full" in body["error"], body
             assert "free space there" in body["error"], body
