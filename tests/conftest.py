@@ -25,8 +25,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from services import MARKS, in_ci, need_service
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests press Ctrl-C on rayfront and the demo. A suite started in the background of a
+    # script (`cmd &`, as a CI runner may) inherits SIGINT ignored, and an ignored signal
+    # stays ignored across exec: every child would shrug the Ctrl-C off. A Python handler
+    # here is reset to the default in each child at exec, so they get Ctrl-C again.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked with a service (services.MARKS) skips, or fails in CI, without it."""
+    for mark, service in MARKS.items():
+        if item.get_closest_marker(mark) is not None:
+            need_service(service)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Under CI=true every skip is a failure: .ci/run provides all a test may need."""
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"a skip under CI=true is a failure (.ci/run installs and starts what tests need): {reason}"
+
+
 HOSTNAME = "testhost"
 
 
@@ -219,12 +250,14 @@ def start_server(
     *args: str,
     wait: str | None = "running.",
     extra_env: dict[str, str] | None = None,
+    wrapper: tuple[str, ...] = (),
 ) -> ServerProc:
+    """A rayserver started as ``wrapper... python -m rayserver args...``."""
     env = home.env
     if extra_env:
         env.update(extra_env)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rayserver", *args],
+        [*wrapper, sys.executable, "-m", "rayserver", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -281,8 +314,11 @@ def server_factory(rayhome: RayHome) -> Iterator:
         home: RayHome | None = None,
         wait: str | None = "running.",
         extra_env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> ServerProc:
-        srv = start_server(home or rayhome, *(args or ("-f",)), wait=wait, extra_env=extra_env)
+        srv = start_server(
+            home or rayhome, *(args or ("-f",)), wait=wait, extra_env=extra_env, wrapper=wrapper
+        )
         started.append(srv)
         return srv
 

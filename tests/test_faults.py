@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from conftest import HOSTNAME, RayHome, our_pids
 from jobtools import BIN, SETTINGS, get, make_project, rpict, submit, wait_final, wait_until
+from services import need_service
 
 from rayserver.common import radiance
 
@@ -375,15 +376,14 @@ def tiny_srvlogs(rayhome: RayHome) -> Iterator[Path]:
     """A 64 KiB tmpfs mounted on <home>/srvlogs (we are root); unmounted afterwards."""
     target = rayhome.path / "srvlogs"
     target.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+    need_service("root")
     res = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(target)],
         capture_output=True,
         text=True,
     )
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        need_service("tmpfs mounts", f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
         yield target
     finally:

@@ -8,9 +8,8 @@ worker holds is an fcntl lock of that worker process, so the second server
 whose locks work. The "share that does not lock" is built from a copy of the
 probe file in another folder: same name and nonce, another inode.
 
-Nothing is mocked. The permission-denied answer of 'hold' cannot be produced
-while the tests run as root (root opens any file), so that test is skipped
-there.
+Nothing is mocked. For the permission-denied answer of 'hold' a server run as
+root is started without the capabilities that let root open any file.
 """
 
 from __future__ import annotations
@@ -421,10 +420,16 @@ def test_a_restarted_worker_has_no_holds(
     assert not gone["released"] and "restarted" in gone["detail"], gone
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root opens any file: no EACCES to provoke")
+# Root opens any file: as root, the server runs without the two capabilities that let it
+# (setpriv drops them from its bounding set), so the file's mode refuses it as it would
+# refuse any user.
+NO_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all")
+
+
 def test_a_file_the_server_cannot_write_is_explained(
-    server: Any, rayhome: RayHome, project: Path
+    server_factory: Any, rayhome: RayHome, project: Path
 ) -> None:
+    ready(server_factory("-f", wrapper=NO_DAC if os.geteuid() == 0 else ()))
     name, nonce = probe_file(project)
     os.chmod(project / name, 0o444)
     answer = ok(rayhome, "hold", name, nonce)

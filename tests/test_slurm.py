@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from services import problem
 
 from rayserver.common.settings import Settings
 from rayserver.jobs.executors.slurm import (
@@ -32,25 +32,8 @@ from rayserver.jobs.executors.slurm import (
     parse_scontrol_record,
 )
 
-
-def _slurm_problem() -> str | None:
-    if not shutil.which("sinfo"):
-        return "Slurm's commands are not installed (run: bash .ci/start-slurm as root)"
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"sinfo did not run: {exc}"
-    if out.returncode != 0:
-        return f"sinfo fails, no Slurm cluster here: {out.stderr.strip()}"
-    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in out.stdout.split()):
-        return f"no Slurm node takes jobs (sinfo states: {out.stdout.split()})"
-    return None
-
-
-SLURM_PROBLEM = _slurm_problem()
-needs_slurm = pytest.mark.skipif(SLURM_PROBLEM is not None, reason=SLURM_PROBLEM or "")
+# Needs the cluster: skips with sinfo's reason without one, fails under CI=true (services.py).
+needs_slurm = pytest.mark.slurm
 
 
 def run(coro):  # noqa: ANN001, ANN201 - tiny test helper
@@ -414,7 +397,7 @@ def _our_slurm_jobs(home_path: Path) -> list[tuple[str, str]]:
 def slurm_cleanup(rayhome) -> Iterator[None]:  # noqa: ANN001
     """scancel whatever this test left with Slurm (pending jobs have no process to kill)."""
     yield
-    if SLURM_PROBLEM is None:
+    if problem("slurm") is None:
         for sid, state in _our_slurm_jobs(rayhome.path):
             if state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
                 subprocess.run(["scancel", sid], timeout=10, check=False)
@@ -593,19 +576,6 @@ def test_server_restart_finds_the_slurm_job_again(rayhome, server_factory, slurm
     assert db.get(job_id)["external_id"] == sid
     assert [i for i, _ in _our_slurm_jobs(rayhome.path)] == [sid], "the job was submitted twice"
     assert len(_pvalue(room / "out.hdr").splitlines()) == 480 * 480
-
-
-def test_start_slurm_script_is_idempotent_and_never_fails() -> None:
-    """.ci/start-slurm exits 0 whatever happens; on a running cluster it changes nothing."""
-    script = Path(__file__).resolve().parent.parent / ".ci" / "start-slurm"
-    out = subprocess.run(
-        ["bash", str(script)], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    if SLURM_PROBLEM is None:
-        assert "Slurm already up" in out.stdout, out.stdout + out.stderr
-    else:
-        assert "Slurm tests will skip" in out.stderr or "Slurm up" in out.stdout, out.stderr
 
 
 @needs_slurm
