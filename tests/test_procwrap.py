@@ -493,3 +493,53 @@ def test_project_gone_before_the_job_runs_is_named(db: JobDB, home: Path, tmp_pa
         assert "Traceback" not in log and "cannot start" not in log, log
         assert f"project directory {proj} is missing" in log
         assert "== failed:" in log and "exit status None" not in log, log
+
+
+CLAIM_PROBE = """
+import sys
+from rayserver.jobs.jobdb import JobDB
+from rayserver.jobs.procwrap.entry import main
+from rayserver.jobs.scheduler import procwrap_alive
+
+real = JobDB.claim_row
+
+
+def claim_row(self, job_id, pid, **kw):
+    row = real(self, job_id, pid, **kw)
+    # What a cancel arriving right now would see: the row running, and this process?
+    open(sys.argv[1], "w").write(f"{row['state']} {procwrap_alive(pid, job_id)}")
+    return row
+
+
+JobDB.claim_row = claim_row
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_cancel_right_after_the_claim_finds_the_procwrap(
+    db: JobDB, home: Path, tmp_path: Path
+) -> None:
+    """The moment the row says running, the procwrap is recognisable and can be signalled.
+
+    A cancel signals a running job's procwrap only when its title names the job; a
+    title set after the claim left a gap in which the cancel was lost (a split part
+    then ran on after rayfront's Ctrl-C). The claim is wrapped in the procwrap
+    process itself to look at that very moment.
+    """
+    proj = make_project(tmp_path)
+    job = submit(db, proj, [step("oconv", ["scene.rad"], stdout="scene.oct")], home)
+    seen = tmp_path / "seen"
+    (tmp_path / "probe.py").write_text(CLAIM_PROBE)
+    env = dict(os.environ, RAYFRONT_HOME=str(home))
+    argv = ["--db", str(db.path), "--job", str(job), "--claim-queued"]
+    res = subprocess.run(
+        [sys.executable, str(tmp_path / "probe.py"), str(seen), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert seen.read_text() == "running True"
+    assert db.get(job)["state"] == "done"

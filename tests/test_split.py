@@ -328,13 +328,18 @@ def test_ctrl_c_cancels_every_part(cluster: Cluster) -> None:
     err = result.stderr
     assert result.returncode == 130, err
     assert "cancelled" in err
-    deadline = time.monotonic() + 20
+    # Every part ends: cancelled, or done if it finished before the cancel reached it (on
+    # a busy machine a band can end between the Ctrl-C and the cancel). None may run on,
+    # start afterwards, or fail (a part started after the run removed its part files).
+    deadline = time.monotonic() + 20  # a server kills a part at the latest grace + 2 s on
     while time.monotonic() < deadline:
         parts = [j for s in cluster.servers for j in jobs_of(s) if "-ds 0.005" in j["name"]]
-        if parts and all(j["state"] == "cancelled" for j in parts):
+        if parts and all(j["state"] in ("cancelled", "done") for j in parts):
             break
         time.sleep(0.2)
-    assert parts and all(j["state"] == "cancelled" for j in parts), parts
+    states = [(j["id"], j["state"], j["reason"], j["name"].rsplit("[", 1)[-1]) for j in parts]
+    assert parts and all(j["state"] in ("cancelled", "done") for j in parts), states
+    assert any(j["state"] == "cancelled" for j in parts), states
     assert not (cluster.project / "slow.hdr").exists()
 
 
@@ -603,3 +608,25 @@ def test_a_share_that_does_not_lock_is_refused(tmp_path: Path) -> None:
         if syncer.is_alive():
             syncer.join(2)
         c.stop()
+
+
+def test_a_ctrl_c_during_a_submit_is_acted_on_after_its_answer() -> None:
+    """Interrupted mid-submit, a part could be queued with its id never learnt (not cancelled)."""
+    from rayserver.client.splitrun import signals_deferred
+
+    def on_term(signum: int, frame: object) -> None:  # as SplitRun.run has it
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+            reached = []
+            with pytest.raises(KeyboardInterrupt), signals_deferred():
+                os.kill(os.getpid(), sig)
+                time.sleep(0.05)  # delivered here, to the deferring handler
+                reached.append("the answer is recorded")
+            assert reached == ["the answer is recorded"], sig
+            assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        signal.signal(signal.SIGTERM, old_term)

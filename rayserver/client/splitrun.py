@@ -24,8 +24,10 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +49,35 @@ SPLIT_DIR = ".rayfront-split"
 
 class SplitCancelled(Exception):
     """Ctrl-C, SIGTERM or a part cancelled by someone else: every part was cancelled."""
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during the block is acted on (KeyboardInterrupt) when it ends.
+
+    For a submit: interrupted mid-request, the server may have queued the part
+    while we never learnt its id, so no cancel could reach it and it ran after the
+    run had removed its part files. Only the main thread handles signals.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            previous[sig] = signal.signal(sig, record)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -495,8 +526,12 @@ class SplitRun:
                 for _ in range(len(queue)):
                     part = queue.popleft()
                     host = self._pick_host(part, tried[part.index])
-                    if host is None or self._submit(part, host, tried[part.index]) is None:
+                    if host is None:
                         queue.append(part)
+                        continue
+                    with signals_deferred():
+                        if self._submit(part, host, tried[part.index]) is None:
+                            queue.append(part)
                 live = [h for h in self.hosts if not h.lost]
                 if not live:
                     missing = sorted(

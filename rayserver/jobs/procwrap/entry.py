@@ -107,6 +107,13 @@ def _warm_statements(db: JobDB) -> None:
     )
 
 
+def _set_title(title: str) -> None:
+    with contextlib.suppress(ImportError):
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+
+
 def run_job(
     db_path: Path,
     job_id: int,
@@ -133,6 +140,10 @@ def run_job(
     job = Job(db, job_id, log_fd, grace)
     # Handlers before the claim: a SIGTERM from here on is recorded, not fatal.
     job.install_signals()
+    # The title before the claim too: a cancel that finds the row running signals the
+    # procwrap only once its title names the job (the pid-reuse guard); in the gap
+    # between claim and title the cancel was lost and the job ran on.
+    _set_title(procwrap_title(db_path, job_id, None))
     states = (JobState.QUEUED, JobState.STARTING) if claim_queued else (JobState.STARTING,)
     try:
         row = db.claim_row(job_id, os.getpid(), from_states=states)
@@ -145,10 +156,7 @@ def run_job(
             print(f"procwrap: job {job_id} is not in {db_path}", file=sys.stderr)
         return EXIT_CLAIM_LOST
     try:
-        with contextlib.suppress(ImportError):
-            import setproctitle
-
-            setproctitle.setproctitle(procwrap_title(db_path, job_id, row))
+        _set_title(procwrap_title(db_path, job_id, row))
         set_subreaper()
         job.load(row)
         if row.cancel_request == "cancel":
