@@ -20,7 +20,6 @@ import errno
 import hashlib
 import http.client
 import json
-import os
 import random
 import socket
 import sqlite3
@@ -36,6 +35,7 @@ from typing import Any
 import pytest
 from conftest import RayHome, stop_everything
 from jobtools import wait_final, wait_until
+from services import need_service
 from test_openapi import document, response_validator
 
 LOG_BYTES = 50 * 1024 * 1024
@@ -333,11 +333,7 @@ def test_malformed_json_is_a_400_naming_the_problem(
 @contextlib.contextmanager
 def small_tmpfs(folder: Path, size: str) -> Iterator[None]:
     """A tmpfs of ``size`` mounted on ``folder`` (root only); unmounted on exit."""
-    ci = os.environ.get("CI") == "true"
-    if os.geteuid() != 0:
-        if ci:
-            pytest.fail(f"CI runs as root, but this test runs as uid {os.geteuid()}")
-        pytest.skip("mounting a small tmpfs needs root (CI runs this test as root)")
+    need_service("root")
     folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
@@ -345,9 +341,7 @@ def small_tmpfs(folder: Path, size: str) -> Iterator[None]:
         text=True,
     )
     if done.returncode != 0:
-        if ci:
-            pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        need_service("tmpfs mounts", f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
         yield
     finally:
