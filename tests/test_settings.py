@@ -23,6 +23,15 @@ def test_missing_file_gives_defaults(tmp_path: Path) -> None:
     assert s == Settings()
     assert s.bind == "0.0.0.0" and s.port == DEFAULT_PORT == 9182
     assert "127.0.0.0/8" in s.allow and "192.168.0.0/16" in s.allow
+    assert s.worker_timeout == 30.0
+
+
+def test_worker_timeout_zero_switches_the_watch_off(tmp_path: Path) -> None:
+    path = tmp_path / "rayserver.toml"
+    path.write_text("worker_timeout = 0\n")
+    assert load_settings(path).worker_timeout == 0.0
+    path.write_text("worker_timeout = 2\n")
+    assert load_settings(path).worker_timeout == 2.0
 
 
 def test_token_path_modes(tmp_path: Path) -> None:
@@ -45,6 +54,12 @@ def test_token_path_modes(tmp_path: Path) -> None:
         ("port = ", "TOML syntax error"),
         ("cancel_grace = -1", "cancel_grace must be a number of seconds"),
         ("log_level = 'LOUD'", "log_level must be one of"),
+        (
+            "worker_timeout = 0.5",
+            "worker_timeout must be 0 (never replace a silent worker) or "
+            "at least 2 seconds, got 0.5",
+        ),
+        ("worker_timeout = '30'", "worker_timeout must be a number of seconds >= 0, got '30'"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, expected: str) -> None:

@@ -79,6 +79,9 @@ class Settings:
     slurm_options: tuple[str, ...] = ()
     slurm_bin: str = ""
     slurm_poll_interval: float = 2.0
+    # Longest the worker's event loop may stay silent before the supervisor
+    # kills and replaces it; 0: never.
+    worker_timeout: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def token_path(self, default: Path) -> Path | None:
@@ -104,7 +107,9 @@ _INT_KEYS = {
     "max_connections_per_client",
     "max_connections",
 }
-_FLOAT_KEYS = {"client_timeout", "cancel_grace", "slurm_poll_interval"}
+_FLOAT_KEYS = {"client_timeout", "cancel_grace", "slurm_poll_interval", "worker_timeout"}
+# Below this a busy machine could leave a healthy worker's loop silent that long.
+MIN_WORKER_TIMEOUT = 2.0
 _STR_KEYS = {
     "bind",
     "name",
@@ -171,6 +176,12 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
     if key in _FLOAT_KEYS:
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise SettingsError(path, f"{key} must be a number of seconds >= 0, got {value!r}")
+        if key == "worker_timeout" and 0 < value < MIN_WORKER_TIMEOUT:
+            raise SettingsError(
+                path,
+                f"worker_timeout must be 0 (never replace a silent worker) or at least "
+                f"{MIN_WORKER_TIMEOUT:g} seconds, got {value!r}",
+            )
         return float(value)
     if key == "token_file":
         if not isinstance(value, str):

@@ -26,8 +26,9 @@ from rayserver.common.paths import Layout
 from rayserver.common.settings import SettingsError
 from rayserver.daemon.logsetup import LogFileError, LogSetup
 from rayserver.server.confwatch import LiveConfig
-from supervisor.core import Supervisor
+from supervisor.core import Supervisor, WorkerTarget
 from supervisor.daemon import PidFile, PidFileError, Readiness, detach
+from supervisor.heartbeat import WorkerLink
 from supervisor.identity import (
     Group,
     IdentityError,
@@ -36,6 +37,7 @@ from supervisor.identity import (
     resolve_user,
     switch_identity,
 )
+from supervisor.sdnotify import SystemdWatchdog
 from supervisor.sockets import BindError, bind_with_retries
 from supervisor.util import announce, daemon_supported
 
@@ -258,25 +260,12 @@ def _serve(
     except BindError as exc:
         announce(log, str(exc), logging.CRITICAL)
         return 1
-    port = sock.getsockname()[1]
     announce(log, f"render_server: adding channel <render_server  at {id(sock)}>")
 
-    if user is not None or group is not None:
-        uid = user.uid if user else -1
-        gid = group.gid if group else user.gid  # type: ignore[union-attr]
-        logs.chown(uid, gid)
-        try:
-            if os.geteuid() == 0:  # otherwise the switch itself fails, with the manual's message
-                _hand_over(layout, config, uid, gid)
-        except (CredentialsError, OSError) as exc:
-            announce(log, f"rayserver: cannot start: {exc}", logging.CRITICAL)
-            return 1
-        try:
-            switch_identity(user, group, name=NAME)
-        except IdentityError as exc:
-            announce(log, str(exc), logging.CRITICAL)
-            return 1
-
+    if (user is not None or group is not None) and not _become(layout, config, logs, user, group):
+        return 1
+    # Before detaching: WATCHDOG_PID names the process systemd started.
+    watchdog = SystemdWatchdog.from_env()
     readiness: Readiness | None = None
     if opts.daemon:
         readiness = detach(
@@ -296,6 +285,54 @@ def _serve(
             if readiness is not None:
                 readiness.fail(1, f"rayserver: {exc}")
             return 1
+    try:
+        code = _supervise(opts, layout, config, pidfile, logs, sock, readiness, watchdog)
+    finally:
+        pidfile.release()
+        sock.close()
+    if readiness is not None and readiness.pending:
+        readiness.fail(
+            code or 1,
+            f"rayserver: the server stopped while starting (exit code "
+            f"{code}); see the log {layout.log_file}",
+        )
+    log.info("%s %d stopped (exit code %d)", NAME, os.getpid(), code)
+    return code
+
+
+def _become(
+    layout: Layout, config: LiveConfig, logs: LogSetup, user: User | None, group: Group | None
+) -> bool:
+    """Hand the files over and switch identity (-u/-g); False, once said why, if it failed."""
+    uid = user.uid if user else -1
+    gid = group.gid if group else user.gid  # type: ignore[union-attr]
+    logs.chown(uid, gid)
+    try:
+        if os.geteuid() == 0:  # otherwise the switch itself fails, with the manual's message
+            _hand_over(layout, config, uid, gid)
+    except (CredentialsError, OSError) as exc:
+        announce(log, f"rayserver: cannot start: {exc}", logging.CRITICAL)
+        return False
+    try:
+        switch_identity(user, group, name=NAME)
+    except IdentityError as exc:
+        announce(log, str(exc), logging.CRITICAL)
+        return False
+    return True
+
+
+def _supervise(
+    opts: Options,
+    layout: Layout,
+    config: LiveConfig,
+    pidfile: PidFile,
+    logs: LogSetup,
+    sock: socket.socket,
+    readiness: Readiness | None,
+    watchdog: SystemdWatchdog | None,
+) -> int:
+    """Run the supervisor loop with rayserver's hooks until it stops; its exit code."""
+    port = sock.getsockname()[1]
 
     def on_ready(_worker: int, first: bool) -> None:
         if not first:
@@ -316,6 +353,15 @@ def _serve(
         if readiness is not None:
             readiness.close()
 
+    timeout = config.settings.worker_timeout or None
+    if watchdog is not None:
+        log.info(
+            "systemd watchdog: WATCHDOG=1 every %g s while the worker is healthy "
+            "(WatchdogSec %g s, worker_timeout %s)",
+            watchdog.interval,
+            watchdog.timeout,
+            f"{timeout:g} s" if timeout else "off",
+        )
     sup = Supervisor(
         sock,
         _worker_target(layout),
@@ -326,21 +372,11 @@ def _serve(
         on_reload=on_reload,
         on_reopen=logs.reopen,
         child_setup=child_setup,
+        worker_timeout=timeout,
+        watchdog=watchdog,
         **_restart_backoff(),
     )
-    try:
-        code = sup.run()
-    finally:
-        pidfile.release()
-        sock.close()
-    if readiness is not None and readiness.pending:
-        readiness.fail(
-            code or 1,
-            f"rayserver: the server stopped while starting (exit code "
-            f"{code}); see the log {layout.log_file}",
-        )
-    log.info("%s %d stopped (exit code %d)", NAME, os.getpid(), code)
-    return code
+    return sup.run()
 
 
 def _hand_over(layout: Layout, config: LiveConfig, uid: int, gid: int) -> None:
@@ -363,11 +399,11 @@ def _hand_over(layout: Layout, config: LiveConfig, uid: int, gid: int) -> None:
             os.chown(token, -1, gid)
 
 
-def _worker_target(layout: Layout) -> Callable[[socket.socket, Callable[[], None]], int]:
-    def target(sock: socket.socket, notify_ready: Callable[[], None]) -> int:
+def _worker_target(layout: Layout) -> WorkerTarget:
+    def target(sock: socket.socket, link: WorkerLink) -> int:
         # Imported in the worker only: the supervisor stays small and never serves.
         from rayserver.daemon.worker import run_worker
 
-        return run_worker(sock, layout, notify_ready)
+        return run_worker(sock, layout, link)
 
     return target

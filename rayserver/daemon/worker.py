@@ -6,8 +6,9 @@ listening socket. Order matters:
 1. read the configuration (hosts, settings) and the token;
 2. start the fork server *before* any thread or event loop exists, so the
    process that forks every procwrap is a clean single-threaded copy;
-3. run asyncio: the app, the scheduler, the config watcher; then tell the
-   supervisor we are ready;
+3. run asyncio: open the job database, start the heartbeat (the event loop
+   beats the supervisor's ``worker_timeout`` watch from now on), the app,
+   the scheduler, the config watcher; then tell the supervisor we are ready;
 4. on SIGTERM/SIGINT stop accepting, let the scheduler shut down (running
    jobs are interrupted by their procwraps, queued ones stay queued), exit 0.
    SIGHUP reloads the configuration and wakes the scheduler.
@@ -37,6 +38,8 @@ from rayserver.common.settings import SettingsError
 from rayserver.server import api, security
 from rayserver.server.api import AppContext
 from rayserver.server.dashboard import routes as dashboard
+from supervisor.core import EX_CONFIG
+from supervisor.heartbeat import WorkerLink
 
 log = logging.getLogger("rayserver.daemon.worker")
 
@@ -62,21 +65,21 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
-# sysexits: a worker that fails while booting exits with its own code and the
-# supervisor stops instead of respawning it in a loop.
-EX_SOFTWARE = 70
-EX_CONFIG = 78
+# A worker that finds its configuration (hosts, settings, token, job database)
+# unusable exits with EX_CONFIG before it is ready: a start-up error, after
+# which the supervisor stops instead of respawning it in a loop. An exception
+# escaping start-up is one too (EX_SOFTWARE, set by the supervisor). Death
+# by a signal is a crash, restarted, whenever it happens.
 # Open requests (followed logs, GET ?wait) get this long at shutdown.
 SHUTDOWN_GRACE = 2.0
 
 
-def run_worker(
-    sock: socket.socket, layout: Layout, notify_ready: Callable[[], None] = lambda: None
-) -> int:
+def run_worker(sock: socket.socket, layout: Layout, link: WorkerLink | None = None) -> int:
     """Serve on ``sock`` until SIGTERM/SIGINT; returns the exit code.
 
-    ``notify_ready`` is called once the app is serving, so the supervisor can
-    tell a worker that fails while booting from one that crashes later.
+    ``link.ready()`` is called once the app is serving, so the supervisor can
+    tell a worker that fails while booting from one that crashes later;
+    ``link.beat()`` from the event loop tells it the loop still runs.
     """
     from rayserver.jobs.executors.forkserver import ForkServer
     from rayserver.server.confwatch import LiveConfig
@@ -98,7 +101,7 @@ def run_worker(
     # fork server was started first, so procwraps and Radiance keep their nice.
     if live.settings.server_nice:
         os.nice(live.settings.server_nice)
-    return asyncio.run(_serve(sock, layout, live, token, fork_server, notify_ready))
+    return asyncio.run(_serve(sock, layout, live, token, fork_server, link))
 
 
 async def _serve(
@@ -107,7 +110,7 @@ async def _serve(
     live: Any,
     token: str | None,
     fork_server: Any,
-    notify_ready: Callable[[], None],
+    link: WorkerLink | None,
 ) -> int:
     from rayserver.jobs.executors.forkserver import ForkServerClient
     from rayserver.jobs.jobdb import JobDB, JobDBError
@@ -119,18 +122,11 @@ async def _serve(
     except JobDBError as exc:
         log.critical("worker cannot start: %s", exc)
         return EX_CONFIG
+    # Not before: opening the database may wait out another process's lock
+    # (the busy timeout), which the longer start-up limit covers.
+    stop_beating = _start_heartbeat(loop, link)
 
-    ctx = AppContext(
-        layout=layout, live=live, db=db, scheduler=None, started_at=time.time(), token=token
-    )
-    ctx.radiance_version = await asyncio.to_thread(api.radiance_version, live.settings)
-    # Parse openapi.yaml and build the job validator now, not in the first submit
-    # (~0.1-0.2 s of YAML).
-    from rayserver.server import jobspec
-
-    await asyncio.to_thread(jobspec.schema_validator, "JobRequest")
-    app = api.build_app(ctx, security.middlewares(ctx))
-    dashboard.setup_dashboard(app, ctx)
+    app, ctx = await _build_app(layout, live, db, token)
 
     # The scheduler takes over the client's on_exit (and on_lost) callbacks.
     client = ForkServerClient(fork_server, on_exit=lambda *_args: None)
@@ -147,6 +143,46 @@ async def _serve(
     # TLS handshake itself (see rayserver.server.security).
     server = await loop.create_server(security.filtered_factory(runner.server, ctx), sock=sock)
 
+    stop = _handle_signals(loop, live, scheduler)
+    live.start_watching()
+    log.info("worker serving the job API (%s)", layout.host)
+    if link is not None:
+        link.ready()
+
+    await stop.wait()
+    log.info("worker stopping: no new connections, shutting the scheduler down")
+    server.close()
+    try:
+        await scheduler.shutdown()
+    finally:
+        live.stop_watching()
+        with contextlib.suppress(Exception):
+            await _close(client)
+        await runner.cleanup()
+        db.close()
+        stop_beating()
+    return 0
+
+
+async def _build_app(
+    layout: Layout, live: Any, db: Any, token: str | None
+) -> tuple[web.Application, AppContext]:
+    ctx = AppContext(
+        layout=layout, live=live, db=db, scheduler=None, started_at=time.time(), token=token
+    )
+    ctx.radiance_version = await asyncio.to_thread(api.radiance_version, live.settings)
+    # Parse openapi.yaml and build the job validator now, not in the first submit
+    # (~0.1-0.2 s of YAML).
+    from rayserver.server import jobspec
+
+    await asyncio.to_thread(jobspec.schema_validator, "JobRequest")
+    app = api.build_app(ctx, security.middlewares(ctx))
+    dashboard.setup_dashboard(app, ctx)
+    return app, ctx
+
+
+def _handle_signals(loop: asyncio.AbstractEventLoop, live: Any, scheduler: Any) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event; SIGHUP reloads the configuration."""
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -164,22 +200,32 @@ async def _serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    live.start_watching()
-    log.info("worker serving the job API (%s)", layout.host)
-    notify_ready()
+    return stop
 
-    await stop.wait()
-    log.info("worker stopping: no new connections, shutting the scheduler down")
-    server.close()
-    try:
-        await scheduler.shutdown()
-    finally:
-        live.stop_watching()
-        with contextlib.suppress(Exception):
-            await _close(client)
-        await runner.cleanup()
-        db.close()
-    return 0
+
+def _start_heartbeat(
+    loop: asyncio.AbstractEventLoop, link: WorkerLink | None
+) -> Callable[[], None]:
+    """Beat ``link`` every ``link.beat_interval`` from the loop; returns what stops it.
+
+    A callback of the loop itself, not a thread: a stopped process or a loop
+    stuck in a callback stops beating, which is what the supervisor watches.
+    """
+    if link is None:
+        return lambda: None
+    handle: asyncio.TimerHandle | None = None
+
+    def beat() -> None:
+        nonlocal handle
+        link.beat()
+        handle = loop.call_later(link.beat_interval, beat)
+
+    def stop() -> None:
+        if handle is not None:
+            handle.cancel()
+
+    beat()
+    return stop
 
 
 async def _close(client: Any) -> None:
