@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from services import need_service
 
+from rayserver.common.settings import Settings
 from tests.conftest import REPO, RayHome, http_request, our_pids
 
 
@@ -193,6 +194,9 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", text, re.M)
     assert re.search(r"^PIDFile=.*/srvlogs/.*\.pid$", text, re.M)
     assert re.search(r"^Restart=on-failure$", text, re.M)
+    watchdog = re.search(r"^WatchdogSec=(\d+)$", text, re.M)
+    assert watchdog and int(watchdog[1]) > Settings().worker_timeout, "above worker_timeout"
+    assert re.search(r"^NotifyAccess=main$", text, re.M), "pings come from the main (pid file) pid"
     assert re.search(r"^Environment=RAYFRONT_HOME=", text, re.M)
     text = re.sub(r"^ExecStart=\S+", f"ExecStart={rayserver}", text, flags=re.M)
     unit = tmp_path / "rayserver.service"
@@ -202,3 +206,35 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         line for line in (out.stdout + out.stderr).splitlines() if "rayserver.service" in line
     ]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def test_daemon_mode_takes_systemds_watchdog_across_the_detach(
+    daemon_home: RayHome, tmp_path: Path
+) -> None:
+    """As under Type=forking: WATCHDOG_PID names the process systemd started, not the daemon."""
+    import socket
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(30)
+        env = daemon_home.env | {
+            "NOTIFY_SOCKET": str(tmp_path / "notify"),
+            "WATCHDOG_USEC": "1000000",
+        }
+        out = subprocess.run(
+            ["sh", "-c", 'WATCHDOG_PID=$$ exec "$0" -m rayserver -d', sys.executable],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=daemon_home.path.parent,
+        )
+        pid = daemon_pid(out)
+        assert notify.recv(64) == b"WATCHDOG=1"  # sent by the daemon, another pid
+        assert notify.recv(64) == b"WATCHDOG=1"
+    finally:
+        notify.close()
+    assert "systemd watchdog: WATCHDOG=1 every 0.5 s" in daemon_home.log_file.read_text()
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid)

@@ -39,7 +39,9 @@ from jobtools import get, make_project, rpict, submit, wait_final, wait_until
 from supervisor.sdnotify import SystemdWatchdog, sd_notify
 from supervisor.util import list_children
 
-WORKER_TIMEOUT = 3.0
+# Small, for a short test; not so small that a busy machine could silence a
+# healthy (niced) worker's loop that long before the test stops it.
+WORKER_TIMEOUT = 4.0
 
 
 @contextlib.contextmanager
