@@ -1,8 +1,9 @@
 """``rayfront demo``: the example project rendered end to end through a real rayserver.
 
 It builds a throw-away installation (hosts file for this machine with a
-location covering a copy of ``conf/demo``, settings binding 127.0.0.1 on a
-free port), starts ``python -m rayserver -f`` in a session of its own, waits
+location covering a copy of the example project, which ships as package data
+in ``rayserver/client/demo_project``, ``conf/demo`` in a checkout; settings
+binding 127.0.0.1 on a free port), starts ``python -m rayserver -f`` in a session of its own, waits
 until ``GET /v1/info`` answers, renders ``demo.rif`` with the same code as
 ``rayfront run``, tone-maps the picture (pcond | ra_ppm, then PNG in pure
 Python) and always stops the server: SIGTERM to its process group, SIGKILL
@@ -28,8 +29,9 @@ from typing import Any
 from rayserver.client.connection import Client, ClientError, Target
 from rayserver.common.paths import HOME_ENV, HOSTNAME_ENV, Layout, hostname
 
-# conf/demo of the checkout this package was installed from (pip install -e .)
-DEMO_SOURCE = Path(__file__).resolve().parents[2] / "conf" / "demo"
+# Package data, so a regular install (pip install ., pipx, a wheel) has it too;
+# conf/demo in a checkout is a symlink to this folder.
+DEMO_SOURCE = Path(__file__).resolve().parent / "demo_project"
 RIF = "demo.rif"
 PICTURE = "demo_room.hdr"
 START_TIMEOUT = 30.0
@@ -51,8 +53,8 @@ def free_port() -> int:
 def demo_source() -> Path:
     if not (DEMO_SOURCE / RIF).is_file():
         raise DemoError(
-            f"the example project is missing: no {DEMO_SOURCE / RIF}; the demo runs "
-            "from a checkout installed with `pip install -e .`"
+            f"the example project is missing: no {DEMO_SOURCE / RIF}; it ships with the "
+            "rayserver package (rayserver/client/demo_project): reinstall rayserver"
         )
     return DEMO_SOURCE
 
