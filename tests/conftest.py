@@ -342,3 +342,19 @@ def server(server_factory) -> ServerProc:
             pass
         time.sleep(0.05)
     raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
+
+
+@pytest.fixture(scope="session")
+def three_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Three rayservers on 127.0.0.1-3 with one cpu each, shared by the matrix and workflow tests.
+
+    Starting three servers costs ~8 s on a busy 2-core machine; the tests
+    that share them each work in project folders of their own.
+    """
+    from splittools import make_cluster
+
+    cluster = make_cluster(tmp_path_factory.mktemp("three"), 3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -19,7 +19,6 @@ from splittools import (
     Cluster,
     as_json,
     jobs_of,
-    make_cluster,
     picture_values,
     run_local,
     write_points,
@@ -33,31 +32,28 @@ DIRECT = ["-ab", "0", "-dj", "0", "-I+"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(three_servers: Cluster) -> Iterator[Cluster]:
     """Three servers with one cpu each; the lamp room of splittools, lamps as receivers."""
-    c = make_cluster(tmp_path_factory.mktemp("splitmx"), 3)
-    try:
-        write_scene(c.project)
-        write_points(c.project / "grid.pts", 60)
-        scene = (c.project / "scene.rad").read_text().splitlines()
-        (c.project / "room.rad").write_text(
-            "\n".join(line for line in scene if not line.startswith("lamp polygon")) + "\n"
-        )
-        lamps = [line for line in scene if line.startswith(("void light", "lamp polygon"))]
-        # h=u: one uniform bin per receiver modifier.
-        (c.project / "lamps.rad").write_text("#@rfluxmtx h=u\n" + "\n".join(lamps) + "\n")
-        # Two lamp materials, for outputs per modifier.
-        two = ["void light lamp2 0 0 3 20 30 40"] + [
-            line.replace("lamp polygon", "lamp2 polygon", 1)
-            if line.startswith("lamp polygon") and int(line.split()[2][4:]) % 2
-            else line
-            for line in scene
-        ]
-        (c.project / "two.rad").write_text("\n".join(two) + "\n")
-        run_local(["oconv", "two.rad"], c.project, None, c.project / "two.oct")
-        yield c
-    finally:
-        c.stop()
+    c = three_servers
+    write_scene(c.project)
+    write_points(c.project / "grid.pts", 60)
+    scene = (c.project / "scene.rad").read_text().splitlines()
+    (c.project / "room.rad").write_text(
+        "\n".join(line for line in scene if not line.startswith("lamp polygon")) + "\n"
+    )
+    lamps = [line for line in scene if line.startswith(("void light", "lamp polygon"))]
+    # h=u: one uniform bin per receiver modifier.
+    (c.project / "lamps.rad").write_text("#@rfluxmtx h=u\n" + "\n".join(lamps) + "\n")
+    # Two lamp materials, for outputs per modifier.
+    two = ["void light lamp2 0 0 3 20 30 40"] + [
+        line.replace("lamp polygon", "lamp2 polygon", 1)
+        if line.startswith("lamp polygon") and int(line.split()[2][4:]) % 2
+        else line
+        for line in scene
+    ]
+    (c.project / "two.rad").write_text("\n".join(two) + "\n")
+    run_local(["oconv", "two.rad"], c.project, None, c.project / "two.oct")
+    yield c
 
 
 def stable(data: bytes) -> bytes:

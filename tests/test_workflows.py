@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from splittools import RADIANCE_ENV, Cluster, make_cluster, picture_values
+from splittools import RADIANCE_ENV, Cluster, picture_values
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "workflows.md"
 MARK = re.compile(r"^<!-- test: (.+?) -->$")
@@ -99,13 +99,9 @@ def test_every_command_block_of_the_doc_is_run() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = make_cluster(tmp_path_factory.mktemp("workflows"), 3)
-    try:
-        yield c
-    finally:
-        c.stop()
-        _print_table()
+def cluster(three_servers: Cluster) -> Iterator[Cluster]:
+    yield three_servers
+    _print_table()
 
 
 def run_block(cluster: Cluster, folder: Path, script: str) -> float:
