@@ -54,14 +54,17 @@ class Cluster:
         return [f"{s.home.host}:{s.home.port}" for s in self.servers]
 
     def rayfront(
-        self, *args: str, timeout: float = 120, **popen: object
+        self, *args: str, timeout: float = 120, stdin: str | None = None, **popen: object
     ) -> subprocess.CompletedProcess[str]:
+        """rayfront run here; its standard input is ``stdin``, or /dev/null (never the test's)."""
         env = self.client.env
         env.pop("RAYFRONT_TOKEN", None)
         return subprocess.run(
             [*RAYFRONT, *args],
             cwd=str(self.project),
             env=env,
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -75,6 +78,7 @@ class Cluster:
             [*RAYFRONT, *args],
             cwd=str(self.project),
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -122,9 +122,15 @@ def test_without_y_the_merged_matrix_gets_its_row_count(cluster: Cluster) -> Non
 
 
 def test_rfluxmtx_sensor_rays_merge_to_the_single_run(cluster: Cluster) -> None:
+    # The rays come on rayfront's standard input here, as they would in a pipe.
     command = ["rfluxmtx", *DIRECT, "-y", "60", "-", "lamps.rad", "room.rad"]
     one = direct(cluster, command)
-    summary = split(cluster, command)
+    proc = cluster.rayfront(
+        "run", "--json", "--hosts", "all", "--stdout", "split.mtx", "--", *command,
+        stdin=(cluster.project / "grid.pts").read_text(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = as_json(proc)
     merged = (cluster.project / "split.mtx").read_bytes()
     assert stable(merged) == stable(one)
     assert b"NROWS=60\n" in merged and b"oconv -f room.rad lamps.rad" in merged

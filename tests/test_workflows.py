@@ -115,6 +115,7 @@ def run_block(cluster: Cluster, folder: Path, script: str) -> float:
         ["/bin/sh", "-e", "-c", script],
         cwd=folder,
         env=env,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=180,

@@ -539,7 +539,7 @@ def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int
     explicit = names != ["all"]
     project = ctx.project()
     records = ctx.server_records(names if explicit else None)
-    stdin = _project_file(project, opts.stdin, "--stdin") if opts.stdin else None
+    stdin = _split_stdin(project, opts.stdin, command[0])
     stdout = _project_file(project, opts.stdout, "--stdout") if opts.stdout else None
     run = SplitRun(
         ctx,
@@ -565,6 +565,20 @@ def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int
         for line in summary_lines(result.summary, project.local_dir):
             print(line, file=out if not result.summary["error"] else sys.stderr)
     return result.exit_code
+
+
+def _split_stdin(project: Project, given: str | None, program: str) -> str | None:
+    """A split run's rays: a project file, or ``-`` for rayfront's own standard input.
+
+    As ``ssh`` does, a standard input that is not a terminal is the input
+    (``--stdin -`` says so explicitly); only the grid programs read one.
+    """
+    from rayserver.client.splitplan import GRID_PROGRAMS
+
+    piped = sys.stdin is not None and not sys.stdin.isatty()
+    if given == "-" or (given is None and program in GRID_PROGRAMS and piped):
+        return "-"
+    return _project_file(project, given, "--stdin") if given else None
 
 
 def cmd_status(ctx: Context, opts: argparse.Namespace) -> int:

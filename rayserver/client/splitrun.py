@@ -171,6 +171,7 @@ class SplitRun:
         self.merged_files: list[str] = []
         self.rad: splitrad.RadPlan | None = None
         self.prelude_attempts: list[Attempt] = []
+        self._input: bytes | None = None
         self.env = _radiance_env(ctx)
 
     # ------------------------------------------------------------ messages
@@ -202,8 +203,8 @@ class SplitRun:
         program = self.program
         if not self.stdin:
             raise splitplan.usage_error(
-                f"a split {program} needs its rays in a file: give --stdin FILE "
-                "(the points of the sensor grid)"
+                f"a split {program} needs its rays: give --stdin FILE (the points of the "
+                "sensor grid) or send them on standard input (< grid.pts)"
             )
         if program in splitmatrix.CONTRIB_PROGRAMS:
             self.contrib = splitmatrix.parse_contrib(program, self.args)
@@ -284,14 +285,26 @@ class SplitRun:
         return f"{self.split_dir}/ambient.amb" if cached else None
 
     def _read_input(self) -> bytes:
+        """The rays: the --stdin file, or rayfront's own standard input (``-``), read once."""
         assert self.stdin is not None
+        if self._input is not None:
+            return self._input
+        if self.stdin == "-":
+            self._input = sys.stdin.buffer.read()
+            if not self._input:
+                raise splitplan.usage_error(
+                    f"a split {self.program} got no rays: standard input is empty; give the "
+                    "sensor points with --stdin FILE or on standard input (< grid.pts)"
+                )
+            return self._input
         path = self.project.local_dir / self.stdin
         try:
-            return path.read_bytes()
+            self._input = path.read_bytes()
         except OSError as exc:
             raise splitplan.usage_error(
                 f"--stdin {self.stdin}: cannot read {path}: {exc.strerror or exc}"
             ) from exc
+        return self._input
 
     # ------------------------------------------------------------ hosts and share
     def connect(self) -> None:
