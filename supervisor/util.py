@@ -1,15 +1,20 @@
-"""Small helpers shared by the supervisor modules: announcements, exit statuses, children."""
+"""Small helpers shared by the supervisor modules: announcements, exit statuses, children.
+
+Generic (nothing here knows rayserver): the procwraps use the /proc reader,
+the subreaper flag and the signal names too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 # A log record with this extra attribute is a message for the person at the
 # terminal: terminal handlers show it bare, file handlers log it normally.
@@ -23,14 +28,19 @@ def announce(logger: logging.Logger, message: str, level: int = logging.INFO) ->
     logger.log(level, message, extra={ANNOUNCE: True})
 
 
+def signal_name(num: int) -> str | None:
+    """'SIGKILL' for 9; None for a number that names no signal here."""
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return None
+
+
 def describe_status(status: int) -> str:
     """'exit code 3' / 'killed by signal 9 (SIGKILL)' for a waitpid status."""
     if os.WIFSIGNALED(status):
         num = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(num).name
-        except ValueError:
-            name = "unknown"
+        name = signal_name(num) or "unknown"
         return f"killed by signal {num} ({name})" + (
             " (core dumped)" if os.WCOREDUMP(status) else ""
         )
@@ -48,15 +58,47 @@ def exit_code(status: int) -> int:
     return 1
 
 
+@functools.lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL:
+    """The C library of this process (a dlopen, done once)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def set_child_subreaper() -> bool:
     """Become the reaper of orphaned descendants (Linux prctl); False where unsupported."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+class ProcStat(NamedTuple):
+    """The fields of ``/proc/<pid>/stat`` that are used here."""
+
+    state: str  # R, S, D, Z, T, ...
+    ppid: int
+    pgrp: int
+    rss_pages: int
+
+
+def proc_stat(pid: int | str) -> ProcStat | None:
+    """``/proc/<pid>/stat`` of one process, or None when it is gone (or unreadable).
+
+    The command name (field 2) may hold spaces and parentheses: the fields
+    are counted from the last ``)``.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return ProcStat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[21]))
+    except (IndexError, ValueError):
+        return None
 
 
 def list_children(pid: int | None = None) -> list[int]:
@@ -79,21 +121,14 @@ def list_children(pid: int | None = None) -> list[int]:
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[-1].split()
-            if len(fields) > 1 and int(fields[1]) == pid and fields[0] != "Z":
+            info = proc_stat(entry.name)
+            if info is not None and info.ppid == pid and info.state != "Z":
                 found.add(int(entry.name))
         return sorted(found)
     live = []
     for child in sorted(found):
-        try:
-            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
+        info = proc_stat(child)
+        if info is not None and info.state != "Z":
             live.append(child)
     return live
 

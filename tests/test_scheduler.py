@@ -33,9 +33,10 @@ from test_procwrap import (
 from rayserver.common.paths import Layout
 from rayserver.common.settings import Settings
 from rayserver.common.states import FINAL_STATES
-from rayserver.jobs.executors.forkserver import ForkServer, ForkServerClient
+from rayserver.jobs.executors.forkserver import ForkServer
+from rayserver.jobs.executors.local import procwrap_alive
 from rayserver.jobs.jobdb import JobDB
-from rayserver.jobs.scheduler import Scheduler, procwrap_alive
+from rayserver.jobs.scheduler import Scheduler
 
 SLOW = ["-x", "800", "-y", "800", "-ab", "2", "-ad", "2048", "-as", "512"]
 
@@ -66,8 +67,9 @@ class Engine:
 
     def __init__(self, layout: Layout, db: JobDB, cpus: int, grace: float = 1.0) -> None:
         self.handle = ForkServer.start(layout, db.path, Settings(cancel_grace=grace))
-        self.client = ForkServerClient(self.handle, lambda *a: None)
-        self.sched = Scheduler(layout, db, live(cpus, grace), self.client)
+        self.sched = Scheduler(layout, db, live(cpus, grace), self.handle)
+        self.local = self.sched.executors["local"]
+        self.client = self.local.fork  # the fork server client the local executor made
 
     async def __aenter__(self) -> Scheduler:
         await self.sched.start()
@@ -225,7 +227,7 @@ def test_restart_adopts_live_procwraps_and_marks_dead_ones(
 
     async def new_worker() -> None:
         async with Engine(layout, db, cpus=1) as sched:
-            assert sched._adopted == {live_job: pid}
+            assert sched.executors["local"].adopted == {live_job: pid}
             dead = db.get(dead_job)
             assert dead["state"] == "interrupted" and "died with the server" in dead["reason"]
             await wait_all(sched, db, [live_job, half])
@@ -361,7 +363,7 @@ def test_claim_lost_to_a_previous_workers_procwrap_is_adopted(
                 assert db.mark_starting(job)
                 assert db.claim(job, old.pid)
                 lost = 3 << 8  # exit status EXIT_CLAIM_LOST, as waitpid reports it
-                sched._on_fork_exit(job, old.pid + 100000, lost)
+                sched.executors["local"]._on_fork_exit(job, old.pid + 100000, lost)
                 assert sched.running_count == 1, "the job's slot still counts"
                 waiter = asyncio.create_task(sched.wait(job, 20))
                 await asyncio.sleep(0.3)

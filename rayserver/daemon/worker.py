@@ -21,7 +21,6 @@ procwraps still running.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -112,7 +111,6 @@ async def _serve(
     fork_server: Any,
     link: WorkerLink | None,
 ) -> int:
-    from rayserver.jobs.executors.forkserver import ForkServerClient
     from rayserver.jobs.jobdb import JobDB, JobDBError
     from rayserver.jobs.scheduler import Scheduler
 
@@ -128,9 +126,8 @@ async def _serve(
 
     app, ctx = await _build_app(layout, live, db, token)
 
-    # The scheduler takes over the client's on_exit (and on_lost) callbacks.
-    client = ForkServerClient(fork_server, on_exit=lambda *_args: None)
-    scheduler = Scheduler(layout, db, live, client)
+    # The scheduler's local executor starts procwraps through the fork server.
+    scheduler = Scheduler(layout, db, live, fork_server)
     ctx.scheduler = scheduler
     await scheduler.start()
 
@@ -153,11 +150,10 @@ async def _serve(
     log.info("worker stopping: no new connections, shutting the scheduler down")
     server.close()
     try:
+        # (It also closes the fork server client, even when it fails.)
         await scheduler.shutdown()
     finally:
         live.stop_watching()
-        with contextlib.suppress(Exception):
-            await _close(client)
         await runner.cleanup()
         db.close()
         stop_beating()
@@ -226,9 +222,3 @@ def _start_heartbeat(
 
     beat()
     return stop
-
-
-async def _close(client: Any) -> None:
-    result = client.close()
-    if asyncio.iscoroutine(result):
-        await result

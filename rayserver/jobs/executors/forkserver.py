@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from rayserver.common.paths import Layout
 from rayserver.jobs import procwrap  # preimported: forked children start with it loaded
+from rayserver.jobs.executors.base import ExecutorError
 
 if TYPE_CHECKING:
     import asyncio
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 _MAX_PACKET = 65536
 
 
-class ForkServerError(Exception):
+class ForkServerError(ExecutorError):
     """The fork server is gone or refused a launch."""
 
 
@@ -377,16 +378,24 @@ class ForkServerClient:
     """The worker's asyncio side of the fork server.
 
     ``on_exit(job_id, pid, raw_status)`` is called in the event loop when a
-    procwrap the fork server started has exited. Construct it inside the
-    running loop (or the reader is attached at the first launch).
+    procwrap the fork server started has exited; ``on_final(job_id)`` when a
+    procwrap committed its job's final state (it exits next); ``on_lost()``
+    when the fork server went away. Construct it inside the running loop (or
+    the reader is attached at the first launch).
     """
 
-    def __init__(self, handle: ForkServer, on_exit: Callable[[int, int, int], None]) -> None:
+    def __init__(
+        self,
+        handle: ForkServer,
+        on_exit: Callable[[int, int, int], None],
+        *,
+        on_lost: Callable[[], None] | None = None,
+        on_final: Callable[[int], None] | None = None,
+    ) -> None:
         self.handle = handle
         self.on_exit = on_exit
-        self.on_lost: Callable[[], None] | None = None
-        # on_final(job_id): a procwrap committed its final state (it exits next).
-        self.on_final: Callable[[int], None] | None = None
+        self.on_lost = on_lost
+        self.on_final = on_final
         self._waiting: collections.deque[Callable[[int | None, str | None], None]] = (
             collections.deque()
         )
@@ -503,9 +512,19 @@ class ForkServerClient:
 
     def close(self) -> None:
         """Detach from the loop, close the socket (the server exits) and reap it."""
+        self._shut()
+        self.handle.stop()
+
+    async def aclose(self) -> None:
+        """:meth:`close` that waits for the fork server's exit in a thread, not on the loop."""
+        import asyncio  # (not at the top: the fork server process never loads it)
+
+        self._shut()
+        await asyncio.to_thread(self.handle.stop)
+
+    def _shut(self) -> None:
         if not self._closed:
             self._detach()
         self._closed = True
         while self._waiting:
             self._waiting.popleft()(None, "the fork server client was closed")
-        self.handle.stop()

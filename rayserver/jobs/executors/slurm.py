@@ -419,11 +419,15 @@ def job_comment(db_path: Path | str, job_id: int) -> str:
 class SlurmExecutor:
     """Hands jobs to Slurm and keeps the job database in step with what Slurm says.
 
-    The scheduler owns the queue and the cpu cap; it calls :meth:`launch`
-    for a row it moved to ``starting``, :meth:`cancel` for a running one,
-    and runs :meth:`run` as a background task. ``on_change`` is called when
-    a Slurm job ended, so the scheduler can start the next queued job.
+    The executor protocol of :mod:`rayserver.jobs.executors.base`: the
+    scheduler owns the queue and the cpu cap; it calls :meth:`dispatch`
+    (which moves rows to ``starting`` and :meth:`launch` es them), :meth:`cancel`
+    for a running one, :meth:`adopt` at start, and runs :meth:`run` as a
+    background task. ``on_change`` is called when a Slurm job ended, so the
+    scheduler can start the next queued job.
     """
+
+    name = "slurm"
 
     def __init__(
         self,
@@ -510,6 +514,16 @@ class SlurmExecutor:
             self._cancel_after_launch.discard(job_id)
             await self.commands.scancel(slurm_id)
         return True
+
+    @property
+    def running_count(self) -> int:
+        return self.active_count()
+
+    def dispatch_now(self, capacity: int) -> None:
+        """Nothing: an sbatch is awaited, so Slurm jobs leave from :meth:`dispatch` only."""
+
+    async def shutdown(self) -> None:
+        """Nothing to stop: Slurm jobs run on without us, found again by their Slurm id."""
 
     def active_count(self) -> int:
         """Jobs with Slurm now (submitted or being submitted, not final): what the cap counts."""

@@ -17,8 +17,9 @@ from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap.exits import EXIT_CLAIM_LOST, EXIT_INTERNAL, EXIT_USAGE
 from rayserver.jobs.procwrap.job import Job
-from rayserver.jobs.procwrap.procs import base_env, libc, set_subreaper
+from rayserver.jobs.procwrap.procs import base_env, set_subreaper
 from rayserver.jobs.rows import JobRow
+from supervisor.util import libc
 
 
 def _home_of(db_path: Path) -> Path:

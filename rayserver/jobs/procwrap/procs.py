@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import signal
 from typing import Any
 
-PR_SET_CHILD_SUBREAPER = 36
+from supervisor.util import proc_stat, set_child_subreaper, signal_name
+
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 _subreaper_pid = 0  # the process that set the flag (a fork does not inherit it)
 # Python ignores these; a Radiance program must get them back (rad's pipelines need SIGPIPE).
@@ -18,38 +18,15 @@ DEFAULT_SIGNALS = tuple(
 )
 
 
-@functools.lru_cache(maxsize=1)
-def libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def set_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux)."""
+    """Make this process the reaper of its orphaned descendants (Linux); once per process."""
     global _subreaper_pid
     if _subreaper_pid == os.getpid():
         return True
-    try:
-        ok = libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    ok = set_child_subreaper()
     if ok:
         _subreaper_pid = os.getpid()
     return ok
-
-
-@functools.lru_cache(maxsize=4)
-def _proc_stat(pid: str) -> tuple[int, str, int] | None:
-    """(pgrp, state, rss pages) of one /proc entry, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[2]), fields[0].decode(), int(fields[21])
-    except (IndexError, ValueError):
-        return None
 
 
 def group_members(pgid: int) -> list[tuple[int, int]]:
@@ -58,9 +35,9 @@ def group_members(pgid: int) -> list[tuple[int, int]]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        info = _proc_stat(name)
-        if info and info[0] == pgid and info[1] != "Z":
-            out.append((int(name), info[2] * _PAGE_KB))
+        info = proc_stat(name)
+        if info and info.pgrp == pgid and info.state != "Z":
+            out.append((int(name), info.rss_pages * _PAGE_KB))
     return out
 
 
@@ -119,10 +96,8 @@ def spawn(
 
 def fmt_status(code: int | None, sig: int | None) -> str:
     if sig is not None:
-        try:
-            return f"killed by signal {sig} ({signal.Signals(sig).name})"
-        except ValueError:
-            return f"killed by signal {sig}"
+        name = signal_name(sig)
+        return f"killed by signal {sig} ({name})" if name else f"killed by signal {sig}"
     if code is None:
         return "not started"
     return f"exit status {code}"
