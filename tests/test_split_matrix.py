@@ -206,15 +206,28 @@ def test_a_refusal_reaches_the_user_before_anything_runs(cluster: Cluster) -> No
     assert all(not jobs_of(s) or "-y 61" not in str(jobs_of(s)) for s in cluster.servers)
 
 
-def test_a_receiver_naming_its_output_file_is_refused(cluster: Cluster) -> None:
-    text = (cluster.project / "lamps.rad").read_text()
-    (cluster.project / "lamps_o.rad").write_text(text.replace("h=u", "h=u o=lamp.mtx"))
-    proc = cluster.rayfront(
-        "run", "--hosts", "all", "--stdin", "grid.pts", "--",
-        "rfluxmtx", "-", "lamps_o.rad", "room.rad",
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    assert "lamps_o.rad line 1 names an output file (o=)" in proc.stderr
+def test_receiver_output_files_are_merged_per_file(cluster: Cluster) -> None:
+    # Two receivers naming their own files (o= in #@rfluxmtx): every part gets
+    # a copy of the receiver writing into its own folder; the files are merged
+    # with the single run's header (its o= names, its oconv line).
+    two = (cluster.project / "two.rad").read_text().splitlines()
+    receivers = []
+    for mod in ("lamp", "lamp2"):
+        receivers.append(f"#@rfluxmtx h=u o=rx/{mod}.mtx")
+        receivers += [line for line in two if line.startswith((f"void light {mod} ", f"{mod} "))]
+    (cluster.project / "rx.rad").write_text("\n".join(receivers) + "\n")
+    (cluster.project / "rx").mkdir()
+    command = ["rfluxmtx", *DIRECT, "-y", "60", "-", "rx.rad", "room.rad"]
+    direct(cluster, command, out="rx.out")
+    (cluster.project / "rx").rename(cluster.project / "rx-one")
+    (cluster.project / "rx").mkdir()
+    summary = split(cluster, command, out="rx.out")
+    assert sorted(summary["files"]) == ["rx/lamp.mtx", "rx/lamp2.mtx"]
+    for name in ("lamp.mtx", "lamp2.mtx"):
+        one = (cluster.project / "rx-one" / name).read_bytes()
+        merged = (cluster.project / "rx" / name).read_bytes()
+        assert stable(merged) == stable(one), name
+        assert b"oconv -f room.rad rx.rad\n" in merged and b"-o rx/lamp" in merged
 
 
 def test_rad_views_render_on_different_hosts_after_one_octree(cluster: Cluster) -> None:

@@ -282,11 +282,14 @@ def attempt_args(spec: ContribSpec, part_args: Sequence[str], folder: str) -> li
     return args
 
 
-def make_output_folders(spec: ContribSpec, args: Sequence[str], folder: Path) -> None:
+def make_output_folders(
+    spec: ContribSpec, args: Sequence[str], folder: Path, receiver: Receiver | None = None
+) -> None:
     """The attempt folder with the folders of its -o patterns (rcontrib creates none)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for j in spec.o_at:
-        (folder / os.path.dirname(args[j])).mkdir(parents=True, exist_ok=True)
+    names = [args[j] for j in spec.o_at] + list(receiver.outputs if receiver else ())
+    for name in names:
+        (folder / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
     for path in [folder, *folder.rglob("*")]:
         if path.is_dir():
             path.chmod(0o2775)  # servers may run as another user of the project's group
@@ -297,6 +300,7 @@ class HeaderFix:
     """How the first part's header becomes the whole matrix's."""
 
     pairs: tuple[tuple[str, str], ...]  # command-line words of the part -> of the single run
+    octree_pairs: tuple[tuple[str, str], ...]  # rfluxmtx's "oconv -f ..." line, likewise
     nrows: int  # NROWS of the whole matrix
     add_nrows: bool  # no -y given: the single run has no NROWS, the merge adds it
     xres: int
@@ -304,14 +308,30 @@ class HeaderFix:
 
     @classmethod
     def of(
-        cls, spec: ContribSpec, args: Sequence[str], first: Sequence[str], records: int
+        cls,
+        spec: ContribSpec,
+        args: Sequence[str],
+        first: Sequence[str],
+        records: int,
+        receiver: tuple[list[tuple[str, str]], list[tuple[str, str]]] = ([], []),
     ) -> HeaderFix:
-        """``first``: the first part's arguments as its attempt ran them."""
+        """``first``: the first part's arguments as its attempt ran them.
+
+        ``receiver``: the pairs of the first attempt's receiver copy (Receiver.pairs);
+        its -o words come after the command line's in rcontrib's arguments.
+        """
         pairs = []
         for j in sorted((*spec.y_at, *spec.o_at)):
             option = "-y" if j in spec.y_at else "-o"
             pairs.append((f" {option} {fputword(first[j])}", f" {option} {fputword(args[j])}"))
-        return cls(tuple(pairs), records, not spec.yres, spec.xres, spec.yres)
+        return cls(
+            tuple(pairs + receiver[0]),
+            tuple(receiver[1]),
+            records,
+            not spec.yres,
+            spec.xres,
+            spec.yres,
+        )
 
     def header(self, data: bytes) -> bytes:
         out: list[bytes] = []
@@ -319,6 +339,10 @@ class HeaderFix:
         for line in data.split(b"\n"):
             if line.startswith(b"rcontrib "):
                 line = _replace_in_order(line.decode("latin-1"), self.pairs).encode("latin-1")
+            elif line.startswith(b"oconv ") and self.octree_pairs:
+                line = _replace_in_order(line.decode("latin-1"), self.octree_pairs).encode(
+                    "latin-1"
+                )
             elif line.startswith(b"NROWS="):
                 line = b"NROWS=%d" % self.nrows
             elif pending and line.startswith(
@@ -432,22 +456,61 @@ def merge_patterns(
     return names
 
 
-def check_receiver(spec: ContribSpec, args: Sequence[str], project_dir: Path) -> None:
-    """rfluxmtx: refuse output files named in the receiver (o=), which every part would claim."""
+@dataclass(frozen=True)
+class Receiver:
+    """rfluxmtx's receiver file when it names output files (``o=`` in ``#@rfluxmtx`` lines)."""
+
+    index: int  # its argument index
+    name: str
+    text: str
+    outputs: tuple[str, ...]  # the o= values, in order
+
+    def copy_for(self, folder: str) -> str:
+        """The receiver with every o= file moved into ``folder``."""
+
+        def move(match: re.Match[str]) -> str:
+            quote = match.group(2)[0] if match.group(2)[0] in "'\"" else ""
+            value = match.group(2).strip("'\"")
+            return f"{match.group(1)}o={quote}{folder}/{value}{quote}"
+
+        return "".join(
+            line[:10] + _O_PARAM.sub(move, line[10:]) if line.startswith("#@rfluxmtx") else line
+            for line in self.text.splitlines(keepends=True)
+        )
+
+    def pairs(self, folder: str, copy: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(rcontrib command-line pairs, octree line pairs) for the header of one attempt."""
+        words = [(f" -o {fputword(f'{folder}/{o}')}", f" -o {fputword(o)}") for o in self.outputs]
+        return words, [(f" {copy}", f" {self.name}")]
+
+
+_O_PARAM = re.compile(r"""(^|\s)o=("[^"]*"|'[^']*'|\S+)""")
+
+
+def read_receiver(spec: ContribSpec, args: Sequence[str], project_dir: Path) -> Receiver | None:
+    """rfluxmtx's receiver, when it names output files; their folders must exist."""
     if spec.program != "rfluxmtx" or spec.options_end + 1 >= len(args):
-        return
-    receiver = args[spec.options_end + 1]
+        return None
+    index = spec.options_end + 1
     try:
-        text = (project_dir / receiver).read_text(errors="replace")
+        text = (project_dir / args[index]).read_text(errors="replace")
     except OSError:
-        return  # rfluxmtx itself says what is wrong with it, the same on every host
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.startswith("#@rfluxmtx") and re.search(r"(^|\s)o=", line[10:]):
+        return None  # rfluxmtx itself says what is wrong with it, the same on every host
+    outputs = [
+        match.group(2).strip("'\"")
+        for line in text.splitlines()
+        if line.startswith("#@rfluxmtx")
+        for match in _O_PARAM.finditer(line[10:])
+    ]
+    for output in outputs:
+        _check_pattern("rfluxmtx receiver o=", output)
+        folder = os.path.dirname(output)
+        if folder and not (project_dir / folder).is_dir():
             raise usage_error(
-                f"rfluxmtx receiver {receiver} line {number} names an output file (o=): every part "
-                "would write it; give rfluxmtx -o PATTERN on the command line instead (e.g. "
-                "-o dc_%s.mtx, one file per receiver modifier), or run on one host"
+                f"rfluxmtx receiver {args[index]}: o={output}: the folder {folder} does not exist "
+                "in the project (rcontrib does not create it); make it first"
             )
+    return Receiver(index, args[index], text, tuple(outputs)) if outputs else None
 
 
 def writes_stdout(spec: ContribSpec, args: Sequence[str]) -> bool:

@@ -167,6 +167,7 @@ class SplitRun:
         self.view: PictureView | None = None
         self.output: str | None = None
         self.contrib: ContribSpec | None = None
+        self.receiver: splitmatrix.Receiver | None = None  # rfluxmtx's, when it names outputs
         self.matrix_rows = 0  # rows of the whole matrix (rcontrib, rfluxmtx)
         self.merged_files: list[str] = []
         self.rad: splitrad.RadPlan | None = None
@@ -208,7 +209,9 @@ class SplitRun:
             )
         if program in splitmatrix.CONTRIB_PROGRAMS:
             self.contrib = splitmatrix.parse_contrib(program, self.args)
-            splitmatrix.check_receiver(self.contrib, self.args, self.project.local_dir)
+            self.receiver = splitmatrix.read_receiver(
+                self.contrib, self.args, self.project.local_dir
+            )
             splitmatrix.check_outputs(self.contrib, self.args, self.project.local_dir)
         if self.json_mode and not self.stdout and self._writes_stdout():
             raise splitplan.usage_error(
@@ -464,12 +467,8 @@ class SplitRun:
         attempt = Attempt(
             part, host, number, f"{self.split_dir}/out-{part.index + 1}-{number}{suffix}"
         )
-        if self.contrib is not None and self.contrib.o_at:
-            attempt.folder = f"{self.split_dir}/o-{part.index + 1}-{number}"
-            attempt.args = tuple(splitmatrix.attempt_args(self.contrib, part.args, attempt.folder))
-            splitmatrix.make_output_folders(
-                self.contrib, part.args, self.project.local_dir / attempt.folder
-            )
+        if self.contrib is not None and (self.contrib.o_at or self.receiver):
+            self._output_folder(attempt)
         try:
             job = host.client.submit(self._job_request(attempt))
         except ClientError as exc:
@@ -486,6 +485,24 @@ class SplitRun:
         tried.add(host.name)
         self.attempts.append(attempt)
         return attempt
+
+    def _output_folder(self, attempt: Attempt) -> None:
+        """The attempt's own folder for the -o (and receiver o=) files; its arguments point there."""
+        assert self.contrib is not None
+        part, local = attempt.part, self.project.local_dir
+        attempt.folder = f"{self.split_dir}/o-{part.index + 1}-{attempt.number}"
+        args = splitmatrix.attempt_args(self.contrib, part.args, attempt.folder)
+        splitmatrix.make_output_folders(
+            self.contrib, part.args, local / attempt.folder, self.receiver
+        )
+        if self.receiver is not None:
+            copy = (
+                f"{self.split_dir}/recv-{part.index + 1}-{attempt.number}-"
+                + Path(self.receiver.name).name
+            )
+            (local / copy).write_text(self.receiver.copy_for(attempt.folder))
+            args[self.receiver.index] = copy
+        attempt.args = tuple(args)
 
     def _lose(self, host: Host, why: str) -> None:
         if host.lost:
@@ -834,8 +851,14 @@ class SplitRun:
         spec = self.contrib
         assert spec is not None
         first = self.done[parts[0].index]
-        fix = HeaderFix.of(spec, self.args, first.args or first.part.args, self.matrix_rows)
-        if spec.o_at:
+        first_args = first.args or first.part.args
+        receiver = (
+            self.receiver.pairs(str(first.folder), first_args[self.receiver.index])
+            if self.receiver is not None
+            else ([], [])
+        )
+        fix = HeaderFix.of(spec, self.args, first_args, self.matrix_rows, receiver)
+        if spec.o_at or self.receiver is not None:
             folders = [self.project.local_dir / str(self.done[p.index].folder) for p in parts]
             self.merged_files = splitmatrix.merge_patterns(
                 spec, folders, self.project.local_dir, fix
