@@ -102,8 +102,28 @@ def _one(row: sqlite3.Row | None) -> JobRow | None:
     return None if row is None else JobRow.decode(row)
 
 
-def _marks(values: tuple[object, ...]) -> str:
+def _marks(values: tuple[object, ...] | list[int]) -> str:
     return ",".join("?" * len(values))
+
+
+def _clean_steps(steps: list[dict[str, Any]]) -> list[StepSpec]:
+    """The steps as stored: exactly the keys a step has; ValueError naming what lacks."""
+    if not steps:
+        raise ValueError("a job needs at least one step")
+    for i, step in enumerate(steps, 1):
+        missing = {"program", "path", "args"} - set(step)
+        if missing:
+            raise ValueError(f"step {i} lacks {', '.join(sorted(missing))}")
+    return [
+        {
+            "program": s["program"],
+            "path": s["path"],
+            "args": list(s["args"]),
+            "stdin": s.get("stdin"),
+            "stdout": s.get("stdout"),
+        }
+        for s in steps
+    ]
 
 
 class JobDB:
@@ -292,28 +312,15 @@ class JobDB:
         :class:`UnknownJobsError` when some are not in the database (checked
         in the inserting transaction, so the answer holds).
         """
-        if not steps:
-            raise ValueError("a job needs at least one step")
-        for i, step in enumerate(steps, 1):
-            missing = {"program", "path", "args"} - set(step)
-            if missing:
-                raise ValueError(f"step {i} lacks {', '.join(sorted(missing))}")
-        clean: list[StepSpec] = [
-            {
-                "program": s["program"],
-                "path": s["path"],
-                "args": list(s["args"]),
-                "stdin": s.get("stdin"),
-                "stdout": s.get("stdout"),
-            }
-            for s in steps
-        ]
+        clean = _clean_steps(steps)
         after = sorted({int(i) for i in after or []})
         with self._write() as conn:
             if after:
-                marks = ",".join("?" * len(after))
                 known = {
-                    r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", after)
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT id FROM jobs WHERE id IN ({_marks(after)})", after
+                    )
                 }
                 if unknown := [i for i in after if i not in known]:
                     raise UnknownJobsError(unknown)

@@ -24,24 +24,8 @@ def open_confined(workdir: str, rel: str, *, write: bool) -> int:
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         raise ConfinementError(f"{rel!r}: '..' or an empty path leaves the project directory")
-    dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dir_fd = _open_folder(workdir, parts[:-1], rel)
     try:
-        for comp in parts[:-1]:
-            try:
-                nxt = os.open(
-                    comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-                )
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise ConfinementError(
-                        f"{rel!r}: folder {comp!r} is a symbolic link or not a folder; "
-                        "refusing to follow it out of the project"
-                    ) from exc
-                raise ConfinementError(
-                    f"{rel!r}: cannot open folder {comp!r}: {exc.strerror}"
-                ) from exc
-            os.close(dir_fd)
-            dir_fd = nxt
         flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         flags |= (os.O_WRONLY | os.O_CREAT) if write else os.O_RDONLY
         try:
@@ -56,6 +40,33 @@ def open_confined(workdir: str, rel: str, *, write: bool) -> int:
             raise ConfinementError(f"{rel!r}: cannot open: {exc.strerror}") from exc
     finally:
         os.close(dir_fd)
+    _check_opened(fd, rel, write=write)
+    return fd
+
+
+def _open_folder(workdir: str, folders: list[str], rel: str) -> int:
+    """An fd of ``workdir/folders...``, each component opened without following a link."""
+    dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for comp in folders:
+        try:
+            nxt = os.open(
+                comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+        except OSError as exc:
+            os.close(dir_fd)
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ConfinementError(
+                    f"{rel!r}: folder {comp!r} is a symbolic link or not a folder; "
+                    "refusing to follow it out of the project"
+                ) from exc
+            raise ConfinementError(f"{rel!r}: cannot open folder {comp!r}: {exc.strerror}") from exc
+        os.close(dir_fd)
+        dir_fd = nxt
+    return dir_fd
+
+
+def _check_opened(fd: int, rel: str, *, write: bool) -> None:
+    """Refuse (closing ``fd``) what is no regular file or, to write, has other hard links."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -71,4 +82,3 @@ def open_confined(workdir: str, rel: str, *, write: bool) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd

@@ -158,27 +158,33 @@ def run_job(
         return EXIT_CLAIM_LOST
     try:
         _set_title(procwrap_title(db_path, job_id, row))
-        set_subreaper()
-        job.load(row)
-        if row.cancel_request == "cancel":
-            job.term_signal = signal.SIGTERM
-        code = job.run()
-    except Exception as exc:  # noqa: BLE001 - record any failure instead of dying silently
-        with contextlib.suppress(Exception):
-            job.log("rayserver: internal error in the procwrap:\n" + traceback.format_exc())
-        with contextlib.suppress(Exception):
-            db.finish(
-                job_id,
-                JobState.FAILED,
-                reason=f"internal error in the procwrap: {exc}",
-                from_states=(JobState.RUNNING,),
-            )
-        code = EXIT_INTERNAL
+        code = _run_claimed(job, row)
     finally:
         os.close(log_fd)
     if on_final is not None:
         on_final(job_id)
     return code
+
+
+def _run_claimed(job: Job, row: JobRow) -> int:
+    """Run the job this procwrap claimed; any failure of ours is recorded as ``failed``."""
+    try:
+        set_subreaper()
+        job.load(row)
+        if row.cancel_request == "cancel":
+            job.term_signal = signal.SIGTERM
+        return job.run()
+    except Exception as exc:  # noqa: BLE001 - record any failure instead of dying silently
+        with contextlib.suppress(Exception):
+            job.log("rayserver: internal error in the procwrap:\n" + traceback.format_exc())
+        with contextlib.suppress(Exception):
+            job.db.finish(
+                job.id,
+                JobState.FAILED,
+                reason=f"internal error in the procwrap: {exc}",
+                from_states=(JobState.RUNNING,),
+            )
+        return EXIT_INTERNAL
 
 
 def main(argv: list[str] | None = None) -> int:
