@@ -499,7 +499,7 @@ CLAIM_PROBE = """
 import sys
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap.entry import main
-from rayserver.jobs.scheduler import procwrap_alive
+from rayserver.jobs.executors.local import procwrap_alive
 
 real = JobDB.claim_row
 
