@@ -264,65 +264,78 @@ def _parse_lines(lines: list[str], path: Path, config: HostsConfig, stack: list[
             continue
         keyword = words[0]
         if keyword == "__include__":
-            if len(words) != 2:
-                raise HostsFileError(
-                    path, number, "expected '__include__ <path of another hosts file>'"
-                )
-            target = Path(words[1]).expanduser()
-            if not target.is_absolute():
-                target = path.parent / target
-            try:
-                _parse_into(target, config, stack)
-            except HostsFileError as exc:
-                raise HostsFileError(
-                    path,
-                    number,
-                    f"in included file {exc.path}"
-                    + (f" line {exc.line}" if exc.line else "")
-                    + f": {exc.detail}",
-                ) from exc
-            continue
-        if keyword == "__library__":
-            if len(words) != 2:
-                raise HostsFileError(
-                    path, number, "expected '__library__ <relative path of a library directory>'"
-                )
-            lib = PurePosixPath(words[1])
-            if lib.is_absolute() or ".." in lib.parts:
-                raise HostsFileError(
-                    path,
-                    number,
-                    f"library path {words[1]!r} must be relative to the location root, without '..'",
-                )
-            if words[1] not in config.libraries:
-                config.libraries.append(words[1])
-            continue
-        if keyword.startswith("__"):
+            _include(words, path, number, config, stack)
+        elif keyword == "__library__":
+            _library(words, path, number, config)
+        elif keyword.startswith("__"):
             raise HostsFileError(
                 path,
                 number,
                 f"unknown directive {keyword!r}; expected '__include__' or '__library__'",
             )
-        config_record = _parse_record(words, path, number)
-        if config_record.name in config.records:
-            first = config.records[config_record.name]
-            raise HostsFileError(
-                path,
-                number,
-                f"host {config_record.name!r} already defined at {first.source}:{first.line}",
-            )
-        if config_record.port is not None:
-            key = _address_key(config_record.address)
-            for first in config.records.values():
-                if first.port == config_record.port and _address_key(first.address) == key:
-                    raise HostsFileError(
-                        path,
-                        number,
-                        f"host {config_record.name!r} is the same address and port as "
-                        f"{first.name!r} at {first.source}:{first.line}; expected one record "
-                        "per server (address and port)",
-                    )
-        config.records[config_record.name] = config_record
+        else:
+            _add_record(_parse_record(words, path, number), path, number, config)
+
+
+def _include(
+    words: list[str], path: Path, number: int, config: HostsConfig, stack: list[Path]
+) -> None:
+    """``__include__ <path>``: that file's records and libraries, errors named by both files."""
+    if len(words) != 2:
+        raise HostsFileError(path, number, "expected '__include__ <path of another hosts file>'")
+    target = Path(words[1]).expanduser()
+    if not target.is_absolute():
+        target = path.parent / target
+    try:
+        _parse_into(target, config, stack)
+    except HostsFileError as exc:
+        raise HostsFileError(
+            path,
+            number,
+            f"in included file {exc.path}"
+            + (f" line {exc.line}" if exc.line else "")
+            + f": {exc.detail}",
+        ) from exc
+
+
+def _library(words: list[str], path: Path, number: int, config: HostsConfig) -> None:
+    """``__library__ <relative path>``: a library directory of every location."""
+    if len(words) != 2:
+        raise HostsFileError(
+            path, number, "expected '__library__ <relative path of a library directory>'"
+        )
+    lib = PurePosixPath(words[1])
+    if lib.is_absolute() or ".." in lib.parts:
+        raise HostsFileError(
+            path,
+            number,
+            f"library path {words[1]!r} must be relative to the location root, without '..'",
+        )
+    if words[1] not in config.libraries:
+        config.libraries.append(words[1])
+
+
+def _add_record(record: HostRecord, path: Path, number: int, config: HostsConfig) -> None:
+    """One host record; refused when its name, or its address and port, are taken."""
+    if record.name in config.records:
+        first = config.records[record.name]
+        raise HostsFileError(
+            path,
+            number,
+            f"host {record.name!r} already defined at {first.source}:{first.line}",
+        )
+    if record.port is not None:
+        key = _address_key(record.address)
+        for first in config.records.values():
+            if first.port == record.port and _address_key(first.address) == key:
+                raise HostsFileError(
+                    path,
+                    number,
+                    f"host {record.name!r} is the same address and port as "
+                    f"{first.name!r} at {first.source}:{first.line}; expected one record "
+                    "per server (address and port)",
+                )
+    config.records[record.name] = record
 
 
 def _parse_record(words: list[str], path: Path, number: int) -> HostRecord:

@@ -419,36 +419,11 @@ def resolve_job(
     else:
         steps_in, workdir = data["steps"], project_dir
 
-    steps: list[dict[str, Any]] = []
-    for i, step in enumerate(steps_in):
-        where = f"steps[{i}]" if "steps" in data else "rad"
-        program = step["program"]
-        path = radiance.program_path(settings, program)
-        if path is None:
-            raise JobSpecError(
-                422,
-                f"{where}.program: {program!r} is not a Radiance program on this server "
-                f"(programs come from {radiance.bin_dir(settings)}, given by name only)",
-                f"{where}.program",
-            )
-        args = list(step.get("args") or [])
-        for j, arg in enumerate(args):
-            what = f"{where}.args[{j}]" if "steps" in data else f"rad.options[{j}]"
-            if "steps" not in data and j == len(args) - 1:
-                what = "rad.rif"
-            _check_arg(arg, workdir, project_dir, what, shell=program == "rad")
-        for key in ("stdin", "stdout"):
-            if step.get(key) is not None:
-                _confine(step[key], workdir, project_dir, f"{where}.{key}")
-        steps.append(
-            {
-                "program": program,
-                "path": str(path),
-                "args": args,
-                "stdin": step.get("stdin"),
-                "stdout": step.get("stdout"),
-            }
-        )
+    from_steps = "steps" in data
+    steps = [
+        _resolve_step(step, i, from_steps, settings, workdir, project_dir)
+        for i, step in enumerate(steps_in)
+    ]
 
     libs = [str(p) for p in hosts.library_dirs(loc_root_raw) if p.is_dir()]
     # Only RAYPATH and PATH are kept: start from PATH alone, not a copy of os.environ.
@@ -466,6 +441,47 @@ def resolve_job(
         env=env,
         libraries=libs,
     )
+
+
+def _resolve_step(
+    step: dict[str, Any],
+    i: int,
+    from_steps: bool,
+    settings: Settings,
+    workdir: Path,
+    project_dir: Path,
+) -> dict[str, Any]:
+    """One step with its program's absolute path; every path in it checked to stay inside.
+
+    ``from_steps``: the request gave ``steps`` (else the step is the ``rad`` shortcut's,
+    and errors name ``rad.options`` and ``rad.rif``).
+    """
+    where = f"steps[{i}]" if from_steps else "rad"
+    program = step["program"]
+    path = radiance.program_path(settings, program)
+    if path is None:
+        raise JobSpecError(
+            422,
+            f"{where}.program: {program!r} is not a Radiance program on this server "
+            f"(programs come from {radiance.bin_dir(settings)}, given by name only)",
+            f"{where}.program",
+        )
+    args = list(step.get("args") or [])
+    for j, arg in enumerate(args):
+        what = f"{where}.args[{j}]" if from_steps else f"rad.options[{j}]"
+        if not from_steps and j == len(args) - 1:
+            what = "rad.rif"
+        _check_arg(arg, workdir, project_dir, what, shell=program == "rad")
+    for key in ("stdin", "stdout"):
+        if step.get(key) is not None:
+            _confine(step[key], workdir, project_dir, f"{where}.{key}")
+    return {
+        "program": program,
+        "path": str(path),
+        "args": args,
+        "stdin": step.get("stdin"),
+        "stdout": step.get("stdout"),
+    }
 
 
 def _rad_steps(rad: dict[str, Any], project_dir: Path) -> tuple[list[dict[str, Any]], Path]:

@@ -376,77 +376,85 @@ async def picture_to_png(
     a picture larger than PREVIEW_MAX_SIDE is first shrunk into ``scratch``.
     """
     width, height = picture_size(picture_fd, name)
-    source, fds = f"/dev/fd/{picture_fd}", (picture_fd,)
-    cwd = scratch.parent
-    procs: list[asyncio.subprocess.Process] = []
+    run = _Conversion(name, bin_dir, env, scratch.parent)
     try:
         async with asyncio.timeout(timeout):
+            source, fds = f"/dev/fd/{picture_fd}", (picture_fd,)
             if max(width, height) > PREVIEW_MAX_SIDE:
-                scale = PREVIEW_MAX_SIDE / max(width, height)
-                w, h = max(1, round(width * scale)), max(1, round(height * scale))
-                with open(scratch, "wb") as out:
-                    proc = await _run(
-                        [
-                            str(bin_dir / "pfilt"),
-                            "-1",
-                            "-x",
-                            str(w),
-                            "-y",
-                            str(h),
-                            "-p",
-                            "0",
-                            source,
-                        ],
-                        env,
-                        cwd,
-                        stdout=out.fileno(),
-                        pass_fds=fds,
-                    )
-                procs.append(proc)
-                _, err = await proc.communicate()
-                if proc.returncode != 0:
-                    raise PreviewError(
-                        500, f"pfilt failed on {name} (exit {proc.returncode}): {_stderr(err)}"
-                    )
+                await run.shrink(source, fds, width, height, scratch)
                 source, fds = str(scratch), ()
-            read_end, write_end = os.pipe()
-            try:
-                pcond = await _run(
-                    [str(bin_dir / "pcond"), source], env, cwd, stdout=write_end, pass_fds=fds
-                )
-                procs.append(pcond)
-                os.close(write_end)
-                write_end = -1
-                ra_ppm = await _run([str(bin_dir / "ra_ppm")], env, cwd, stdin=read_end)
-                procs.append(ra_ppm)
-            finally:
-                os.close(read_end)
-                if write_end >= 0:
-                    os.close(write_end)
-            assert pcond.stderr is not None
-            (ppm, ppm_err), pcond_err = await asyncio.gather(
-                ra_ppm.communicate(), pcond.stderr.read()
-            )
-            await pcond.wait()
+            ppm = await run.to_ppm(source, fds)
     except TimeoutError as exc:
         raise PreviewError(500, f"converting {name} took longer than {timeout:g} s") from exc
     finally:
-        await _reap(procs)
+        await _reap(run.procs)
         with contextlib.suppress(FileNotFoundError):
             scratch.unlink()
-    if pcond.returncode != 0:
-        raise PreviewError(
-            500, f"pcond failed on {name} (exit {pcond.returncode}): {_stderr(pcond_err)}"
-        )
-    if ra_ppm.returncode != 0:
-        raise PreviewError(
-            500, f"ra_ppm failed on {name} (exit {ra_ppm.returncode}): {_stderr(ppm_err)}"
-        )
     try:
         # zlib releases the GIL; a thread keeps a big picture from stalling the event loop
         return await asyncio.to_thread(ppm_to_png, ppm)
     except PPMError as exc:
         raise PreviewError(500, f"ra_ppm wrote an unreadable PPM for {name}: {exc}") from exc
+
+
+@dataclass
+class _Conversion:
+    """The Radiance programs of one preview; every process started is in ``procs``."""
+
+    name: str
+    bin_dir: Path
+    env: dict[str, str]
+    cwd: Path
+    procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+    async def shrink(
+        self, source: str, fds: tuple[int, ...], width: int, height: int, scratch: Path
+    ) -> None:
+        """pfilt the picture into ``scratch`` at most PREVIEW_MAX_SIDE on its longer side."""
+        scale = PREVIEW_MAX_SIDE / max(width, height)
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))
+        argv = [str(self.bin_dir / "pfilt"), "-1", "-x", str(w), "-y", str(h), "-p", "0", source]
+        with open(scratch, "wb") as out:
+            proc = await _run(argv, self.env, self.cwd, stdout=out.fileno(), pass_fds=fds)
+        self.procs.append(proc)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise PreviewError(
+                500, f"pfilt failed on {self.name} (exit {proc.returncode}): {_stderr(err)}"
+            )
+
+    async def to_ppm(self, source: str, fds: tuple[int, ...]) -> bytes:
+        """pcond | ra_ppm: the picture as 8-bit PPM, as a person would see it."""
+        read_end, write_end = os.pipe()
+        try:
+            pcond = await _run(
+                [str(self.bin_dir / "pcond"), source],
+                self.env,
+                self.cwd,
+                stdout=write_end,
+                pass_fds=fds,
+            )
+            self.procs.append(pcond)
+            os.close(write_end)
+            write_end = -1
+            ra_ppm = await _run([str(self.bin_dir / "ra_ppm")], self.env, self.cwd, stdin=read_end)
+            self.procs.append(ra_ppm)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+        assert pcond.stderr is not None
+        (ppm, ppm_err), pcond_err = await asyncio.gather(ra_ppm.communicate(), pcond.stderr.read())
+        await pcond.wait()
+        if pcond.returncode != 0:
+            raise PreviewError(
+                500, f"pcond failed on {self.name} (exit {pcond.returncode}): {_stderr(pcond_err)}"
+            )
+        if ra_ppm.returncode != 0:
+            raise PreviewError(
+                500, f"ra_ppm failed on {self.name} (exit {ra_ppm.returncode}): {_stderr(ppm_err)}"
+            )
+        return ppm
 
 
 @dataclass
