@@ -623,7 +623,11 @@ class SplitRun:
             return False
         attempt.ended = now
         host.running = max(0, host.running - 1)
-        part = attempt.part
+        return self._ended(attempt, answer)
+
+    def _ended(self, attempt: Attempt, answer: dict[str, Any]) -> bool:
+        """A part's job reached a final state; True when it must be run again elsewhere."""
+        host, part = attempt.host, attempt.part
         if attempt.state == JobState.DONE:
             output = self._expected_output(attempt)
             if output is not None and not output.exists():
