@@ -183,6 +183,8 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     assert page.evaluate("() => performance.getEntriesByType('navigation').length") == nav_before
     poll(page, f"#job-{a} .state", "s => s.textContent", lambda v: v == "done", timeout=20)
     assert "100 %" in page.inner_text(f"#job-{a} .progress-text")
+    # Who submitted it: the shared token is the user admin.
+    assert "submitted by admin " in page.inner_text(f"#job-{a}")
 
     # The preview is a blob: URL (fetched with the token in a header) that decodes.
     width = poll(

@@ -68,6 +68,7 @@ def test_submit_get_public(db: JobDB) -> None:
         "state",
         "location",
         "project",
+        "user",
         "steps",
         "client",
         "submitted_at",

@@ -7,7 +7,9 @@
     rayfront status [ID]                table of jobs, or one job
     rayfront log [-f] ID                a job's log (follow it with -f)
     rayfront cancel ID                  cancel a queued or running job
-    rayfront token new                  write a fresh random token file
+    rayfront token new                  write a fresh random shared token file
+    rayfront token new --user NAME      a named token (--role admin for an admin)
+    rayfront token list | revoke NAME   named tokens: who, role, created; remove one
     rayfront demo                       render the example project through a temporary server
 
 ``--json`` on every command prints machine-readable output (errors too, as
@@ -133,8 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
     p.add_argument("id", type=_job_id, help="job id")
 
-    p = sub.add_parser("token", parents=[common], help="manage the shared token")
-    p.add_argument("action", choices=["new"], help="new: write a fresh random token file")
+    p = sub.add_parser("token", parents=[common], help="manage the shared and named tokens")
+    p.add_argument(
+        "action",
+        choices=["new", "list", "revoke"],
+        help="new: rotate the shared token, or with --user make a named one; "
+        "list: the named tokens; revoke NAME: remove one",
+    )
+    p.add_argument("name", nargs="?", help="revoke: the user whose token is removed")
+    p.add_argument("--user", help="new: a named token for this user (default: the shared token)")
+    p.add_argument(
+        "--role",
+        choices=["user", "admin"],
+        help="new --user: 'admin' may cancel and read every job (default 'user')",
+    )
 
     p = sub.add_parser("demo", parents=[common], help="render the example project end to end")
     p.add_argument(
@@ -308,7 +322,7 @@ def _when(ts: Any) -> str:
 
 
 def _job_table(jobs: list[dict[str, Any]]) -> str:
-    header = ("ID", "STATE", "PROG", "PRIO", "SUBMITTED", "WALL", "EXIT", "NAME")
+    header = ("ID", "STATE", "PROG", "PRIO", "USER", "SUBMITTED", "WALL", "EXIT", "NAME")
     rows = [header]
     for j in jobs:
         wall = j.get("wall_time")
@@ -320,6 +334,7 @@ def _job_table(jobs: list[dict[str, Any]]) -> str:
                 _state_cell(j),
                 f"{j.get('progress') or 0:.0f}%",
                 str(j.get("priority", 0)),
+                str(j.get("user") or "-"),
                 _when(j.get("submitted_at")),
                 f"{wall:.1f}s" if isinstance(wall, int | float) else "-",
                 "-" if j.get("exit_status") is None else str(j["exit_status"]),
@@ -351,6 +366,7 @@ def _job_details(job: dict[str, Any]) -> str:
         "priority",
         "location",
         "project",
+        "user",
         "client",
         "submitted_at",
         "started_at",
@@ -639,6 +655,16 @@ def cmd_cancel(ctx: Context, opts: argparse.Namespace) -> int:
 
 
 def cmd_token(ctx: Context, opts: argparse.Namespace) -> int:
+    if opts.action != "new" or opts.user is not None:
+        from rayserver.client.tokencmd import named_token_command
+
+        return named_token_command(ctx, opts, _print_json)
+    if opts.name is not None or opts.role is not None:
+        raise ClientError(
+            f"'rayfront token new' without --user rotates the shared token and takes no "
+            f"{'name' if opts.name is not None else '--role'}; for a named token give --user NAME",
+            exit_code=EXIT_USAGE,
+        )
     from rayserver.common.credentials import CredentialsError, new_token
 
     path = ctx.settings.token_path(ctx.layout.default_token_file)

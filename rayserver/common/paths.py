@@ -6,6 +6,7 @@ installation directory, shared between machines that mount it:
     <home>/config/hosts           host records and locations
     <home>/config/rayserver.toml  server settings
     <home>/config/token           shared submission token (created at first start)
+    <home>/config/tokens          named tokens, stored as sha256 (rayfront token new --user)
     <home>/srvlogs/<hostname>     server log, and <hostname>.pid
     <home>/srvstate/              job database and per-job folders
 
@@ -67,6 +68,10 @@ class Layout:
     @property
     def default_token_file(self) -> Path:
         return self.config_dir / "token"
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.config_dir / "tokens"
 
     @property
     def log_dir(self) -> Path:

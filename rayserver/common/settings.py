@@ -82,6 +82,9 @@ class Settings:
     # Longest the worker's event loop may stay silent before the supervisor
     # kills and replaces it; 0: never.
     worker_timeout: float = 30.0
+    # Who may GET /metrics: "allow-list" (every address of allow, no token) or
+    # "token" (any valid token, shared or named).
+    metrics_auth: str = "allow-list"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def token_path(self, default: Path) -> Path | None:
@@ -121,6 +124,7 @@ _STR_KEYS = {
     "executor",
     "slurm_partition",
     "slurm_bin",
+    "metrics_auth",
 }
 _LIST_KEYS = {"allow", "raypath", "slurm_options"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
@@ -193,6 +197,10 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
         if key == "log_level" and value.upper() not in _LOG_LEVELS:
             raise SettingsError(
                 path, f"log_level must be one of {', '.join(sorted(_LOG_LEVELS))}, got {value!r}"
+            )
+        if key == "metrics_auth" and value not in ("allow-list", "token"):
+            raise SettingsError(
+                path, f'metrics_auth must be "allow-list" or "token", got {value!r}'
             )
         if key == "executor" and value not in ("local", "slurm"):
             raise SettingsError(path, f'executor must be "local" or "slurm", got {value!r}')

@@ -67,7 +67,22 @@ CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);
 
 # Columns added to the table after databases were in use: a worker's open adds
 # the missing ones (ALTER TABLE ... ADD COLUMN keeps every row; new columns are NULL).
-_ADDED_COLUMNS = (("after_ids", "TEXT"),)
+_ADDED_COLUMNS = (
+    ("after_ids", "TEXT"),
+    # Who submitted the job (a named token's user); NULL: the shared token's.
+    ("user", "TEXT"),
+    # Sandbox and limit events of the job, a JSON list of names (add_event).
+    ("events", "TEXT"),
+)
+
+# Events a job may record (GET /metrics counts them; docs/operations.md).
+EVENTS = (
+    "log_capped",  # the log reached max_log_bytes (head and tail kept)
+    "processes_limit",  # the job had more processes than max_job_processes
+    "memory_limit",  # the job's memory cgroup ran out (OOM kill)
+    "file_size_limit",  # a program exceeded max_output_bytes (SIGXFSZ)
+    "sandbox_denied",  # the sandbox refused an access (Landlock, seccomp)
+)
 
 # A job ended so: the jobs waiting for it (--after) are cancelled.
 BLOCKING_STATES = (JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED)
@@ -305,8 +320,11 @@ class JobDB:
         env: dict[str, str],
         executor: str = "local",
         after: list[int] | None = None,
+        user: str | None = None,
     ) -> int:
         """Queue a resolved job; returns its id.
+
+        ``user``: who submitted it (a named token's user; None for the shared token).
 
         ``after``: ids of jobs that must be ``done`` before this one starts;
         :class:`UnknownJobsError` when some are not in the database (checked
@@ -326,8 +344,8 @@ class JobDB:
                     raise UnknownJobsError(unknown)
             cur = conn.execute(
                 "INSERT INTO jobs (name, priority, client, location, project, workdir, steps, "
-                "env, state, submitted_at, step_count, executor, after_ids) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "env, state, submitted_at, step_count, executor, after_ids, user) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     name,
                     int(priority),
@@ -342,6 +360,7 @@ class JobDB:
                     len(clean),
                     executor,
                     json.dumps(after) if after else None,
+                    user,
                 ),
             )
             job_id = int(cur.lastrowid or 0)
@@ -399,6 +418,40 @@ class JobDB:
             key = str(JobState(state).public)
             out[key] = out.get(key, 0) + n
         return out
+
+    def add_event(self, job_id: int, event: str) -> None:
+        """Record that ``event`` (one of :data:`EVENTS`) happened to the job.
+
+        For the procwrap and the sandbox: one short UPDATE, safe from any
+        process; GET /metrics counts the events of every job.
+        """
+        if event not in EVENTS:
+            raise ValueError(f"unknown job event {event!r}; expected one of {', '.join(EVENTS)}")
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE jobs SET events = json_insert(COALESCE(events, '[]'), '$[#]', ?) "
+                "WHERE id=?",
+                (event, job_id),
+            )
+
+    def event_counts(self) -> dict[str, int]:
+        """How often each event of :data:`EVENTS` happened, over all jobs."""
+        out = dict.fromkeys(EVENTS, 0)
+        sql = (
+            "SELECT e.value, COUNT(*) FROM jobs, json_each(jobs.events) e "
+            "WHERE jobs.events IS NOT NULL GROUP BY e.value"
+        )
+        for name, n in self._conn().execute(sql):
+            out[str(name)] = out.get(str(name), 0) + n
+        return out
+
+    def wall_times(self, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
+        """Finished jobs' wall times: (count at or below each bound, count, sum)."""
+        cases = ", ".join("SUM(wall_time <= ?)" for _ in bounds)
+        sql = f"SELECT COUNT(*), TOTAL(wall_time){', ' + cases if cases else ''} FROM jobs "
+        sql += "WHERE wall_time IS NOT NULL AND ended_at IS NOT NULL"
+        row = self._conn().execute(sql, bounds).fetchone()
+        return [int(v or 0) for v in row[2:]], int(row[0]), float(row[1])
 
     def queued_count(self) -> int:
         """Jobs waiting to start (queued or starting); an index range, not a table scan."""

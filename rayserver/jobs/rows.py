@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from rayserver.common.states import JobState
+from rayserver.common.tokens import SHARED_USER
 
 # Columns that hold JSON text in the table, and their empty value.
-JSON_COLUMNS = {"steps": list, "env": dict, "outputs": list, "after_ids": list}
+JSON_COLUMNS = {"steps": list, "env": dict, "outputs": list, "after_ids": list, "events": list}
 
 
 class StepSpec(TypedDict):
@@ -63,6 +64,8 @@ class JobRow:
     external_id: str | None  # the Slurm job id
     outputs: list[str]  # files the steps said they wrote (rad), beyond their stdout
     after_ids: list[int]  # jobs that must be done before this one starts (--after)
+    user: str | None = None  # who submitted it; None: the shared token (SHARED_USER)
+    events: list[str] = dataclasses.field(default_factory=list)  # jobdb.EVENTS that happened
 
     @classmethod
     def decode(cls, row: sqlite3.Row) -> JobRow:
@@ -80,6 +83,11 @@ class JobRow:
             values[key] = json.loads(raw) if raw else empty()
         values["state"] = JobState(values["state"])
         return cls(**values)
+
+    @property
+    def owner(self) -> str:
+        """The job's user; jobs of the shared token (and of before named tokens) are its."""
+        return self.user or SHARED_USER
 
     @property
     def final(self) -> bool:
@@ -124,6 +132,7 @@ class JobRow:
                 }
                 for s in self.steps
             ],
+            "user": self.owner,
             "client": self.client,
             "submitted_at": self.submitted_at,
             "started_at": self.started_at,

@@ -31,11 +31,13 @@ from rayserver import __version__
 from rayserver.common import radiance
 from rayserver.common.paths import Layout
 from rayserver.common.states import API_STATES, FINAL_STATES, JobState
+from rayserver.common.tokens import SHARED_USER
 from rayserver.jobs.executors import slurm
 from rayserver.jobs.jobdb import UnknownJobsError
 from rayserver.jobs.rows import JobRow
-from rayserver.server import jobspec, jsonbody, shareprobe
+from rayserver.server import counters, jobspec, jsonbody, metrics, shareprobe
 from rayserver.server.jobspec import JobSpecError
+from rayserver.server.security import ROLE_KEY, USER_KEY
 
 log = logging.getLogger("rayserver.server.api")
 
@@ -148,6 +150,19 @@ def _get_row(ctx: AppContext, job_id: int) -> JobRow:
     return row
 
 
+def _check_owner(request: web.Request, row: JobRow, what: str) -> None:
+    """403 unless the request's token is the job's user's or an admin's."""
+    user = request.get(USER_KEY, SHARED_USER)
+    if request.get(ROLE_KEY, "admin") == "admin" or row.owner == user:
+        return
+    counters.count_refusal("forbidden")
+    raise ApiError(
+        403,
+        f"job {row.id} belongs to user {row.owner!r}; {what} another user's job needs "
+        f"an admin token (this request's token is user {user!r}'s, role user)",
+    )
+
+
 def _job_response(
     ctx: AppContext, row: JobRow, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -226,16 +241,18 @@ async def submit(request: web.Request) -> web.Response:
     # On the loop, like the scheduler's writes: a short local transaction
     # costs less than the hop to a thread and back.
     after = data.get("after") or []
+    user = request.get(USER_KEY, SHARED_USER)
     try:
-        job_id = _insert(ctx, job, client, settings.executor, after)
+        job_id = _insert(ctx, job, client, settings.executor, after, user)
     except UnknownJobsError as exc:
         raise ApiError(
             422,
             f"after: {exc}; expected ids of jobs on this server (each server numbers its own jobs)",
         ) from None
     log.info(
-        "job %d submitted by %s: %s in %s/%s%s",
+        "job %d submitted by %s from %s: %s in %s/%s%s",
         job_id,
+        user,
         client,
         " | ".join(s["program"] for s in job.steps),
         job.location,
@@ -248,7 +265,12 @@ async def submit(request: web.Request) -> web.Response:
 
 
 def _insert(
-    ctx: AppContext, job: jobspec.ResolvedJob, client: str, executor: str, after: list[int]
+    ctx: AppContext,
+    job: jobspec.ResolvedJob,
+    client: str,
+    executor: str,
+    after: list[int],
+    user: str,
 ) -> int:
     return ctx.db.submit(
         name=job.name,
@@ -261,6 +283,7 @@ def _insert(
         env=job.env,
         executor=executor,
         after=after,
+        user=None if user == SHARED_USER else user,
     )
 
 
@@ -301,6 +324,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     job_id = _job_id(request)
     row = _get_row(ctx, job_id)
+    _check_owner(request, row, "cancelling")
     if row.final:
         raise ApiError(
             409, f"job {job_id} has already ended ({row.state}); there is nothing to cancel"
@@ -309,7 +333,12 @@ async def cancel_job(request: web.Request) -> web.Response:
     row = after if after is not None else _get_row(ctx, job_id)
     if row.final and row.state != JobState.CANCELLED:
         raise ApiError(409, f"job {job_id} ended ({row.state}) before it could be cancelled")
-    log.info("job %d cancel requested by %s", job_id, request.remote)
+    log.info(
+        "job %d cancel requested by %s from %s",
+        job_id,
+        request.get(USER_KEY, SHARED_USER),
+        request.remote,
+    )
     return _job_response(ctx, row)
 
 
@@ -355,7 +384,7 @@ async def job_log(request: web.Request) -> web.StreamResponse:
     follow_raw = request.query.get("follow", "0")
     if follow_raw not in ("0", "1", "true", "false", ""):
         raise ApiError(400, f"query parameter follow must be 0 or 1, got {follow_raw!r}")
-    _get_row(ctx, job_id)
+    _check_owner(request, _get_row(ctx, job_id), "reading the log of")
     reader = _LogReader(ctx.db.log_path(job_id), offset)
     resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
     resp.content_type = "text/plain"
@@ -422,6 +451,7 @@ def build_app(ctx: AppContext, extra_middlewares: list[Any] | None = None) -> we
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/jobs/{id}/log", job_log)
+    app.router.add_get("/metrics", metrics.handler(lambda r: r.app[CTX_KEY]))
     # The probe's locks live in this app (one per worker) and close with it.
     probes = shareprobe.ShareProbes(ctx)
     app.router.add_post("/v1/share-probe", probes.handle)

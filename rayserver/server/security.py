@@ -9,7 +9,9 @@ Two pieces are plugged into the worker's aiohttp server:
   ``client_timeout``: a request's headers and body must arrive within that
   time of its first byte, an idle keep-alive connection lasts that long, and
   a client that stops reading its answer is dropped after that long.
-- :func:`middlewares` checks the token (``Authorization: Bearer``), reads
+- :func:`middlewares` counts requests for GET /metrics, checks the token
+  (``Authorization: Bearer``: the shared token or a named one of
+  ``<home>/config/tokens``, which decides the request's user and role), reads
   request bodies up to ``max_body_bytes`` (so the time spent receiving them
   counts against the client), and turns every error into the API's JSON
   shape ``{"error": ..., "status": ...}``; an unexpected exception becomes a
@@ -35,10 +37,12 @@ import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from rayserver.common import tokens
 from rayserver.common.credentials import (
     CredentialsError,
     ensure_token,
@@ -46,6 +50,7 @@ from rayserver.common.credentials import (
     server_ssl_context,
     tokens_equal,
 )
+from rayserver.server import counters
 
 __all__ = [
     "CredentialsError",
@@ -61,6 +66,11 @@ log = logging.getLogger("rayserver.server.security")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Who sent a request, set by the token check: a named token's user and role,
+# or the shared token's (tokens.SHARED_USER, "admin").
+USER_KEY: web.RequestKey[str] = web.RequestKey("user", str)
+ROLE_KEY: web.RequestKey[str] = web.RequestKey("role", str)
 
 # Paths anyone allowed to connect may GET without a token: no job data in them.
 _OPEN_PATHS = frozenset({"/", "/v1/info", "/v1/openapi.yaml"})
@@ -112,6 +122,7 @@ class _RefusalLog:
 
         Returns True when the line was written.
         """
+        counters.count_refusal(kind)
         now = time.monotonic()
         key = (address, kind)
         last = self._last.get(key)
@@ -530,12 +541,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response({"error": message, "status": status}, status=status, headers=headers)
 
 
-def _is_open(request: web.Request) -> bool:
+def _is_open(request: web.Request, ctx: Any) -> bool:
     if request.method not in ("GET", "HEAD"):
         return False
     path = request.path
     if path in _OPEN_PATHS:
         return True
+    if path == "/metrics":
+        return getattr(ctx.live.settings, "metrics_auth", "allow-list") == "allow-list"
     # normpath: "/static/../v1/jobs" must not count as a static file.
     return path.startswith(_OPEN_PREFIX) and posixpath.normpath(path) == path.rstrip("/")
 
@@ -603,9 +616,67 @@ class _TokenWatch:
         return new
 
 
+class _NamedTokens:
+    """The named tokens of ``<home>/config/tokens``, re-read when the file changes.
+
+    One stat per request that needs a token. A changed file that cannot be
+    used (a broken hand edit, a world-readable mode) is logged and the last
+    good entries stay in force; a deleted file means no named tokens.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._sig: tuple[Any, ...] | None = None
+        self.entries: dict[str, tokens.NamedToken] = {}
+        self._refresh()
+
+    def _signature(self) -> tuple[Any, ...]:
+        try:
+            st = os.stat(self._path)
+        except OSError as exc:
+            return (exc.errno,)
+        return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode)
+
+    def _refresh(self) -> None:
+        sig = self._signature()
+        if sig == self._sig:
+            return
+        self._sig = sig
+        try:
+            entries = tokens.load(self._path)
+        except tokens.TokensFileError as exc:
+            log.error("%s; the named tokens read before stay in force until it is fixed", exc)
+            return
+        if self.entries or entries:
+            log.info("named tokens from %s: %d user(s)", self._path, len(entries))
+        self.entries = entries
+
+    def match(self, request: web.Request) -> tokens.NamedToken | None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        given = given.strip()
+        if scheme.lower() != "bearer" or not given:
+            return None
+        self._refresh()
+        return tokens.find(self.entries, given) if self.entries else None
+
+
 def middlewares(ctx: Any) -> list[Any]:
-    """The aiohttp middlewares, outermost first: errors, token, body."""
-    return [_json_errors(ctx), _bearer_token(ctx, _TokenWatch(ctx)), _body_limit(ctx)]
+    """The aiohttp middlewares, outermost first: counting, errors, token, body."""
+    named = _NamedTokens(ctx.layout.tokens_file)
+    return [
+        _count_requests,
+        _json_errors(ctx),
+        _bearer_token(ctx, _TokenWatch(ctx), named),
+        _body_limit(ctx),
+    ]
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts each answer by method and status for GET /metrics."""
+    resp = await handler(request)
+    counters.count_request(request.method, resp.status)
+    return resp
 
 
 def _json_errors(ctx: Any) -> Any:
@@ -674,12 +745,22 @@ def _disk_full(exc: BaseException, ctx: Any) -> str | None:
     return None
 
 
-def _bearer_token(ctx: Any, watch: _TokenWatch) -> Any:
-    """The token check; refusals are logged at most once a minute per client address."""
+def _bearer_token(ctx: Any, watch: _TokenWatch, named: _NamedTokens) -> Any:
+    """The token check; refusals are logged at most once a minute per client address.
+
+    Sets ``request[USER_KEY]`` and ``request[ROLE_KEY]``: a named token's, else
+    the shared token's (:data:`~rayserver.common.tokens.SHARED_USER`, admin),
+    which is also who every request is when tokens are switched off.
+    """
 
     @web.middleware
     async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if _is_open(request):
+        request[USER_KEY], request[ROLE_KEY] = tokens.SHARED_USER, "admin"
+        if _is_open(request, ctx):
+            return await handler(request)
+        entry = named.match(request)
+        if entry is not None:
+            request[USER_KEY], request[ROLE_KEY] = entry.user, entry.role
             return await handler(request)
         token = watch.current(ctx)
         if token is None:
@@ -718,8 +799,8 @@ def _token_refusal(request: web.Request, token: str) -> tuple[str, str] | None:
         )
     if not tokens_equal(given, token):
         return "wrong token", (
-            "wrong token: the server's token differs (it may have been rotated "
-            "with `rayfront token new`)"
+            "wrong token: neither the server's shared token nor a named token (it may "
+            "have been rotated with `rayfront token new` or revoked with `rayfront token revoke`)"
         )
     return None
 

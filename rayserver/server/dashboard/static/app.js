@@ -319,7 +319,7 @@
       + " of " + job.step_count : "";
     const programs = (job.steps || []).map((s) => s.program).join(", ");
     card.meta.textContent = job.location + ":" + (job.project || ".") + " · " + programs + steps;
-    let times = "submitted " + clock(job.submitted_at);
+    let times = "submitted " + (job.user ? "by " + job.user + " " : "") + clock(job.submitted_at);
     if (job.started_at) times += " · started " + clock(job.started_at);
     if (job.ended_at) times += " · ended " + clock(job.ended_at);
     if (job.wall_time != null && FINAL.has(job.state)) times += " · took " + duration(job.wall_time);
