@@ -94,12 +94,23 @@ def _python_for_others() -> str | None:
     return None
 
 
+def _prometheus() -> str | None:
+    missing = [b for b in ("prometheus", "promtool") if shutil.which(b) is None]
+    if missing:
+        return (
+            f"{' and '.join(missing)} not installed: Debian's prometheus package "
+            "(.ci/run: apt-get install -y --no-install-recommends prometheus)"
+        )
+    return None
+
+
 PROBES: dict[str, Callable[[], str | None]] = {
     "slurm": _slurm,
     "chromium": _chromium,
     "systemd": _systemd,
     "root": _root,
     "python_for_others": _python_for_others,
+    "prometheus": _prometheus,
 }
 # Marks (pyproject's markers) that mean "needs this service".
 MARKS = {

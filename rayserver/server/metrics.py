@@ -54,11 +54,13 @@ class _Page:
     def family(
         self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]]
     ) -> None:
+        # Format 0.0.4 names a counter by its sample name, _total included.
+        if kind == "counter":
+            name += "_total"
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} {kind}")
-        sample_name = f"{name}_total" if kind == "counter" else name
         for labels, value in samples:
-            self.lines.append(f"{sample_name}{_labels(labels)} {_number(value)}")
+            self.lines.append(f"{name}{_labels(labels)} {_number(value)}")
 
     def histogram(
         self,
