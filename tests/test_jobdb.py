@@ -352,6 +352,22 @@ def test_an_older_database_gets_the_new_columns_and_keeps_its_rows(tmp_path: Pat
     conn.close()
     db = JobDB(path)
     assert db.get(1)["after_ids"] == [] and db.next_queued()["id"] == 1
+    # A job from before named tokens is the shared token's user's; no events yet.
+    assert db.get(1).owner == "admin" and db.public(db.get(1))["user"] == "admin"
+    assert db.get(1).events == [] and db.event_counts()["log_capped"] == 0
     assert _submit_after(db, [1]) == 2
     db.close()
     JobDB(path).close()  # a second open finds nothing to add
+
+
+def test_job_events_counted(db: JobDB) -> None:
+    first, second = submit(db), submit(db)
+    db.add_event(first, "log_capped")
+    db.add_event(first, "processes_limit")
+    db.add_event(second, "log_capped")
+    assert db.get(first).events == ["log_capped", "processes_limit"]
+    counts = db.event_counts()
+    assert counts["log_capped"] == 2 and counts["processes_limit"] == 1
+    assert counts["memory_limit"] == 0
+    with pytest.raises(ValueError, match="unknown job event 'oops'; expected one of log_capped"):
+        db.add_event(first, "oops")

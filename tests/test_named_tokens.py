@@ -7,6 +7,7 @@ The tokens are made by real ``rayfront token`` processes, the server reads
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -142,3 +143,25 @@ def test_tokens_file_reloaded_and_bad_edit_kept(rayhome: RayHome, server: Any) -
     # Unchanged: the shared token is still admin, and an existing install has no tokens file.
     assert server.request("GET", "/v1/jobs")[0] == 200
     wait_until(lambda: "named tokens from" in server.output, 5, "the reload logged")
+
+
+def test_concurrent_token_commands_lose_nothing(rayhome: RayHome) -> None:
+    """Eight real `rayfront token new --user` at once: the lock keeps every one."""
+    env = {k: v for k, v in rayhome.env.items() if k != "RAYFRONT_TOKEN"}
+    procs = [
+        subprocess.Popen(
+            [*RAYFRONT, "token", "new", "--user", f"u{i}", "--json"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(8)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    entries = tokens.load(rayhome.path / "config" / "tokens")
+    assert set(entries) == {f"u{i}" for i in range(8)}
+    for i, (out, _err) in enumerate(outputs):
+        assert tokens.find(entries, json.loads(out)["token"]).user == f"u{i}"

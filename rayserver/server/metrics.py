@@ -87,7 +87,11 @@ def _slots(ctx: Any) -> tuple[int, int]:
     """(used, free) cpu slots of this server's record."""
     scheduler = ctx.scheduler
     capacity = int(getattr(scheduler, "capacity", 0) or 0)
-    used = int(getattr(scheduler, "running_count", 0) or 0)
+    # A scheduler that gives a job several slots (its -n) says how many are taken.
+    used = getattr(scheduler, "used_cpus", None)
+    if used is None:
+        used = getattr(scheduler, "running_count", 0)
+    used = int(used or 0)
     return used, max(0, capacity - used)
 
 
