@@ -259,3 +259,5 @@ def test_rad_views_render_on_different_hosts_after_one_octree(cluster: Cluster) 
     # Each view's job started after the octree's ended.
     assert all(j["started_at"] >= octree[0]["ended_at"] for j in jobs if j not in octree)
     assert (cluster.project / "views.oct").exists()
+    assert summary["prelude"]["job"] == octree[0]["id"]
+    assert summary["prelude"]["label"] == "octree and shared files"

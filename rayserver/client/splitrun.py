@@ -907,9 +907,22 @@ class SplitRun:
             ],
             "parts": rows,
             "files": self.merged_files,
+            "prelude": self._prelude_row(),
             "wall_time": round(wall, 3),
             "events": self.events,
             "split_dir": self.split_dir if error and not cancelled else None,
+        }
+
+    def _prelude_row(self) -> dict[str, Any] | None:
+        """The job that ran before the parts (rad: the octree), if there was one."""
+        done = [a for a in self.prelude_attempts if a.state == JobState.DONE]
+        if not done:
+            return None
+        return {
+            "label": done[-1].part.label,
+            "host": done[-1].host.name,
+            "job": done[-1].job_id,
+            "seconds": round((done[-1].ended or 0) - done[-1].started, 3),
         }
 
 
@@ -953,6 +966,11 @@ def summary_lines(summary: dict[str, Any], project_dir: Path) -> list[str]:
         f"parts into {where} ({what}) in "
         f"{summary['wall_time']:.1f} s"
     ]
+    if summary.get("prelude"):
+        first = summary["prelude"]
+        lines.append(
+            f"  first, {first['label']}: {first['host']} job {first['job']}, {first['seconds']:.1f} s"
+        )
     for row in summary["parts"]:
         retried = f", {len(row['attempts'])} tries" if len(row["attempts"]) > 1 else ""
         lines.append(
