@@ -6,7 +6,7 @@ Run from a checkout with the project installed (see README):
 
 Three real rayservers (1 cpu each) on 127.0.0.1-3 (the cluster of
 tests/splittools.py). Each workflow's marked blocks are run as written by
-/bin/sh (tests/test_workflows.py reads them), the variants interleaved in
+/bin/sh (tests/test_split_workflows.py reads them), the variants interleaved in
 every repetition so that load drift hits them alike, each in a fresh project
 folder. Printed: median wall seconds per variant, and the differences of the
 results from the first direct run (largest and root mean square, relative to
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from splittools import Cluster, make_cluster  # noqa: E402
-from test_workflows import FILES, FLOWS, difference, run_block, wait_past  # noqa: E402
+from test_split_workflows import FILES, FLOWS, difference, run_block, wait_past  # noqa: E402
 
 VARIANTS = ("direct", "one", "split")
 

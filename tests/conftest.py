@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from services import MARKS, in_ci, need_service
@@ -344,17 +345,27 @@ def server(server_factory) -> ServerProc:
     raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
 
 
-@pytest.fixture(scope="session")
-def three_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """Three rayservers on 127.0.0.1-3 with one cpu each, shared by the matrix and workflow tests.
+_THREE: dict[str, Any] = {}
 
-    Starting three servers costs ~8 s on a busy 2-core machine; the tests
-    that share them each work in project folders of their own.
+
+@pytest.fixture
+def three_servers(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Three rayservers on 127.0.0.1-3 with one cpu each, shared by consecutive tests.
+
+    Started by the first test that asks for them and stopped after the last
+    test in a row that does (pytest_runtest_teardown below): starting three
+    servers costs ~8 s on a busy 2-core machine, and idle they hold ~300 MB.
+    The tests that share them work in project folders of their own.
     """
     from splittools import make_cluster
 
-    cluster = make_cluster(tmp_path_factory.mktemp("three"), 3)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    if "cluster" not in _THREE:
+        _THREE["cluster"] = make_cluster(tmp_path_factory.mktemp("three"), 3)
+    return _THREE["cluster"]
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if "cluster" in _THREE and (
+        nextitem is None or "three_servers" not in getattr(nextitem, "fixturenames", ())
+    ):
+        _THREE.pop("cluster").stop()

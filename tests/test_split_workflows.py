@@ -84,24 +84,16 @@ def _block_after(lines: list[str], i: int) -> str:
 FILES, FLOWS = parse_doc(DOC.read_text())
 
 
-def test_every_command_block_of_the_doc_is_run() -> None:
-    text = DOC.read_text()
-    lines = text.splitlines()
-    shell = [i for i, line in enumerate(lines) if line.startswith("```sh")]
-    unmarked = [i + 1 for i in shell if not MARK.match(lines[i - 1])]
-    assert not unmarked, f"sh blocks without a test mark at lines {unmarked}"
-    assert set(FLOWS) == {"df", "2phase", "3phase", "render"}
-    for flow in FLOWS.values():
-        assert set(flow.blocks) == {"direct", "one", "split"}, flow.name
-        assert flow.results, flow.name
-        assert "rayfront run --hosts all" in flow.blocks["split"], flow.name
-        assert "rayfront" not in flow.blocks["direct"] + flow.prepare, flow.name
-
-
-@pytest.fixture(scope="module")
-def cluster(three_servers: Cluster) -> Iterator[Cluster]:
-    yield three_servers
+@pytest.fixture(scope="module", autouse=True)
+def table() -> Iterator[None]:
+    """The measured times and differences, printed when the module is done (pytest -s)."""
+    yield
     _print_table()
+
+
+@pytest.fixture
+def cluster(three_servers: Cluster) -> Cluster:
+    return three_servers
 
 
 def run_block(cluster: Cluster, folder: Path, script: str) -> float:
@@ -230,3 +222,18 @@ def _print_table() -> None:
         for what, text in DIFFS.get(name, {}).items():
             out.append(f"    {what}: {text}")
     os.write(2, ("\n".join(out) + "\n").encode())
+
+
+# Last in the module: the servers are stopped once no test after needs them.
+def test_every_command_block_of_the_doc_is_run() -> None:
+    text = DOC.read_text()
+    lines = text.splitlines()
+    shell = [i for i, line in enumerate(lines) if line.startswith("```sh")]
+    unmarked = [i + 1 for i in shell if not MARK.match(lines[i - 1])]
+    assert not unmarked, f"sh blocks without a test mark at lines {unmarked}"
+    assert set(FLOWS) == {"df", "2phase", "3phase", "render"}
+    for flow in FLOWS.values():
+        assert set(flow.blocks) == {"direct", "one", "split"}, flow.name
+        assert flow.results, flow.name
+        assert "rayfront run --hosts all" in flow.blocks["split"], flow.name
+        assert "rayfront" not in flow.blocks["direct"] + flow.prepare, flow.name
