@@ -67,7 +67,7 @@ def test_document_is_sound() -> None:
         jsonschema.Draft202012Validator.check_schema(schema)
     loaded = schemathesis.openapi.from_dict(doc)
     ops = {(op.ok().method.upper(), op.ok().path) for op in loaded.get_all_operations()}
-    assert ("POST", "/v1/jobs") in ops and ("POST", "/v1/share-probe") in ops and len(ops) == 10
+    assert ("POST", "/v1/jobs") in ops and ("POST", "/v1/share-probe") in ops and len(ops) == 12
     # every $ref points somewhere
     text = json.dumps(doc)
     for ref in {part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
@@ -170,4 +170,14 @@ def test_real_answers_match_the_documented_schemas(server: Any, rayhome: RayHome
     check("/v1/jobs", "POST", "/v1/jobs", 404, {**job, "location": "elsewhere"})
     check("/v1/jobs", "POST", "/v1/jobs", 403, {**job, "project": "/etc"})
     check("/v1/jobs/{id}/preview.png", "GET", "/v1/jobs/4242/preview.png", 404)
-    assert len(checked) == 17
+    check("/v1/jobs/{id}/stdout", "GET", f"/v1/jobs/{jid}/stdout", 409)
+    check("/v1/jobs/{id}/stdin", "PUT", f"/v1/jobs/{jid}/stdin", 409, b"x", ctype=None)
+    stream = {"stream": True}
+    piped = {**job, "steps": [{**job["steps"][1], "stdin": stream, "stdout": stream}]}
+    piped["steps"][0]["args"] = ["-h", "s.oct"]
+    sid = check("/v1/jobs", "POST", "/v1/jobs", 201, piped)["id"]
+    sent = check("/v1/jobs/{id}/stdin", "PUT", f"/v1/jobs/{sid}/stdin", 200, b"0 0 0 0 0 1\n")
+    assert sent == {"id": sid, "bytes": 12}
+    out = check("/v1/jobs/{id}/stdout", "GET", f"/v1/jobs/{sid}/stdout", 200)
+    assert out.count(b"\t") == 3
+    assert len(checked) == 22

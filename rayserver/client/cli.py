@@ -88,8 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--priority", type=_priority, default=0, help="-100..100, higher runs first (default 0)"
         )
-        p.add_argument("--stdin", metavar="FILE", help="project file the program reads as input")
-        p.add_argument("--stdout", metavar="FILE", help="project file the program's output goes to")
+        if name == "run":
+            p.add_argument(
+                "--stdin",
+                metavar="FILE|-",
+                help="project file the program reads as input; '-': our standard input "
+                "(the default when it is not a terminal)",
+            )
+            p.add_argument(
+                "--stdout",
+                metavar="FILE",
+                help="project file the program's output goes to; '-': our standard output, "
+                "as it runs (the default, except with --json)",
+            )
+        else:
+            p.add_argument("--stdin", metavar="FILE", help="project file the program reads")
+            p.add_argument("--stdout", metavar="FILE", help="project file for the program's output")
         p.add_argument(
             "--after",
             type=_job_ids,
@@ -289,7 +303,7 @@ def build_job(
     if after:
         job["after"] = sorted(set(after))
     if program == "rad":
-        if stdin or stdout:
+        if (stdin and stdin != "-") or stdout:
             raise ClientError(
                 "--stdin/--stdout do not apply to rad (it names its own files)",
                 exit_code=EXIT_USAGE,
@@ -302,17 +316,51 @@ def build_job(
         {
             "program": program,
             "args": command[1:],
-            "stdin": _project_file(project, stdin, "--stdin") if stdin else None,
-            "stdout": _project_file(project, stdout, "--stdout") if stdout else None,
+            "stdin": _redirect(project, stdin, "--stdin"),
+            "stdout": _redirect(project, stdout, "--stdout"),
         }
     ]
     return job
 
 
+STREAM = {"stream": True}
+
+
+def _redirect(project: Project, given: str | None, what: str) -> str | dict[str, bool] | None:
+    """``--stdin``/``--stdout``: a project file, ``-`` (streamed by rayfront run), or None."""
+    if given == "-":
+        return dict(STREAM)
+    return _project_file(project, given, what) if given else None
+
+
+def _run_streams(opts: argparse.Namespace, command: list[str]) -> tuple[str | None, str | None]:
+    """``rayfront run``'s --stdin/--stdout with the defaults made explicit ('-': streamed).
+
+    Like ssh: our standard input goes to the program unless it is a terminal
+    (or /dev/null), its standard output comes back unless --stdout names a
+    file (or --json holds our standard output; the JSON then goes to standard
+    error if --stdout - is given). Not for rad: it names its own files, and its standard output is
+    the command trail the progress is read from.
+    """
+    from rayserver.client.streams import stdin_has_data
+
+    if command and command[0] == "rad":
+        if opts.stdin == "-":
+            raise ClientError(
+                "--stdin - does not apply to rad (it reads no input)", exit_code=EXIT_USAGE
+            )
+        return opts.stdin, opts.stdout
+    stdin = opts.stdin if opts.stdin is not None else ("-" if stdin_has_data() else None)
+    # --json keeps our standard output for the JSON unless --stdout - asks for the stream.
+    stdout = opts.stdout if opts.stdout is not None else (None if opts.json else "-")
+    return stdin, stdout
+
+
 # Output helpers.
-def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+def _print_json(data: Any, out: Any = None) -> None:
+    out = out or sys.stdout
+    json.dump(data, out, indent=2, sort_keys=True)
+    out.write("\n")
 
 
 def _when(ts: Any) -> str:
@@ -397,10 +445,11 @@ def _job_details(job: dict[str, Any]) -> str:
         lines.append(f"{key:>16}: {'-' if value is None else value}")
     for n, step in enumerate(job.get("steps") or [], start=1):
         cmd = " ".join([step.get("program", "?"), *step.get("args", [])])
-        if step.get("stdin"):
-            cmd += f" < {step['stdin']}"
-        if step.get("stdout"):
-            cmd += f" > {step['stdout']}"
+        for key, sign in (("stdin", "<"), ("stdout", ">")):
+            if isinstance(step.get(key), dict):
+                cmd += f" {sign} (streamed)"
+            elif step.get(key):
+                cmd += f" {sign} {step[key]}"
         lines.append(f"{'step ' + str(n):>16}: {cmd}")
     return "\n".join(lines)
 
@@ -458,6 +507,12 @@ def cmd_hosts(ctx: Context, opts: argparse.Namespace) -> int:
 
 def cmd_submit(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
     project = ctx.project()
+    if "-" in (opts.stdin, opts.stdout):
+        raise ClientError(
+            "'-' (our standard input or output) needs rayfront run, which stays connected "
+            "while the job runs; rayfront submit takes project files",
+            exit_code=EXIT_USAGE,
+        )
     job_request = build_job(
         project, command, opts.name, opts.priority, opts.stdin, opts.stdout, opts.after
     )
@@ -481,33 +536,74 @@ def run_and_follow(
     json_mode: bool,
     quiet: bool = False,
 ) -> tuple[int, dict[str, Any]]:
-    """Submit, follow to the end and summarise; (exit code, final job). Shared with demo."""
-    from rayserver.client.follow import follow, job_exit_code, summary_lines
+    """Submit, follow to the end and summarise; (exit code, final job). Shared with demo.
 
+    A step with a streamed stdin/stdout (``{"stream": true}``) gets our
+    standard input / gives its output on our standard output, as it runs;
+    then every message (log, summary, the JSON) goes to standard error, and
+    Ctrl-C cancels the job (nobody would read its output any more).
+    """
+    from rayserver.client.follow import follow, job_exit_code, summary_lines
+    from rayserver.client.streams import StreamedRun
+
+    has_in, has_out = (_streamed(job_request, key) for key in ("stdin", "stdout"))
+    out = sys.stderr if has_out else sys.stdout
     job = client.submit(job_request)
     if not json_mode:
         print(
             f"job {job['id']} submitted to {client.target.host}: {job_request.get('name', '')}",
             file=sys.stderr,
         )
+    streams = StreamedRun(client, int(job["id"]), stdin=has_in, stdout=has_out)
+    streams.start()
     try:
-        final = follow(client, job, show_log=not (json_mode or quiet), show_bar=not json_mode)
-    except KeyboardInterrupt as exc:
-        message = (
-            f"stopped following; job {job['id']} goes on on {client.target.host} "
-            f"(rayfront cancel {job['id']} ends it)"
+        final = follow(
+            client, job, show_log=not (json_mode or quiet), show_bar=not json_mode, out=out
         )
-        if json_mode:
-            _print_json({"error": message, "status": None, "id": job["id"]})
-            exc.json_reported = True  # type: ignore[attr-defined]  # main() adds no second one
-        print(f"\nrayfront: {message}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        _interrupted(client, job, json_mode, exc, cancel=has_in or has_out)
         raise
+    problems = streams.finish(final)
     if json_mode:
-        _print_json(final)
+        _print_json(final, out)
     else:
         for line in summary_lines(final, project_dir):
-            print(line)
-    return job_exit_code(final), final
+            print(line, file=out)
+    for problem in problems:
+        print(f"rayfront: {problem}", file=sys.stderr)
+    if streams.output_closed:
+        print(f"rayfront: standard output closed; job {job['id']} stopped", file=sys.stderr)
+        return 141, final  # 128 + SIGPIPE, as a shell reports a pipe's closed reader
+    code = job_exit_code(final)
+    return (code or 1) if problems else code, final
+
+
+def _streamed(job_request: dict[str, Any], key: str) -> bool:
+    return any(isinstance(s.get(key), dict) for s in job_request.get("steps") or [])
+
+
+def _interrupted(
+    client: Any, job: dict[str, Any], json_mode: bool, exc: KeyboardInterrupt, *, cancel: bool
+) -> None:
+    """Ctrl-C while following: a streamed job is cancelled, any other goes on."""
+    where = client.target.host
+    if cancel:
+        try:
+            client.cancel(int(job["id"]))
+            message = f"interrupted; job {job['id']} on {where} cancelled"
+        except ClientError as err:
+            message = f"interrupted; cancelling job {job['id']} on {where} failed: {err}"
+    else:
+        message = (
+            f"stopped following; job {job['id']} goes on on {where} "
+            f"(rayfront cancel {job['id']} ends it)"
+        )
+    if json_mode:
+        _print_json(
+            {"error": message, "status": None, "id": job["id"]}, sys.stderr if cancel else None
+        )
+        exc.json_reported = True  # type: ignore[attr-defined]  # main() adds no second one
+    print(f"\nrayfront: {message}", file=sys.stderr)
 
 
 def cmd_run(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
@@ -519,9 +615,8 @@ def cmd_run(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
                 f"--{option} belongs to a split run: give --hosts too", exit_code=EXIT_USAGE
             )
     project = ctx.project()
-    job_request = build_job(
-        project, command, opts.name, opts.priority, opts.stdin, opts.stdout, opts.after
-    )
+    stdin, stdout = _run_streams(opts, command)
+    job_request = build_job(project, command, opts.name, opts.priority, stdin, stdout, opts.after)
     code, _ = run_and_follow(
         ctx.client(opts.host), job_request, project.local_dir, json_mode=opts.json, quiet=opts.quiet
     )
@@ -556,7 +651,7 @@ def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int
     project = ctx.project()
     records = ctx.server_records(names if explicit else None)
     stdin = _split_stdin(project, opts.stdin, command[0])
-    stdout = _project_file(project, opts.stdout, "--stdout") if opts.stdout else None
+    stdout = None if opts.stdout in (None, "-") else _project_file(project, opts.stdout, "--stdout")
     run = SplitRun(
         ctx,
         project,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_LOCAL_ONLY = 3
+# A streamed stdin/stdout waits on the queue and on the program: no practical limit.
+STREAM_TIMEOUT = 7 * 24 * 3600.0
 
 
 class ClientError(Exception):
@@ -160,6 +162,39 @@ class Client:
             raise self._not_answering(exc) from exc
         finally:
             conn.close()
+
+    def open_stream(
+        self, method: str, path: str, body: Iterable[bytes] | None = None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """A request whose body (chunked) or answer is a stream of any length and pace.
+
+        No timeout: the job may wait in the queue, and a program may read or
+        write nothing for hours. An answer of 400 or more raises ClientError.
+        """
+        conn = self._connection(STREAM_TIMEOUT)
+        headers = {"User-Agent": "rayfront", "Accept": "application/octet-stream"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if body is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        try:
+            conn.request(method, path, body=body, headers=headers, encode_chunked=body is not None)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if isinstance(exc, BrokenPipeError | ConnectionResetError) and body is not None:
+                # The server may have answered (refused) before reading the whole body.
+                raise ClientError(
+                    f"rayserver on {self.target.label} closed the connection while "
+                    f"receiving {path} ({exc})"
+                ) from exc
+            raise self._not_answering(exc) from exc
+        if resp.status >= 400:
+            try:
+                raise _http_error(resp, self.target.label)
+            finally:
+                conn.close()
+        return conn, resp
 
     def stream(self, path: str, timeout: float | None = None) -> Iterator[bytes]:
         """The body of a streaming answer, chunk by chunk as the server sends it."""

@@ -27,8 +27,8 @@ class StepSpec(TypedDict):
     program: str
     path: str
     args: list[str]
-    stdin: str | None
-    stdout: str | None
+    stdin: str | dict[str, bool] | None  # a project file, {"stream": True} or None
+    stdout: str | dict[str, bool] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +104,7 @@ class JobRow:
         """The steps' stdout files, then the files they said they wrote, each once."""
         outputs: list[str] = []
         for step in self.steps:
-            if step.get("stdout") and step["stdout"] not in outputs:
+            if isinstance(step.get("stdout"), str) and step["stdout"] not in outputs:
                 outputs.append(step["stdout"])
         for extra in self.outputs or []:
             if extra not in outputs:

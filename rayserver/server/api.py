@@ -35,7 +35,7 @@ from rayserver.common.tokens import SHARED_USER
 from rayserver.jobs.executors import slurm
 from rayserver.jobs.jobdb import UnknownJobsError
 from rayserver.jobs.rows import JobRow
-from rayserver.server import counters, jobspec, jsonbody, metrics, shareprobe
+from rayserver.server import counters, jobspec, jsonbody, metrics, shareprobe, streams
 from rayserver.server.jobspec import JobSpecError
 from rayserver.server.security import ROLE_KEY, USER_KEY
 
@@ -452,6 +452,7 @@ def build_app(ctx: AppContext, extra_middlewares: list[Any] | None = None) -> we
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/jobs/{id}/log", job_log)
     app.router.add_get("/metrics", metrics.handler(lambda r: r.app[CTX_KEY]))
+    streams.add_routes(app, ctx, _check_owner)
     # The probe's locks live in this app (one per worker) and close with it.
     probes = shareprobe.ShareProbes(ctx)
     app.router.add_post("/v1/share-probe", probes.handle)

@@ -203,7 +203,28 @@ def check_shape(data: Any, settings: Settings) -> dict[str, Any]:
         where, message = _describe(error)
         raise JobSpecError(422, message, where or None)
     _check_limits(data, settings)
+    _check_streams(data, settings)
     return data
+
+
+def _check_streams(data: dict[str, Any], settings: Settings) -> None:
+    """``{"stream": true}`` on one step's stdin and one step's stdout at most; local jobs only."""
+    for key in ("stdin", "stdout"):
+        steps = [i for i, s in enumerate(data.get("steps") or []) if isinstance(s.get(key), dict)]
+        if len(steps) > 1:
+            raise JobSpecError(
+                422,
+                f"steps[{steps[1]}].{key}: only one step of a job may have a streamed {key} "
+                f"(steps {', '.join(map(str, steps))} have one)",
+                f"steps[{steps[1]}].{key}",
+            )
+        if steps and settings.executor != "local":
+            raise JobSpecError(
+                422,
+                f'steps[{steps[0]}].{key}: a streamed {key} needs executor = "local"; this '
+                f"server runs jobs through {settings.executor} (name a file in the project instead)",
+                f"steps[{steps[0]}].{key}",
+            )
 
 
 def _check_limits(data: dict[str, Any], settings: Settings) -> None:
@@ -473,7 +494,7 @@ def _resolve_step(
             what = "rad.rif"
         _check_arg(arg, workdir, project_dir, what, shell=program == "rad")
     for key in ("stdin", "stdout"):
-        if step.get(key) is not None:
+        if isinstance(step.get(key), str):  # (not {"stream": true})
             _confine(step[key], workdir, project_dir, f"{where}.{key}")
     return {
         "program": program,

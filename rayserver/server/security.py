@@ -296,6 +296,7 @@ class _Guard(asyncio.Protocol):
         self._request_since: float | None = None
         self._write_paused_since: float | None = None
         self.handling = 0  # handlers running (set by the middleware)
+        self.streaming = 0  # of which stream handlers: their reader may pause (see streams.py)
         self.reading_body = False  # the middleware is receiving a body
 
     # ---- connection set-up
@@ -493,7 +494,11 @@ class _Guard(asyncio.Protocol):
             if now - self._idle_since >= 2 * timeout:
                 return f"TLS handshake not done within {timeout:g} s"
             return None
-        if self._write_paused_since is not None and now - self._write_paused_since >= timeout:
+        if (
+            self._write_paused_since is not None
+            and not self.streaming
+            and now - self._write_paused_since >= timeout
+        ):
             return f"client stopped reading its answer for {timeout:g} s"
         if self._busy():
             self._idle_since = None
@@ -811,15 +816,19 @@ def _body_limit(ctx: Any) -> Any:
     @web.middleware
     async def body_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
         guard = _GUARDS.get(id(request.protocol))
-        if request.body_exists:
+        # A stream handler reads its body as it comes (and may answer slowly, like ssh).
+        stream = getattr(request.match_info.handler, "streams_body", False)
+        if request.body_exists and not stream:
             request = await _read_body(request, guard, ctx.live.settings.max_body_bytes)
         if guard is None:
             return await handler(request)
         guard.handling += 1
+        guard.streaming += bool(stream)
         try:
             return await handler(request)
         finally:
             guard.handling -= 1
+            guard.streaming -= bool(stream)
 
     return body_limit
 

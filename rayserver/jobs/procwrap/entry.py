@@ -139,6 +139,7 @@ def run_job(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     job = Job(db, job_id, log_fd, grace)
+    job.job_dir = log_path.parent
     # Handlers before the claim: a SIGTERM from here on is recorded, not fatal.
     job.install_signals()
     # The title before the claim too: a cancel that finds the row running signals the

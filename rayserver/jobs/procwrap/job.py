@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
@@ -16,6 +17,7 @@ from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
 from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
 from rayserver.jobs.procwrap.procs import base_env, fmt_status, spawn
 from rayserver.jobs.procwrap.rtcount import RtraceCount
+from rayserver.jobs.procwrap.streams import StepStreams, StreamError, is_stream
 from rayserver.jobs.procwrap.watch import StepWatch
 from rayserver.jobs.rows import JobRow, StepSpec
 
@@ -47,6 +49,8 @@ class Job:
         self.term_signal: int | None = None
         self.max_rss_kb = 0
         self.outputs: list[str] = []
+        self.job_dir: Path | None = None  # the job's folder (log, stream sockets); see run_job
+        self.streams = StepStreams(None, Path("."), self.wake)  # the current step's
         self._last_progress = -1.0
         self._last_progress_at = 0.0
         self._pending_progress: float | None = None
@@ -105,27 +109,8 @@ class Job:
     def run(self) -> int:
         started = time.monotonic()
         n = len(self.steps)
-        code: int | None = 0
-        sig: int | None = None
-        failed_step = 0
-        state = JobState.DONE
-        reason: str | None = None
         self.log(f"== job {self.id}: {n} step(s) in {self.workdir} ==\n")
-        for idx, step in enumerate(self.steps):
-            if self.term_signal is not None:
-                break
-            try:
-                code, sig = self.run_step(idx, step)
-            except ConfinementError as exc:
-                self.log(f"rayserver: refused: {exc}\n")
-                code, sig, failed_step = None, None, idx + 1
-                state, reason = JobState.FAILED, f"step {idx + 1}/{n} ({step['program']}): {exc}"
-                break
-            if self.term_signal is None and (code != 0 or sig is not None):
-                failed_step = idx + 1
-                state = JobState.FAILED
-                reason = f"step {idx + 1}/{n} ({step['program']}) {fmt_status(code, sig)}"
-                break
+        code, sig, failed_step, state, reason = self.run_steps()
         if self.term_signal is not None:
             state, reason = self.interrupted_state()
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -153,6 +138,28 @@ class Job:
         )
         return _EXIT_CODES[state]
 
+    def run_steps(self) -> tuple[int | None, int | None, int, JobState, str | None]:
+        """The steps in order until one fails: (exit status, signal, failed step, state, reason)."""
+        n = len(self.steps)
+        code: int | None = 0
+        sig: int | None = None
+        for idx, step in enumerate(self.steps):
+            if self.term_signal is not None:
+                break
+            where = f"step {idx + 1}/{n} ({step['program']})"
+            try:
+                code, sig = self.run_step(idx, step)
+            except ConfinementError as exc:
+                self.log(f"rayserver: refused: {exc}\n")
+                return None, None, idx + 1, JobState.FAILED, f"{where}: {exc}"
+            except StreamError as exc:
+                if self.term_signal is None:
+                    return exc.code, exc.signal, idx + 1, JobState.FAILED, f"{where}: {exc}"
+                code, sig = exc.code, exc.signal
+            if self.term_signal is None and (code != 0 or sig is not None):
+                return code, sig, idx + 1, JobState.FAILED, f"{where} {fmt_status(code, sig)}"
+        return code, sig, 0, JobState.DONE, None
+
     def interrupted_state(self) -> tuple[JobState, str]:
         row = self.db.get(self.id)
         request = row.cancel_request if row is not None else None
@@ -179,9 +186,48 @@ class Job:
         if program == "rad":
             args, tracker = self.prepare_rad(step["path"], args)
         self.log(f"== step {idx + 1}/{n}: {_shown(program, args, step)} ==\n")
+        self.streams = StepStreams(
+            step, self.job_dir or self.db.log_path(self.id).parent, self.wake
+        )
         stdin_fd, stdout_fd = self.open_redirects(step)
-        counter = _rtrace_counter(program, args, stdin_fd, stdout_fd)
+        # (A stream's pipe must not be read by a counter: it would take the step's bytes.)
+        counter = (
+            None if self.streams.relays else _rtrace_counter(program, args, stdin_fd, stdout_fd)
+        )
         out_r, out_w = os.pipe()
+        pid = self.start_step(step, args, (stdin_fd, stdout_fd, out_r, out_w), counter)
+        if pid is None:
+            return 127, None
+        # One write per step: which step runs, and the group to kill should we die.
+        self.db.update_progress(
+            self.id,
+            current_step=idx + 1,
+            pgid_children=pid,
+            progress=prog.overall_percent(idx, n, 0.0),
+        )
+        watch = StepWatch(self, pid, out_r, idx, program, tracker, counter)
+        code = sig = None
+        try:
+            code, sig = watch.run()
+        finally:
+            os.close(out_r)
+            if counter is not None:
+                counter.close()
+            failure = self.streams.finish(lambda: self.term_signal is not None, self.log)
+        self.add_outputs(watch.seen_outputs)
+        if failure:
+            raise StreamError(failure, code, sig)
+        return code, sig
+
+    def start_step(
+        self,
+        step: StepSpec,
+        args: list[str],
+        fds: tuple[int | None, int | None, int, int],
+        counter: RtraceCount | None,
+    ) -> int | None:
+        """Spawn the step (its group leader's pid) and its stream relays; None: it cannot start."""
+        stdin_fd, stdout_fd, out_r, out_w = fds
         try:
             pid = spawn(
                 [step["path"], *args],
@@ -196,41 +242,34 @@ class Job:
             _close(out_r, out_w, stdin_fd, stdout_fd)
             if counter is not None:
                 counter.close()
-            return 127, None
+            self.streams.abort()
+            return None
         _close(out_w, stdin_fd, stdout_fd)
-        # One write per step: which step runs, and the group to kill should we die.
-        self.db.update_progress(
-            self.id,
-            current_step=idx + 1,
-            pgid_children=pid,
-            progress=prog.overall_percent(idx, n, 0.0),
-        )
-        watch = StepWatch(self, pid, out_r, idx, program, tracker, counter)
-        try:
-            code, sig = watch.run()
-        finally:
-            os.close(out_r)
-            if counter is not None:
-                counter.close()
-        self.add_outputs(watch.seen_outputs)
-        return code, sig
+        self.streams.start()
+        return pid
 
     def open_redirects(self, step: StepSpec) -> tuple[int | None, int | None]:
-        """The step's stdin and stdout files, opened confined to the project (or None)."""
-        stdin_fd = (
-            open_confined(self.workdir, step["stdin"], write=False) if step.get("stdin") else None
-        )
+        """The step's stdin and stdout: files opened confined to the project, stream pipes, or None."""
+        stdin_fd = stdout_fd = None
         try:
-            stdout_fd = (
-                open_confined(self.workdir, step["stdout"], write=True)
-                if step.get("stdout")
-                else None
-            )
+            if is_stream(step.get("stdin")):
+                stdin_fd = self.streams.open_input()
+            elif step.get("stdin"):
+                stdin_fd = open_confined(self.workdir, step["stdin"], write=False)
+            if is_stream(step.get("stdout")):
+                stdout_fd = self.streams.open_output()
+            elif step.get("stdout"):
+                stdout_fd = open_confined(self.workdir, step["stdout"], write=True)
         except BaseException:
-            if stdin_fd is not None:
-                os.close(stdin_fd)
+            _close(stdin_fd, stdout_fd)
+            self.streams.abort()
             raise
         return stdin_fd, stdout_fd
+
+    def wake(self) -> None:
+        """Wake the step's watch loop (from a relay thread)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
 
     def add_outputs(self, seen_outputs: list[str]) -> None:
         """Record the files a step said it wrote that exist inside the project."""
@@ -286,10 +325,12 @@ class Job:
 def _shown(program: str, args: list[str], step: StepSpec) -> str:
     """The step's command line as the log shows it, redirections included."""
     shown = " ".join([program, *args])
-    if step.get("stdin"):
-        shown += f" < {step['stdin']}"
-    if step.get("stdout"):
-        shown += f" > {step['stdout']}"
+    for key, sign in (("stdin", "<"), ("stdout", ">")):
+        redirect = step.get(key)
+        if is_stream(redirect):
+            shown += f" {sign} (streamed {'from' if key == 'stdin' else 'to'} the client)"
+        elif redirect:
+            shown += f" {sign} {redirect}"
     return shown
 
 

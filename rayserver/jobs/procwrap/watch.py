@@ -110,7 +110,7 @@ class StepWatch:
                 self.job.progress(prog.overall_percent(self.idx, self.n, frac))
 
     def stop_if_asked(self, now: float) -> None:
-        """SIGTERM the group once the procwrap was signalled; SIGKILL after the grace."""
+        """SIGTERM the group once the procwrap was signalled, SIGKILL after the grace; a failed stream: SIGKILL."""
         term_signal = self.job.term_signal
         if term_signal is not None and self.term_at is None:
             self.term_at = now
@@ -119,6 +119,13 @@ class StepWatch:
                 f"stopping step {self.idx + 1} (process group {self.pgid})\n"
             )
             self.signal_group(signal.SIGTERM)
+        failed = self.job.streams.new_failure()
+        if failed is not None:
+            # SIGKILL at once: with its input cut short, the step must never see an end of it.
+            self.job.log(f"\nrayserver: {failed.failure}; killing step {self.idx + 1}\n")
+            self.term_at = self.term_at or now
+            self.killed = True
+            self.signal_group(signal.SIGKILL)
         grace = self.job.grace
         if self.term_at is not None and not self.killed and now - self.term_at >= grace:
             self.killed = True

@@ -267,8 +267,8 @@ def step_pictures(row: JobRow, index: int, log_text: str = "") -> list[Path]:
     workdir = Path(row.workdir)
     step = row.steps[index]
     names: list[str] = []
-    if step.get("stdout"):
-        names.append(str(step["stdout"]))
+    if isinstance(step.get("stdout"), str):  # (not a stream: that went to the client)
+        names.append(step["stdout"])
     if _is_rad(step):
         names += log_pictures(log_text)
         names += [o for o in row.outputs or [] if str(o).endswith(PICTURE_SUFFIXES)]
