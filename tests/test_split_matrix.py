@@ -90,6 +90,52 @@ def rmtxop_rows(cluster: Cluster, name: str) -> int:
     return int(text.split("NROWS=")[1].split()[0])
 
 
+# The planner alone first (no servers), so the servers run for the tests in a row below.
+@pytest.mark.parametrize(
+    ("args", "sender"),
+    [
+        (["-", "r.rad", "s.rad"], 0),
+        (["-v", "-I+", "-y", "4", "-c", "3", "-", "r.rad"], 6),
+        (["-ff", "-ab", "2", "-ad", "100", "-lw", "1e-4", "-x", "3", "-", "r.rad"], 9),
+        (["-av", "0", "0", "0", "-me", "1", "1", "1", "-ld-", "-dv", "-", "r.rad"], 10),
+        (["-e", "-", "-o", "-", "-", "r.rad", "s.rad"], 4),  # values that look like senders
+        (["-n", "2", "win.rad", "sky.rad", "room.rad"], 2),
+    ],
+)
+def test_rfluxmtx_sender_is_found_after_its_options(args: list[str], sender: int) -> None:
+    # rfluxmtx's own option screening: how many words each option takes.
+    assert splitmatrix.rfluxmtx_sender(args) == sender
+
+
+@pytest.mark.parametrize(
+    ("word", "written"),
+    [
+        ("plain", "plain"),
+        ("if(Dx,1,0)", "if(Dx,1,0)"),
+        ("two words", '"two words"'),
+        ("", '""'),
+        ("it's", '"it\'s"'),
+        ('say"x"', "'say\"x\"'"),
+    ],
+)
+def test_header_words_are_quoted_as_radiance_does(word: str, written: str) -> None:
+    assert splitmatrix.fputword(word) == written
+
+
+def test_a_smaller_y_reads_the_first_rays_as_a_single_run_does() -> None:
+    data = b"".join(b"%d 0 1 0 0 1\n" % k for k in range(10))
+    args = ["-y", "3", "-c", "2", "-m", "m", "x.oct"]
+    spec = splitmatrix.parse_contrib("rcontrib", args)
+    parts, records, note = splitmatrix.plan_contrib(spec, args, data, 2, "grid.pts")
+    assert records == 3
+    assert (
+        note == "rcontrib -y 3 reads the first 6 of the 10 rays in grid.pts, as a single run does"
+    )
+    assert [p.label for p in parts] == ["rays 1-2 of 10", "rays 3-6 of 10"]
+    assert [p.args[1] for p in parts] == ["1", "2"]  # each part's own -y
+    assert parts[-1].input_range == (data.index(b"2 0"), data.index(b"6 0"))
+
+
 @pytest.mark.parametrize(
     "options",
     [
