@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from rayserver.client.cli import build_job
 from rayserver.client.connection import ClientError
 from rayserver.client.context import Project
+from rayserver.client.jobrequest import build_job
 from rayserver.common.png import PPMError, ppm_to_png
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,41 +220,9 @@ def run_demo(home: Path | None, out: Path, json_mode: bool = False) -> int:
     ok = False
     try:
         layout, project, port = make_home(home_dir, host)
-        output = layout.home / "rayserver.out"
         say = (lambda _m: None) if json_mode else (lambda m: print(m, file=sys.stderr))
         say(f"rayfront demo: home {layout.home}, rayserver on 127.0.0.1:{port}")
-        with running_server(layout, output) as proc:
-            target = Target(host, "127.0.0.1", port, None)
-            info = wait_until_answering(Client(target, None, timeout=5), proc, layout, output)
-            say(
-                f"rayfront demo: rayserver {info.get('version', '?')} (pid {info.get('pid')}) "
-                f"answers after {time.monotonic() - started:.1f} s"
-            )
-            from rayserver.common.credentials import read_client_token
-            from rayserver.common.settings import load_settings
-
-            token = read_client_token(layout, load_settings(layout.settings_file))
-            client = Client(target, token)
-            job_request = {
-                "location": "projects",
-                "project": "demo",
-                "name": "rayfront demo",
-                "priority": 0,
-                "rad": {"rif": RIF, "options": []},
-            }
-            try:
-                code, job = _render(client, job_request, json_mode)
-            except ClientError as exc:
-                raise DemoError(f"{exc}\n{log_tail(layout, output)}") from exc
-            if code != 0:
-                raise DemoError(
-                    f"the demo render failed (job {job.get('id')} {job.get('state')}, "
-                    f"exit status {job.get('exit_status')})\n"
-                    + log_tail(layout, output)
-                    + "\n--- job log ---\n"
-                    + client.log(int(job["id"])).decode(errors="replace")[-3000:],
-                    exit_code=code,
-                )
+        job = _render_on_demo_server(layout, host, port, json_mode, say, started)
         picture = project / PICTURE
         if not picture.is_file():
             raise DemoError(f"the job finished but wrote no {picture}")
@@ -284,10 +252,55 @@ def run_demo(home: Path | None, out: Path, json_mode: bool = False) -> int:
             print(f"rayfront demo: kept {home_dir} for a look at what went wrong", file=sys.stderr)
 
 
+def _render_on_demo_server(
+    layout: Layout,
+    host: str,
+    port: int,
+    json_mode: bool,
+    say: Callable[[str], None],
+    started: float,
+) -> dict[str, Any]:
+    """Start the demo's rayserver, render the example through it, stop it; the final job."""
+    output = layout.home / "rayserver.out"
+    with running_server(layout, output) as proc:
+        target = Target(host, "127.0.0.1", port, None)
+        info = wait_until_answering(Client(target, None, timeout=5), proc, layout, output)
+        say(
+            f"rayfront demo: rayserver {info.get('version', '?')} (pid {info.get('pid')}) "
+            f"answers after {time.monotonic() - started:.1f} s"
+        )
+        from rayserver.common.credentials import read_client_token
+        from rayserver.common.settings import load_settings
+
+        token = read_client_token(layout, load_settings(layout.settings_file))
+        client = Client(target, token)
+        job_request = {
+            "location": "projects",
+            "project": "demo",
+            "name": "rayfront demo",
+            "priority": 0,
+            "rad": {"rif": RIF, "options": []},
+        }
+        try:
+            code, job = _render(client, job_request, json_mode)
+        except ClientError as exc:
+            raise DemoError(f"{exc}\n{log_tail(layout, output)}") from exc
+        if code != 0:
+            raise DemoError(
+                f"the demo render failed (job {job.get('id')} {job.get('state')}, "
+                f"exit status {job.get('exit_status')})\n"
+                + log_tail(layout, output)
+                + "\n--- job log ---\n"
+                + client.log(int(job["id"])).decode(errors="replace")[-3000:],
+                exit_code=code,
+            )
+    return job
+
+
 def _render(
     client: Client, job_request: dict[str, Any], json_mode: bool
 ) -> tuple[int, dict[str, Any]]:
-    from rayserver.client.cli import run_and_follow
+    from rayserver.client.runjob import run_and_follow
 
     # The summary goes to stderr so stdout carries only the paths (or the JSON).
     with contextlib.redirect_stdout(sys.stderr):

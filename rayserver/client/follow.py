@@ -13,6 +13,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -120,31 +121,7 @@ def follow(
     """Follow ``job`` until it is final; returns the final job object."""
     out = out or sys.stdout
     job_id = int(job["id"])
-    bar = None
-    if show_bar:
-        import os
-
-        from tqdm import tqdm  # only `run` and `demo` pay for importing tqdm
-
-        # A terminal that reports no size (a bare pty, `script`) would hide the bar:
-        # tqdm takes 0 rows/columns literally.
-        try:
-            size = os.get_terminal_size(sys.stderr.fileno())
-            known = size.columns > 0 and size.lines > 0
-        except (OSError, ValueError, AttributeError):
-            known = False  # not a terminal: tqdm's own defaults apply
-            size = None
-        sized: dict[str, Any] = (
-            {"dynamic_ncols": True} if known or size is None else {"ncols": 80, "nrows": 24}
-        )
-        bar = tqdm(
-            total=100,
-            unit="%",
-            file=sys.stderr,
-            **sized,
-            desc=f"job {job_id} {job.get('state', JobState.QUEUED)}",
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
-        )
+    bar = _progress_bar(job_id, job.get("state", JobState.QUEUED)) if show_bar else None
     poller = _Poller(client, job, bar)
     poller.show(job)
     poller.start()
@@ -158,28 +135,8 @@ def follow(
             out.write(line + "\n")
             out.flush()
 
-    offset = 0
-    pending = b""
-    failures = 0
     try:
-        while True:
-            try:
-                for chunk in client.follow_log(job_id, offset):
-                    offset += len(chunk)
-                    failures = 0
-                    pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for raw in lines:
-                        emit(raw.decode("utf-8", "replace"))
-                break
-            except ClientError as exc:
-                # A 4xx is final (job gone, token refused); a lost connection is retried.
-                failures += 1
-                if exc.status is not None or failures > STREAM_RETRIES:
-                    raise
-                time.sleep(min(3.0, 0.3 * failures))
-        if pending:
-            emit(pending.decode("utf-8", "replace"))
+        _stream_log(client, job_id, emit)
         final = client.job(job_id, wait=30)
         while final.get("state") not in FINAL_STATES:
             final = client.job(job_id, wait=60)
@@ -190,3 +147,57 @@ def follow(
         poller.show(final)
         bar.close()
     return final
+
+
+def _progress_bar(job_id: int, state: str) -> Any:
+    """A tqdm bar on stderr for one job (tqdm is imported only by those who show one)."""
+    import os
+
+    from tqdm import tqdm
+
+    # A terminal that reports no size (a bare pty, `script`) would hide the bar:
+    # tqdm takes 0 rows/columns literally.
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        known = size.columns > 0 and size.lines > 0
+    except (OSError, ValueError, AttributeError):
+        known = False  # not a terminal: tqdm's own defaults apply
+        size = None
+    sized: dict[str, Any] = (
+        {"dynamic_ncols": True} if known or size is None else {"ncols": 80, "nrows": 24}
+    )
+    return tqdm(
+        total=100,
+        unit="%",
+        file=sys.stderr,
+        **sized,
+        desc=f"job {job_id} {state}",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
+    )
+
+
+def _stream_log(client: Client, job_id: int, emit: Callable[[str], None]) -> None:
+    """Every line of the job's log to ``emit`` until the stream ends with the job.
+
+    A lost connection is resumed from the bytes already shown (a 4xx is final).
+    """
+    offset = 0
+    pending = b""
+    failures = 0
+    while True:
+        try:
+            for chunk in client.follow_log(job_id, offset):
+                offset += len(chunk)
+                failures = 0
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    emit(raw.decode("utf-8", "replace"))
+            break
+        except ClientError as exc:
+            failures += 1
+            if exc.status is not None or failures > STREAM_RETRIES:
+                raise
+            time.sleep(min(3.0, 0.3 * failures))
+    if pending:
+        emit(pending.decode("utf-8", "replace"))

@@ -37,6 +37,7 @@ from rayserver.client import splitmatrix, splitplan, splitrad
 from rayserver.client.connection import EXIT_ERROR, Client, ClientError
 from rayserver.client.context import Context, Project
 from rayserver.client.follow import job_exit_code
+from rayserver.client.jobrequest import build_job, project_file
 from rayserver.client.splitmatrix import ContribSpec, HeaderFix
 from rayserver.client.splitplan import Part, PictureView
 from rayserver.common.hosts import HostRecord
@@ -255,9 +256,7 @@ class SplitRun:
                 "a split picture needs an output file: give --stdout FILE (or rpict -o FILE)"
             )
         if output:
-            from rayserver.client.cli import _project_file
-
-            self.output = _project_file(self.project, output, "rpict -o")
+            self.output = project_file(self.project, output, "rpict -o")
         self.view = splitplan.resolve_picture(options, self.project.local_dir, self.env)
         # Four bands per cpu: a band of sky renders much faster than one of
         # lamps or furniture (measured: one band of six took half the time), and
@@ -428,8 +427,6 @@ class SplitRun:
     def _job_request(self, attempt: Attempt) -> dict[str, Any]:
         part = attempt.part
         if self.rad is not None:
-            from rayserver.client.cli import build_job
-
             return build_job(
                 self.project, ["rad", *part.args], f"{self.name[:150]} [{part.name}]", self.priority
             )
@@ -604,15 +601,7 @@ class SplitRun:
         host = attempt.host
         now = time.monotonic()
         if isinstance(answer, ClientError):
-            if answer.status == 404:
-                self._lose(host, f"it no longer knows job {attempt.job_id}")
-                return False
-            # Not answering, or refusing (a token changed, a full disk): the
-            # same patience for both, then the host is given up.
-            if host.unreachable_since is None:
-                host.unreachable_since = now
-            elif now - host.unreachable_since >= self.lost_after:
-                self._lose(host, f"no answer for {now - host.unreachable_since:.0f} s: {answer}")
+            self._unanswered(attempt, answer, now)
             return False
         host.unreachable_since = None
         attempt.state = str(answer.get("state"))
@@ -664,6 +653,19 @@ class SplitRun:
                 f"{part.name} ended {attempt.state} on every try; giving up", EXIT_ERROR
             )
         return True
+
+    def _unanswered(self, attempt: Attempt, error: ClientError, now: float) -> None:
+        """A poll that got no job: the host is given up at once (404) or after lost_after."""
+        host = attempt.host
+        if error.status == 404:
+            self._lose(host, f"it no longer knows job {attempt.job_id}")
+            return
+        # Not answering, or refusing (a token changed, a full disk): the
+        # same patience for both, then the host is given up.
+        if host.unreachable_since is None:
+            host.unreachable_since = now
+        elif now - host.unreachable_since >= self.lost_after:
+            self._lose(host, f"no answer for {now - host.unreachable_since:.0f} s: {error}")
 
     def _expected_output(self, attempt: Attempt) -> Path | None:
         """The file a part that ended done must have left in the project."""
