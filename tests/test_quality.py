@@ -61,3 +61,23 @@ def test_ruff_format_clean() -> None:
         timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_over_60_lines() -> None:
+    """Every function (and method) of rayserver/ and supervisor/ fits in 60 lines, from its
+    ``def`` to its last line; a longer one is named with its file, line and length."""
+    import ast
+
+    long: list[str] = []
+    for path in sorted([*(REPO / "rayserver").rglob("*.py"), *(REPO / "supervisor").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert node.end_lineno is not None
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    where = f"{path.relative_to(REPO)}:{node.lineno}"
+                    long.append(f"{where} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"

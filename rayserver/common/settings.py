@@ -167,16 +167,9 @@ def settings_from_dict(data: dict[str, Any], path: str | Path = "<settings>") ->
 
 
 def _check(path: str | Path, key: str, value: Any) -> Any:
+    """One setting's value, checked and normalised; SettingsError naming what was expected."""
     if key in _INT_KEYS:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise SettingsError(path, f"{key} must be a whole number, got {value!r}")
-        if key == "port" and not 0 <= value <= 65535:
-            raise SettingsError(path, f"port must be between 0 and 65535, got {value}")
-        if key == "server_nice" and not 0 <= value <= 19:
-            raise SettingsError(path, f"server_nice must be between 0 and 19, got {value}")
-        if key not in ("port", "server_nice") and value < 1:
-            raise SettingsError(path, f"{key} must be at least 1, got {value}")
-        return value
+        return _check_int(path, key, value)
     if key in _FLOAT_KEYS:
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise SettingsError(path, f"{key} must be a number of seconds >= 0, got {value!r}")
@@ -192,28 +185,7 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
             raise SettingsError(path, f'token_file must be a path string ("" = off), got {value!r}')
         return value
     if key in _STR_KEYS:
-        if not isinstance(value, str):
-            raise SettingsError(path, f"{key} must be a string, got {value!r}")
-        if key == "log_level" and value.upper() not in _LOG_LEVELS:
-            raise SettingsError(
-                path, f"log_level must be one of {', '.join(sorted(_LOG_LEVELS))}, got {value!r}"
-            )
-        if key == "metrics_auth" and value not in ("allow-list", "token"):
-            raise SettingsError(
-                path, f'metrics_auth must be "allow-list" or "token", got {value!r}'
-            )
-        if key == "executor" and value not in ("local", "slurm"):
-            raise SettingsError(path, f'executor must be "local" or "slurm", got {value!r}')
-        if key == "bind" and value:
-            try:
-                ipaddress.ip_address(value)
-            except ValueError as exc:
-                raise SettingsError(
-                    path, f'bind must be an IP address such as "0.0.0.0" or "::", got {value!r}'
-                ) from exc
-        if key == "name" and value:
-            return _check_name(path, value)
-        return value.upper() if key == "log_level" else value
+        return _check_str(path, key, value)
     if key in _LIST_KEYS:
         if isinstance(value, str) and key != "allow":
             value = [value]
@@ -229,6 +201,41 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
                     ) from exc
         return tuple(value)
     raise SettingsError(path, f"unknown key {key!r}")
+
+
+def _check_int(path: str | Path, key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SettingsError(path, f"{key} must be a whole number, got {value!r}")
+    if key == "port" and not 0 <= value <= 65535:
+        raise SettingsError(path, f"port must be between 0 and 65535, got {value}")
+    if key == "server_nice" and not 0 <= value <= 19:
+        raise SettingsError(path, f"server_nice must be between 0 and 19, got {value}")
+    if key not in ("port", "server_nice") and value < 1:
+        raise SettingsError(path, f"{key} must be at least 1, got {value}")
+    return value
+
+
+def _check_str(path: str | Path, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise SettingsError(path, f"{key} must be a string, got {value!r}")
+    if key == "log_level" and value.upper() not in _LOG_LEVELS:
+        raise SettingsError(
+            path, f"log_level must be one of {', '.join(sorted(_LOG_LEVELS))}, got {value!r}"
+        )
+    if key == "metrics_auth" and value not in ("allow-list", "token"):
+        raise SettingsError(path, f'metrics_auth must be "allow-list" or "token", got {value!r}')
+    if key == "executor" and value not in ("local", "slurm"):
+        raise SettingsError(path, f'executor must be "local" or "slurm", got {value!r}')
+    if key == "bind" and value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise SettingsError(
+                path, f'bind must be an IP address such as "0.0.0.0" or "::", got {value!r}'
+            ) from exc
+    if key == "name" and value:
+        return _check_name(path, value)
+    return value.upper() if key == "log_level" else value
 
 
 def _check_name(path: str | Path, value: str) -> str:
