@@ -207,13 +207,14 @@ def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int
 def _split_stdin(project: Project, given: str | None, program: str) -> str | None:
     """A split run's rays: a project file, or ``-`` for rayfront's own standard input.
 
-    As ``ssh`` does, a standard input that is not a terminal is the input
-    (``--stdin -`` says so explicitly); only the grid programs read one.
+    As ``ssh`` does (and rayfront run on one host), a standard input that is
+    not a terminal nor /dev/null is the input (``--stdin -`` says so
+    explicitly); only the grid programs read one.
     """
     from rayserver.client.splitplan import GRID_PROGRAMS
+    from rayserver.client.streams import stdin_has_data
 
-    piped = sys.stdin is not None and not sys.stdin.isatty()
-    if given == "-" or (given is None and program in GRID_PROGRAMS and piped):
+    if given == "-" or (given is None and program in GRID_PROGRAMS and stdin_has_data()):
         return "-"
     return project_file(project, given, "--stdin") if given else None
 
