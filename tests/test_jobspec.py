@@ -29,7 +29,9 @@ def tree(tmp_path: Path) -> dict[str, Any]:
     proj = root / "proj"
     (proj / "sub").mkdir(parents=True)
     (proj / "scene.rad").write_text("void plastic m 0 0 5 .5 .5 .5 0 0\n")
+    # rad runs in the rif's folder for the rad shortcut, in the project for a rad step.
     (proj / "sub" / "scene.rif").write_text("scene = ../scene.rad\n")
+    (proj / "scene.rif").write_text("scene = scene.rad\n")
     (root / "radlib").mkdir()
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -349,7 +351,7 @@ def test_rad_shortcut_options_checked_like_rad_steps(tree: dict[str, Any]) -> No
                 {
                     "program": "rad",
                     "args": [
-                        "sub/scene.rif",
+                        "scene.rif",
                         "render=-ab 2 -ad 1024 -af sub/x.amb",
                         "QUALITY=HIGH",
                     ],

@@ -11,12 +11,12 @@ HTTP status and a message naming the field and what was expected:
 3. the project directory (403 when it leaves the location, 404 when missing);
 4. every program must be a Radiance program of the configured bin directory
    (422), run without a shell;
-5. every path the job names (stdin, stdout, the rif, and every argument that
-   names an existing file or looks like a path) must stay inside the project
-   directory after resolving symlinks (403); no argument may start with
-   ``!`` (Radiance runs such a "file" as a shell command), and rad's
-   arguments, which rad pastes into sh command lines, may carry no shell
-   syntax and are checked word by word (403).
+5. stdin, stdout and the rif must stay inside the project directory after
+   resolving symlinks (403), and every argument is checked by
+   :mod:`rayserver.server.argcheck` as the program will read it: paths,
+   ``~``, ``!commands``, ``@options`` files (read and checked), and for rad
+   every value from the rif and its ``VAR=value`` arguments as the shell rad
+   hands them to will read them (403).
 
 The result, :class:`ResolvedJob`, is what ``JobDB.submit`` stores.
 """
@@ -27,11 +27,10 @@ import functools
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -42,20 +41,14 @@ from jsonschema.exceptions import ValidationError, best_match
 from rayserver.common import radiance
 from rayserver.common.hosts import HostRecord, HostsConfig
 from rayserver.common.settings import Settings
+from rayserver.server import argcheck
+from rayserver.server.argcheck import confine as _confine
+from rayserver.server.specerror import JobSpecError
 
 log = logging.getLogger("rayserver.server.jobspec")
 
 _SCHEMA_URI = "urn:rayserver:openapi"
-
-
-class JobSpecError(Exception):
-    """A job that cannot be accepted; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        self.status = status
-        self.message = message
-        self.field = field
-        super().__init__(message)
+__all__ = ["JobSpecError", "ResolvedJob", "check_shape", "resolve_job", "resolve_project"]
 
 
 @dataclass(frozen=True)
@@ -293,97 +286,6 @@ def translate_location(
     )
 
 
-# ---------------------------------------------------------------- paths
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _confine(rel: str, base: Path, root: Path, what: str) -> Path:
-    """``rel`` resolved against ``base``; refused unless it stays inside ``root``."""
-    if "\x00" in rel:
-        raise JobSpecError(422, f"{what}: NUL character in path", what)
-    pure = PurePosixPath(rel)
-    if pure.is_absolute():
-        raise JobSpecError(
-            403,
-            f"{what}: absolute path {rel!r} refused; name files relative to the project directory",
-            what,
-        )
-    if ".." in pure.parts:
-        raise JobSpecError(
-            403,
-            f"{what}: '..' in {rel!r} refused; files must stay inside the project directory",
-            what,
-        )
-    # realpath follows every symlink that exists, dangling ones included, so a
-    # link pointing out of the project is caught even before its target exists.
-    resolved = Path(os.path.realpath(base / rel))
-    if not _inside(resolved, root):
-        raise JobSpecError(
-            403,
-            f"{what}: {rel!r} leads outside the project directory (a symlink to "
-            f"{resolved}); refused",
-            what,
-        )
-    return resolved
-
-
-# Radiance arguments that can name files: plain paths, VAR=path (rad
-# overrides), @file (options files). Expressions like "$1=$2/$3" only contain
-# '/' and resolve harmlessly inside the project.
-def _path_candidates(arg: str) -> list[str]:
-    cands = [arg]
-    if arg.startswith("@") and len(arg) > 1:
-        cands.append(arg[1:])
-    if "=" in arg:
-        cands.extend(part for part in arg.split("=")[1:] if part)
-    return cands
-
-
-_DOTDOT = re.compile(r"(^|/)\.\.(/|$)")
-# rad runs its commands through sh, with its options and VAR=value overrides
-# pasted in: these would let an argument run any command or redirect anywhere.
-_SHELL_SYNTAX = re.compile(r"[;&|$`<>()\n\r\\]")
-
-
-def _check_arg(arg: str, base: Path, root: Path, what: str, *, shell: bool = False) -> None:
-    if shell and (bad := _SHELL_SYNTAX.search(arg)):
-        raise JobSpecError(
-            403,
-            f"{what}: {bad.group()!r} in {arg!r} refused; rad passes its arguments to a "
-            "shell, so shell syntax (; & | $ ` < > ( ) \\ line breaks) is not accepted",
-            what,
-        )
-    # sh splits "render=-af /x" into words for rad: each word may name a file.
-    words = [arg, *arg.split()[1:]] if shell else [arg]
-    for cand in (c for word in words for c in _path_candidates(word)):
-        if cand.startswith("!"):
-            # pcomb, oconv and others open a "file" named !cmd by running cmd in a shell.
-            raise JobSpecError(
-                403,
-                f"{what}: {arg!r} refused; Radiance runs a name starting with '!' as a "
-                "shell command; name a file in the project directory instead",
-                what,
-            )
-        if cand.startswith("/"):
-            raise JobSpecError(
-                403,
-                f"{what}: absolute path {arg!r} refused; name files relative to the "
-                "project directory",
-                what,
-            )
-        if _DOTDOT.search(cand):
-            raise JobSpecError(
-                403,
-                f"{what}: '..' in {arg!r} refused; files must stay inside the project directory",
-                what,
-            )
-        if "/" in cand or os.path.lexists(base / cand):
-            _confine(cand, base, root, what)
-
-
 # ---------------------------------------------------------------- whole job
 
 
@@ -488,11 +390,7 @@ def _resolve_step(
             f"{where}.program",
         )
     args = list(step.get("args") or [])
-    for j, arg in enumerate(args):
-        what = f"{where}.args[{j}]" if from_steps else f"rad.options[{j}]"
-        if not from_steps and j == len(args) - 1:
-            what = "rad.rif"
-        _check_arg(arg, workdir, project_dir, what, shell=program == "rad")
+    argcheck.check_step(program, args, workdir, project_dir, _arg_fields(from_steps, where, args))
     for key in ("stdin", "stdout"):
         if isinstance(step.get(key), str):  # (not {"stream": true})
             _confine(step[key], workdir, project_dir, f"{where}.{key}")
@@ -503,6 +401,13 @@ def _resolve_step(
         "stdin": step.get("stdin"),
         "stdout": step.get("stdout"),
     }
+
+
+def _arg_fields(from_steps: bool, where: str, args: list[str]) -> list[str]:
+    """The request field each argument came from, for messages."""
+    if from_steps:
+        return [f"{where}.args[{j}]" for j in range(len(args))]
+    return [*(f"rad.options[{j}]" for j in range(len(args) - 1)), "rad.rif"]
 
 
 def _rad_steps(rad: dict[str, Any], project_dir: Path) -> tuple[list[dict[str, Any]], Path]:
