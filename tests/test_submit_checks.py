@@ -201,6 +201,8 @@ def test_hostile_rad_overrides_and_rif_get_403_and_nothing_runs(
     outside.mkdir()
     (project / ".?").mkdir()  # so that rad's own file check passes for the glob below
     (project / "evil.opt").write_text(f"-af {outside}/stolen.amb\n")
+    (tmp_path / "secret.rad").write_text(SCENE)
+    (project / "lièn.rad").symlink_to(tmp_path / "secret.rad")  # a UTF-8 name leading out
     rif = "scene.rif"
     overrides = [
         (f"OCTREE='{outside}/x.oct'", "absolute"),
@@ -234,6 +236,7 @@ def test_hostile_rad_overrides_and_rif_get_403_and_nothing_runs(
         ("objects= /etc/passwd\n", "objects=", "absolute"),
         ("PGMAP= /tmp/g.pm 1000\n", "PGMAP=", "absolute"),
         ("render= @evil.opt\n", "'evil.opt', word 2"),
+        ("scene= scene.rad lièn.rad\n", "line 5: scene=", "leads outside"),
     ]
     for line, *words in lines:
         (project / "hostile.rif").write_text(RIF + line)

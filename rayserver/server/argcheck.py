@@ -67,6 +67,7 @@ _DOTDOT = re.compile(r"(^|/)\.\.(/|$)")
 # into other words (braces: bash, which is /bin/sh on some systems).
 _SHELL_SYNTAX = re.compile(r"[;&|$`<>(){}\n\r\\]")
 _GLOB = re.compile(r"[*?\[]")
+_C_SPACE = re.compile(r"[ \t\n\v\f\r]+")
 _ENV_WORD = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -231,8 +232,9 @@ def _check_options_file(name: str, program: str, where: Where, budget: _Budget, 
             "it must exist in the project then"
         )
     budget.files.append(name)
-    # expandarg splits on white space only: no quotes, no comments.
-    words = data.decode("utf-8", "surrogateescape").split()
+    # expandarg splits on C's white space only: no quotes, no comments.
+    text = data.decode("utf-8", "surrogateescape")
+    words = [w for w in _C_SPACE.split(text) if w]
     budget.words += len(words)
     if budget.words > MAX_OPTION_WORDS:
         raise where.refuse(

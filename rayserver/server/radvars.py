@@ -200,12 +200,22 @@ def _escape_and_cut(line: str) -> str:
 
 
 def rif_assignments(data: bytes, rif: str) -> list[Assignment]:
+    """The assignments of a rif's bytes, each value as the file name bytes rad will use.
+
+    rad works on bytes: the lines are cut and parsed byte by byte (latin-1
+    keeps one character per byte), then names and values are turned into
+    the strings Python's file functions map back to exactly those bytes.
+    """
     found = []
     for number, line in enumerate(rif_lines(data), 1):
         got = parse_assignment(line, f"{rif!r} line {number}")
         if got is not None:
-            found.append(got)
+            found.append(Assignment(_as_fs(got.name), got.known, _as_fs(got.value), got.where))
     return found
+
+
+def _as_fs(text: str) -> str:
+    return text.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 def final_values(assignments: list[Assignment]) -> list[Assignment]:
