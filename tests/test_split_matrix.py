@@ -143,6 +143,7 @@ def test_a_smaller_y_reads_the_first_rays_as_a_single_run_does() -> None:
         ["-y", "60", "-fad"],  # binary doubles
         ["-y", "60", "-faf", "-h-"],  # no header at all
         ["-x", "6", "-y", "10"],  # a 6x10 picture of one value: resolution string
+        ["-x", "10", "-y", "6", "-ffc"],  # a Radiance picture (RGBE, run-length scanlines)
     ],
 )
 def test_rcontrib_rows_merge_to_the_single_run(cluster: Cluster, options: list[str]) -> None:
