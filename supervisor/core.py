@@ -48,6 +48,7 @@ from supervisor.util import (
     describe_status,
     exit_code,
     list_children,
+    reap_exited,
     set_child_subreaper,
     set_title,
 )
@@ -318,13 +319,7 @@ class Supervisor:
             self._ready_fd = None
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reap_exited():
             if pid == self.worker_pid:
                 self._worker_exited(pid, status)
             else:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +48,18 @@ def describe_status(status: int) -> str:
     if os.WIFEXITED(status):
         return f"exit code {os.WEXITSTATUS(status)}"
     return f"status {status:#x}"
+
+
+def reap_exited() -> Iterator[tuple[int, int]]:
+    """(pid, raw wait status) of each child that has exited, without waiting, until none."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def exit_code(status: int) -> int:

@@ -127,11 +127,7 @@ class Client:
                     f"TLS handshake with rayserver on {self.target.label} failed ({exc})"
                 ) from exc
             raise self._not_answering(exc) from exc
-        if resp.status >= 400:
-            try:
-                raise _http_error(resp, self.target.label)
-            finally:
-                conn.close()
+        _raise_for_status(conn, resp, self.target.label)
         return conn, resp
 
     def request(
@@ -189,11 +185,7 @@ class Client:
                     f"receiving {path} ({exc})"
                 ) from exc
             raise self._not_answering(exc) from exc
-        if resp.status >= 400:
-            try:
-                raise _http_error(resp, self.target.label)
-            finally:
-                conn.close()
+        _raise_for_status(conn, resp, self.target.label)
         return conn, resp
 
     def stream(self, path: str, timeout: float | None = None) -> Iterator[bytes]:
@@ -254,6 +246,17 @@ def _is_tls_error(exc: BaseException) -> bool:
 
     ssl_mod = sys.modules.get("ssl")
     return ssl_mod is not None and isinstance(exc, ssl_mod.SSLError)
+
+
+def _raise_for_status(
+    conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, label: str
+) -> None:
+    """An answer of 400 or more as ClientError (closing the connection)."""
+    if resp.status >= 400:
+        try:
+            raise _http_error(resp, label)
+        finally:
+            conn.close()
 
 
 def _http_error(resp: http.client.HTTPResponse, label: str) -> ClientError:

@@ -33,6 +33,7 @@ from typing import BinaryIO
 
 from rayserver.client.connection import ClientError
 from rayserver.client.splitplan import Part, grid_input_format, grid_records, usage_error
+from rayserver.common.picture import HEADER_MAGIC, has_header
 
 CONTRIB_PROGRAMS = ("rcontrib", "rfluxmtx")
 _RESOLUTION = re.compile(rb"^[-+]Y\s+\d+\s+[-+]X\s+(\d+)\n$")
@@ -372,7 +373,7 @@ def _replace_in_order(line: str, pairs: Sequence[tuple[str, str]]) -> str:
 def _take_header(fh: BinaryIO, picture: bool) -> tuple[bytes, bytes]:
     """(header with its empty line, resolution string) read off the start of a part's output."""
     header = b""
-    if fh.peek(10)[:10] == b"#?RADIANCE":  # type: ignore[attr-defined]
+    if has_header(fh.peek(len(HEADER_MAGIC))):  # type: ignore[attr-defined]
         while True:
             line = fh.readline()
             header += line

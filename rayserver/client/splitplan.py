@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayserver.client.connection import EXIT_USAGE, ClientError
+from rayserver.common.picture import strip_header
 
 GRID_PROGRAMS = ("rtrace", "rcontrib", "rfluxmtx")
 PICTURE_PROGRAMS = ("rpict",)
@@ -36,7 +37,6 @@ SPLIT_PROGRAMS = (*PICTURE_PROGRAMS, *GRID_PROGRAMS, "rad")
 # Bytes per ray of the binary input formats: 6 floats or 6 doubles.
 _BINARY_RECORD = {"f": 24, "d": 48}
 _VIEW_KEYS = ("-vp", "-vd", "-vu", "-vh", "-vv", "-vo", "-va", "-vs", "-vl")
-_HEADER_START = b"#?RADIANCE"
 
 
 def usage_error(message: str) -> ClientError:
@@ -153,14 +153,6 @@ def plan_grid(
             )
         )
     return plan
-
-
-def strip_header(data: bytes) -> bytes:
-    """Output without its Radiance header (which ends at the first empty line)."""
-    if not data.startswith(_HEADER_START):
-        return data
-    end = data.find(b"\n\n")
-    return b"" if end < 0 else data[end + 2 :]
 
 
 def merge_grid(outputs: Sequence[Path], target: Path | None, stream: object = None) -> int:

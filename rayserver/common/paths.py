@@ -24,12 +24,23 @@ from pathlib import Path
 HOME_ENV = "RAYFRONT_HOME"
 HOSTNAME_ENV = "RAYFRONT_HOSTNAME"
 DEFAULT_HOME = "~/rayfront"
+JOBS_FOLDER = "jobs"  # in the state folder: one folder a job (its log, previews)
 
 
 def home_dir() -> Path:
     """The installation directory: $RAYFRONT_HOME, else ~/rayfront."""
     raw = os.environ.get(HOME_ENV) or DEFAULT_HOME
     return Path(raw).expanduser().absolute()
+
+
+def job_folder(state_dir: Path, job_id: int) -> Path:
+    """``<state dir>/jobs/<id>``: where a job's log and previews are kept."""
+    return state_dir / JOBS_FOLDER / str(int(job_id))
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """True when ``path`` is ``root`` or below it (both as given: resolve them first)."""
+    return path == root or root in path.parents
 
 
 def hostname() -> str:
@@ -95,10 +106,10 @@ class Layout:
 
     @property
     def jobs_dir(self) -> Path:
-        return self.state_dir / "jobs"
+        return self.state_dir / JOBS_FOLDER
 
     def job_dir(self, job_id: int) -> Path:
-        return self.jobs_dir / str(job_id)
+        return job_folder(self.state_dir, job_id)
 
     # Process titles: `ps x` tells the roles apart by these paths (see the manual).
     @property

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayserver.common.paths import JOBS_FOLDER, job_folder
 from rayserver.common.states import ACTIVE_STATES, API_STATES, FINAL_STATES, JobState
 from rayserver.jobs.rows import JobRow, StepSpec
 
@@ -175,7 +176,7 @@ class JobDB:
             return
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            (self.state_dir / "jobs").mkdir(exist_ok=True)
+            (self.state_dir / JOBS_FOLDER).mkdir(exist_ok=True)
         except OSError as exc:
             raise JobDBError(
                 f"cannot create the job state folder {self.state_dir}: {exc.strerror or exc}"
@@ -527,7 +528,7 @@ class JobDB:
 
     def log_path(self, job_id: int) -> Path:
         """The job's log file: <state dir>/jobs/<id>/log."""
-        return self.state_dir / "jobs" / str(int(job_id)) / "log"
+        return job_folder(self.state_dir, job_id) / "log"
 
     # --- used by the scheduler and the procwrap ------------------------------
 

@@ -35,6 +35,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from rayserver.common.paths import is_inside
 from rayserver.server import radvars
 from rayserver.server.specerror import JobSpecError
 
@@ -101,10 +102,6 @@ class _Budget:
 # ---------------------------------------------------------------- paths
 
 
-def inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def confine(
     rel: str, base: Path, root: Path, what: str, field: str | None = None, *, dotdot: bool = False
 ) -> Path:
@@ -132,7 +129,7 @@ def confine(
     # realpath follows every symlink that exists, dangling ones included, so a
     # link pointing out of the project is caught even before its target exists.
     resolved = Path(os.path.realpath(base / rel))
-    if not inside(resolved, root):
+    if not is_inside(resolved, root):
         raise JobSpecError(
             403,
             f"{what}: {rel!r} leads outside the project directory (a symlink to "
@@ -180,7 +177,7 @@ def check_word(word: str, where: Where, shown: str | None = None, *, dotdot: boo
                 raise where.refuse(
                     f"'..' in {shown!r} refused; files must stay inside the project directory"
                 )
-            if not inside(Path(os.path.normpath(where.base / cand)), where.root):
+            if not is_inside(Path(os.path.normpath(where.base / cand)), where.root):
                 raise where.refuse(
                     f"'..' in {shown!r} leads out of the project directory ({cand!r}); "
                     "refused: expected files inside it"

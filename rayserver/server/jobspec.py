@@ -132,7 +132,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _describe(error: ValidationError) -> tuple[str, str]:
+def describe_error(error: ValidationError) -> tuple[str, str]:
     """(field, message) for one schema violation, in words a person understands."""
     where = _field_name(error.absolute_path)
     prefix = f"{where}: " if where else ""
@@ -193,7 +193,7 @@ def check_shape(data: Any, settings: Settings) -> dict[str, Any]:
         )
     error = best_match(schema_validator("JobRequest").iter_errors(data))
     if error is not None:
-        where, message = _describe(error)
+        where, message = describe_error(error)
         raise JobSpecError(422, message, where or None)
     _check_limits(data, settings)
     _check_streams(data, settings)

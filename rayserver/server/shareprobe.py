@@ -44,7 +44,7 @@ from aiohttp import web
 from jsonschema.exceptions import best_match
 
 from rayserver.server import jobspec, jsonbody
-from rayserver.server.jobspec import JobSpecError, _describe
+from rayserver.server.jobspec import JobSpecError, describe_error
 
 log = logging.getLogger("rayserver.server.shareprobe")
 
@@ -430,7 +430,7 @@ def check_probe(data: Any) -> dict[str, Any]:
         )
     error = best_match(jobspec.schema_validator("ShareProbeRequest").iter_errors(data))
     if error is not None:
-        where, message = _describe(error)
+        where, message = describe_error(error)
         if error.validator == "pattern" and where in _FORMS:
             message = f"{where}: expected {_FORMS[where]}, got {error.instance!r}"
         elif error.validator == "enum" and where == "op":

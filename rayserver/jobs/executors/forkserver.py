@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from rayserver.common.paths import Layout
 from rayserver.jobs import procwrap  # preimported: forked children start with it loaded
 from rayserver.jobs.executors.base import ExecutorError
+from supervisor.util import reap_exited
 
 if TYPE_CHECKING:
     import asyncio
@@ -244,13 +245,7 @@ class Arbiter:
 
     def reap(self) -> bool:
         """Reap every exited child and tell the worker of procwraps; False if it is gone."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return True
-            if pid == 0:
-                return True
+        for pid, status in reap_exited():
             job = self.children.pop(pid, None)
             if job is not None:
                 try:
@@ -260,6 +255,7 @@ class Arbiter:
             elif self.spare is not None and self.spare[0] == pid:
                 self.spare[1].close()  # the spare died unused; the next launch forks another
                 self.spare = None
+        return True
 
     def serve_request(self) -> bool:
         """Read one packet from the worker and answer it; False once the worker is gone."""

@@ -20,6 +20,7 @@ from rayserver.jobs.procwrap.rtcount import RtraceCount
 from rayserver.jobs.procwrap.streams import StepStreams, StreamError, is_stream
 from rayserver.jobs.procwrap.watch import StepWatch
 from rayserver.jobs.rows import JobRow, StepSpec
+from supervisor.util import reap_exited
 
 # The procwrap's exit code for each final state it records itself.
 _EXIT_CODES = {
@@ -311,15 +312,10 @@ class Job:
 
     def reap(self, leader: int, status: int | None) -> int | None:
         """Reap every exited child (orphans come to us as subreaper); the leader's status."""
-        while True:
-            try:
-                pid, st = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return status
-            if pid == 0:
-                return status
+        for pid, st in reap_exited():
             if pid == leader:
                 status = st
+        return status
 
 
 def _shown(program: str, args: list[str], step: StepSpec) -> str:

@@ -32,6 +32,8 @@ from typing import Any
 from aiohttp import web
 
 from rayserver.common import radiance
+from rayserver.common.paths import is_inside, job_folder
+from rayserver.common.picture import HEADER_MAGIC
 from rayserver.common.png import PPMError, ppm_to_png
 from rayserver.common.states import JobState
 from rayserver.jobs.rows import JobRow, StepSpec
@@ -39,7 +41,6 @@ from rayserver.server.api import error_response
 
 log = logging.getLogger("rayserver.server.dashboard.routes")
 
-PICTURE_MAGIC = b"#?RADIANCE"
 # Bigger pictures are shrunk with pfilt first: a preview is for a browser, and
 # pcond/ra_ppm/zlib time grows with the pixel count.
 PREVIEW_MAX_SIDE = 1600
@@ -122,10 +123,6 @@ async def static(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- finding the picture
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def resolve_output(workdir: Path, name: str) -> Path:
     """The real path of a job's output ``name`` (relative to workdir or absolute).
 
@@ -133,7 +130,7 @@ def resolve_output(workdir: Path, name: str) -> Path:
     """
     root = Path(os.path.realpath(workdir))
     real = Path(os.path.realpath(workdir / name))
-    if not _inside(real, root):
+    if not is_inside(real, root):
         raise PreviewError(403, f"output {name!r} resolves outside the job's folder {workdir}")
     return real
 
@@ -155,7 +152,7 @@ def open_regular(path: Path, root: Path | None = None) -> int:
                 opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
             except OSError:
                 opened = Path(os.path.realpath(path))  # no /proc: the resolved path
-            if not _inside(opened, Path(os.path.realpath(root))):
+            if not is_inside(opened, Path(os.path.realpath(root))):
                 raise PreviewError(403, f"{path.name} resolves outside the job's folder {root}")
         return fd
     except BaseException:
@@ -175,7 +172,7 @@ def read_head(path: Path, limit: int) -> bytes:
 def is_picture(path: Path) -> bool:
     """True when ``path`` is a regular file starting with the Radiance picture header."""
     try:
-        return read_head(path, len(PICTURE_MAGIC)) == PICTURE_MAGIC
+        return read_head(path, len(HEADER_MAGIC)) == HEADER_MAGIC
     except (OSError, PreviewError):
         return False
 
@@ -461,7 +458,7 @@ class _Conversion:
 class PreviewService:
     """Makes and caches previews; one conversion per job at a time, a few overall."""
 
-    jobs_dir: Path
+    state_dir: Path  # the installation's state folder (the jobs' folders are in it)
     max_concurrent: int = MAX_CONCURRENT_CONVERSIONS
     # job id -> (lock, number of requests using it); dropped when unused
     _locks: dict[int, tuple[asyncio.Lock, int]] = field(default_factory=dict)
@@ -469,7 +466,7 @@ class PreviewService:
     _slots: asyncio.Semaphore | None = None
 
     def cache_path(self, job_id: int, step: int) -> Path:
-        return self.jobs_dir / str(job_id) / f"preview-{step}.png"
+        return job_folder(self.state_dir, job_id) / f"preview-{step}.png"
 
     async def preview(
         self,
@@ -510,7 +507,7 @@ class PreviewService:
                         404, f"{picture.name} cannot be read: {exc.strerror or exc}"
                     ) from exc
                 try:
-                    if os.pread(fd, len(PICTURE_MAGIC), 0) != PICTURE_MAGIC:
+                    if os.pread(fd, len(HEADER_MAGIC), 0) != HEADER_MAGIC:
                         raise PreviewError(404, f"{picture.name} is no longer a Radiance picture")
                     with contextlib.suppress(FileNotFoundError):
                         if png.stat().st_mtime_ns >= os.fstat(fd).st_mtime_ns:
@@ -613,7 +610,7 @@ def setup_dashboard(app: web.Application, ctx: Any) -> None:
     """
     app[CTX_KEY] = ctx
     app[FILES_KEY] = load_static_files()
-    service = PreviewService(ctx.layout.jobs_dir)
+    service = PreviewService(ctx.layout.state_dir)
     app[SERVICE_KEY] = service
 
     async def close(_app: web.Application) -> None:
