@@ -555,6 +555,12 @@ def _job_log(ctx: Any, job_id: int) -> str:
         return ""
 
 
+def _locate_picture(ctx: Any, row: JobRow, step: int | None) -> tuple[int, Path]:
+    """:func:`find_picture` for a job, with its log when rad's command lines can tell."""
+    log_text = _job_log(ctx, row.id) if any(_is_rad(s) for s in row.steps) else ""
+    return find_picture(row, step, log_text)
+
+
 def _parse_int(value: str, what: str, minimum: int) -> int:
     # digits only and at most 18 of them: int() would take "1_0" or " 5", and a
     # bigger number overflows SQLite's INTEGER
@@ -577,8 +583,8 @@ async def preview(request: web.Request) -> web.StreamResponse:
                 409,
                 f"job {job_id} is {row.state}; a preview exists only for a job that is done",
             )
-        log_text = _job_log(ctx, job_id) if any(_is_rad(s) for s in row.steps) else ""
-        index, picture = find_picture(row, step_index, log_text)
+        # The job's folder may be on a network share: its log and files are read in a thread.
+        index, picture = await asyncio.to_thread(_locate_picture, ctx, row, step_index)
         settings = ctx.live.settings
         try:
             bin_dir = radiance.bin_dir(settings)
