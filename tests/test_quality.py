@@ -81,3 +81,14 @@ def test_no_function_over_60_lines() -> None:
                     where = f"{path.relative_to(REPO)}:{node.lineno}"
                     long.append(f"{where} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
+def test_internals_names_only_files_that_exist() -> None:
+    """docs/internals.md walks a job through the tree: every rayserver/ path it names exists."""
+    import re
+
+    text = (REPO / "docs" / "internals.md").read_text()
+    named = {m.rstrip("./") for m in re.findall(r"rayserver/[A-Za-z0-9_./-]*", text)}
+    assert len(named) > 20, f"docs/internals.md names hardly any files: {sorted(named)}"
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert not missing, f"docs/internals.md names files that do not exist: {missing}"
