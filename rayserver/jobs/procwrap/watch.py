@@ -7,13 +7,13 @@ import os
 import selectors
 import signal
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.procs import group_gone, group_members
 
 if TYPE_CHECKING:
-    from rayserver.jobs.procwrap.job import Job
     from rayserver.jobs.procwrap.rtcount import RtraceCount
 
 SAMPLE_INTERVAL = 0.5  # RSS sampling of the step group
@@ -26,6 +26,26 @@ LEFTOVER_AFTER = 1.0  # s after the leader's exit before the rest of its group i
 PIPE_HELD_AFTER = 2.0  # s after the leader's exit before a pipe held elsewhere is let go
 
 
+class WatchedJob(Protocol):
+    """What a step's watch uses of its job (rayserver.jobs.procwrap.job.Job)."""
+
+    grace: float
+    wake_r: int  # the signal wakeup pipe's read end
+    term_signal: int | None
+    max_rss_kb: int
+
+    @property
+    def steps(self) -> Sequence[object]: ...
+
+    def log(self, text: str) -> None: ...
+
+    def progress(self, percent: float, *, force: bool = False) -> None: ...
+
+    def flush_progress(self) -> None: ...
+
+    def reap(self, leader: int, status: int | None) -> int | None: ...
+
+
 class StepWatch:
     """One step from its spawn to its reaped exit.
 
@@ -35,7 +55,7 @@ class StepWatch:
 
     def __init__(
         self,
-        job: Job,
+        job: WatchedJob,
         pid: int,
         out_r: int,
         idx: int,
