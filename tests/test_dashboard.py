@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import os
 import shutil
 import struct
@@ -524,3 +525,33 @@ def _get_bytes(server: Any, path: str) -> tuple[int, bytes, dict[str, str]]:
         return resp.status, resp.read(), dict(resp.getheaders())
     finally:
         conn.close()
+
+
+def test_preview_of_an_output_by_its_path(tmp_path: Path, picture: Path) -> None:
+    """A picture a job wrote without naming it as stdout (a script, rcontrib -o)."""
+    e = Env(tmp_path)
+    (e.project / "pics").mkdir()
+    shutil.copy(picture, e.project / "pics" / "view_1.hdr")
+    (e.project / "notes.txt").write_text("not a picture\n")
+    job_id = e.job([{"program": "rcontrib", "args": ["-o", "pics/view_%d.hdr"]}])
+    outputs = [{"path": "pics/view_1.hdr", "size": 1}, {"path": "notes.txt", "size": 14}]
+    e.db._conn().execute("UPDATE jobs SET outputs=? WHERE id=?", (json.dumps(outputs), job_id))
+    width, height = dashboard.picture_size(picture)
+
+    async def body(s: aiohttp.ClientSession, base: str) -> None:
+        url = f"{base}/v1/jobs/{job_id}/preview.png?path="
+        async with s.get(url + "pics/view_1.hdr") as r:
+            assert r.status == 200, await r.text()
+            assert png_size(await r.read()) == (width, height)
+            assert "X-Preview-Step" not in r.headers
+        for name, status, text in (
+            ("notes.txt", 404, "is not a Radiance picture"),
+            ("s.hdr", 404, "is not an output of job"),  # a picture, but not this job's
+            ("../p1/pics/view_1.hdr", 404, "is not an output of job"),
+        ):
+            async with s.get(url + name) as r:
+                assert r.status == status and text in (await r.json())["error"], name
+        async with s.get(url + "pics/view_1.hdr&step=0") as r:
+            assert r.status == 400
+
+    run_app(e.ctx, body)

@@ -263,7 +263,8 @@ def test_worker_killed_20_times_while_40_jobs_run(
             timeout=30,
         ).stdout
         assert len(px.splitlines()) == int(dims[1]) * int(size), out
-        assert job["outputs"] == [out.name]
+        assert [o["path"] for o in job["outputs"]] == [out.name]  # not its neighbours' files
+        assert job["outputs"][0]["size"] == out.stat().st_size
     assert sampler.found == [], sampler.found[:10]
     assert srv.output.count("internal error. Restarting.") == 20, srv.output[-3000:]
     code, took = stop_server(srv)

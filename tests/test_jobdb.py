@@ -60,7 +60,8 @@ def test_submit_get_public(db: JobDB) -> None:
     assert pub["steps"] == [
         {"program": "rpict", "args": ["-vf", "v.vf", "s.oct"], "stdin": None, "stdout": "out.hdr"}
     ]
-    assert pub["outputs"] == ["out.hdr"] and pub["cancel_requested"] is False
+    # Outputs are what the steps wrote, found once they ran: none yet.
+    assert pub["outputs"] == [] and pub["outputs_count"] == 0 and pub["cancel_requested"] is False
     assert set(pub) == {
         "id",
         "name",
@@ -85,6 +86,7 @@ def test_submit_get_public(db: JobDB) -> None:
         "max_rss_kb",
         "cancel_requested",
         "outputs",
+        "outputs_count",
         "pid",
         "after",
         "waiting_for",
@@ -371,3 +373,21 @@ def test_job_events_counted(db: JobDB) -> None:
     assert counts["memory_limit"] == 0
     with pytest.raises(ValueError, match="unknown job event 'oops'; expected one of log_capped"):
         db.add_event(first, "oops")
+
+
+def test_outputs_are_listed_with_sizes_and_older_rows_still_read(db: JobDB) -> None:
+    job = submit(db)
+    assert db.mark_starting(job) and db.claim(job, 4242)
+    many = [{"path": f"out/f{i}.dat", "size": i} for i in range(120)]
+    assert db.finish(job, "done", exit_status=0, outputs=many)
+    pub = db.public(db.get(job))
+    assert pub["outputs"] == many and pub["outputs_count"] == 120
+    short = db.public(db.get(job), outputs_limit=50)
+    assert short["outputs"] == many[:50] and short["outputs_count"] == 120
+    old = submit(db)
+    assert db.mark_starting(old) and db.claim(old, 4243)
+    db._conn().execute("UPDATE jobs SET outputs=? WHERE id=?", ('["x.oct", "x.hdr"]', old))
+    assert db.public(db.get(old))["outputs"] == [
+        {"path": "x.oct", "size": None},
+        {"path": "x.hdr", "size": None},
+    ]

@@ -207,7 +207,10 @@ def test_render_equals_direct_render(db: JobDB, home: Path, tmp_path: Path) -> N
     assert "== step 2/2: rpict -vp" in log
     assert "== done: exit status 0, wall" in log and "max rss" in log
     assert pvalue(proj / "out.hdr") == pvalue(direct_render(proj, "direct.hdr"))
-    assert db.public(row)["outputs"] == ["out.oct", "out.hdr"]
+    assert db.public(row)["outputs"] == [
+        {"path": "out.oct", "size": (proj / "out.oct").stat().st_size},
+        {"path": "out.hdr", "size": (proj / "out.hdr").stat().st_size},
+    ]
 
 
 def test_failing_command_records_its_exit_status(db: JobDB, home: Path, tmp_path: Path) -> None:
@@ -425,8 +428,11 @@ def test_rad_job_progress_and_outputs(db: JobDB, home: Path, tmp_path: Path) -> 
     assert "rpict: " in log and "100.00%" in log  # -t 3 made rpict report
     row = db.get(job)
     assert row["state"] == "done" and row["progress"] == 100.0
-    outs = db.public(row)["outputs"]
-    assert "room_a.hdr" in outs and "room_b.hdr" in outs and "room.oct" in outs
+    # Found by the scans, with their sizes: both pictures, the octree, rad's other files.
+    outs = {o["path"]: o["size"] for o in db.public(row)["outputs"]}
+    for name in ("room_a.hdr", "room_b.hdr", "room.oct"):
+        assert outs[name] == (proj / name).stat().st_size > 0, outs
+    assert "scene.rad" not in outs and "room.rif" not in outs  # read, not written
 
 
 def test_rtrace_with_stdin_and_stdout(db: JobDB, home: Path, tmp_path: Path) -> None:

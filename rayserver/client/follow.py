@@ -68,8 +68,38 @@ def summary_lines(job: dict[str, Any], project_dir: Path | None) -> list[str]:
     outputs = job.get("outputs") or []
     if outputs:
         lines.append("  outputs:")
-        for name in outputs:
-            lines.append(f"    {project_dir / name if project_dir else name}")
+        lines += output_lines(job, project_dir, indent="    ")
+    return lines
+
+
+def size_text(size: Any) -> str:
+    """Bytes for a person: 812 B, 3.4 kB, 1.2 MB, 5.0 GB (powers of 1000, like ls -h --si)."""
+    if not isinstance(size, int):
+        return "?"
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"  # pragma: no cover - the loop returns first
+
+
+def output_lines(
+    job: dict[str, Any], project_dir: Path | None, *, indent: str, limit: int = 100
+) -> list[str]:
+    """One line per output file (path, size), the first ``limit`` of them, then a count."""
+    outputs = [o for o in job.get("outputs") or [] if isinstance(o, dict)]
+    lines = []
+    for out in outputs[:limit]:
+        name = out.get("path", "?")
+        shown = project_dir / name if project_dir else name
+        lines.append(f"{indent}{shown}  ({size_text(out.get('size'))})")
+    total = job.get("outputs_count", len(outputs))
+    if isinstance(total, int) and total > min(limit, len(outputs)):
+        more = total - min(limit, len(outputs))
+        lines.append(
+            f"{indent}... and {more} more (rayfront status --json {job.get('id')} lists all)"
+        )
     return lines
 
 

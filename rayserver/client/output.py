@@ -82,15 +82,12 @@ def job_details(job: dict[str, Any]) -> str:
         "pid",
         "after",
         "waiting_for",
-        "outputs",
     )
     lines = []
     for key in keys:
         value = job.get(key)
         if key.endswith("_at"):
             value = when(value) if value is not None else "-"
-        elif key == "outputs":
-            value = ", ".join(value or []) or "-"
         elif key in ("after", "waiting_for"):
             value = ", ".join(map(str, value or [])) or "-"
         lines.append(f"{key:>16}: {'-' if value is None else value}")
@@ -102,4 +99,18 @@ def job_details(job: dict[str, Any]) -> str:
             elif step.get(key):
                 cmd += f" {sign} {step[key]}"
         lines.append(f"{'step ' + str(n):>16}: {cmd}")
+    lines.append(_outputs_head(job))
+    if job.get("outputs"):
+        from rayserver.client.follow import output_lines
+
+        lines += output_lines(job, None, indent=" " * 18)
     return "\n".join(lines)
+
+
+def _outputs_head(job: dict[str, Any]) -> str:
+    outputs = [o for o in job.get("outputs") or [] if isinstance(o, dict)]
+    count = job.get("outputs_count", len(outputs))
+    if not count:
+        return f"{'outputs':>16}: -"
+    total = sum(o["size"] for o in outputs if isinstance(o.get("size"), int))
+    return f"{'outputs':>16}: {count} file{'s' if count != 1 else ''}, {total} bytes"

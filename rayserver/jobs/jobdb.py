@@ -391,10 +391,10 @@ class JobDB:
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _one(row)
 
-    def public(self, row: JobRow) -> dict[str, Any]:
+    def public(self, row: JobRow, outputs_limit: int | None = None) -> dict[str, Any]:
         """The API job object of docs/api-contract.md for a row from :meth:`get`."""
         waiting = self.waiting_for(row) if row.state == JobState.QUEUED else []
-        return row.to_api(waiting_for=waiting)
+        return row.to_api(waiting_for=waiting, outputs_limit=outputs_limit)
 
     def waiting_for(self, row: JobRow) -> list[int]:
         """The jobs of ``row``'s ``after`` that are not done yet (ascending ids)."""
@@ -673,7 +673,7 @@ class JobDB:
         cpu_time: float | None = None,
         max_rss_kb: int | None = None,
         progress: float | None = None,
-        outputs: list[str] | None = None,
+        outputs: list[dict[str, Any]] | None = None,
         from_states: tuple[str, ...] = ACTIVE_STATES,
     ) -> bool:
         """Record a final state, once: False if the job was already final."""
@@ -712,6 +712,46 @@ class JobDB:
             .fetchall()
         )
         return [JobRow.decode(r) for r in rows]
+
+    def neighbours(self, job_id: int, workdir: str) -> tuple[list[int], int]:
+        """(ids of the other jobs of ``workdir`` not final yet, the highest job id now).
+
+        With :meth:`neighbours_files` after a step: every job that can have
+        run beside it is one of these or newer (index-backed, no table scan).
+        """
+        conn = self._conn()
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM jobs WHERE state IN (?, ?, ?) AND id != ? AND workdir = ?",
+                (JobState.QUEUED, JobState.STARTING, JobState.RUNNING, job_id, workdir),
+            )
+        ]
+        top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
+        return ids, int(top)
+
+    def neighbours_files(self, job_id: int, workdir: str, ids: list[int], top: int) -> list[str]:
+        """Absolute stdout files of the jobs :meth:`neighbours` found, and of newer ones.
+
+        A procwrap's scan of its project also sees what the jobs running
+        beside it wrote; the files those jobs name as their stdout are
+        theirs, not its own.
+        """
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT workdir, steps FROM jobs WHERE (id > ? OR id IN ({_marks(ids)})) "
+                "AND id != ? AND workdir = ?",
+                (top, *ids, job_id, workdir),
+            )
+            .fetchall()
+        )
+        files = []
+        for other_dir, steps in rows:
+            for step in json.loads(steps):
+                if isinstance(step.get("stdout"), str):
+                    files.append(os.path.normpath(os.path.join(other_dir, step["stdout"])))
+        return files
 
     def set_external_id(self, job_id: int, external_id: str) -> None:
         """Remember the Slurm job id of a job."""

@@ -62,7 +62,9 @@ class JobRow:
     cancel_request: str | None  # None, "cancel" or "shutdown"
     executor: str  # "local" or "slurm": where the job runs
     external_id: str | None  # the Slurm job id
-    outputs: list[str]  # files the steps said they wrote (rad), beyond their stdout
+    # Files the job created or changed in its project: [{path, size}] (plain paths in rows
+    # of older versions, which listed only what rad said it wrote).
+    outputs: list[Any]
     after_ids: list[int]  # jobs that must be done before this one starts (--after)
     user: str | None = None  # who submitted it; None: the shared token (SHARED_USER)
     events: list[str] = dataclasses.field(default_factory=list)  # jobdb.EVENTS that happened
@@ -100,21 +102,24 @@ class JobRow:
             raise KeyError(column)
         return getattr(self, column)
 
-    def all_outputs(self) -> list[str]:
-        """The steps' stdout files, then the files they said they wrote, each once."""
-        outputs: list[str] = []
-        for step in self.steps:
-            if isinstance(step.get("stdout"), str) and step["stdout"] not in outputs:
-                outputs.append(step["stdout"])
-        for extra in self.outputs or []:
-            if extra not in outputs:
-                outputs.append(extra)
-        return outputs
+    def all_outputs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The API's ``outputs``: [{path, size}] (size null for older rows), at most ``limit``."""
+        out: list[dict[str, Any]] = []
+        for entry in self.outputs or []:
+            if limit is not None and len(out) >= limit:
+                break
+            if isinstance(entry, str):
+                out.append({"path": entry, "size": None})
+            elif isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                out.append({"path": entry["path"], "size": entry.get("size")})
+        return out
 
-    def to_api(self, waiting_for: list[int]) -> dict[str, Any]:
+    def to_api(self, waiting_for: list[int], outputs_limit: int | None = None) -> dict[str, Any]:
         """The API job object of docs/api-contract.md.
 
         ``waiting_for``: the jobs of ``after_ids`` not done yet (the database knows).
+        ``outputs_limit``: list at most this many outputs (job lists; ``outputs_count``
+        always tells them all).
         """
         return {
             "id": self.id,
@@ -147,7 +152,8 @@ class JobRow:
             "cpu_time": self.cpu_time,
             "max_rss_kb": self.max_rss_kb,
             "cancel_requested": bool(self.cancel_request),
-            "outputs": self.all_outputs(),
+            "outputs": self.all_outputs(outputs_limit),
+            "outputs_count": len(self.outputs or []),
             "pid": self.pid,
             "after": list(self.after_ids or []),
             "waiting_for": waiting_for,

@@ -53,6 +53,9 @@ FOLLOW_INTERVAL = 0.2
 # 50 MB log kept other requests at a median of 10 ms with 64 KiB and 11-17 ms
 # with 256 KiB on a loaded 2-core machine (tests/test_server_limits.py).
 LOG_CHUNK = 64 * 1024
+# A job list shows this many outputs per job (a job may write thousands of files;
+# GET /v1/jobs/{id} lists them all, outputs_count counts them).
+LIST_OUTPUTS = 50
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -306,7 +309,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     rows = ctx.db.list(states, limit + 1, before)
     page = rows[:limit]
     nxt = page[-1].id if len(rows) > limit else None
-    return web.json_response({"jobs": [ctx.db.public(r) for r in page], "next": nxt})
+    jobs = [ctx.db.public(r, outputs_limit=LIST_OUTPUTS) for r in page]
+    return web.json_response({"jobs": jobs, "next": nxt})
 
 
 async def get_job(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
 from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
+from rayserver.jobs.procwrap.outputs import OutputTracker
 from rayserver.jobs.procwrap.procs import base_env, fmt_status, spawn
 from rayserver.jobs.procwrap.rtcount import RtraceCount
 from rayserver.jobs.procwrap.streams import StepStreams, StreamError, is_stream
@@ -49,7 +50,9 @@ class Job:
         self.workdir = ""
         self.term_signal: int | None = None
         self.max_rss_kb = 0
-        self.outputs: list[str] = []
+        self.outputs = OutputTracker(".")  # the project's files the steps created or changed
+        self.named: list[str] = []  # files the current step named (stdout, rad's outputs)
+        self._neighbours: tuple[list[int], int] = ([], 0)  # jobs that may run beside the step
         self.job_dir: Path | None = None  # the job's folder (log, stream sockets); see run_job
         self.streams = StepStreams(None, Path("."), self.wake)  # the current step's
         self._last_progress = -1.0
@@ -67,6 +70,10 @@ class Job:
         self.env = dict(base_env())
         self.env.update(row.env or {})
         self.workdir = row.workdir
+        # The project folder when the row names it, else the steps' folder (the same but for
+        # a rad rif in a subfolder).
+        root = getattr(row, "project_dir", None) or row.workdir
+        self.outputs = OutputTracker(root)
 
     # --- signals ----------------------------------------------------------
 
@@ -134,7 +141,7 @@ class Job:
             cpu_time=round(cpu, 3),
             max_rss_kb=rss,
             progress=100.0 if state == JobState.DONE else None,
-            outputs=self.outputs,
+            outputs=self.outputs.outputs(),
             from_states=(JobState.RUNNING,),
         )
         return _EXIT_CODES[state]
@@ -148,6 +155,7 @@ class Job:
             if self.term_signal is not None:
                 break
             where = f"step {idx + 1}/{n} ({step['program']})"
+            self.scan_before(idx, step)
             try:
                 code, sig = self.run_step(idx, step)
             except ConfinementError as exc:
@@ -157,6 +165,8 @@ class Job:
                 if self.term_signal is None:
                     return exc.code, exc.signal, idx + 1, JobState.FAILED, f"{where}: {exc}"
                 code, sig = exc.code, exc.signal
+            finally:
+                self.scan_after()
             if self.term_signal is None and (code != 0 or sig is not None):
                 return code, sig, idx + 1, JobState.FAILED, f"{where} {fmt_status(code, sig)}"
         return code, sig, 0, JobState.DONE, None
@@ -272,16 +282,40 @@ class Job:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")
 
+    def scan_before(self, idx: int, step: StepSpec) -> None:
+        """The project's files before a step (and which jobs may run beside it)."""
+        self.named = [step["stdout"]] if isinstance(step.get("stdout"), str) else []
+        self.outputs.before()
+        if idx == 0 and self.outputs.untracked:
+            self.log(f"rayserver: {self.outputs.untracked}\n")
+        self._neighbours = self.db.neighbours(self.id, self.workdir)
+
+    def scan_after(self) -> None:
+        """The files the step created or changed; those other jobs name as their stdout are not ours."""
+        ids, top = self._neighbours
+        theirs = self._project_paths(
+            [
+                os.path.relpath(p, self.workdir)
+                for p in self.db.neighbours_files(self.id, self.workdir, ids, top)
+            ]
+        )
+        self.outputs.after(self._project_paths(self.named), exclude=set(theirs) - set(self.named))
+
     def add_outputs(self, seen_outputs: list[str]) -> None:
-        """Record the files a step said it wrote that exist inside the project."""
-        for rel in seen_outputs:
-            if (
-                not rel.startswith("/")
-                and ".." not in rel.split("/")
-                and rel not in self.outputs
-                and os.path.isfile(os.path.join(self.workdir, rel))
-            ):
-                self.outputs.append(rel)
+        """Files a step said it wrote (rad's echo lines): listed even when scans are off."""
+        self.named += [rel for rel in seen_outputs if not rel.startswith("/")]
+
+    def _project_paths(self, names: list[str]) -> list[str]:
+        """Names relative to the steps' folder as paths relative to the project; inside only."""
+        root = os.path.realpath(self.outputs.root)
+        workdir = os.path.realpath(self.workdir)
+        out = []
+        for name in names:
+            path = os.path.normpath(os.path.join(workdir, name))
+            rel = os.path.relpath(path, root)
+            if rel != ".." and not rel.startswith("../") and rel not in out:
+                out.append(rel)
+        return out
 
     def prepare_rad(self, rad: str, args: list[str]) -> tuple[list[str], prog.RadProgress | None]:
         """Dry-run rad to count its renders; add REPORT so rpict reports progress."""

@@ -7,7 +7,8 @@ This module adds the one server-side piece the API lacks:
 job's Radiance picture.
 
 A preview is only ever made of a job's own output: the stdout file of a step
-(or, for a ``rad`` step, the pictures that rad wrote), resolved inside the
+(or, for a ``rad`` step, the pictures that rad wrote, or with ``?path=`` one
+of the job's recorded outputs), resolved inside the
 job's workdir with symlinks followed, and only if the file starts with the
 Radiance picture header. The conversion runs Radiance's ``pfilt`` (only to
 shrink big pictures), ``pcond`` and ``ra_ppm`` as asyncio subprocesses, one
@@ -268,7 +269,7 @@ def step_pictures(row: JobRow, index: int, log_text: str = "") -> list[Path]:
         names.append(step["stdout"])
     if _is_rad(step):
         names += log_pictures(log_text)
-        names += [o for o in row.outputs or [] if str(o).endswith(PICTURE_SUFFIXES)]
+        names += [o["path"] for o in row.all_outputs() if o["path"].endswith(PICTURE_SUFFIXES)]
         rif = _rad_rif(step)
         if rif:
             with contextlib.suppress(PreviewError):
@@ -286,6 +287,21 @@ def step_pictures(row: JobRow, index: int, log_text: str = "") -> list[Path]:
     if not found and refused is not None:
         raise refused
     return found
+
+
+def _project_root(row: JobRow) -> Path:
+    """The folder the job's outputs are named from (the project; the steps' folder before)."""
+    return Path(getattr(row, "project_dir", None) or row.workdir)
+
+
+def output_picture(row: JobRow, name: str) -> Path:
+    """The real path of the job's recorded output ``name``, when it is a Radiance picture."""
+    if name not in {o["path"] for o in row.all_outputs()}:
+        raise PreviewError(404, f"{name!r} is not an output of job {row.id}")
+    path = resolve_output(_project_root(row), name)
+    if not is_picture(path):
+        raise PreviewError(404, f"output {name!r} of job {row.id} is not a Radiance picture")
+    return path
 
 
 def find_picture(row: JobRow, step: int | None, log_text: str = "") -> tuple[int, Path]:
@@ -465,13 +481,14 @@ class PreviewService:
     _tasks: set[asyncio.Task[Path]] = field(default_factory=set)
     _slots: asyncio.Semaphore | None = None
 
-    def cache_path(self, job_id: int, step: int) -> Path:
+    def cache_path(self, job_id: int, step: int | str) -> Path:
+        """The PNG of a step's picture (``step``: its index) or of an output (a key of its path)."""
         return job_folder(self.state_dir, job_id) / f"preview-{step}.png"
 
     async def preview(
         self,
         job_id: int,
-        step: int,
+        step: int | str,
         picture: Path,
         workdir: Path,
         bin_dir: Path,
@@ -487,7 +504,7 @@ class PreviewService:
     async def _make(
         self,
         job_id: int,
-        step: int,
+        step: int | str,
         picture: Path,
         workdir: Path,
         bin_dir: Path,
@@ -583,8 +600,17 @@ async def preview(request: web.Request) -> web.StreamResponse:
                 409,
                 f"job {job_id} is {row.state}; a preview exists only for a job that is done",
             )
+        output = request.query.get("path")
+        if output is not None and step is not None:
+            raise PreviewError(400, "give step (a step's picture) or path (an output), not both")
         # The job's folder may be on a network share: its log and files are read in a thread.
-        index, picture = await asyncio.to_thread(_locate_picture, ctx, row, step_index)
+        if output is not None:
+            key: int | str = "o" + hashlib.sha1(output.encode()).hexdigest()[:16]
+            picture = await asyncio.to_thread(output_picture, row, output)
+            root = _project_root(row)
+        else:
+            key, picture = await asyncio.to_thread(_locate_picture, ctx, row, step_index)
+            root = Path(row.workdir)
         settings = ctx.live.settings
         try:
             bin_dir = radiance.bin_dir(settings)
@@ -592,16 +618,17 @@ async def preview(request: web.Request) -> web.StreamResponse:
         except FileNotFoundError as exc:
             raise PreviewError(500, str(exc)) from exc
         service = request.app[SERVICE_KEY]
-        png = await service.preview(job_id, index, picture, Path(row.workdir), bin_dir, env)
+        png = await service.preview(job_id, key, picture, root, bin_dir, env)
     except PreviewError as exc:
         return error_response(exc.status, exc.message)
+    which = {"X-Preview-Step": str(key)} if isinstance(key, int) else {}
     return web.FileResponse(
         png,
         headers={
             "Content-Type": "image/png",
             # the same URL shows another picture after a re-render of the file: revalidate
             "Cache-Control": "private, no-cache",
-            "X-Preview-Step": str(index),
+            **which,
             "X-Content-Type-Options": "nosniff",
         },
     )

@@ -115,7 +115,7 @@
     const steps = job.steps || [];
     return steps.some((s) => s.program === "rad" || s.program === "rpict" ||
                              PICTURE_RE.test(s.stdout || "")) ||
-           (job.outputs || []).some((o) => PICTURE_RE.test(o));
+           (job.outputs || []).some((o) => PICTURE_RE.test(o.path || ""));
   }
 
   // ------------------------------------------------------------------ host info
@@ -292,6 +292,11 @@
     card.figure = el("figure", { class: "preview", hidden: true }, card.image, card.caption);
     card.logText = el("pre", { tabIndex: 0, "aria-label": "Log of job " + id });
     card.details = el("details", { class: "log" }, el("summary", { text: "Log" }), card.logText);
+    card.outputsSummary = el("summary", { text: "Outputs" });
+    card.outputsList = el("ul", { class: "outputs-list" });
+    card.outputs = el("details", { class: "outputs", hidden: true },
+      card.outputsSummary, card.outputsList);
+    card.outputsShown = "";
     card.details.addEventListener("toggle", () => { if (card.details.open) readLog(card); });
     card.root = el("li", { class: "job", id: "job-" + id, "data-job-id": String(id) },
       el("div", { class: "job-head" }, card.title, card.badge),
@@ -301,6 +306,7 @@
       card.reason,
       card.actions,
       card.figure,
+      card.outputs,
       card.details);
     return card;
   }
@@ -356,10 +362,44 @@
       }
     }
 
+    renderOutputs(card, job);
     if (job.state === "done" && card.previewState === "none" && mayHavePicture(job)) {
       queuePreview(card);
     }
     if (card.details.open && (!FINAL.has(job.state) || card.log.finishedReads < 1)) readLog(card);
+  }
+
+  function sizeText(size) {
+    if (typeof size !== "number") return "size unknown";
+    const units = ["B", "kB", "MB", "GB", "TB"];
+    let value = size, unit = 0;
+    while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
+    return unit ? value.toFixed(1) + " " + units[unit] : size + " B";
+  }
+
+  // The files the job created or changed, with their sizes; pictures get a preview button.
+  function renderOutputs(card, job) {
+    const outputs = job.outputs || [];
+    const count = job.outputs_count != null ? job.outputs_count : outputs.length;
+    const key = count + ":" + outputs.map((o) => o.path + "=" + o.size).join("|");
+    if (key === card.outputsShown) return;
+    card.outputsShown = key;
+    card.outputs.hidden = count === 0;
+    card.outputsSummary.textContent = "Outputs (" + count + (count === 1 ? " file)" : " files)");
+    card.outputsList.replaceChildren();
+    for (const out of outputs) {
+      const item = el("li", {}, el("code", { text: out.path }), " " + sizeText(out.size));
+      if (job.state === "done" && PICTURE_RE.test(out.path)) {
+        const button = el("button", { type: "button", text: "Preview" });
+        button.setAttribute("aria-label", "Preview " + out.path);
+        button.addEventListener("click", () => loadPreview(card, out.path));
+        item.append(" ", button);
+      }
+      card.outputsList.append(item);
+    }
+    if (count > outputs.length) {
+      card.outputsList.append(el("li", { text: "… and " + (count - outputs.length) + " more" }));
+    }
   }
 
   function removeCard(id) {
@@ -411,17 +451,21 @@
     }
   }
 
-  async function loadPreview(card) {
+  // path: one of the job's outputs; none: the picture of its last step that wrote one.
+  async function loadPreview(card, path = null) {
     card.figure.hidden = false;
     card.root.classList.add("has-preview");
     card.caption.textContent = "Loading preview…";
+    const query = path ? "?path=" + encodeURIComponent(path) : "";
     try {
-      const blob = await api("/v1/jobs/" + card.id + "/preview.png", { as: "blob" });
+      const blob = await api("/v1/jobs/" + card.id + "/preview.png" + query, { as: "blob" });
       if (!state.cards.has(card.id)) return;
+      if (card.blobUrl) URL.revokeObjectURL(card.blobUrl);
       card.blobUrl = URL.createObjectURL(blob);
-      card.image.alt = "Preview of the picture of " + jobLabel(card.job) + " (tone-mapped)";
+      const what = path ? path + " of " + jobLabel(card.job) : "the picture of " + jobLabel(card.job);
+      card.image.alt = "Preview of " + what + " (tone-mapped)";
       card.image.src = card.blobUrl;
-      card.caption.textContent = "Tone-mapped preview";
+      card.caption.textContent = "Tone-mapped preview" + (path ? " of " + path : "");
       card.previewState = "shown";
     } catch (err) {
       if (err.status === 404) {
