@@ -148,9 +148,12 @@ def test_shipped_settings_file_documents_every_key_with_its_default() -> None:
     documented = dict(re.findall(r"^# ([a-z_]+) = (.+)$", text, re.M))
     keys = {f.name for f in fields(Settings)} - {"extra"}
     assert keys <= set(documented), f"undocumented keys: {keys - set(documented)}"
-    # Uncommented, the defaults shown are the real defaults (token_file has no TOML default).
+    # Uncommented, the defaults shown are the real defaults (token_file and shim_local
+    # have no TOML default: unset means the built-in choice).
     shown = tomllib.loads(
-        "\n".join(f"{k} = {v}" for k, v in documented.items() if k != "token_file")
+        "\n".join(
+            f"{k} = {v}" for k, v in documented.items() if k not in ("token_file", "shim_local")
+        )
     )
     assert settings_from_dict(shown) == Settings()
 

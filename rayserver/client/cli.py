@@ -10,6 +10,7 @@
     rayfront token new                  write a fresh random shared token file
     rayfront token new --user NAME      a named token (--role admin for an admin)
     rayfront token list | revoke NAME   named tokens: who, role, created; remove one
+    rayfront shim DIR [--hosts A,B|all] one script per Radiance program: runs it on a server
     rayfront demo                       render the example project through a temporary server
 
 ``--json`` on every command prints machine-readable output (errors too, as
@@ -276,6 +277,26 @@ def cmd_cancel(ctx: Context, opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shim(ctx: Context, opts: argparse.Namespace) -> int:
+    from rayserver.client.shimwrite import write_shims
+
+    radiance_bin, names = write_shims(ctx, opts.dir, opts.host, opts.hosts)
+    where = (
+        f"split over {opts.hosts}"
+        if opts.hosts
+        else f"on {opts.host or 'the first server of the hosts file'}"
+    )
+    if opts.json:
+        print_json({"dir": str(opts.dir), "radiance_bin": str(radiance_bin), "programs": names})
+    else:
+        print(
+            f"wrote {len(names)} shims to {opts.dir} for the programs of {radiance_bin}; "
+            f"they run {where}. Put the folder first on PATH, e.g.\n"
+            f'  export PATH="{opts.dir.resolve()}:$PATH"'
+        )
+    return 0
+
+
 def cmd_token(ctx: Context, opts: argparse.Namespace) -> int:
     if opts.action != "new" or opts.user is not None:
         from rayserver.client.tokencmd import named_token_command
@@ -353,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             "log": cmd_log,
             "cancel": cmd_cancel,
             "token": cmd_token,
+            "shim": cmd_shim,
         }[opts.command]
         return handler(ctx, opts)
     except ClientError as exc:

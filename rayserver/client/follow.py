@@ -166,7 +166,7 @@ def follow(
             out.flush()
 
     try:
-        _stream_log(client, job_id, emit)
+        stream_log(client, job_id, lambda raw: emit(raw.decode("utf-8", "replace")))
         final = client.job(job_id, wait=30)
         while final.get("state") not in FINAL_STATES:
             final = client.job(job_id, wait=60)
@@ -206,8 +206,8 @@ def _progress_bar(job_id: int, state: str) -> Any:
     )
 
 
-def _stream_log(client: Client, job_id: int, emit: Callable[[str], None]) -> None:
-    """Every line of the job's log to ``emit`` until the stream ends with the job.
+def stream_log(client: Client, job_id: int, emit: Callable[[bytes], None]) -> None:
+    """Every line of the job's log (bytes, no newline) to ``emit`` until the stream ends with the job.
 
     A lost connection is resumed from the bytes already shown (a 4xx is final).
     """
@@ -222,7 +222,7 @@ def _stream_log(client: Client, job_id: int, emit: Callable[[str], None]) -> Non
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for raw in lines:
-                    emit(raw.decode("utf-8", "replace"))
+                    emit(raw)
             break
         except ClientError as exc:
             failures += 1
@@ -230,4 +230,4 @@ def _stream_log(client: Client, job_id: int, emit: Callable[[str], None]) -> Non
                 raise
             time.sleep(min(3.0, 0.3 * failures))
     if pending:
-        emit(pending.decode("utf-8", "replace"))
+        emit(pending)

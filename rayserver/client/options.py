@@ -125,7 +125,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _other_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """status, log, cancel, token, demo."""
+    """status, log, cancel, token, shim, demo."""
     p = sub.add_parser("status", parents=[common], help="table of jobs, or one job")
     p.add_argument("id", nargs="?", type=_job_id, help="job id")
     p.add_argument("--state", help="comma-separated states, e.g. queued,running")
@@ -151,6 +151,19 @@ def _other_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "--role",
         choices=["user", "admin"],
         help="new --user: 'admin' may cancel and read every job (default 'user')",
+    )
+
+    p = sub.add_parser(
+        "shim", parents=[common], help="write shims that run Radiance programs on the servers"
+    )
+    p.add_argument(
+        "dir", type=Path, metavar="DIR", help="folder for the shims (put it first on PATH)"
+    )
+    p.add_argument(
+        "--hosts",
+        metavar="A,B|all",
+        help="spread the calls over these servers; rtrace, rcontrib and rfluxmtx "
+        "split each call's rays over them",
     )
 
     p = sub.add_parser("demo", parents=[common], help="render the example project end to end")

@@ -85,6 +85,8 @@ class Settings:
     # Who may GET /metrics: "allow-list" (every address of allow, no token) or
     # "token" (any valid token, shared or named).
     metrics_auth: str = "allow-list"
+    # Client: programs a shim (rayfront shim) runs locally; None: the built-in list.
+    shim_local: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def token_path(self, default: Path) -> Path | None:
@@ -126,7 +128,7 @@ _STR_KEYS = {
     "slurm_bin",
     "metrics_auth",
 }
-_LIST_KEYS = {"allow", "raypath", "slurm_options"}
+_LIST_KEYS = {"allow", "raypath", "slurm_options", "shim_local"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
 
