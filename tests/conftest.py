@@ -40,6 +40,13 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One xdist worker runs every Slurm test: they share one cluster and count its cpus."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test marked with a service (services.MARKS) skips, or fails in CI, without it."""
     for mark, service in MARKS.items():

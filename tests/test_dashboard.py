@@ -53,6 +53,10 @@ def bin_path(name: str) -> str:
     return str(radiance.bin_dir(Settings()) / name)
 
 
+# One xdist worker runs this module: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("dashboard")
+
+
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real rpict rendering (64 x 48 asked; rpict keeps square pixels)."""

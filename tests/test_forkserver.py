@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,9 +122,18 @@ def test_launch_latency(fork_server: ForkServer, db: JobDB, layout: Layout, tmp_
         f"\nfork server launch latency, median of 20: {med_started:.2f} ms to 'started', "
         f"{med_claimed:.2f} ms until the procwrap claimed its job"
     )
-    # The point of a fork server: far below multiprocessing's ~28 ms (ARCHITECTURE.md).
-    assert med_started < 15, started
-    assert med_claimed < 50, claimed
+    # The point of a fork server: far below starting a Python process (multiprocessing's
+    # ~28 ms, ARCHITECTURE.md). Measured here, now, on this machine: a busy one slows both.
+    spawn = statistics.median(python_start_seconds() for _ in range(7)) * 1000
+    print(f"a Python process start here and now: {spawn:.2f} ms (median of 7)")
+    assert med_started < spawn / 2, (started, spawn)
+    assert med_claimed < spawn * 2, (claimed, spawn)
+
+
+def python_start_seconds() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
+    return time.perf_counter() - t0
 
 
 def test_eof_ends_fork_server_but_procwrap_lives_on(

@@ -59,6 +59,10 @@ def copy_tree(dest: Path) -> Path:
     return dest
 
 
+# One xdist worker runs this module: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("install")
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the built wheel installed; returns its bin folder."""

@@ -459,7 +459,13 @@ def test_render_through_slurm_matches_direct_render(rayhome, server_factory, slu
     job = _wait_final(srv, _submit(srv, _render_job(args)))
     assert job["state"] == "done", job
     assert job["exit_status"] == 0 and job["progress"] == 100
-    ours = _our_slurm_jobs(rayhome.path)
+    # The procwrap records done just before its batch script exits: Slurm says
+    # COMPLETED a moment later (on a busy machine, some seconds).
+    deadline = time.monotonic() + 60
+    while (ours := _our_slurm_jobs(rayhome.path)) and ours[0][1] != "COMPLETED":
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(ours) == 1 and ours[0][1] == "COMPLETED", ours
     _direct_render(room, args, "direct.hdr")
     pixels = _pvalue(room / "out.hdr")

@@ -42,6 +42,11 @@ from rayserver.client import splitplan
 DIRECT = ["-ab", "0", "-dt", "0"]
 
 
+# One xdist worker runs the split modules, in order: its module-scoped fixture is built
+# once, and consecutive tests of the other split modules share three_servers.
+pytestmark = pytest.mark.xdist_group("split")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Three servers with one cpu each, plus a fourth record nobody answers on."""

@@ -31,6 +31,10 @@ from rayserver.client.connection import ClientError
 DIRECT = ["-ab", "0", "-dj", "0", "-I+"]
 
 
+# One xdist worker runs the split modules, in order: consecutive tests share three_servers.
+pytestmark = pytest.mark.xdist_group("split")
+
+
 @pytest.fixture
 def cluster(three_servers: Cluster) -> Iterator[Cluster]:
     """Three servers with one cpu each; the lamp room of splittools, lamps as receivers."""

@@ -91,6 +91,10 @@ def table() -> Iterator[None]:
     _print_table()
 
 
+# One xdist worker runs the split modules, in order: consecutive tests share three_servers.
+pytestmark = pytest.mark.xdist_group("split")
+
+
 @pytest.fixture
 def cluster(three_servers: Cluster) -> Cluster:
     return three_servers

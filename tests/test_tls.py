@@ -26,6 +26,9 @@ from test_security import TOKEN, app_server, connect_from, read_all
 from rayserver.common.credentials import CredentialsError, client_ssl_context, server_ssl_context
 from rayserver.common.settings import Settings
 
+# One xdist worker runs this module: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("tls")
+
 
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
