@@ -69,7 +69,10 @@ SCRIPT = textwrap.dedent("""
             time.sleep(link.beat_interval)
 
     def on_ready(pid, first):
-        print("READY", pid, first, flush=True)
+        # One write, as the orphans' lines: unbuffered print() writes "\\n" on its own,
+        # and an orphan's line landed in between on a busy machine (the test then hung).
+        sys.stdout.flush()
+        os.write(1, f"READY {{pid}} {{first}}\\n".encode())
 
     def on_reload():
         if mode == "hupbug":
@@ -234,24 +237,30 @@ def test_exception_in_supervisor_prints_system_exit_and_logs_traceback(tmp_path:
 
 def test_orphans_are_reaped_and_stopped_even_when_they_ignore_sigterm(tmp_path: Path) -> None:
     proc = run_toy(tmp_path, "orphans")
-    lines: list[str] = []
-    wait_line(proc, "READY", lines)
-    # The orphans may announce themselves before or after READY.
-    while sum(line.startswith("orphan ") for line in lines) < 2:
-        wait_line(proc, "orphan", lines)
-    found = [line.split()[1:] for line in lines if line.startswith("orphan ")]
-    orphans = [int(pid) for pid, ignore in sorted(found, key=lambda f: f[1])]
-    time.sleep(0.2)
-    for pid in orphans:  # reparented to the supervisor (PR_SET_CHILD_SUBREAPER)
-        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        assert ppid == proc.pid
-    os.kill(proc.pid, signal.SIGTERM)
-    out = "\n".join(lines) + finish(proc)
-    assert proc.returncode == 0
-    assert "*System Exit* (caught signal 15)" in out
-    assert re.search(rf"child {orphans[1]} still alive; SIGKILL", out), out
-    for pid in orphans:
-        assert not Path(f"/proc/{pid}").exists()
+    try:
+        lines: list[str] = []
+        wait_line(proc, "READY", lines)
+        # The orphans may announce themselves before or after READY.
+        while sum(line.startswith("orphan ") for line in lines) < 2:
+            wait_line(proc, "orphan", lines)
+        found = [line.split()[1:] for line in lines if line.startswith("orphan ")]
+        orphans = [int(pid) for pid, ignore in sorted(found, key=lambda f: f[1])]
+        time.sleep(0.2)
+        for pid in orphans:  # reparented to the supervisor (PR_SET_CHILD_SUBREAPER)
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert ppid == proc.pid
+        os.kill(proc.pid, signal.SIGTERM)
+        out = "\n".join(lines) + finish(proc)
+        assert proc.returncode == 0
+        assert "*System Exit* (caught signal 15)" in out
+        assert re.search(rf"child {orphans[1]} still alive; SIGKILL", out), out
+        for pid in orphans:
+            assert not Path(f"/proc/{pid}").exists()
+    finally:  # a failed test leaves no toy or orphan running (one process group)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def test_listening_socket_flags() -> None:
