@@ -14,6 +14,7 @@ lines (``rad -n`` prints them); rad reads its variables the way
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,8 @@ def test_hostile_step_arguments_get_403_and_nothing_runs(
     (project / "inner.opt").write_text("-aa .1 -af ../../stolen.amb\n")
     (project / "loop.opt").write_text("-ab 1 @loop.opt\n")
     (project / "tilde.opt").write_text("-af ~/stolen.amb\n")
+    os.mkfifo(project / "fifo.opt")  # opening it to read would wait for a writer forever
+    os.mkfifo(project / "fifo.rif")
     rt = ("rtrace", "-h")
     cases = [
         (step("rcalc", "-f", "~/secret.cal"), "steps[0].args[1]", "'~'", "home folder"),
@@ -188,6 +191,8 @@ def test_hostile_step_arguments_get_403_and_nothing_runs(
         (step(*rt, "@missing.opt", "scene.oct"), "steps[0].args[1]", "does not exist", "exist"),
         (step(*rt, "$HOME", "scene.oct"), "steps[0].args[1]", "environment variable HOME"),
         (step("rcontrib", "@evil.opt", "scene.oct"), "steps[0].args[0]", "absolute"),
+        (step(*rt, "@fifo.opt", "scene.oct"), "steps[0].args[1]", "not a regular file"),
+        (step("rad", "fifo.rif"), "steps[0].args[0]", "not a regular file"),
     ]
     for body, field, *words in cases:
         refused(server, steps_job(body), field, *words)

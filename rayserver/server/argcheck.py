@@ -32,6 +32,7 @@ import fnmatch
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -80,15 +81,18 @@ class Where:
     label: str
     base: Path  # the folder the program runs in
     root: Path  # the project directory
+    # rad's words may name files of the project above the rif's folder
+    # (the rad shortcut runs rad there): '..' is accepted while it stays inside.
+    dotdot: bool = False
 
     def within(self, label: str) -> Where:
-        return Where(self.field, f"{self.label} ({label})", self.base, self.root)
+        return Where(self.field, f"{self.label} ({label})", self.base, self.root, self.dotdot)
 
     def refuse(self, message: str) -> JobSpecError:
         return JobSpecError(403, f"{self.label}: {message}", self.field)
 
-    def confine(self, rel: str, *, dotdot: bool = False) -> Path:
-        return confine(rel, self.base, self.root, self.label, self.field, dotdot=dotdot)
+    def confine(self, rel: str) -> Path:
+        return confine(rel, self.base, self.root, self.label, self.field, dotdot=self.dotdot)
 
 
 @dataclass
@@ -149,11 +153,10 @@ def _path_candidates(arg: str) -> list[str]:
     return cands
 
 
-def check_word(word: str, where: Where, shown: str | None = None, *, dotdot: bool = False) -> None:
+def check_word(word: str, where: Where, shown: str | None = None) -> None:
     """One word a program gets: nothing starting with '!', '~' or '/', no '..', confined.
 
-    ``dotdot`` (rad's values, which may name files of the project above the
-    rif's folder) accepts '..' as long as the path stays inside the project.
+    With ``where.dotdot`` (rad's words) '..' is accepted while the path stays inside.
     """
     shown = word if shown is None else shown
     for cand in _path_candidates(word):
@@ -173,7 +176,7 @@ def check_word(word: str, where: Where, shown: str | None = None, *, dotdot: boo
                 "project directory"
             )
         if _DOTDOT.search(cand):
-            if not dotdot:
+            if not where.dotdot:
                 raise where.refuse(
                     f"'..' in {shown!r} refused; files must stay inside the project directory"
                 )
@@ -183,7 +186,7 @@ def check_word(word: str, where: Where, shown: str | None = None, *, dotdot: boo
                     "refused: expected files inside it"
                 )
         if "/" in cand or os.path.lexists(where.base / cand):
-            where.confine(cand, dotdot=dotdot)
+            where.confine(cand)
 
 
 # ---------------------------------------------------------------- a step
@@ -193,7 +196,7 @@ def check_step(program: str, args: list[str], base: Path, root: Path, fields: li
     """Every argument of one step, as ``program`` will read it (fields name them in messages)."""
     budget = _Budget()
     for arg, name in zip(args, fields, strict=True):
-        where = Where(name, name, base, root)
+        where = Where(name, name, base, root, dotdot=program == "rad")
         if program == "rad":
             check_shell_value(arg, where, budget)
         else:
@@ -249,14 +252,18 @@ def _read_small(name: str, where: Where, limit: int, what: str) -> bytes | None:
     """The file's bytes (confined), None when it does not exist; refused beyond ``limit``."""
     path = where.confine(name)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
+        # O_NONBLOCK: a FIFO planted under the name must not hang the check.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise where.refuse(
             f"{what} {name!r} cannot be read ({exc.strerror}); expected a readable file"
         ) from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise where.refuse(f"{what} {name!r} is not a regular file; expected a file")
+        data = fh.read(limit + 1)
     if len(data) > limit:
         raise where.refuse(
             f"{what} {name!r} is larger than {limit // 1024} KiB, too large to check; "
@@ -284,7 +291,7 @@ def check_shell_value(value: str, where: Where, budget: _Budget) -> None:
             "runs would read the rest of the command as quoted)"
         ) from None
     for word in words:
-        check_word(word, where, value, dotdot=True)
+        check_word(word, where, value)
         if _GLOB.search(word):
             _check_glob(word, where)
         if word.startswith("@") and len(word) > 1:
@@ -326,7 +333,7 @@ def _check_rad(args: list[str], base: Path, root: Path, fields: list[str], budge
     if command.rif_index is None:
         return  # rad stops with its usage message: nothing runs
     rif = args[command.rif_index]
-    rif_where = Where(fields[command.rif_index], fields[command.rif_index], base, root)
+    rif_where = Where(fields[command.rif_index], fields[command.rif_index], base, root, True)
     data = _read_small(rif, rif_where, MAX_RIF_BYTES, "the rad input file")
     if data is None:
         raise JobSpecError(
@@ -354,5 +361,6 @@ def _value_where(value: radvars.Assignment, rif: Where, fields: list[str]) -> Wh
     """Messages name the argument a value came from, else the rif and its line."""
     given = [f for f in fields if f in value.where.split(", ")]
     if given:
-        return Where(given[-1], f"{given[-1]} ({value.name}=)", rif.base, rif.root)
-    return Where(rif.field, f"{rif.label} ({value.where}: {value.name}=)", rif.base, rif.root)
+        return Where(given[-1], f"{given[-1]} ({value.name}=)", rif.base, rif.root, True)
+    label = f"{rif.label} ({value.where}: {value.name}=)"
+    return Where(rif.field, label, rif.base, rif.root, True)
