@@ -45,7 +45,8 @@ def _run_streams(opts: argparse.Namespace, command: list[str]) -> tuple[str | No
     """
     from rayserver.client.streams import stdin_has_data
 
-    if command and command[0] == "rad":
+    shell = opts.sh is not None or opts.script is not None
+    if not shell and command and command[0] == "rad":
         if opts.stdin == "-":
             raise ClientError(
                 "--stdin - does not apply to rad (it reads no input)", exit_code=EXIT_USAGE
@@ -116,9 +117,7 @@ def cmd_submit(ctx: Context, opts: argparse.Namespace, command: list[str]) -> in
             "while the job runs; rayfront submit takes project files",
             exit_code=EXIT_USAGE,
         )
-    job_request = build_job(
-        project, command, opts.name, opts.priority, opts.stdin, opts.stdout, opts.after
-    )
+    job_request = _job_request(project, opts, command, opts.stdin, opts.stdout)
     client = ctx.client(opts.host)
     job = client.submit(job_request)
     if opts.json:
@@ -141,13 +140,34 @@ def cmd_run(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
             )
     project = ctx.project()
     stdin, stdout = _run_streams(opts, command)
-    job_request = build_job(project, command, opts.name, opts.priority, stdin, stdout, opts.after)
+    job_request = _job_request(project, opts, command, stdin, stdout)
     from rayserver.client.runjob import run_and_follow
 
     code, _ = run_and_follow(
         ctx.client(opts.host), job_request, project.local_dir, json_mode=opts.json, quiet=opts.quiet
     )
     return code
+
+
+def _job_request(
+    project: Any, opts: argparse.Namespace, command: list[str], stdin: Any, stdout: Any
+) -> dict[str, Any]:
+    """The job of a submit or run: one program (after --), or a --sh / --script step."""
+    if opts.sh is None and opts.script is None:
+        return build_job(project, command, opts.name, opts.priority, stdin, stdout, opts.after)
+    from rayserver.client.jobrequest import build_shell_job
+
+    shell = ("sh", opts.sh) if opts.sh is not None else ("script", opts.script)
+    return build_shell_job(
+        project,
+        shell,
+        command,
+        name=opts.name,
+        priority=opts.priority,
+        stdin=stdin,
+        stdout=stdout,
+        after=opts.after,
+    )
 
 
 def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int:
@@ -157,6 +177,12 @@ def cmd_split(ctx: Context, opts: argparse.Namespace, command: list[str]) -> int
     if opts.host is not None:
         raise ClientError(
             "give --host (one server) or --hosts (a split run), not both", exit_code=EXIT_USAGE
+        )
+    if opts.sh is not None or opts.script is not None:
+        raise ClientError(
+            "--sh/--script run on one server; a split run (--hosts) cuts one rpict, rtrace, "
+            "rcontrib, rfluxmtx or rad",
+            exit_code=EXIT_USAGE,
         )
     if opts.after:
         raise ClientError(
@@ -353,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     _set_title(ctx, argv)
     try:
         if opts.command in ("submit", "run"):
+            if opts.sh is not None and opts.script is not None:
+                raise ClientError("give --sh or --script, not both", exit_code=EXIT_USAGE)
+            if command is None and (opts.sh is not None or opts.script is not None):
+                command = []
             if command is None:
                 raise ClientError(
                     f"expected the Radiance command after '--', e.g. "

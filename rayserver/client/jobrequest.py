@@ -121,3 +121,54 @@ def redirect(project: Project, given: str | None, what: str) -> str | dict[str, 
     if given == "-":
         return dict(STREAM)
     return project_file(project, given, what) if given else None
+
+
+def build_shell_job(
+    project: Project,
+    shell: tuple[str, str],
+    args: list[str],
+    *,
+    name: str | None = None,
+    priority: int = 0,
+    stdin: str | None = None,
+    stdout: str | None = None,
+    after: list[int] | None = None,
+) -> dict[str, Any]:
+    """The POST /v1/jobs body of ``--sh 'COMMAND LINE'`` or ``--script FILE [-- ARGS]``.
+
+    ``shell`` is ("sh", the command line) or ("script", the file as given).
+    """
+    kind, text = shell
+    step: dict[str, Any] = {
+        "stdin": redirect(project, stdin, "--stdin"),
+        "stdout": redirect(project, stdout, "--stdout"),
+    }
+    if kind == "sh":
+        if args:
+            raise ClientError(
+                "--sh takes its whole command line as one argument; nothing goes after '--'",
+                exit_code=EXIT_USAGE,
+            )
+        if not text.strip():
+            raise ClientError("--sh: the command line is empty", exit_code=EXIT_USAGE)
+        step["sh"] = text
+        shown = text
+    else:
+        script = project_file(project, text, "--script")
+        if not (project.local_dir / script).is_file():
+            raise ClientError(
+                f"--script {text!r}: no such file in the project directory {project.local_dir}",
+                exit_code=EXIT_USAGE,
+            )
+        step.update(script=script, args=list(args))
+        shown = " ".join(["sh", script, *args])
+    job: dict[str, Any] = {
+        "location": project.location,
+        "project": project.path,
+        "priority": priority,
+        "name": name or shown[:200],
+        "steps": [step],
+    }
+    if after:
+        job["after"] = sorted(set(after))
+    return job

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             parents=[common],
             help=what,
-            usage=f"rayfront {name} [options] -- PROGRAM [ARGS ...]",
+            usage=f"rayfront {name} [options] -- PROGRAM [ARGS ...]\n"
+            f"       rayfront {name} [options] --sh 'COMMAND LINE'\n"
+            f"       rayfront {name} [options] --script FILE [-- ARGS ...]",
         )
         _job_options(p, name)
         if name == "run":
@@ -87,6 +89,17 @@ def _job_options(p: argparse.ArgumentParser, name: str) -> None:
     else:
         p.add_argument("--stdin", metavar="FILE", help="project file the program reads")
         p.add_argument("--stdout", metavar="FILE", help="project file for the program's output")
+    p.add_argument(
+        "--sh",
+        metavar="'COMMAND LINE'",
+        help="run a sh command line (pipes, redirections, loops) instead of one program, "
+        "inside the job's sandbox in the project directory",
+    )
+    p.add_argument(
+        "--script",
+        metavar="FILE",
+        help="run a sh script of the project (its arguments after --) instead of one program",
+    )
     p.add_argument(
         "--after",
         type=_job_ids,

@@ -143,16 +143,20 @@ def _clean_steps(steps: list[dict[str, Any]]) -> list[StepSpec]:
         missing = {"program", "path", "args"} - set(step)
         if missing:
             raise ValueError(f"step {i} lacks {', '.join(sorted(missing))}")
-    return [
-        {
+    clean: list[StepSpec] = []
+    for s in steps:
+        step: StepSpec = {
             "program": s["program"],
             "path": s["path"],
             "args": list(s["args"]),
             "stdin": s.get("stdin"),
             "stdout": s.get("stdout"),
         }
-        for s in steps
-    ]
+        for kind in ("sh", "script"):  # a shell step's command line or script
+            if isinstance(s.get(kind), str):
+                step[kind] = s[kind]
+        clean.append(step)
+    return clean
 
 
 class JobDB:

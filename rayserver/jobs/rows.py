@@ -21,7 +21,14 @@ from rayserver.common.tokens import SHARED_USER
 JSON_COLUMNS = {"steps": list, "env": dict, "outputs": list, "after_ids": list, "events": list}
 
 
-class StepSpec(TypedDict):
+class _StepKind(TypedDict, total=False):
+    """A shell step (program "sh", path /bin/sh) keeps what it was submitted as."""
+
+    sh: str  # the command line (args are ["-c", it])
+    script: str  # the script, relative to the project (args are [it, *its parameters])
+
+
+class StepSpec(_StepKind):
     """One resolved step as stored: absolute program path, arguments, redirections."""
 
     program: str
@@ -134,6 +141,7 @@ class JobRow:
                     "args": s["args"],
                     "stdin": s.get("stdin"),
                     "stdout": s.get("stdout"),
+                    **{k: s[k] for k in ("sh", "script") if k in s},
                 }
                 for s in self.steps
             ],

@@ -191,13 +191,62 @@ def check_shape(data: Any, settings: Settings) -> dict[str, Any]:
             '({"rif": ..., "options": [...]}); got ' + ("both" if has_steps else "neither"),
             "steps",
         )
+    _check_kinds(data)
     error = best_match(schema_validator("JobRequest").iter_errors(data))
     if error is not None:
         where, message = describe_error(error)
         raise JobSpecError(422, message, where or None)
     _check_limits(data, settings)
     _check_streams(data, settings)
+    _check_shell_allowed(data, settings)
     return data
+
+
+STEP_KINDS = ("program", "sh", "script")
+
+
+def _check_kinds(data: dict[str, Any]) -> None:
+    """Each step names exactly one of program, sh and script (clearer than the schema's oneOf)."""
+    steps = data.get("steps")
+    for i, step in enumerate(steps if isinstance(steps, list) else []):
+        if not isinstance(step, dict):
+            continue
+        kinds = [k for k in STEP_KINDS if k in step]
+        if not kinds:
+            raise JobSpecError(
+                422,
+                f"missing required field 'steps[{i}].program' (or 'sh', a command line, or "
+                "'script', a sh script in the project)",
+                f"steps[{i}].program",
+            )
+        if len(kinds) != 1:
+            got = " and ".join(kinds)
+            raise JobSpecError(
+                422,
+                f"steps[{i}]: give exactly one of program (a Radiance program), sh (a command "
+                f"line) and script (a sh script in the project); got {got}",
+                f"steps[{i}]",
+            )
+        if kinds == ["sh"] and step.get("args"):
+            raise JobSpecError(
+                422,
+                f"steps[{i}].args: a sh step takes no args; write them into its command line",
+                f"steps[{i}].args",
+            )
+
+
+def _check_shell_allowed(data: dict[str, Any], settings: Settings) -> None:
+    """sh command lines and scripts only run inside the job's sandbox: 403 without one."""
+    for i, step in enumerate(data.get("steps") or []):
+        kind = "sh" if "sh" in step else "script" if "script" in step else None
+        if kind and getattr(settings, "sandbox", "off") != "on":
+            raise JobSpecError(
+                403,
+                f"steps[{i}].{kind}: shell command lines and scripts run only inside the job "
+                'sandbox, and this server runs with sandbox = "off"; ask its administrator, or '
+                "run the Radiance programs as separate steps",
+                f"steps[{i}].{kind}",
+            )
 
 
 def _check_streams(data: dict[str, Any], settings: Settings) -> None:
@@ -380,6 +429,8 @@ def _resolve_step(
     and errors name ``rad.options`` and ``rad.rif``).
     """
     where = f"steps[{i}]" if from_steps else "rad"
+    if "sh" in step or "script" in step:
+        return _shell_step(step, where, workdir, project_dir)
     program = step["program"]
     path = radiance.program_path(settings, program)
     if path is None:
@@ -401,6 +452,44 @@ def _resolve_step(
         "stdin": step.get("stdin"),
         "stdout": step.get("stdout"),
     }
+
+
+SHELL = "/bin/sh"
+
+
+def _shell_step(
+    step: dict[str, Any], where: str, workdir: Path, project_dir: Path
+) -> dict[str, Any]:
+    """A sh command line or script as a step of program sh.
+
+    No argument check applies (a shell can do anything the box lets it): the
+    sandbox is what confines it (see _check_shell_allowed). A script must be
+    a regular file in the project; its path, the stdin and stdout files are
+    confined like any other.
+    """
+    for key in ("stdin", "stdout"):
+        if isinstance(step.get(key), str):
+            _confine(step[key], workdir, project_dir, f"{where}.{key}")
+    resolved: dict[str, Any] = {
+        "program": "sh",
+        "path": SHELL,
+        "stdin": step.get("stdin"),
+        "stdout": step.get("stdout"),
+    }
+    if "sh" in step:
+        if "\x00" in step["sh"]:
+            raise JobSpecError(422, f"{where}.sh: NUL character in the command line", f"{where}.sh")
+        return {**resolved, "args": ["-c", step["sh"]], "sh": step["sh"]}
+    script = step["script"]
+    real = _confine(script, workdir, project_dir, f"{where}.script")
+    if not real.is_file():
+        raise JobSpecError(
+            422,
+            f"{where}.script: {script!r} is not a file in the project directory",
+            f"{where}.script",
+        )
+    args = list(step.get("args") or [])
+    return {**resolved, "args": [script, *args], "script": script}
 
 
 def _arg_fields(from_steps: bool, where: str, args: list[str]) -> list[str]:

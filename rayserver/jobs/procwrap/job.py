@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import time
@@ -18,6 +19,7 @@ from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED
 from rayserver.jobs.procwrap.outputs import OutputTracker
 from rayserver.jobs.procwrap.procs import base_env, fmt_status, spawn
 from rayserver.jobs.procwrap.rtcount import RtraceCount
+from rayserver.jobs.procwrap.shprogress import ShProgress, new_marker
 from rayserver.jobs.procwrap.streams import StepStreams, StreamError, is_stream
 from rayserver.jobs.procwrap.watch import StepWatch
 from rayserver.jobs.rows import JobRow, StepSpec
@@ -34,6 +36,7 @@ _EXIT_CODES = {
 PROGRESS_INTERVAL = 0.5  # at most ~2 progress writes per second
 RAD_REPORT = "REPORT=0.05"  # minutes: rpict -t 3
 DRY_RUN_TIMEOUT = 60.0
+SCRIPT_READ_LIMIT = 1 << 20  # a script's first MB is read to know its commands (progress)
 
 
 class Job:
@@ -52,6 +55,7 @@ class Job:
         self.max_rss_kb = 0
         self.outputs = OutputTracker(".")  # the project's files the steps created or changed
         self.named: list[str] = []  # files the current step named (stdout, rad's outputs)
+        self.step_env: dict[str, str] = {}  # the current step's environment
         self._neighbours: tuple[list[int], int] = ([], 0)  # jobs that may run beside the step
         self.job_dir: Path | None = None  # the job's folder (log, stream sockets); see run_job
         self.streams = StepStreams(None, Path("."), self.wake)  # the current step's
@@ -186,7 +190,7 @@ class Job:
         n = len(self.steps)
         program = step["program"]
         args = list(step["args"])
-        tracker: prog.RadProgress | None = None
+        tracker: prog.RadProgress | ShProgress | None = None
         if not os.path.isdir(self.workdir):
             # Moved, deleted or unmounted since the submit: say so, rather than
             # "cannot start <program>" (the chdir's error) or a traceback.
@@ -194,8 +198,11 @@ class Job:
                 f"the project directory {self.workdir} is missing "
                 "(moved, deleted or its volume unmounted?)"
             )
+        self.step_env = self.env
         if program == "rad":
             args, tracker = self.prepare_rad(step["path"], args)
+        elif "sh" in step or "script" in step:
+            args, tracker = self.prepare_sh(step, args)
         self.log(f"== step {idx + 1}/{n}: {_shown(program, args, step)} ==\n")
         self.streams = StepStreams(
             step, self.job_dir or self.db.log_path(self.id).parent, self.wake
@@ -243,7 +250,7 @@ class Job:
             pid = spawn(
                 [step["path"], *args],
                 cwd=self.workdir,
-                env=self.env,
+                env=self.step_env,
                 stdin_fd=stdin_fd,
                 stdout_fd=stdout_fd if stdout_fd is not None else out_w,
                 stderr_fd=out_w,
@@ -317,6 +324,21 @@ class Job:
                 out.append(rel)
         return out
 
+    def prepare_sh(self, step: StepSpec, args: list[str]) -> tuple[list[str], ShProgress]:
+        """A shell step traced (sh -x, a PS4 of its own) so each command moves its progress."""
+        marker = new_marker()
+        self.step_env = {**self.env, "PS4": marker}
+        text = step.get("sh")
+        if text is None:
+            try:
+                fd = open_confined(self.workdir, str(step.get("script")), write=False)
+            except ConfinementError:
+                text = ""  # the shell will say what is wrong with it
+            else:
+                with os.fdopen(fd, "rb") as fh:
+                    text = fh.read(SCRIPT_READ_LIMIT).decode("utf-8", "replace")
+        return ["-x", *args], ShProgress(text, marker)
+
     def prepare_rad(self, rad: str, args: list[str]) -> tuple[list[str], prog.RadProgress | None]:
         """Dry-run rad to count its renders; add REPORT so rpict reports progress."""
         try:
@@ -354,7 +376,12 @@ class Job:
 
 def _shown(program: str, args: list[str], step: StepSpec) -> str:
     """The step's command line as the log shows it, redirections included."""
-    shown = " ".join([program, *args])
+    if "sh" in step:
+        shown = f"sh -c {shlex.quote(step['sh'])}"
+    elif "script" in step:
+        shown = " ".join(["sh", *map(shlex.quote, args[1:])])  # (args[0] is -x)
+    else:
+        shown = " ".join([program, *args])
     for key, sign in (("stdin", "<"), ("stdout", ">")):
         redirect = step.get(key)
         if is_stream(redirect):

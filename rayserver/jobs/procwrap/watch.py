@@ -15,6 +15,8 @@ from rayserver.jobs.procwrap.procs import group_gone, group_members
 
 if TYPE_CHECKING:
     from rayserver.jobs.procwrap.rtcount import RtraceCount
+    from rayserver.jobs.procwrap.shprogress import ShProgress
+    from rayserver.jobs.procwrap.streams import StepStreams
 
 SAMPLE_INTERVAL = 0.5  # RSS sampling of the step group
 # The first /proc scan and rtrace line count wait this long: a step that ends
@@ -24,6 +26,7 @@ FIRST_SAMPLE = 0.05
 RPICT_POKE_INTERVAL = 3.0  # SIGCONT asks rpict for one report (no -t needed)
 LEFTOVER_AFTER = 1.0  # s after the leader's exit before the rest of its group is ended
 PIPE_HELD_AFTER = 2.0  # s after the leader's exit before a pipe held elsewhere is let go
+LONGEST_LINE = 1 << 16  # output without a line break is parsed (and logged) in pieces of this
 
 
 class WatchedJob(Protocol):
@@ -45,6 +48,9 @@ class WatchedJob(Protocol):
 
     def reap(self, leader: int, status: int | None) -> int | None: ...
 
+    @property
+    def streams(self) -> StepStreams: ...
+
 
 class StepWatch:
     """One step from its spawn to its reaped exit.
@@ -60,7 +66,7 @@ class StepWatch:
         out_r: int,
         idx: int,
         program: str,
-        tracker: prog.RadProgress | None,
+        tracker: prog.RadProgress | ShProgress | None,
         counter: RtraceCount | None,
     ) -> None:
         self.job = job
@@ -108,7 +114,10 @@ class StepWatch:
         finally:
             sel.close()
         if self.partial:
-            self.parse_line(self.partial.decode("utf-8", "replace"))
+            line = self.partial.decode("utf-8", "replace")
+            if self.program == "sh" and self.tracker is not None:
+                self.job.log(self.tracker.shown(line))  # (held back for its line break)
+            self.parse_line(line)
         assert self.status is not None
         if os.WIFSIGNALED(self.status):
             return None, os.WTERMSIG(self.status)
@@ -121,9 +130,18 @@ class StepWatch:
             self.eof = True
             sel.unregister(self.out_r)
             return
-        self.job.log(data.decode("utf-8", "replace"))
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
+        if len(self.partial) > LONGEST_LINE:  # (binary output, a progress bar with \r)
+            lines.append(self.partial)
+            self.partial = b""
+        if self.program == "sh" and self.tracker is not None:
+            # Whole lines only: the shell's trace lines are shown as "+ command".
+            self.job.log(
+                "".join(self.tracker.shown(r.decode("utf-8", "replace")) + "\n" for r in lines)
+            )
+        else:
+            self.job.log(data.decode("utf-8", "replace"))
         for raw in lines:
             frac = self.parse_line(raw.decode("utf-8", "replace"))
             if frac is not None:
@@ -161,11 +179,12 @@ class StepWatch:
             frac = self.counter.fraction() if self.counter is not None else None
             if frac is not None:
                 self.job.progress(prog.overall_percent(self.idx, self.n, frac))
-        if self.program == "rpict" and now >= self.next_poke:
+        if self.program in ("rpict", "sh") and now >= self.next_poke:
             # SIGCONT makes rpict print one progress report, without -t.
             self.next_poke = now + RPICT_POKE_INTERVAL
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)
+            for pid in [self.pid] if self.program == "rpict" else rpicts_of(self.pgid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGCONT)
 
     def finished(self, now: float) -> bool:
         """After the leader's exit: True once its group is gone and its output read."""
@@ -202,7 +221,20 @@ class StepWatch:
             rep = prog.parse_rpict_report(line)
             if rep is not None:
                 return rep.percent / 100.0
+        if self.program == "sh" and self.tracker is not None:
+            return self.tracker.feed(line)
         return None
+
+
+def rpicts_of(pgid: int) -> list[int]:
+    """The rpict processes of a step's group (a script's): each may be asked for a report."""
+    found = []
+    for pid, _ in group_members(pgid):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/comm", "rb") as fh:
+                if fh.read().strip() == b"rpict":
+                    found.append(pid)
+    return found
 
 
 def _drain(fd: int) -> None:
