@@ -109,6 +109,14 @@ def test_pipe_from_a_shim_to_a_local_program(server: Any, rayhome: RayHome) -> N
     )
     assert bad.returncode == 1 and b"command line error at '-bogus'" in bad.stderr
     assert b"==" not in bad.stderr  # the server's frame lines stay out
+    # An open pipe nobody writes (Honeybee's Popen(stdin=PIPE)) goes only to readers:
+    # oconv with its files named does not wait for its end.
+    with subprocess.Popen(
+        ["oconv", "scene.rad"], cwd=proj, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as oconv:
+        out = oconv.stdout.read()  # ends when the shim ends, our stdin still open
+        assert oconv.wait(60) == 0
+        assert out == (proj / "scene.oct").read_bytes()
 
 
 def _rpicts_in(proj: Path) -> list[int]:

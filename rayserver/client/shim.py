@@ -37,6 +37,16 @@ LOCAL_PROGRAMS = frozenset(
 )
 # Words naming files: themselves, @options files, VAR=path values (as the server reads them).
 SPLIT_PROGRAMS = ("rtrace", "rcontrib", "rfluxmtx")
+# Which programs read their standard input: a shim streams ours only to those (a tool's
+# open pipe that nobody writes, as Honeybee's Popen(stdin=PIPE), must not hold a job).
+# Always: the ray tracers' rays, the matrix splitters' data.
+STDIN_ALWAYS = frozenset({"rtrace", "rcontrib", "rsplit", "rcollate", "rlam", "mkillum"})
+# Filters: standard input when no input file is named.
+STDIN_WITHOUT_FILE = frozenset(
+    "xform pfilt pcond pextrem protate pflip psign ra_bmp ra_gif ra_hexbit ra_pict ra_ppm "
+    "ra_ps ra_rgbe ra_t16 ra_t8 ra_tiff ra_xyze gendaymtx gensdaymtx obj2mesh obj2rad "
+    "evalglare histo neaten total rcalc cnt getinfo pvalue tabfunc".split()
+)
 _FRAME_PREFIX = b"== "
 
 
@@ -76,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     if outside:
         exec_local(opts, f"{outside} is outside the project {project.local_dir}")
     return run_remote(ctx, project, opts, args)
+
+
+def reads_stdin(program: str, args: list[str]) -> bool:
+    """Whether ``program`` with ``args`` reads its standard input (then a shim streams ours)."""
+    if program in STDIN_ALWAYS or "-" in args:
+        return True
+    if program in STDIN_WITHOUT_FILE:
+        return not any(not a.startswith("-") and os.path.isfile(a) for a in args)
+    return False
 
 
 def caller_name() -> str:
@@ -189,7 +208,7 @@ def _run_one(ctx, project, opts: ShimOptions, args: list[str]) -> int:  # noqa: 
     from rayserver.client.jobrequest import build_job
     from rayserver.client.streams import StreamedRun, stdin_has_data
 
-    has_in = stdin_has_data()
+    has_in = reads_stdin(opts.program, args) and stdin_has_data()
     request = build_job(
         project, [opts.program, *args], caller_name(), 0, "-" if has_in else None, "-"
     )
@@ -261,7 +280,7 @@ def _run_split(ctx, project, opts: ShimOptions, args: list[str]) -> int:  # noqa
         [opts.program, *args],
         hosts=ctx.server_records(names if explicit else None),
         explicit_hosts=explicit,
-        stdin="-" if stdin_has_data() else None,
+        stdin="-" if reads_stdin(opts.program, args) and stdin_has_data() else None,
         stdout=None,
         name=caller_name(),
         json_mode=True,  # no bar, no account: the program's output is all we give
