@@ -13,16 +13,17 @@ can read it and nobody else can.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import os
-import secrets
-import ssl
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# ssl, secrets and hmac are imported where used: they load OpenSSL's libraries
+# (~5 MiB), which the supervisor, importing this module, never needs.
 if TYPE_CHECKING:
+    import ssl
+
     from rayserver.common.paths import Layout
     from rayserver.common.settings import Settings
 
@@ -102,6 +103,8 @@ def _read_checked(path: Path) -> str:
 
 def _write_new(path: Path, token: str) -> Path:
     """Write ``token`` to a fresh temporary file next to ``path`` with mode 0640."""
+    import secrets
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -129,6 +132,8 @@ def _create_token_file(path: Path) -> bool:
         # Nothing to create; a server switched away from root may not write the folder.
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
+    import secrets
+
     tmp = _write_new(path, secrets.token_urlsafe(32))
     try:
         os.link(tmp, path)
@@ -208,6 +213,8 @@ def new_token(path: Path) -> str:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import secrets
+
     token = secrets.token_urlsafe(32)
     try:
         old_gid = path.stat().st_gid
@@ -238,6 +245,8 @@ def new_token(path: Path) -> str:
 
 def tokens_equal(a: str, b: str) -> bool:
     """Compare two tokens in constant time (no timing hint about a wrong token's prefix)."""
+    import hmac
+
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
@@ -279,6 +288,8 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
             f"private key file {key} (tls_key) holds no PEM private key "
             f"(expected a '-----BEGIN PRIVATE KEY-----' block)"
         )
+    import ssl
+
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     encrypted = False
@@ -314,6 +325,8 @@ def client_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     otherwise, when the (shared) settings say the server uses TLS, the
     system's trusted CAs are used. Host names are always checked.
     """
+    import ssl
+
     if settings.tls_ca:
         ca = Path(settings.tls_ca).expanduser()
         _check_readable("CA certificate", "tls_ca", ca)

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import hmac
 import os
 import re
-import secrets
 import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+# hashlib, hmac and secrets are imported where used: they load OpenSSL's
+# libcrypto (~4 MiB), and the fork server imports this module (for SHARED_USER).
 TOKENS_MODE = 0o640
 SHARED_USER = "admin"
 ROLES = ("user", "admin")
@@ -66,6 +65,8 @@ class NamedToken:
 
 def digest(token: str) -> str:
     """The stored form of ``token``: its sha256 in hex."""
+    import hashlib
+
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
@@ -153,6 +154,8 @@ def load(path: Path) -> dict[str, NamedToken]:
 
 def find(entries: dict[str, NamedToken], token: str) -> NamedToken | None:
     """The entry whose token is ``token``; every entry is compared, in constant time each."""
+    import hmac
+
     wanted = digest(token)
     found = None
     for entry in entries.values():
@@ -168,6 +171,8 @@ def _write(path: Path, entries: dict[str, NamedToken]) -> None:
         old_gid: int | None = path.stat().st_gid
     except OSError:
         old_gid = None
+    import secrets
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -222,6 +227,8 @@ def add(path: Path, user: str, role: str = "user") -> str:
     check_user(user)
     if role not in ROLES:
         raise TokensFileError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    import secrets
+
     token = secrets.token_urlsafe(32)
     created = time.strftime(_TIME_FORMAT, time.gmtime())
 

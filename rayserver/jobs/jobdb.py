@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -273,6 +272,8 @@ class JobDB:
         return JobDBError(f"{self.path}: cannot open the job database: {text}")
 
     def _corrupt(self, detail: str) -> JobDBError:
+        import shutil  # here: with bz2 and lzma, it is not for the fork server to load
+
         stamp = time.strftime("%Y%m%d-%H%M%S")
         copy = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -190,6 +189,8 @@ def _run_claimed(job: Job, row: JobRow) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m rayserver.procwrap --db DB --job ID [--grace S] [--claim-queued]``."""
+    import argparse  # here: the fork server, which imports this module, never parses
+
     parser = argparse.ArgumentParser(
         prog="python -m rayserver.procwrap",
         description="Run one rayserver job and record its result.",
