@@ -17,7 +17,6 @@ In the job log the marker becomes ``+ `` (how ``sh -x`` looks to a person).
 from __future__ import annotations
 
 import re
-import secrets
 import shlex
 
 from rayserver.jobs.procwrap import progress as prog
@@ -33,6 +32,8 @@ _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 def new_marker() -> str:
     """A PS4 no program prints by chance: ``+rayserver-<8 hex>+ ``."""
+    import secrets  # here: it loads OpenSSL, which the fork server (importing us) must not
+
     return f"{MARK}{secrets.token_hex(4)}+ "
 
 
