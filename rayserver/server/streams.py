@@ -48,6 +48,7 @@ from rayserver.server.jobspec import JobSpecError
 log = logging.getLogger("rayserver.server.streams")
 
 CHUNK = 1 << 18
+READ_BUFFER = 1 << 20  # the relay socket's read buffer (asyncio's default is 64 KiB)
 SOCKET_POLL = 0.05  # s between looks for the relay socket while the job is queued
 
 
@@ -159,7 +160,8 @@ class JobStreams:
                     400, f"the request body ended before it was complete ({sent} bytes): {exc}"
                 ) from None
             try:
-                writer.write(FRAME.pack(len(chunk)) + chunk)
+                writer.write(FRAME.pack(len(chunk)))
+                writer.write(chunk)  # (not joined to the frame: that would copy the chunk)
                 await writer.drain()
             except ConnectionError:
                 raise _Refused(
@@ -219,7 +221,9 @@ async def _open_unix(folder: Path, name: str) -> tuple[asyncio.StreamReader, asy
     """Connect to ``folder/name`` through ``/proc/self/fd``: the path may exceed sun_path."""
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return await asyncio.open_unix_connection(f"/proc/self/fd/{dir_fd}/{name}")
+        return await asyncio.open_unix_connection(
+            f"/proc/self/fd/{dir_fd}/{name}", limit=READ_BUFFER
+        )
     finally:
         os.close(dir_fd)
 
