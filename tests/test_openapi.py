@@ -67,7 +67,7 @@ def test_document_is_sound() -> None:
         jsonschema.Draft202012Validator.check_schema(schema)
     loaded = schemathesis.openapi.from_dict(doc)
     ops = {(op.ok().method.upper(), op.ok().path) for op in loaded.get_all_operations()}
-    assert ("POST", "/v1/jobs") in ops and ("POST", "/v1/share-probe") in ops and len(ops) == 12
+    assert ("POST", "/v1/jobs") in ops and ("POST", "/v1/share-probe") in ops and len(ops) == 13
     # every $ref points somewhere
     text = json.dumps(doc)
     for ref in {part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
@@ -169,6 +169,11 @@ def test_real_answers_match_the_documented_schemas(server: Any, rayhome: RayHome
     check("/v1/jobs", "POST", "/v1/jobs", 422, {**job, "priority": 1000})
     check("/v1/jobs", "POST", "/v1/jobs", 404, {**job, "location": "elsewhere"})
     check("/v1/jobs", "POST", "/v1/jobs", 403, {**job, "project": "/etc"})
+    batch = check("/v1/jobs/batch", "POST", "/v1/jobs/batch", 201, {"jobs": [job, job]})
+    assert [j["id"] for j in batch["jobs"]] == [jid + 1, jid + 2]
+    check(
+        "/v1/jobs/batch", "POST", "/v1/jobs/batch", 422, {"jobs": [job, {**job, "priority": 1000}]}
+    )
     check("/v1/jobs/{id}/preview.png", "GET", "/v1/jobs/4242/preview.png", 404)
     check("/v1/jobs/{id}/stdout", "GET", f"/v1/jobs/{jid}/stdout", 409)
     check("/v1/jobs/{id}/stdin", "PUT", f"/v1/jobs/{jid}/stdin", 409, b"x", ctype=None)
@@ -180,4 +185,4 @@ def test_real_answers_match_the_documented_schemas(server: Any, rayhome: RayHome
     assert sent == {"id": sid, "bytes": 12}
     out = check("/v1/jobs/{id}/stdout", "GET", f"/v1/jobs/{sid}/stdout", 200)
     assert out.count(b"\t") == 3
-    assert len(checked) == 22
+    assert len(checked) == 24

@@ -210,6 +210,10 @@ class Client:
     def submit(self, job: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/v1/jobs", job)
 
+    def submit_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Queue ``jobs`` in one request, all or none; the job objects in the same order."""
+        return self.request("POST", "/v1/jobs/batch", {"jobs": jobs})["jobs"]
+
     def job(self, job_id: int, wait: float | None = None) -> dict[str, Any]:
         query = f"?wait={wait:g}" if wait else ""
         timeout = (wait + 30) if wait else None

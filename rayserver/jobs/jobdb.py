@@ -119,6 +119,7 @@ class UnknownJobsError(ValueError):
 
     def __init__(self, ids: list[int]) -> None:
         self.ids = ids
+        self.index: int | None = None  # which job of a batch (JobDB.submit_many)
         super().__init__(f"no job {', '.join(map(str, ids))} on this server")
 
 
@@ -355,41 +356,38 @@ class JobDB:
         :class:`UnknownJobsError` when some are not in the database (checked
         in the inserting transaction, so the answer holds).
         """
-        clean = _clean_steps(steps)
-        after = sorted({int(i) for i in after or []})
         with self._write() as conn:
-            if after:
-                known = {
-                    r[0]
-                    for r in conn.execute(
-                        f"SELECT id FROM jobs WHERE id IN ({_marks(after)})", after
-                    )
-                }
-                if unknown := [i for i in after if i not in known]:
-                    raise UnknownJobsError(unknown)
-            cur = conn.execute(
-                "INSERT INTO jobs (name, priority, client, location, project, workdir, steps, "
-                "env, state, submitted_at, step_count, executor, after_ids, user) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    name,
-                    int(priority),
-                    client,
-                    location,
-                    project,
-                    workdir,
-                    json.dumps(clean),
-                    json.dumps(env),
-                    JobState.QUEUED,
-                    time.time(),
-                    len(clean),
-                    executor,
-                    json.dumps(after) if after else None,
-                    user,
-                ),
+            return _insert_job(
+                conn,
+                name=name,
+                priority=priority,
+                client=client,
+                location=location,
+                project=project,
+                workdir=workdir,
+                steps=steps,
+                env=env,
+                executor=executor,
+                after=after,
+                user=user,
             )
-            job_id = int(cur.lastrowid or 0)
-        return job_id
+
+    def submit_many(self, jobs: list[dict[str, Any]]) -> list[int]:
+        """Queue several resolved jobs in one transaction: all or none; their ids in order.
+
+        Each item holds :meth:`submit`'s keyword arguments. An
+        :class:`UnknownJobsError` has ``index`` set to the item it is about,
+        and nothing is queued.
+        """
+        ids: list[int] = []
+        with self._write() as conn:
+            for index, job in enumerate(jobs):
+                try:
+                    ids.append(_insert_job(conn, **job))
+                except UnknownJobsError as exc:
+                    exc.index = index
+                    raise
+        return ids
 
     def get(self, job_id: int) -> JobRow | None:
         """The job's full row, or None."""
@@ -762,3 +760,51 @@ class JobDB:
         """Remember the Slurm job id of a job."""
         with self._write() as conn:
             conn.execute("UPDATE jobs SET external_id=? WHERE id=?", (external_id, job_id))
+
+
+def _insert_job(
+    conn: sqlite3.Connection,
+    *,
+    name: str | None,
+    priority: int,
+    client: str,
+    location: str,
+    project: str,
+    workdir: str,
+    steps: list[dict[str, Any]],
+    env: dict[str, str],
+    executor: str = "local",
+    after: list[int] | None = None,
+    user: str | None = None,
+) -> int:
+    """INSERT one queued job in the open transaction ``conn``; its id."""
+    clean = _clean_steps(steps)
+    after = sorted({int(i) for i in after or []})
+    if after:
+        known = {
+            r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({_marks(after)})", after)
+        }
+        if unknown := [i for i in after if i not in known]:
+            raise UnknownJobsError(unknown)
+    cur = conn.execute(
+        "INSERT INTO jobs (name, priority, client, location, project, workdir, steps, "
+        "env, state, submitted_at, step_count, executor, after_ids, user) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            name,
+            int(priority),
+            client,
+            location,
+            project,
+            workdir,
+            json.dumps(clean),
+            json.dumps(env),
+            JobState.QUEUED,
+            time.time(),
+            len(clean),
+            executor,
+            json.dumps(after) if after else None,
+            user,
+        ),
+    )
+    return int(cur.lastrowid or 0)

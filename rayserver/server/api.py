@@ -17,10 +17,11 @@ process): the worker stays disposable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -47,6 +48,8 @@ DEFAULT_LIMIT = 100
 # Beyond this many waiting jobs a submit is refused with 503: a runaway
 # script must not fill the disk with queue rows.
 MAX_QUEUED = 10_000
+# Jobs in one POST /v1/jobs/batch (a split's parts, a shim's commands).
+MAX_BATCH = 1000
 # How often a followed log is checked for new bytes while the job runs.
 FOLLOW_INTERVAL = 0.2
 # Bytes of a log read (in a thread) and written per step. Three readers of a
@@ -215,32 +218,59 @@ async def openapi(_request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="application/yaml")
 
 
-async def submit(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    settings = ctx.live.settings
+def _require_json(request: web.Request, what: str) -> None:
     if request.content_type != "application/json":
         raise ApiError(
             415,
-            "send the job as JSON with 'Content-Type: application/json' "
+            f"send {what} as JSON with 'Content-Type: application/json' "
             f"(got {request.content_type or 'no content type'!r})",
         )
-    data = jsonbody.parse(await request.read(), "a JSON job object")
-    jobspec.check_shape(data, settings)
-    client = request.remote or "?"
+
+
+def _resolve(ctx: AppContext, data: dict[str, Any], client: str) -> jobspec.ResolvedJob:
+    """The checked job of a request body (touches the file system: call it in a thread)."""
     live = ctx.live
-    # Path checks touch the (possibly network) file system: keep them off the loop.
-    job = await asyncio.to_thread(
-        jobspec.resolve_job,
+    return jobspec.resolve_job(
         data,
-        settings=settings,
+        settings=live.settings,
         hosts=live.hosts,
         record=lambda: live.record,
         reload=live.reload_if_changed,
         client=client,
     )
+
+
+def _check_room(ctx: AppContext, adding: int) -> None:
     queued = ctx.db.queued_count()
-    if queued >= MAX_QUEUED:
+    if queued + adding > MAX_QUEUED:
         raise ApiError(503, f"the queue is full ({queued} jobs waiting); try again later")
+
+
+def _log_submitted(
+    job_id: int, user: str, client: str, job: jobspec.ResolvedJob, after: list[int]
+) -> None:
+    log.info(
+        "job %d submitted by %s from %s: %s in %s/%s%s",
+        job_id,
+        user,
+        client,
+        " | ".join(s["program"] for s in job.steps),
+        job.location,
+        job.project,
+        f" after {', '.join(map(str, after))}" if after else "",
+    )
+
+
+async def submit(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    settings = ctx.live.settings
+    _require_json(request, "the job")
+    data = jsonbody.parse(await request.read(), "a JSON job object")
+    jobspec.check_shape(data, settings)
+    client = request.remote or "?"
+    # Path checks touch the (possibly network) file system: keep them off the loop.
+    job = await asyncio.to_thread(_resolve, ctx, data, client)
+    _check_room(ctx, 1)
     # On the loop, like the scheduler's writes: a short local transaction
     # costs less than the hop to a thread and back.
     after = data.get("after") or []
@@ -252,19 +282,77 @@ async def submit(request: web.Request) -> web.Response:
             422,
             f"after: {exc}; expected ids of jobs on this server (each server numbers its own jobs)",
         ) from None
-    log.info(
-        "job %d submitted by %s from %s: %s in %s/%s%s",
-        job_id,
-        user,
-        client,
-        " | ".join(s["program"] for s in job.steps),
-        job.location,
-        job.project,
-        f" after {', '.join(map(str, after))}" if after else "",
-    )
+    _log_submitted(job_id, user, client, job, after)
     ctx.scheduler.notify()
     row = _get_row(ctx, job_id)
     return _job_response(ctx, row, 201, {"Location": f"/v1/jobs/{job_id}"})
+
+
+def _batch_items(data: Any, settings: Any) -> list[dict[str, Any]]:
+    """The jobs of a batch body, each shape-checked; the first bad one refuses them all."""
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        raise ApiError(422, 'expected a JSON object {"jobs": [job, ...]}')
+    if extra := sorted(set(data) - {"jobs"}):
+        raise ApiError(422, f"unknown field {extra[0]!r} in the batch; expected only 'jobs'")
+    jobs: list[Any] = data["jobs"]
+    if not 1 <= len(jobs) <= MAX_BATCH:
+        raise ApiError(
+            422, f"jobs: {len(jobs)} jobs given; expected between 1 and {MAX_BATCH} in one batch"
+        )
+    for index, item in enumerate(jobs):
+        with _batch_index(index, len(jobs)):
+            jobspec.check_shape(item, settings)
+    return jobs
+
+
+@contextlib.contextmanager
+def _batch_index(index: int, count: int) -> Iterator[None]:
+    """A job's error, prefixed with its place in the batch; nothing of the batch is queued."""
+    try:
+        yield
+    except (JobSpecError, ApiError) as exc:
+        raise ApiError(
+            exc.status, f"jobs[{index}]: {exc.message} (none of the {count} jobs was queued)"
+        ) from None
+
+
+async def submit_batch(request: web.Request) -> web.Response:
+    """POST /v1/jobs/batch: several jobs checked first, then queued in one transaction."""
+    ctx = _ctx(request)
+    settings = ctx.live.settings
+    _require_json(request, "the batch")
+    data = jsonbody.parse(await request.read(), 'a JSON object {"jobs": [job, ...]}')
+    items = _batch_items(data, settings)
+    client = request.remote or "?"
+
+    def resolve_all() -> list[jobspec.ResolvedJob]:
+        resolved = []
+        for index, item in enumerate(items):
+            with _batch_index(index, len(items)):
+                resolved.append(_resolve(ctx, item, client))
+        return resolved
+
+    jobs = await asyncio.to_thread(resolve_all)
+    _check_room(ctx, len(jobs))
+    user = request.get(USER_KEY, SHARED_USER)
+    afters = [item.get("after") or [] for item in items]
+    try:
+        ids = ctx.db.submit_many(
+            [
+                _submit_args(j, client, settings.executor, a, user)
+                for j, a in zip(jobs, afters, strict=True)
+            ]
+        )
+    except UnknownJobsError as exc:
+        raise ApiError(
+            422,
+            f"jobs[{exc.index}]: after: {exc}; expected ids of jobs on this server (each "
+            f"server numbers its own jobs) (none of the {len(jobs)} jobs was queued)",
+        ) from None
+    for job_id, job, after in zip(ids, jobs, afters, strict=True):
+        _log_submitted(job_id, user, client, job, after)
+    ctx.scheduler.notify()
+    return web.json_response({"jobs": [ctx.db.public(_get_row(ctx, i)) for i in ids]}, status=201)
 
 
 def _insert(
@@ -275,19 +363,26 @@ def _insert(
     after: list[int],
     user: str,
 ) -> int:
-    return ctx.db.submit(
-        name=job.name,
-        priority=job.priority,
-        client=client,
-        location=job.location,
-        project=job.project,
-        workdir=job.workdir,
-        steps=job.steps,
-        env=job.env,
-        executor=executor,
-        after=after,
-        user=None if user == SHARED_USER else user,
-    )
+    return ctx.db.submit(**_submit_args(job, client, executor, after, user))
+
+
+def _submit_args(
+    job: jobspec.ResolvedJob, client: str, executor: str, after: list[int], user: str
+) -> dict[str, Any]:
+    """JobDB.submit's keyword arguments for a resolved job."""
+    return {
+        "name": job.name,
+        "priority": job.priority,
+        "client": client,
+        "location": job.location,
+        "project": job.project,
+        "workdir": job.workdir,
+        "steps": job.steps,
+        "env": job.env,
+        "executor": executor,
+        "after": after,
+        "user": None if user == SHARED_USER else user,
+    }
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -451,6 +546,7 @@ def build_app(ctx: AppContext, extra_middlewares: list[Any] | None = None) -> we
     app.router.add_get("/v1/info", info)
     app.router.add_get("/v1/openapi.yaml", openapi)
     app.router.add_post("/v1/jobs", submit)
+    app.router.add_post("/v1/jobs/batch", submit_batch)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
