@@ -330,7 +330,9 @@
     if (job.ended_at) times += " · ended " + clock(job.ended_at);
     if (job.wall_time != null && FINAL.has(job.state)) times += " · took " + duration(job.wall_time);
     card.times.textContent = times;
-    card.reason.textContent = FINAL.has(job.state) && job.state !== "done" && job.reason ? job.reason : "";
+    const waiting = job.waiting_for || [];
+    card.reason.textContent = FINAL.has(job.state) && job.state !== "done" && job.reason ? job.reason
+      : waiting.length ? "waits for job " + waiting.join(", ") + " to be done" : "";
 
     if (card.progress.value !== progress) card.progress.value = progress;
     card.progress.setAttribute("aria-valuetext", progress.toFixed(0) + " percent, " + shownState);
