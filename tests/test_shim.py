@@ -235,3 +235,31 @@ def test_cheap_programs_run_locally_without_a_server(
     )
     assert time.monotonic() - started < 20
     assert b"rayfront" not in proc.stderr  # no server to talk to, and it did not try
+
+
+def test_hosts_all_splits_one_rtrace_call_over_the_servers(three_servers: Any) -> None:
+    cluster = three_servers
+    proj = cluster.project.parent / "shim-split"
+    proj.mkdir()
+    from jobtools import SCENE
+    from splittools import jobs_of
+
+    (proj / "scene.rad").write_text(SCENE)
+    _direct(proj, "oconv scene.rad > scene.oct")
+    (proj / "pts.txt").write_text(POINTS)
+    folder = cluster.base / "shims-split"
+    proc = cluster.rayfront("shim", str(folder), "--hosts", "all")
+    assert proc.returncode == 0, proc.stderr
+    env = cluster.client.env
+    env.pop("RAYFRONT_TOKEN", None)
+    env.pop("RAYPATH", None)
+    env.update(PATH=f"{folder}:{env['PATH']}", PWD=str(proj))
+    cmd = "rtrace -h -ab 0 scene.oct < pts.txt"
+    out = subprocess.run(["sh", "-c", cmd], cwd=proj, env=env, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == _direct(proj, cmd)
+    used = []
+    for srv in cluster.servers:
+        if any(j["project"] == "shim-split" and j["state"] == "done" for j in jobs_of(srv)):
+            used.append(srv.home.host)
+    assert len(used) == 3, used  # one call's rays on every server

@@ -272,6 +272,13 @@ def _run_split(ctx, project, opts: ShimOptions, args: list[str]) -> int:  # noqa
     from rayserver.client.splitrun import SplitRun
     from rayserver.client.streams import stdin_has_data
 
+    if opts.bin and not ctx.settings.radiance_bin:
+        # The split plans and merges with Radiance here; under -S the pyradiance wheel
+        # cannot be found by import: use the folder the script names.
+        from dataclasses import replace
+
+        lib = ctx.settings.raypath or (os.path.join(os.path.dirname(opts.bin), "lib"),)
+        ctx.settings = replace(ctx.settings, radiance_bin=opts.bin, raypath=tuple(lib))
     names = [n.strip() for n in opts.hosts.split(",") if n.strip()]
     explicit = names != ["all"]
     run = SplitRun(
@@ -283,8 +290,8 @@ def _run_split(ctx, project, opts: ShimOptions, args: list[str]) -> int:  # noqa
         stdin="-" if reads_stdin(opts.program, args) and stdin_has_data() else None,
         stdout=None,
         name=caller_name(),
-        json_mode=True,  # no bar, no account: the program's output is all we give
         quiet=True,
+        silent=True,  # no bar, no account: the program's output is all we give
     )
     result = run.run()
     if result.summary.get("error"):

@@ -145,8 +145,10 @@ class SplitRun:
         json_mode: bool = False,
         quiet: bool = False,
         lost_after: float = DEFAULT_LOST_AFTER,
+        silent: bool = False,
     ) -> None:
         self.ctx = ctx
+        self.silent = silent  # no bar, no messages (a shim: the program's output is all)
         self.project = project
         self.program, self.args = command[0], list(command[1:])
         self.explicit_hosts = explicit_hosts
@@ -179,7 +181,7 @@ class SplitRun:
     # ------------------------------------------------------------ messages
     def say(self, message: str) -> None:
         self.events.append(message)
-        if self.json_mode:
+        if self.json_mode or self.silent:
             return
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
@@ -703,7 +705,7 @@ class SplitRun:
 
     # ------------------------------------------------------------ progress
     def _start_bar(self, parts: list[Part]) -> None:
-        if self.json_mode:
+        if self.json_mode or self.silent:
             return
         from tqdm import tqdm
 
