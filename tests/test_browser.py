@@ -200,13 +200,13 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     # Accessible names: the progress bar is named after its job; the log opens.
     assert page.get_by_role("progressbar", name="#" + str(a) + " watched render").count() == 1
     assert page.get_by_role("status").count() == 1
-    page.click(f"#job-{a} summary")
+    page.click(f"#job-{a} details.log summary")  # (the Outputs list has one too)
     log_text = poll(
         page,
         f"#job-{a} .log pre",
         "p => p.textContent",
         lambda v: bool(v) and "rpict" in v,
-        timeout=10,
+        timeout=30,  # as the other waits here: 10 s were too few on a busy machine
     )[-1]
     assert token not in log_text
 
