@@ -222,6 +222,14 @@ class Bench:
             raise SystemExit(f"submit failed: {status} {job}")
         return int(job["id"])
 
+    def submit_batch(self, jobs: list[list[dict]]) -> list[int]:
+        """Queue one job per list of steps in a single POST /v1/jobs/batch; their ids."""
+        body = {"jobs": [{"location": "projects", "project": "room", "steps": s} for s in jobs]}
+        status, answer = self.keepalive("POST", "/v1/jobs/batch", body)
+        if status != 201:
+            raise SystemExit(f"batch submit failed: {status} {answer}")
+        return [int(job["id"]) for job in answer["jobs"]]
+
     def wait(self, job_id: int) -> dict:
         while True:
             status, job = self.keepalive("GET", f"/v1/jobs/{job_id}?wait=120")
@@ -272,14 +280,27 @@ def bench_dispatch(b: Bench) -> float:
         if job["state"] != "done":
             raise SystemExit(f"rtrace job ended {job['state']}: {job}")
 
-    for _ in range(3):  # warm both paths
+    def new_connections() -> None:
+        # Like curl or urllib: a new TCP connection for the submit and for the wait.
+        body = {"location": "projects", "project": "room", "steps": [RTRACE_STEP]}
+        status, job = b.request("POST", "/v1/jobs", body)
+        if status != 201:
+            raise SystemExit(f"submit failed: {status} {job}")
+        _status, job = b.request("GET", f"/v1/jobs/{job['id']}?wait=120")
+        if job.get("state") != "done":
+            raise SystemExit(f"rtrace job ended {job.get('state')}: {job}")
+
+    for _ in range(3):  # warm every path
         direct()
         through_server()
-    d, s = [], []
-    for _ in range(n):  # interleaved, so drift hits both alike
+        new_connections()
+    d, s, c = [], [], []
+    for _ in range(n):  # interleaved, so drift hits all alike
         d += timed(direct, 1)
         s += timed(through_server, 1)
+        c += timed(new_connections, 1)
     overhead = med(s) - med(d)
+    fresh = med(c) - med(d)
     b.row("1. tiny rtrace, direct (median ms)", f"{med(d):.1f}", "", "")
     b.row(
         "1. tiny rtrace, through rayserver (median ms)",
@@ -288,10 +309,16 @@ def bench_dispatch(b: Bench) -> float:
         f"ratio {med(s) / med(d):.2f}x",
     )
     b.row(
-        "1. dispatch overhead (median ms)",
+        "1. dispatch overhead, keep-alive long poll (median ms)",
         f"{overhead:.1f}",
-        "< 5 ms",
-        "met" if overhead < 5 else "NOT met",
+        "< 3 ms",
+        "met" if overhead < 3 else "NOT met",
+    )
+    b.row(
+        "1. dispatch overhead, a new connection per request (median ms)",
+        f"{fresh:.1f}",
+        "< 6 ms",
+        "met" if fresh < 6 else "NOT met",
     )
     return overhead
 
@@ -434,6 +461,12 @@ def bench_throughput(b: Bench) -> None:
         if job["state"] != "done":
             raise SystemExit(f"throughput job {job_id} ended {job['state']}")
     server = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batch = b.submit_batch([[{**RTRACE_STEP, "stdout": f"tpb-{i}.out"}] for i in range(n)])
+    for job_id in batch:
+        if b.wait(job_id)["state"] != "done":
+            raise SystemExit(f"throughput job {job_id} (batch) did not end done")
+    batched = time.perf_counter() - t0
     b.row(f"3. {n} tiny jobs, xargs -P 2 (s)", f"{xargs:.2f}", "", f"{n / xargs:.0f} jobs/s")
     b.row(
         f"3. {n} tiny jobs, rayserver cpus=2 (s)", f"{server:.2f}", "", f"{n / server:.0f} jobs/s"
@@ -441,8 +474,14 @@ def bench_throughput(b: Bench) -> None:
     b.row(
         "3. rayserver / xargs wall time",
         f"{server / xargs:.2f}x",
-        "<= 1.25x",
-        "met" if server / xargs <= 1.25 else "NOT met",
+        "within 1.5x",
+        "met" if server / xargs <= 1.5 else "NOT met",
+    )
+    b.row(
+        f"3. {n} tiny jobs in one POST /v1/jobs/batch / xargs wall time",
+        f"{batched / xargs:.2f}x",
+        "within 1.5x",
+        f"{batched:.2f} s; " + ("met" if batched / xargs <= 1.5 else "NOT met"),
     )
 
 
@@ -749,11 +788,14 @@ def bench_footprint(b: Bench, starts: list[float]) -> None:
     time.sleep(0.5)
     pids = [b.server.pid, *descendants(b.server.pid)]
     total = sum(rss_kb(p) for p in pids)
+    # The tree is supervisor -> worker -> fork server -> spare procwrap.
+    for name, pid in zip(("supervisor", "idle worker", "fork server", "spare"), pids, strict=False):
+        b.row(f"7. RSS of the {name} (MiB)", f"{rss_kb(pid) / 1024:.1f}", "", f"pid {pid}")
     b.row(
-        "7. RSS supervisor + idle worker (+ fork server) (MiB)",
+        "7. RSS supervisor + idle worker + fork server + spare (MiB)",
         f"{total / 1024:.1f}",
-        "",
-        f"{len(pids)} processes",
+        "< 60 MiB",
+        f"{len(pids)} processes; " + ("met" if total / 1024 < 60 else "NOT met"),
     )
     job = b.submit(
         [{"program": "rpict", "args": render_args(256), "stdin": None, "stdout": "fp.hdr"}]
@@ -803,6 +845,23 @@ def bench_growth(b: Bench) -> None:
     b.keepalive("DELETE", f"/v1/jobs/{blocker}")
 
 
+def not_measured(b: Bench) -> None:
+    """Rows of issue 17's table this script does not measure yet: said, not invented."""
+    b.row(
+        "9. an office: 20 dashboards + 20 `rayfront run` followers while 2 renders run",
+        "not measured in this run",
+        "< 2 %",
+        "no scenario in bench/run.py yet",
+    )
+    for what in ("picture", "grid -ab 1", "grid -ab 0"):
+        b.row(
+            f"10. split over 2 servers pinned to a core each (taskset) vs 1 server on 1 core, {what}",
+            "not measured in this run",
+            ">= 1.8x",
+            "no pinned split in bench/run.py yet",
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
@@ -829,6 +888,7 @@ def main() -> int:
         bench_client(b)
         bench_footprint(b, starts)
         bench_growth(b)
+        not_measured(b)
     finally:
         b.close()
     total = time.perf_counter() - started
