@@ -25,7 +25,8 @@ from test_procwrap import (
 from rayserver.common.paths import Layout
 from rayserver.common.settings import Settings
 from rayserver.jobs import procwrap
-from rayserver.jobs.executors.forkserver import ForkServer, ForkServerClient, ForkServerError
+from rayserver.jobs.executors.forkclient import ForkServerClient
+from rayserver.jobs.executors.forkserver import ForkServer, ForkServerError
 from rayserver.jobs.jobdb import JobDB
 
 

@@ -20,11 +20,11 @@ import pytest
 from services import problem
 
 from rayserver.common.settings import Settings
-from rayserver.jobs.executors.slurm import (
+from rayserver.jobs.executors.slurm import batch_script
+from rayserver.jobs.executors.slurmcli import (
     SlurmCommands,
     SlurmError,
     base_state,
-    batch_script,
     cluster_info,
     final_state,
     job_from_scontrol,

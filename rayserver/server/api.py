@@ -33,7 +33,7 @@ from rayserver.common import radiance
 from rayserver.common.paths import Layout
 from rayserver.common.states import API_STATES, FINAL_STATES, JobState
 from rayserver.common.tokens import SHARED_USER
-from rayserver.jobs.executors import slurm
+from rayserver.jobs.executors import slurmcli
 from rayserver.jobs.jobdb import UnknownJobsError
 from rayserver.jobs.rows import JobRow
 from rayserver.server import counters, jobspec, jsonbody, metrics, shareprobe, streams
@@ -205,7 +205,7 @@ async def info(request: web.Request) -> web.Response:
             "auth": ctx.token is not None,
             "load": load,
             **(
-                {"slurm": await slurm.cluster_info(settings)}
+                {"slurm": await slurmcli.cluster_info(settings)}
                 if settings.executor == "slurm"
                 else {}
             ),

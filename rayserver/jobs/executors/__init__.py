@@ -1,7 +1,7 @@
 """How a job's procwrap is started and stopped, behind one protocol (``base``):
 on this host through the fork server (``local``, with ``forkserver``: the
-single-threaded process that forks procwraps, and the worker's asyncio client
-for it), or on a cluster through Slurm (``slurm``: sbatch, squeue, scancel).
+single-threaded process that forks procwraps, and ``forkclient``: the worker's
+asyncio client for it), or on a cluster through Slurm (``slurm``: sbatch, squeue, scancel).
 Imports ``jobs`` and ``common`` only (and the generic ``supervisor.util``).
 """
 

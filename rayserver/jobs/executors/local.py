@@ -20,7 +20,8 @@ from collections.abc import Callable
 from rayserver.common.states import JobState
 from rayserver.jobs import procwrap
 from rayserver.jobs.executors.base import LOCAL, SchedulerEvents
-from rayserver.jobs.executors.forkserver import ForkServer, ForkServerClient, ForkServerError
+from rayserver.jobs.executors.forkclient import ForkServerClient
+from rayserver.jobs.executors.forkserver import ForkServer, ForkServerError
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.rows import JobRow
 from supervisor.util import describe_status, proc_stat
