@@ -209,6 +209,19 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
         timeout=30,  # as the other waits here: 10 s were too few on a busy machine
     )[-1]
     assert token not in log_text
+    # Its outputs, with their sizes; the picture among them previews on request.
+    page.click(f"#job-{a} .outputs summary")
+    outputs = page.inner_text(f"#job-{a} .outputs-list")
+    assert "kB" in outputs or " B" in outputs, outputs
+    picture = page.locator(f"#job-{a} .outputs-list button").first
+    picture.click()
+    poll(
+        page,
+        f"#job-{a} .preview figcaption",
+        "c => c.textContent",
+        lambda v: v.startswith("Tone-mapped preview of "),
+        timeout=30,
+    )
 
     # Cancel the second job from the page (accepting the confirmation dialog).
     page.once("dialog", lambda dialog: dialog.accept())
