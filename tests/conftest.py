@@ -231,8 +231,13 @@ def exchange(
 
 
 def our_pids(home: Path) -> list[int]:
-    """Pids of live processes whose environment carries this RAYFRONT_HOME."""
+    """Pids of live processes whose environment carries this RAYFRONT_HOME.
+
+    Job steps get a clean environment (no RAYFRONT_HOME): they are found by
+    their HOME, the job's private folder under ``<home>/srvstate``.
+    """
     marker = f"RAYFRONT_HOME={home}".encode()
+    step_home = f"HOME={home}/srvstate/".encode()
     # setproctitle overwrites the environ area of titled processes (server,
     # worker, procwrap); their title names the unique home instead.
     title = f"rfcore -O {home}/".encode()
@@ -248,7 +253,12 @@ def our_pids(home: Path) -> list[int]:
             continue
         if stat.rsplit(")", 1)[-1].split()[0] == "Z":
             continue
-        if marker in environ.split(b"\0") or cmdline.startswith(title):
+        entries = environ.split(b"\0")
+        if (
+            marker in entries
+            or cmdline.startswith(title)
+            or any(e.startswith(step_home) for e in entries)
+        ):
             found.append(int(entry.name))
     return found
 

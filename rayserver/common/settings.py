@@ -87,6 +87,12 @@ class Settings:
     metrics_auth: str = "allow-list"
     # Client: programs a shim (rayfront shim) runs locally; None: the built-in list.
     shim_local: tuple[str, ...] | None = None
+    # The box around every job step (docs/security.md): "on" confines, "off" does not.
+    sandbox: str = "on"
+    max_job_processes: int = 64
+    max_job_memory: int = 8 * 1024**3
+    max_log_bytes: int = 16 * 1024**2
+    max_output_bytes: int = 16 * 1024**3
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def token_path(self, default: Path) -> Path | None:
@@ -111,7 +117,11 @@ _INT_KEYS = {
     "server_nice",
     "max_connections_per_client",
     "max_connections",
+    "max_job_processes",
 }
+# Sizes: a whole number of bytes or a string such as "8G" (K, M, G, T: powers of 1024); 0 = no limit.
+_SIZE_KEYS = {"max_job_memory", "max_log_bytes", "max_output_bytes"}
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _FLOAT_KEYS = {"client_timeout", "cancel_grace", "slurm_poll_interval", "worker_timeout"}
 # Below this a busy machine could leave a healthy worker's loop silent that long.
 MIN_WORKER_TIMEOUT = 2.0
@@ -127,6 +137,7 @@ _STR_KEYS = {
     "slurm_partition",
     "slurm_bin",
     "metrics_auth",
+    "sandbox",
 }
 _LIST_KEYS = {"allow", "raypath", "slurm_options", "shim_local"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
@@ -172,6 +183,8 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
     """One setting's value, checked and normalised; SettingsError naming what was expected."""
     if key in _INT_KEYS:
         return _check_int(path, key, value)
+    if key in _SIZE_KEYS:
+        return parse_size(path, key, value)
     if key in _FLOAT_KEYS:
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise SettingsError(path, f"{key} must be a number of seconds >= 0, got {value!r}")
@@ -212,7 +225,9 @@ def _check_int(path: str | Path, key: str, value: Any) -> int:
         raise SettingsError(path, f"port must be between 0 and 65535, got {value}")
     if key == "server_nice" and not 0 <= value <= 19:
         raise SettingsError(path, f"server_nice must be between 0 and 19, got {value}")
-    if key not in ("port", "server_nice") and value < 1:
+    if key == "max_job_processes" and value < 0:
+        raise SettingsError(path, f"{key} must be 0 (no limit) or more, got {value}")
+    if key not in ("port", "server_nice", "max_job_processes") and value < 1:
         raise SettingsError(path, f"{key} must be at least 1, got {value}")
     return value
 
@@ -226,6 +241,10 @@ def _check_str(path: str | Path, key: str, value: Any) -> str:
         )
     if key == "metrics_auth" and value not in ("allow-list", "token"):
         raise SettingsError(path, f'metrics_auth must be "allow-list" or "token", got {value!r}')
+    if key == "sandbox" and value not in ("on", "off"):
+        raise SettingsError(
+            path, f'sandbox must be "on" (confine every job) or "off", got {value!r}'
+        )
     if key == "executor" and value not in ("local", "slurm"):
         raise SettingsError(path, f'executor must be "local" or "slurm", got {value!r}')
     if key == "bind" and value:
@@ -238,6 +257,25 @@ def _check_str(path: str | Path, key: str, value: Any) -> str:
     if key == "name" and value:
         return _check_name(path, value)
     return value.upper() if key == "log_level" else value
+
+
+def parse_size(path: str | Path, key: str, value: Any) -> int:
+    """A size setting in bytes: a whole number, or a string like "512M" or "8G"."""
+    expected = f'{key} must be a number of bytes or a size such as "512M" or "8G" (0 = no limit)'
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = value, ""
+    elif isinstance(value, str):
+        text = value.strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+        number_text = text[: len(text) - len(unit)].strip()
+        if not number_text.isdigit():
+            raise SettingsError(path, f"{expected}, got {value!r}")
+        number = int(number_text)
+    else:
+        raise SettingsError(path, f"{expected}, got {value!r}")
+    if number < 0:
+        raise SettingsError(path, f"{expected}, got {value!r}")
+    return number * _SIZE_UNITS[unit]
 
 
 def _check_name(path: str | Path, value: str) -> str:

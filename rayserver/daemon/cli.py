@@ -264,6 +264,8 @@ def _serve(
 
     if (user is not None or group is not None) and not _become(layout, config, logs, user, group):
         return 1
+    if not _check_sandbox(layout, config):
+        return 1
     # Before detaching: WATCHDOG_PID names the process systemd started.
     watchdog = SystemdWatchdog.from_env()
     readiness: Readiness | None = None
@@ -377,6 +379,37 @@ def _supervise(
         **_restart_backoff(),
     )
     return sup.run()
+
+
+def _check_sandbox(layout: Layout, config: LiveConfig) -> bool:
+    """Fail closed: probe the job sandbox for real, as the server's final user, before serving.
+
+    Also moves the server into its delegated cgroup subtree, where there is
+    one, so job memory is limited by cgroups (rayserver.jobs.procwrap.limits).
+    With ``sandbox = "off"`` it says so, loudly, at every start.
+    """
+    from rayserver.jobs.procwrap import boxprobe, limits
+
+    cgroup = limits.setup_cgroup()
+    if config.settings.sandbox == "off":
+        announce(
+            log,
+            f'WARNING: sandbox = "off" in {layout.settings_file}: jobs run UNCONFINED, '
+            "with every right of the server's user (its files, the token, the network)",
+            logging.WARNING,
+        )
+        return True
+    result = boxprobe.startup()
+    if not result.ok:
+        announce(log, boxprobe.refusal(result, str(layout.settings_file)), logging.CRITICAL)
+        return False
+    log.info(
+        "job sandbox: %s; memory limit by %s%s",
+        result.mechanism,
+        result.memory_limit,
+        f" ({cgroup})" if cgroup else "",
+    )
+    return True
 
 
 def _hand_over(layout: Layout, config: LiveConfig, uid: int, gid: int) -> None:

@@ -91,6 +91,11 @@ def run_worker(sock: socket.socket, layout: Layout, link: WorkerLink | None = No
     except (HostsFileError, SettingsError, security.CredentialsError) as exc:
         log.critical("worker cannot start: %s", exc)
         return EX_CONFIG
+    # The sandbox probe of the start (inherited from the supervisor), or one now:
+    # it forks, so before any thread exists.
+    from rayserver.jobs.procwrap import boxprobe
+
+    boxprobe.current()
     # Before any thread or event loop: the fork server must be forked from a
     # single-threaded process (see docs/internals.md, "Process tree").
     fork_server = ForkServer.start(layout, layout.db_path, live.settings)

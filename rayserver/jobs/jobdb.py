@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     executor TEXT NOT NULL DEFAULT 'local',
     external_id TEXT,
     outputs TEXT,
-    after_ids TEXT
+    after_ids TEXT,
+    project_dir TEXT,
+    cpus INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, id);
 CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);
@@ -69,6 +71,8 @@ CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);
 # the missing ones (ALTER TABLE ... ADD COLUMN keeps every row; new columns are NULL).
 _ADDED_COLUMNS = (
     ("after_ids", "TEXT"),
+    ("project_dir", "TEXT"),
+    ("cpus", "INTEGER NOT NULL DEFAULT 1"),
     # Who submitted the job (a named token's user); NULL: the shared token's.
     ("user", "TEXT"),
     # Sandbox and limit events of the job, a JSON list of names (add_event).
@@ -347,14 +351,17 @@ class JobDB:
         executor: str = "local",
         after: list[int] | None = None,
         user: str | None = None,
+        project_dir: str | None = None,
+        cpus: int = 1,
     ) -> int:
         """Queue a resolved job; returns its id.
 
         ``user``: who submitted it (a named token's user; None for the shared token).
-
         ``after``: ids of jobs that must be ``done`` before this one starts;
         :class:`UnknownJobsError` when some are not in the database (checked
-        in the inserting transaction, so the answer holds).
+        in the inserting transaction, so the answer holds). ``project_dir``:
+        the project's folder (the box's writable root; ``workdir`` may lie
+        inside it); ``cpus``: the cpu slots the job takes (its -n / rad -N).
         """
         with self._write() as conn:
             return _insert_job(
@@ -370,6 +377,8 @@ class JobDB:
                 executor=executor,
                 after=after,
                 user=user,
+                project_dir=project_dir,
+                cpus=cpus,
             )
 
     def submit_many(self, jobs: list[dict[str, Any]]) -> list[int]:
@@ -776,6 +785,8 @@ def _insert_job(
     executor: str = "local",
     after: list[int] | None = None,
     user: str | None = None,
+    project_dir: str | None = None,
+    cpus: int = 1,
 ) -> int:
     """INSERT one queued job in the open transaction ``conn``; its id."""
     clean = _clean_steps(steps)
@@ -788,8 +799,8 @@ def _insert_job(
             raise UnknownJobsError(unknown)
     cur = conn.execute(
         "INSERT INTO jobs (name, priority, client, location, project, workdir, steps, "
-        "env, state, submitted_at, step_count, executor, after_ids, user) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "env, state, submitted_at, step_count, executor, after_ids, user, project_dir, cpus) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             name,
             int(priority),
@@ -805,6 +816,8 @@ def _insert_job(
             executor,
             json.dumps(after) if after else None,
             user,
+            project_dir,
+            max(1, int(cpus)),
         ),
     )
     return int(cur.lastrowid or 0)

@@ -75,6 +75,8 @@ class JobRow:
     after_ids: list[int]  # jobs that must be done before this one starts (--after)
     user: str | None = None  # who submitted it; None: the shared token (SHARED_USER)
     events: list[str] = dataclasses.field(default_factory=list)  # jobdb.EVENTS that happened
+    project_dir: str | None = None  # the project's folder: the box's writable root
+    cpus: int = 1  # cpu slots the job takes (its -n / rad -N)
 
     @classmethod
     def decode(cls, row: sqlite3.Row) -> JobRow:

@@ -1,7 +1,9 @@
 """The scheduler (in the worker): starts queued jobs when a cpu slot is free.
 
-At most the host record's cpu count of jobs run at once; the rest wait,
-highest priority first, then oldest. A job with ``after`` waits (queued)
+A job takes as many cpu slots as it runs processes at once (its ``-n`` or
+``rad -N``, stored as ``cpus`` at submit); the jobs running at once take at
+most the host record's cpus (a job wider than the host, after an edit of its
+record, runs alone). The rest wait, highest priority first, then oldest. A job with ``after`` waits (queued)
 until those jobs are done, and is cancelled, naming the job, when one of
 them ends failed, cancelled or interrupted. Everything it knows is in the job
 database, so a new worker picks up where a crashed one stopped:
@@ -82,6 +84,11 @@ class Scheduler:
     @property
     def running_count(self) -> int:
         return sum(ex.running_count for ex in self.executors.values())
+
+    @property
+    def used_cpus(self) -> int:
+        """Cpu slots taken: a local job takes its ``cpus`` (its -n), a Slurm job one."""
+        return sum(getattr(ex, "used_cpus", ex.running_count) for ex in self.executors.values())
 
     @property
     def grace(self) -> float:

@@ -204,6 +204,7 @@ async def info(request: web.Request) -> web.Response:
             "tls": bool(settings.tls_enabled),
             "auth": ctx.token is not None,
             "load": load,
+            "sandbox": sandbox_info(settings),
             **(
                 {"slurm": await slurmcli.cluster_info(settings)}
                 if settings.executor == "slurm"
@@ -211,6 +212,13 @@ async def info(request: web.Request) -> web.Response:
             ),
         }
     )
+
+
+def sandbox_info(settings: Any) -> dict[str, Any]:
+    """The ``sandbox`` object of GET /v1/info: the mode in force and how jobs are boxed."""
+    from rayserver.jobs.procwrap import boxprobe
+
+    return boxprobe.current().info(settings.sandbox)
 
 
 async def openapi(_request: web.Request) -> web.Response:
@@ -382,6 +390,8 @@ def _submit_args(
         "executor": executor,
         "after": after,
         "user": None if user == SHARED_USER else user,
+        "project_dir": job.project_dir,
+        "cpus": job.cpus,
     }
 
 

@@ -212,6 +212,15 @@ class LiveConfig:
                 "bind/port changed in %s; this takes effect at the next server start",
                 self.layout.settings_file,
             )
+        if fresh.settings.sandbox != old.settings.sandbox:
+            log.warning(
+                'sandbox = "%s" in %s: jobs started from now on run %s',
+                fresh.settings.sandbox,
+                self.layout.settings_file,
+                "UNCONFINED, with every right of the server's user"
+                if fresh.settings.sandbox == "off"
+                else "confined (a job fails if this machine cannot confine it)",
+            )
         log.info("configuration reloaded (generation %d)", fresh.generation)
         for callback in list(self._listeners):
             try:

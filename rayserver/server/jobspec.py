@@ -63,6 +63,8 @@ class ResolvedJob:
     steps: list[dict[str, Any]]
     env: dict[str, str]
     libraries: list[str] = field(default_factory=list)
+    project_dir: str = ""
+    cpus: int = 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -397,12 +399,8 @@ def resolve_job(
         for i, step in enumerate(steps_in)
     ]
 
+    cpus = job_cpus(steps_in, rad="rad" in data, record=record())
     libs = [str(p) for p in hosts.library_dirs(loc_root_raw) if p.is_dir()]
-    # Only RAYPATH and PATH are kept: start from PATH alone, not a copy of os.environ.
-    full_env = radiance.simulation_env(
-        settings, libs, base={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    )
-    env = {"RAYPATH": full_env["RAYPATH"], "PATH": full_env["PATH"]}
     return ResolvedJob(
         name=data.get("name"),
         priority=int(data.get("priority", 0)),
@@ -410,8 +408,10 @@ def resolve_job(
         project=project,
         workdir=str(workdir),
         steps=steps,
-        env=env,
+        env=job_env(settings, libs),
         libraries=libs,
+        project_dir=str(project_dir),
+        cpus=cpus,
     )
 
 
@@ -497,6 +497,43 @@ def _arg_fields(from_steps: bool, where: str, args: list[str]) -> list[str]:
     if from_steps:
         return [f"{where}.args[{j}]" for j in range(len(args))]
     return [*(f"rad.options[{j}]" for j in range(len(args) - 1)), "rad.rif"]
+
+
+def job_env(settings: Settings, libs: list[str]) -> dict[str, str]:
+    """RAYPATH and PATH of a job; the procwrap builds the rest of a step's environment
+    from scratch (docs/security.md): nothing of the server's own reaches a job."""
+    return {
+        "RAYPATH": radiance.raypath(settings, libs),
+        "PATH": f"{radiance.bin_dir(settings)}:/usr/bin:/bin",
+    }
+
+
+# Programs whose option "-n N" runs N processes at once (rfluxmtx hands it to rcontrib);
+# rad's "-N N" runs N renders at once (its "-n" is a dry run).
+_PARALLEL_OPTION = {"rtrace": "-n", "rcontrib": "-n", "rfluxmtx": "-n", "rad": "-N"}
+
+
+def job_cpus(steps: list[dict[str, Any]], *, rad: bool, record: HostRecord | None) -> int:
+    """The cpus a job takes (its largest -n / rad -N); 422 when the host has fewer."""
+    cpus, where, shown = 1, "", ""
+    for i, step in enumerate(steps):
+        option = _PARALLEL_OPTION.get(step.get("program") or "")
+        args = list(step.get("args") or [])
+        for j, arg in enumerate(args[:-1]):
+            if option and arg == option and args[j + 1].isdigit() and int(args[j + 1]) > cpus:
+                cpus = int(args[j + 1])
+                where = "rad.options" if rad else f"steps[{i}].args"
+                shown = f"{step['program']} {option} {args[j + 1]}"
+    host_cpus = int(getattr(record, "cpus", 0) or 0)
+    if record is not None and cpus > max(1, host_cpus):
+        raise JobSpecError(
+            422,
+            f"{where}: {shown} asks for {cpus} cpus at once, but this host ({record.name}) "
+            f"has {host_cpus} in its hosts record (the limit of a job's -n / rad -N); "
+            f"ask for at most {max(1, host_cpus)}",
+            where,
+        )
+    return cpus
 
 
 def _rad_steps(rad: dict[str, Any], project_dir: Path) -> tuple[list[dict[str, Any]], Path]:

@@ -73,6 +73,8 @@ class LocalExecutor:
             fork_server, self._on_fork_exit, on_lost=self._on_fork_lost, on_final=self._on_final
         )
         self._running: dict[int, int] = {}  # job id -> procwrap pid (0 while launching)
+        self._cpus: dict[int, int] = {}  # job id -> cpu slots it takes (its -n / rad -N)
+        self._capacity = 1
         self._adopted: dict[int, int] = {}  # the subset we poll: not our fork server's
         self._backstops: dict[int, asyncio.Task[None]] = {}
         self._records: set[asyncio.Task[None]] = set()  # dead jobs being recorded
@@ -84,6 +86,15 @@ class LocalExecutor:
     @property
     def running_count(self) -> int:
         return len(self._running)
+
+    @property
+    def used_cpus(self) -> int:
+        """Cpu slots taken by the running jobs: each its ``cpus`` (jobspec.job_cpus)."""
+        return sum(self._cpus.get(job_id, 1) for job_id in self._running)
+
+    def _slots(self, row: JobRow) -> int:
+        # A job wider than the host (its record was edited down) waits to run alone.
+        return max(1, min(int(row.cpus or 1), self._capacity))
 
     @property
     def adopted(self) -> dict[int, int]:
@@ -102,6 +113,7 @@ class LocalExecutor:
                 continue
             job_id, pid = row.id, row.pid
             if procwrap_alive(pid, job_id):
+                self._cpus[job_id] = self._slots(row)
                 self._watch(job_id, pid or 0)
                 log.info("adopted job %s (procwrap pid %s)", job_id, pid)
             else:
@@ -146,15 +158,19 @@ class LocalExecutor:
             self._dispatching = False
 
     def _launch_while_free(self, capacity: int) -> None:
-        while not self._stopping and len(self._running) < capacity:
+        self._capacity = max(1, capacity)
+        while not self._stopping and self.used_cpus < capacity:
             if self._fork_lost or time.monotonic() < self._launch_paused_until:
                 return
             row = self.db.next_queued(executor=self.name)
             if row is None:
                 return
+            if self.used_cpus + self._slots(row) > capacity:
+                return  # it waits for enough free cpus (nothing overtakes it)
             job_id = row.id
             if not self.db.mark_starting(job_id):
                 continue  # cancelled or taken meanwhile
+            self._cpus[job_id] = self._slots(row)
             self._running[job_id] = 0  # hold the slot: the exit may come before the pid
             try:
                 self.fork.launch_nowait(job_id, self._launched_callback(job_id))
@@ -228,6 +244,7 @@ class LocalExecutor:
         row = self.db.get(job_id)
         other = row.pid if row and row.state == JobState.RUNNING else None
         if other and other != pid and procwrap_alive(other, job_id):
+            self._cpus[job_id] = self._slots(row)  # type: ignore[arg-type]
             self._watch(job_id, other)
             log.info(
                 "job %s: claimed by procwrap %s of the previous worker; adopted", job_id, other
@@ -278,6 +295,7 @@ class LocalExecutor:
     def _finished(self, job_id: int) -> None:
         self._adopted.pop(job_id, None)
         self._running.pop(job_id, None)
+        self._cpus.pop(job_id, None)
         task = self._backstops.pop(job_id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()

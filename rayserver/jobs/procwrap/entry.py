@@ -14,9 +14,10 @@ from pathlib import Path
 
 from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
+from rayserver.jobs.procwrap import jobbox
 from rayserver.jobs.procwrap.exits import EXIT_CLAIM_LOST, EXIT_INTERNAL, EXIT_USAGE
 from rayserver.jobs.procwrap.job import Job
-from rayserver.jobs.procwrap.procs import base_env, set_subreaper
+from rayserver.jobs.procwrap.procs import set_subreaper
 from rayserver.jobs.rows import JobRow
 from supervisor.util import libc
 
@@ -36,11 +37,15 @@ def procwrap_title(db_path: Path, job_id: int, row: JobRow | None) -> str:
 
 def preload(db_path: Path) -> None:
     """Work every procwrap would repeat, done once in the fork server before it forks:
-    the libc handle (a dlopen), the installation's real path, the environment copy."""
+    the libc handle (a dlopen), the installation's real path, the sandbox's modules."""
     with contextlib.suppress(OSError, AttributeError):
         libc()
     _home_of(Path(db_path).absolute())
-    base_env()
+    from rayserver.jobs.procwrap import landlock, sandbox
+
+    with contextlib.suppress(OSError):
+        landlock.abi_version()
+        sandbox.netns_available()
 
 
 def run_spare(
@@ -158,7 +163,7 @@ def run_job(
         return EXIT_CLAIM_LOST
     try:
         _set_title(procwrap_title(db_path, job_id, row))
-        code = _run_claimed(job, row)
+        code = _run_claimed(job, row, db_path, log_path.parent)
     finally:
         os.close(log_fd)
     if on_final is not None:
@@ -166,11 +171,11 @@ def run_job(
     return code
 
 
-def _run_claimed(job: Job, row: JobRow) -> int:
+def _run_claimed(job: Job, row: JobRow, db_path: Path, job_dir: Path) -> int:
     """Run the job this procwrap claimed; any failure of ours is recorded as ``failed``."""
     try:
         set_subreaper()
-        job.load(row)
+        _load(job, row, db_path, job_dir)
         if row.cancel_request == "cancel":
             job.term_signal = signal.SIGTERM
         return job.run()
@@ -185,6 +190,15 @@ def _run_claimed(job: Job, row: JobRow) -> int:
                 from_states=(JobState.RUNNING,),
             )
         return EXIT_INTERNAL
+
+
+def _load(job: Job, row: JobRow, db_path: Path, job_dir: Path) -> None:
+    """The job's row and the installation's settings, read now: its box is built from them."""
+    home = _home_of(db_path)
+    settings, note = jobbox.job_settings(home)
+    job.load(row, settings, home, job_dir)
+    if note:
+        job.log(note)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,20 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import select
 import shlex
 import signal
-import subprocess
 import time
 from pathlib import Path
 
+from rayserver.common.settings import Settings
 from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
+from rayserver.jobs.procwrap import jobbox, limits
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
 from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
 from rayserver.jobs.procwrap.outputs import OutputTracker
-from rayserver.jobs.procwrap.procs import base_env, fmt_status, spawn
+from rayserver.jobs.procwrap.procs import fmt_status
 from rayserver.jobs.procwrap.rtcount import RtraceCount
+from rayserver.jobs.procwrap.sandbox import SandboxError
 from rayserver.jobs.procwrap.shprogress import ShProgress, new_marker
 from rayserver.jobs.procwrap.streams import StepStreams, StreamError, is_stream
 from rayserver.jobs.procwrap.watch import StepWatch
@@ -62,22 +65,46 @@ class Job:
         self._last_progress = -1.0
         self._last_progress_at = 0.0
         self._pending_progress: float | None = None
+        self.settings = Settings()
+        self.logcap = limits.CappedLog(log_fd, 0)
+        self.box: jobbox.JobBox | None = None
+        self.box_error = ""
+        self.limit_reason: str | None = None  # a limit ended the job (it is cancelled)
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
         self._wake_w = wake_w
 
-    def load(self, row: JobRow) -> None:
-        """Take the job's steps and environment from its (claimed) row."""
+    def load(
+        self,
+        row: JobRow,
+        settings: Settings | None = None,
+        home: Path | None = None,
+        job_dir: Path | None = None,
+    ) -> None:
+        """Take the job's steps from its (claimed) row and build its box.
+
+        ``home``: the installation (its settings were read as ``settings``);
+        ``job_dir``: the job's own folder (its log, its private TMPDIR). A
+        box that cannot be built is recorded in ``box_error``: :meth:`run`
+        then fails the job without running anything.
+        """
         self.row = row
         self.steps = row.steps
-        self.env = dict(base_env())
-        self.env.update(row.env or {})
         self.workdir = row.workdir
         # The project folder when the row names it, else the steps' folder (the same but for
         # a rad rif in a subfolder).
         root = getattr(row, "project_dir", None) or row.workdir
         self.outputs = OutputTracker(root)
+        self.settings = settings or Settings()
+        self.logcap = limits.CappedLog(self.log_fd, self.settings.max_log_bytes, self.on_capped)
+        job_dir = Path(job_dir) if job_dir else self.db.log_path(self.id).parent
+        try:
+            self.box = jobbox.build(row, self.settings, Path(home or job_dir), job_dir)
+        except SandboxError as exc:
+            self.box_error = str(exc)
+            return
+        self.env = self.box.env
 
     # --- signals ----------------------------------------------------------
 
@@ -95,10 +122,26 @@ class Job:
     # --- log and progress -------------------------------------------------
 
     def log(self, text: str) -> None:
-        data = text.encode("utf-8", "replace")
-        while data:
-            n = os.write(self.log_fd, data)
-            data = data[n:]
+        """Append to the job log (within max_log_bytes: see limits.CappedLog)."""
+        self.logcap.write(text.encode("utf-8", "replace"))
+
+    def event(self, name: str) -> None:
+        """Record a sandbox or limit event of the job (GET /metrics counts them)."""
+        with contextlib.suppress(Exception):  # a count must never fail the job
+            self.db.add_event(self.id, name)
+
+    def on_capped(self) -> None:
+        self.event("log_capped")
+
+    def over_limit(self, reason: str) -> None:
+        """A limit was exceeded: end every process of the job; it is recorded cancelled."""
+        if self.limit_reason is None:
+            self.limit_reason = reason
+            self.event("processes_limit")
+            self.log(f"\nrayserver: {reason}; cancelling the job\n")
+            if self.term_signal is None:
+                self.term_signal = signal.SIGTERM
+        limits.kill_descendants(os.getpid())
 
     def progress(self, percent: float, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -121,14 +164,23 @@ class Job:
     def run(self) -> int:
         started = time.monotonic()
         n = len(self.steps)
-        self.log(f"== job {self.id}: {n} step(s) in {self.workdir} ==\n")
-        code, sig, failed_step, state, reason = self.run_steps()
+        self.log(f"== job {self.id}: {n} step(s) in {self.workdir}{self.box_note()} ==\n")
+        if self.box_error:
+            self.log(f"rayserver: refused: {self.box_error}\n")
+            self.event("sandbox_denied")
+            code, sig, failed_step = None, None, 1
+            state, reason = JobState.FAILED, f"the job's sandbox cannot be set up: {self.box_error}"
+        else:
+            code, sig, failed_step, state, reason = self.run_steps()
         if self.term_signal is not None:
             state, reason = self.interrupted_state()
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall = time.monotonic() - started
         cpu = usage.ru_utime + usage.ru_stime
         rss = max(int(usage.ru_maxrss), self.max_rss_kb)
+        self.logcap.finish()  # (the closing line below always goes in)
+        if self.box is not None:
+            self.box.close()
         self.log(
             f"== {state}: {fmt_status(code, sig)}"
             f"{f' in step {failed_step}/{n}' if failed_step else ''}, wall {wall:.2f} s, "
@@ -162,8 +214,10 @@ class Job:
             self.scan_before(idx, step)
             try:
                 code, sig = self.run_step(idx, step)
-            except ConfinementError as exc:
+            except (ConfinementError, SandboxError) as exc:
                 self.log(f"rayserver: refused: {exc}\n")
+                if isinstance(exc, SandboxError):
+                    self.event("sandbox_denied")
                 return None, None, idx + 1, JobState.FAILED, f"{where}: {exc}"
             except StreamError as exc:
                 if self.term_signal is None:
@@ -172,10 +226,32 @@ class Job:
             finally:
                 self.scan_after()
             if self.term_signal is None and (code != 0 or sig is not None):
-                return code, sig, idx + 1, JobState.FAILED, f"{where} {fmt_status(code, sig)}"
+                why = f"{where} {fmt_status(code, sig)}{self.limit_hint(sig)}"
+                return code, sig, idx + 1, JobState.FAILED, why
         return code, sig, 0, JobState.DONE, None
 
+    def box_note(self) -> str:
+        if self.box is None:
+            return ""
+        mech = self.box.box.mechanism
+        return f", sandbox {mech}" if mech != "none" else ', UNCONFINED (sandbox = "off")'
+
+    def limit_hint(self, sig: int | None) -> str:
+        """Why a step died, when a limit of ours did it (and the event, for /metrics)."""
+        if sig == signal.SIGXFSZ:
+            self.event("file_size_limit")
+            return (
+                f": it tried to write a file larger than max_output_bytes "
+                f"({self.settings.max_output_bytes} bytes)"
+            )
+        if self.box is not None and limits.memory_events_oom(self.box.cgroup):
+            self.event("memory_limit")
+            return f": killed for memory (max_job_memory = {self.settings.max_job_memory} bytes)"
+        return ""
+
     def interrupted_state(self) -> tuple[JobState, str]:
+        if self.limit_reason is not None:
+            return JobState.CANCELLED, self.limit_reason
         row = self.db.get(self.id)
         request = row.cancel_request if row is not None else None
         name = signal.Signals(self.term_signal or signal.SIGTERM).name
@@ -231,6 +307,7 @@ class Job:
             os.close(out_r)
             if counter is not None:
                 counter.close()
+            self.sweep(idx)
             failure = self.streams.finish(lambda: self.term_signal is not None, self.log)
         self.add_outputs(watch.seen_outputs)
         if failure:
@@ -246,8 +323,9 @@ class Job:
     ) -> int | None:
         """Spawn the step (its group leader's pid) and its stream relays; None: it cannot start."""
         stdin_fd, stdout_fd, out_r, out_w = fds
+        assert self.box is not None
         try:
-            pid = spawn(
+            pid = self.box.box.spawn(
                 [step["path"], *args],
                 cwd=self.workdir,
                 env=self.step_env,
@@ -255,16 +333,25 @@ class Job:
                 stdout_fd=stdout_fd if stdout_fd is not None else out_w,
                 stderr_fd=out_w,
             )
-        except OSError as exc:
-            self.log(f"rayserver: cannot start {step['path']}: {exc.strerror or exc}\n")
+        except (OSError, SandboxError) as exc:
             _close(out_r, out_w, stdin_fd, stdout_fd)
             if counter is not None:
                 counter.close()
             self.streams.abort()
+            if isinstance(exc, SandboxError) and not str(exc).startswith("exec "):
+                raise  # the box failed: the job fails with the reason
+            self.log(f"rayserver: cannot start {step['path']}: {exc}\n")
             return None
         _close(out_w, stdin_fd, stdout_fd)
         self.streams.start()
         return pid
+
+    def sweep(self, idx: int) -> None:
+        """Nothing outlives a step: a process that left its group (setsid) is ended too."""
+        left = limits.kill_descendants(os.getpid())
+        if left:
+            self.log(f"rayserver: ended {left} process(es) of step {idx + 1} left running\n")
+        self.reap(0, None)
 
     def open_redirects(self, step: StepSpec) -> tuple[int | None, int | None]:
         """The step's stdin and stdout: files opened confined to the project, stream pipes, or None."""
@@ -342,29 +429,48 @@ class Job:
     def prepare_rad(self, rad: str, args: list[str]) -> tuple[list[str], prog.RadProgress | None]:
         """Dry-run rad to count its renders; add REPORT so rpict reports progress."""
         try:
-            dry = subprocess.run(
-                [rad, *prog.rad_dry_run_args(args)],
-                cwd=self.workdir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=DRY_RUN_TIMEOUT,
-                check=False,
-                process_group=0,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            returncode, out = self.capture([rad, *prog.rad_dry_run_args(args)], DRY_RUN_TIMEOUT)
+        except (OSError, SandboxError, TimeoutError) as exc:
             self.log(f"rayserver: rad dry run failed ({exc}); progress by steps only\n")
             return args, None
-        text = dry.stdout.decode("utf-8", "replace")
+        text = out.decode("utf-8", "replace")
         variables = prog.rad_variables(text)
         if not prog.has_report_variable(args, variables):
             args = [*args, RAD_REPORT]
-        if dry.returncode != 0:
+        if returncode != 0:
             return args, None
         plan = prog.parse_rad_plan(text)
         renders = sum(1 for c in plan if c.is_render)
         self.log(f"rayserver: rad will run {len(plan)} command(s), {renders} render(s)\n")
         return args, prog.RadProgress(renders=renders) if renders else None
+
+    def capture(self, argv: list[str], timeout: float) -> tuple[int, bytes]:
+        """Run ``argv`` in the box, stdout captured (stderr dropped); (exit status, output)."""
+        assert self.box is not None
+        out_r, out_w = os.pipe()
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            pid = self.box.box.spawn(
+                argv, cwd=self.workdir, env=self.env, stdin_fd=None, stdout_fd=out_w, stderr_fd=null
+            )
+        finally:
+            _close(out_w, null)
+        chunks, deadline = [], time.monotonic() + timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([out_r], [], [], left)[0]:
+                    data = os.read(out_r, 65536)
+                    if not data:
+                        break
+                    chunks.append(data)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                raise TimeoutError(f"no end after {timeout:g} s")
+        finally:
+            os.close(out_r)
+            _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), b"".join(chunks)
 
     def reap(self, leader: int, status: int | None) -> int | None:
         """Reap every exited child (orphans come to us as subreaper); the leader's status."""

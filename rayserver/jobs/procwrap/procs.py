@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 from typing import Any
@@ -101,9 +100,3 @@ def fmt_status(code: int | None, sig: int | None) -> str:
     if code is None:
         return "not started"
     return f"exit status {code}"
-
-
-@functools.lru_cache(maxsize=1)
-def base_env() -> dict[str, str]:
-    # A copy decodes every variable: done once (in a spare, before its job).
-    return dict(os.environ)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from rayserver.jobs.procwrap import limits
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.procs import group_gone, group_members
 
@@ -171,11 +172,21 @@ class StepWatch:
             self.signal_group(signal.SIGKILL)
 
     def sample(self, now: float) -> None:
-        """Memory of the group and rtrace's line count now and then; poke rpict."""
+        """Memory and process count of the job, rtrace's line count, now and then; poke rpict.
+
+        Every process below the procwrap counts (one that left the step's
+        group too): more than max_job_processes cancels the job.
+        """
         if now >= self.next_sample:
             self.next_sample = now + SAMPLE_INTERVAL
-            members = group_members(self.pgid)
+            members = limits.descendants(os.getpid())
             self.job.max_rss_kb = max(self.job.max_rss_kb, sum(kb for _, kb in members))
+            most = self.job.settings.max_job_processes
+            if most and len(members) > most:
+                self.job.over_limit(
+                    f"the job had {len(members)} processes alive, more than "
+                    f"max_job_processes = {most}"
+                )
             frac = self.counter.fraction() if self.counter is not None else None
             if frac is not None:
                 self.job.progress(prog.overall_percent(self.idx, self.n, frac))

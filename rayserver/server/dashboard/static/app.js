@@ -120,6 +120,16 @@
 
   // ------------------------------------------------------------------ host info
 
+  // How jobs are confined; "off" is shown as a warning (jobs have the server's rights).
+  function showSandbox(box) {
+    const el = $("info-sandbox");
+    el.classList.toggle("unconfined", !!box && box.mode === "off");
+    if (!box) { el.textContent = "unknown"; return; }
+    el.textContent = box.mode === "off"
+      ? "OFF: jobs run unconfined, with the server's rights"
+      : box.mechanism + ", memory limit by " + box.memory_limit;
+  }
+
   async function refreshInfo() {
     try {
       const info = await api("/v1/info", { token: null });
@@ -133,6 +143,7 @@
       $("info-radiance").textContent = info.radiance_version || "unknown";
       $("info-jobs").textContent = (info.running ?? "?") + " / " + (info.queued ?? "?");
       $("info-version").textContent = info.version || "";
+      showSandbox(info.sandbox);
       return info;
     } catch (err) {
       showConnection("Host information is unavailable: " + err.message + ". Retrying…");
