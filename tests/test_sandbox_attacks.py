@@ -432,3 +432,20 @@ def test_a_slurm_job_is_confined_too(
     assert final["state"] == "done", (final, text)
     assert_nothing_leaked(rayhome, outside, [text])
     assert "sandbox landlock" in text.splitlines()[0] and "Permission denied" in text, text
+
+
+def test_sh_steps_run_in_the_box(server: Any, rayhome: RayHome, outside: Path) -> None:
+    """A shell command line as a job step (issue 16): anything a shell can do, inside the box."""
+    make_project(rayhome)
+    tok_file = rayhome.path / "config" / "token"
+    line = (
+        f"cat {tok_file}; cp {tok_file} stolen; echo pwned > {outside}/victim; "
+        f"ls {rayhome.path}/srvstate; echo done-here > ok.txt"
+    )
+    job = submit(server, [{"sh": line}])["id"]
+    final = wait_final(server, job)
+    text = log_of(server, job)
+    assert_nothing_leaked(rayhome, outside, [text])
+    assert (rayhome.projects / "room" / "ok.txt").read_text() == "done-here\n"
+    assert not (rayhome.projects / "room" / "stolen").exists()
+    assert text.count("Permission denied") >= 3, (final, text)

@@ -73,9 +73,10 @@ def secrets(home: Path, settings: Settings) -> list[str]:
 def read_folders(row: JobRow) -> list[str]:
     """The system folders, Radiance's bin folder (of each step's program), the RAYPATH folders."""
     folders = list(sandbox.SYSTEM_READ)
-    for step in row.steps:
-        folder = os.path.dirname(step.get("path") or "")
-        if folder and folder not in folders:
+    # Radiance's bin folder heads the job's PATH (an sh step's own program is /bin/sh).
+    bin_dir = ((row.env or {}).get("PATH") or "").split(os.pathsep)[0]
+    for folder in [bin_dir, *(os.path.dirname(s.get("path") or "") for s in row.steps)]:
+        if folder and os.path.isabs(folder) and folder not in folders:
             folders.append(folder)
     raypath = (row.env or {}).get("RAYPATH", "")
     for entry in raypath.split(os.pathsep):
