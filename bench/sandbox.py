@@ -7,9 +7,11 @@ medians (and 90th percentiles) in milliseconds, printed as a Markdown table:
 
 1. one tiny rtrace step started by the procwrap's code (``Box.spawn``):
    unconfined ``posix_spawn`` (what a step cost before the sandbox), the
-   box's fork+exec with no confinement (sandbox = "off": limits and the
-   clean environment only), Landlock+seccomp, and Landlock+seccomp with the
-   user and network namespace (the default where the kernel allows it);
+   box with no confinement (sandbox = "off": the prlimit wrapper for the
+   limits), the default way (a confined thread, posix_spawn through
+   prlimit) with and (as root) without a network namespace, and the forked
+   way (no prlimit) with a user + network namespace where allowed; with the
+   cpu time of this process and its children per step;
 2. a tiny rtrace job through a real rayserver (submit, then GET ?wait),
    one server with ``sandbox = "on"`` and one with ``"off"``.
 
@@ -35,7 +37,10 @@ from run import BIN, RTRACE_STEP, Bench, pct  # noqa: E402
 
 from rayserver.common import radiance  # noqa: E402
 from rayserver.common.settings import Settings  # noqa: E402
-from rayserver.jobs.procwrap import sandbox  # noqa: E402
+from rayserver.jobs.procwrap import kernel, sandbox  # noqa: E402
+
+BEFORE = "posix_spawn, unconfined (before the sandbox)"
+OFF = 'sandbox = "off": prlimit wrapper only'
 
 
 class SandboxBench(Bench):
@@ -62,8 +67,9 @@ def step_runner(project: Path, variant: str) -> Callable[[], None]:
     policy = sandbox.Policy(
         read=reads,
         write=(str(project),),
-        confine=variant != "fork, no confinement",
-        netns=variant == "landlock+seccomp+netns",
+        confine=variant != OFF,
+        netns="netns" in variant,
+        threaded=not variant.startswith("forked"),
     )
     box = sandbox.Box.build(policy)
     null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
@@ -71,7 +77,7 @@ def step_runner(project: Path, variant: str) -> Callable[[], None]:
     def run() -> None:
         src = os.open(project / "pt.txt", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if variant == "posix_spawn (before)":
+            if variant == BEFORE:
                 pid = os.posix_spawn(
                     argv[0],
                     argv,
@@ -137,14 +143,12 @@ def main() -> int:
     try:
         project = benches["on"].project
         os.chdir(project)  # as the procwrap does (posix_spawn has no cwd of its own)
-        variants = [
-            "posix_spawn (before)",
-            "fork, no confinement",
-            "landlock+seccomp",
-            "landlock+seccomp+netns",
-        ]
-        if not sandbox.netns_available():
-            variants.pop()
+        variants = [BEFORE, OFF, "threaded: landlock+seccomp"]
+        if os.geteuid() == 0:
+            variants.append("threaded: landlock+seccomp+netns (root)")
+        variants.append(
+            "forked: landlock+seccomp" + ("+userns+netns" if kernel.userns_available() else "")
+        )
         steps, step_cpu = interleaved({v: step_runner(project, v) for v in variants}, ns.n)
         for b in benches.values():
             b.start_server(cpus=2)
