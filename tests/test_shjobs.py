@@ -258,3 +258,42 @@ def test_shell_step_requests_are_checked(unboxed: tuple[Any, RayHome]) -> None:
     ):
         proc = rayfront(home, *args, cwd=proj)
         assert proc.returncode == 2 and text in proc.stderr, (args, proc.stderr)
+
+
+# ---------------------------------------------------------------- rayfront, a boxed server
+
+
+def _room_project(home: RayHome) -> Path:
+    proj = home.projects / "room"
+    proj.mkdir()
+    (proj / "room.rad").write_text(ROOM)
+    (proj / "grid.pts").write_text(GRID)
+    with open(proj / "room.oct", "wb") as out:
+        subprocess.run(
+            [str(BIN / "oconv"), "room.rad"], cwd=proj, stdout=out, env=rad_env(), check=True
+        )
+    return proj
+
+
+def test_rayfront_run_sh_gives_the_pipes_bytes(server: Any, rayhome: RayHome) -> None:
+    """The daylight-factor pipe as a designer types it, its result on rayfront's stdout."""
+    proj = _room_project(rayhome)
+    run = rayfront(rayhome, "run", "--sh", DF_PIPE, cwd=proj, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    direct = subprocess.run(
+        ["/bin/sh", "-c", DF_PIPE], cwd=proj, env=rad_env(), capture_output=True, check=True
+    ).stdout.decode()
+    assert run.stdout == direct and len(direct.split()) == 16
+    assert "+ rtrace -h -I" in run.stderr and "sandbox landlock" in run.stderr
+
+
+def test_rayfront_run_script_lists_what_it_wrote(server: Any, rayhome: RayHome) -> None:
+    proj = _room_project(rayhome)
+    (proj / "views.sh").write_text(SCRIPT)
+    run = rayfront(rayhome, "run", "--stdout", "views.log", "--script", "views.sh", cwd=proj)
+    assert run.returncode == 0, run.stderr
+    assert (proj / "count.txt").read_text() == "rays: 32\n"
+    job = rayfront(rayhome, "status", "1", cwd=proj).stdout
+    for name in ("count.txt", "view_1.txt", "view_-1.txt", "room.oct"):
+        assert f"{name}  (" in job, job
+    assert "step 1: sh views.sh" in job or "sh views.sh" in job, job
