@@ -22,7 +22,6 @@ from conftest import RayHome, make_home
 from jobtools import BIN, make_project, rad_env, rayfront
 
 from rayserver.common.paths import Layout
-from rayserver.common.settings import Settings
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap.shprogress import ShProgress, script_commands
 
@@ -214,8 +213,8 @@ def test_progress_moves_with_the_commands_and_rpict_reports(room: tuple[Path, Pa
 
 @pytest.fixture
 def unboxed(tmp_path: Path, server_factory: Any) -> tuple[Any, RayHome]:
-    """A server that runs jobs without the sandbox (or that has none)."""
-    off = 'sandbox = "off"\n' if "sandbox" in Settings.__dataclass_fields__ else ""
+    """A server that runs jobs without the sandbox."""
+    off = 'sandbox = "off"\n'
     home = make_home(tmp_path / "unboxed", settings_extra=off)
     return server_factory("-f", home=home), home
 

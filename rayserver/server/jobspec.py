@@ -241,7 +241,7 @@ def _check_shell_allowed(data: dict[str, Any], settings: Settings) -> None:
     """sh command lines and scripts only run inside the job's sandbox: 403 without one."""
     for i, step in enumerate(data.get("steps") or []):
         kind = "sh" if "sh" in step else "script" if "script" in step else None
-        if kind and getattr(settings, "sandbox", "off") != "on":
+        if kind and settings.sandbox != "on":
             raise JobSpecError(
                 403,
                 f"steps[{i}].{kind}: shell command lines and scripts run only inside the job "
