@@ -90,8 +90,9 @@ def test_submit_get_public(db: JobDB) -> None:
         "pid",
         "after",
         "waiting_for",
+        "warnings",
     }
-    assert pub["after"] == [] and pub["waiting_for"] == []
+    assert pub["after"] == [] and pub["waiting_for"] == [] and pub["warnings"] == []
     assert db.mark_starting(job)
     assert db.public(db.get(job))["state"] == "queued"  # 'starting' is internal
     assert db.get(12345) is None
@@ -168,7 +169,8 @@ def test_queue_order_and_state_guards(db: JobDB) -> None:
         db.request_cancel(a, "later")
     db.update_progress(a, progress=42.0, current_step=1)
     assert db.get(a)["progress"] == 42.0
-    assert db.finish(a, "cancelled", reason="cancelled by request")
+    assert db.finish(a, "cancelled", reason="cancelled by request", warnings=["amb damaged"])
+    assert db.public(db.get(a))["warnings"] == ["amb damaged"]
     assert not db.finish(a, "failed")  # final states are final
     db.update_progress(a, progress=1.0)
     assert db.get(a)["progress"] == 42.0

@@ -32,6 +32,8 @@ from jobtools import (
     wait_until,
 )
 
+from rayserver.common import ambfile
+
 
 def radiance_pids(home: RayHome) -> dict[int, str]:
     """pid -> program name of live Radiance processes started for this test's home."""
@@ -292,22 +294,12 @@ def test_restart_with_jobs_queued(server_factory: Any, rayhome: RayHome) -> None
 
 
 def check_ambient(path: Path) -> int:
-    """Number of records; fails unless the file is whole (see shared/radiance-facts.md)."""
-    data = path.read_bytes()
-    end = data.index(b"\n\n") + 2
-    assert b"FORMAT=Radiance_ambval" in data[:end]
-    body = len(data) - end - 2
-    assert body % 67 == 0, f"{body} bytes of records is not a multiple of 67"
-    out = subprocess.run(
-        [str(BIN / "lookamb"), "-h", "-d", str(path)],
-        capture_output=True,
-        text=True,
-        env=rad_env(),
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    assert len(out.stdout.splitlines()) == body // 67
-    return body // 67
+    """Number of records; fails unless the file is whole (rayserver.common.ambfile's check,
+    then lookamb's count as a second opinion)."""
+    result = ambfile.check_file(path)
+    assert result.ok, result.problem
+    assert ambfile.lookamb_count(path, BIN / "lookamb", rad_env()) == result.records
+    return result.records
 
 
 def test_four_jobs_share_one_ambient_file(server_factory: Any, rayhome: RayHome) -> None:
@@ -353,6 +345,7 @@ def test_four_jobs_share_one_ambient_file(server_factory: Any, rayhome: RayHome)
         ids.append(submit(srv, [step])["id"])
     jobs = [wait_final(srv, i, timeout=120) for i in ids]
     assert [j["state"] for j in jobs] == ["done"] * 4, [job_log(srv, i) for i in ids]
+    assert [j["warnings"] for j in jobs] == [[]] * 4, [job_log(srv, i) for i in ids]
     assert _max_overlap(jobs) >= 2
     assert check_ambient(rayhome.projects / "room" / "shared.amb") > 10
 

@@ -65,6 +65,8 @@ def summary_lines(job: dict[str, Any], project_dir: Path | None) -> list[str]:
     if isinstance(job.get("max_rss_kb"), int):
         times += f", max memory {job['max_rss_kb'] / 1024:.1f} MB"
     lines.append(times)
+    for warning in job.get("warnings") or []:
+        lines.append(f"  warning: {warning}")
     outputs = job.get("outputs") or []
     if outputs:
         lines.append("  outputs:")

@@ -82,12 +82,15 @@ def job_details(job: dict[str, Any]) -> str:
         "pid",
         "after",
         "waiting_for",
+        "warnings",
     )
     lines = []
     for key in keys:
         value = job.get(key)
         if key.endswith("_at"):
             value = when(value) if value is not None else "-"
+        elif key == "warnings":
+            value = "; ".join(value or []) or "-"
         elif key in ("after", "waiting_for"):
             value = ", ".join(map(str, value or [])) or "-"
         lines.append(f"{key:>16}: {'-' if value is None else value}")

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     outputs TEXT,
     after_ids TEXT,
     project_dir TEXT,
-    cpus INTEGER NOT NULL DEFAULT 1
+    cpus INTEGER NOT NULL DEFAULT 1,
+    warnings TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, id);
 CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);
@@ -77,6 +78,8 @@ _ADDED_COLUMNS = (
     ("user", "TEXT"),
     # Sandbox and limit events of the job, a JSON list of names (add_event).
     ("events", "TEXT"),
+    # What went wrong without failing the job, a JSON list of texts (a damaged ambient file).
+    ("warnings", "TEXT"),
 )
 
 # Partial indexes that keep GET /metrics' histogram and event counts off the
@@ -686,6 +689,7 @@ class JobDB:
         max_rss_kb: int | None = None,
         progress: float | None = None,
         outputs: list[dict[str, Any]] | None = None,
+        warnings: list[str] | None = None,
         from_states: tuple[str, ...] = ACTIVE_STATES,
     ) -> bool:
         """Record a final state, once: False if the job was already final."""
@@ -697,7 +701,8 @@ class JobDB:
                 f"UPDATE jobs SET state=?, ended_at=?, exit_status=?, signal=?, reason=?, "
                 f"wall_time=COALESCE(?, wall_time), cpu_time=COALESCE(?, cpu_time), "
                 f"max_rss_kb=COALESCE(?, max_rss_kb), progress=COALESCE(?, progress), "
-                f"outputs=COALESCE(?, outputs), pgid_children=NULL "
+                f"outputs=COALESCE(?, outputs), warnings=COALESCE(?, warnings), "
+                f"pgid_children=NULL "
                 f"WHERE id=? AND state IN ({marks})",
                 (
                     state,
@@ -710,6 +715,7 @@ class JobDB:
                     max_rss_kb,
                     progress,
                     json.dumps(outputs) if outputs is not None else None,
+                    json.dumps(warnings) if warnings else None,
                     job_id,
                     *from_states,
                 ),

@@ -1,7 +1,8 @@
 """A job's row, decoded once where it leaves the job database (:class:`JobRow`).
 
-Columns that hold JSON text in the table (steps, env, outputs) are Python
-objects here, and the state is a :class:`~rayserver.common.states.JobState`.
+Columns that hold JSON text in the table (steps, env, outputs, after_ids,
+events, warnings) are Python objects here, and the state is a
+:class:`~rayserver.common.states.JobState`.
 :meth:`JobRow.to_api` is the job object of docs/api-contract.md (given what
 only the database knows: which ``after`` jobs are not done yet).
 """
@@ -18,7 +19,14 @@ from rayserver.common.states import JobState
 from rayserver.common.tokens import SHARED_USER
 
 # Columns that hold JSON text in the table, and their empty value.
-JSON_COLUMNS = {"steps": list, "env": dict, "outputs": list, "after_ids": list, "events": list}
+JSON_COLUMNS = {
+    "steps": list,
+    "env": dict,
+    "outputs": list,
+    "after_ids": list,
+    "events": list,
+    "warnings": list,
+}
 
 
 class _StepKind(TypedDict, total=False):
@@ -77,6 +85,7 @@ class JobRow:
     events: list[str] = dataclasses.field(default_factory=list)  # jobdb.EVENTS that happened
     project_dir: str | None = None  # the project's folder: the box's writable root
     cpus: int = 1  # cpu slots the job takes (its -n / rad -N)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # not failing the job
 
     @classmethod
     def decode(cls, row: sqlite3.Row) -> JobRow:
@@ -167,6 +176,7 @@ class JobRow:
             "pid": self.pid,
             "after": list(self.after_ids or []),
             "waiting_for": waiting_for,
+            "warnings": list(self.warnings or []),
         }
 
 

@@ -20,7 +20,8 @@ procwrap died without recording a final state.
 The package's modules: ``entry`` (the spare of the fork server, a direct run,
 the command line), ``job`` (one job's steps, log, progress and final record),
 ``watch`` (one running step: output, progress, memory, cancel, reaping),
-``confine`` (files opened inside the project), ``procs`` (spawning a step in
+``confine`` (files opened inside the project), ``ambient`` (a missing ambient file
+created by one writer alone, its integrity checked after the step), ``procs`` (spawning a step in
 its own process group, /proc scans, subreaper), ``rtcount`` and ``progress``
 (progress of rtrace and rpict/rad), ``exits`` (exit codes). It imports only
 ``rayserver.common`` and ``rayserver.jobs.jobdb``, never the HTTP layer.

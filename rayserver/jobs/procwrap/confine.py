@@ -19,11 +19,7 @@ def open_confined(workdir: str, rel: str, *, write: bool) -> int:
     hard links (one could point outside the project) and anything that is
     not a regular file.
     """
-    if not rel or rel.startswith("/") or "\x00" in rel:
-        raise ConfinementError(f"{rel!r}: expected a relative path inside the project")
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        raise ConfinementError(f"{rel!r}: '..' or an empty path leaves the project directory")
+    parts = _parts(rel)
     dir_fd = _open_folder(workdir, parts[:-1], rel)
     try:
         flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -42,6 +38,25 @@ def open_confined(workdir: str, rel: str, *, write: bool) -> int:
         os.close(dir_fd)
     _check_opened(fd, rel, write=write)
     return fd
+
+
+def open_parent_confined(workdir: str, rel: str) -> tuple[int, str]:
+    """(descriptor of the folder that holds ``rel``, its last name), opened as open_confined.
+
+    The caller closes the descriptor. Raises ConfinementError like open_confined.
+    """
+    parts = _parts(rel)
+    return _open_folder(workdir, parts[:-1], rel), parts[-1]
+
+
+def _parts(rel: str) -> list[str]:
+    """The components of a relative path inside the project (ConfinementError if it is none)."""
+    if not rel or rel.startswith("/") or "\x00" in rel:
+        raise ConfinementError(f"{rel!r}: expected a relative path inside the project")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ConfinementError(f"{rel!r}: '..' or an empty path leaves the project directory")
+    return parts
 
 
 def _open_folder(workdir: str, folders: list[str], rel: str) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rayserver.common.settings import Settings
 from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
-from rayserver.jobs.procwrap import jobbox, limits
+from rayserver.jobs.procwrap import ambient, jobbox, limits
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
 from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
@@ -62,6 +62,8 @@ class Job:
         self._neighbours: tuple[list[int], int] = ([], 0)  # jobs that may run beside the step
         self.job_dir: Path | None = None  # the job's folder (log, stream sockets); see run_job
         self.streams = StepStreams(None, Path("."), self.wake)  # the current step's
+        self.warnings: list[str] = []
+        self.rad_plan: list[prog.RadCommand] = []
         self._last_progress = -1.0
         self._last_progress_at = 0.0
         self._pending_progress: float | None = None
@@ -143,6 +145,11 @@ class Job:
                 self.term_signal = signal.SIGTERM
         limits.kill_descendants(os.getpid())
 
+    def warn(self, text: str) -> None:
+        """A warning on the job (its record's warnings) and in its log; the job goes on."""
+        self.log(f"rayserver: warning: {text}\n")
+        self.warnings.append(text)
+
     def progress(self, percent: float, *, force: bool = False) -> None:
         now = time.monotonic()
         if percent == self._last_progress:
@@ -198,6 +205,7 @@ class Job:
             max_rss_kb=rss,
             progress=100.0 if state == JobState.DONE else None,
             outputs=self.outputs.outputs(),
+            warnings=self.warnings,
             from_states=(JobState.RUNNING,),
         )
         return _EXIT_CODES[state]
@@ -283,6 +291,7 @@ class Job:
         self.streams = StepStreams(
             step, self.job_dir or self.db.log_path(self.id).parent, self.wake
         )
+        ambients = ambient.StepAmbients.before(self, self.workdir, program, args, self.rad_plan)
         stdin_fd, stdout_fd = self.open_redirects(step)
         # (A stream's pipe must not be read by a counter: it would take the step's bytes.)
         counter = (
@@ -291,7 +300,9 @@ class Job:
         out_r, out_w = os.pipe()
         pid = self.start_step(step, args, (stdin_fd, stdout_fd, out_r, out_w), counter)
         if pid is None:
+            ambients.release()
             return 127, None
+        ambients.started(pid, program)
         # One write per step: which step runs, and the group to kill should we die.
         self.db.update_progress(
             self.id,
@@ -304,12 +315,15 @@ class Job:
         try:
             code, sig = watch.run()
         finally:
+            ambients.release()
             os.close(out_r)
             if counter is not None:
                 counter.close()
             self.sweep(idx)
             failure = self.streams.finish(lambda: self.term_signal is not None, self.log)
         self.add_outputs(watch.seen_outputs)
+        if self.term_signal is None:
+            ambients.check(step["path"], self.env)
         if failure:
             raise StreamError(failure, code, sig)
         return code, sig
@@ -428,6 +442,7 @@ class Job:
 
     def prepare_rad(self, rad: str, args: list[str]) -> tuple[list[str], prog.RadProgress | None]:
         """Dry-run rad to count its renders; add REPORT so rpict reports progress."""
+        self.rad_plan = []
         try:
             returncode, out = self.capture([rad, *prog.rad_dry_run_args(args)], DRY_RUN_TIMEOUT)
         except (OSError, SandboxError, TimeoutError) as exc:
@@ -440,6 +455,7 @@ class Job:
         if returncode != 0:
             return args, None
         plan = prog.parse_rad_plan(text)
+        self.rad_plan = plan
         renders = sum(1 for c in plan if c.is_render)
         self.log(f"rayserver: rad will run {len(plan)} command(s), {renders} render(s)\n")
         return args, prog.RadProgress(renders=renders) if renders else None

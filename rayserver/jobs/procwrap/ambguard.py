@@ -1,0 +1,149 @@
+"""A shared lock on a step's ambient files while its program reads them in.
+
+Radiance opens an existing ambient file and reads every record in it
+without a lock: its first ``aflock(F_RDLCK)`` returns at once, because the
+remembered lock type starts as zero, which is F_RDLCK on Linux
+(src/rt/ambient.c). A process that opens the file while another is in the
+middle of appending sees part of a record at the end, says ``ignoring last 0
+values in ambient file (corrupted)`` and truncates the file under the
+writer, whose write then goes on past the new end (a run of zeros, or a
+record cut in two); its stdio buffer is then left part-full, so its first
+records go out unlocked and mid-record. Shown with a writer holding the lock
+in mid-append (docs/operations.md, "Shared ambient files").
+
+So the procwrap takes a shared fcntl lock on the file before it starts the
+program and keeps it until a process of the step has the file open and has
+read it to its end (its file position, in /proc, at the file's size).
+Radiance's writers wait for that lock before each append, so no append is
+in progress while the newcomer reads. The lock holds back the other writers'
+appends only, and for as long as the program takes to start and read the
+file (at most ``HOLD_LIMIT``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+from typing import Protocol
+
+from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
+
+HOLD_LIMIT = 60.0  # seconds: a program that takes longer to load its scene is let go
+LOCK_WAIT = 30.0  # seconds for the shared lock (writers hold theirs only to append)
+_POLL = 0.005
+
+
+class StepLog(Protocol):
+    def log(self, text: str) -> None: ...
+
+
+class ReadGuard:
+    """Shared locks taken before a step starts, each released once the step has read its file."""
+
+    def __init__(self, job: StepLog, workdir: str, names: list[str]) -> None:
+        self._job = job
+        self._held: dict[str, int] = {}  # name -> locked descriptor
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        for rel in names:
+            try:
+                fd = open_confined(workdir, rel, write=False)
+            except ConfinementError:
+                continue  # absent: nothing to read in yet
+            if shared_lock(fd, LOCK_WAIT):
+                self._held[rel] = fd
+            else:
+                os.close(fd)
+                job.log(f"rayserver: the ambient file {rel} stayed locked; not guarded\n")
+
+    def started(self, pid: int, *, whole_group: bool) -> None:
+        """Watch the step (``pid``, or its whole process group) in a thread until it has read."""
+        if not self._held:
+            return
+        self._thread = threading.Thread(
+            target=self._watch, args=(pid, whole_group), name="ambient-guard", daemon=True
+        )
+        self._thread.start()
+
+    def release(self) -> None:
+        """Drop every lock still held (the step ended or could not start)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()
+
+    def _watch(self, pid: int, whole_group: bool) -> None:
+        deadline = time.monotonic() + HOLD_LIMIT
+        while self._held and not self._stop.wait(_POLL):
+            pids = _group(pid) if whole_group else [pid]
+            for rel, fd in list(self._held.items()):
+                st = os.fstat(fd)
+                if any(read_through(p, st.st_dev, st.st_ino, st.st_size) for p in pids):
+                    del self._held[rel]
+                    os.close(fd)  # (closing our only descriptor of it drops our lock)
+            if time.monotonic() > deadline and self._held:
+                names = ", ".join(self._held)
+                self._job.log(
+                    f"rayserver: the step had not read the ambient file {names} after "
+                    f"{HOLD_LIMIT:g} s; its lock is released\n"
+                )
+                for fd in self._held.values():
+                    os.close(fd)
+                self._held.clear()
+
+
+def shared_lock(fd: int, wait: float) -> bool:
+    """A shared whole-file fcntl lock within ``wait`` seconds (writers hold theirs briefly)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() > deadline:
+                return False
+        time.sleep(0.01)
+
+
+def read_through(pid: int, dev: int, ino: int, size: int) -> bool:
+    """Has process ``pid`` a descriptor of the file (dev, ino) positioned at ``size`` or more?"""
+    base = f"/proc/{pid}"
+    try:
+        names = os.listdir(f"{base}/fd")
+    except OSError:
+        return False
+    for name in names:
+        try:
+            st = os.stat(f"{base}/fd/{name}")
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                continue
+            with open(f"{base}/fdinfo/{name}", "rb") as f:
+                pos = int(f.readline().split()[1])  # "pos:\t<offset>"
+        except (OSError, ValueError, IndexError):
+            continue
+        if pos >= size:
+            return True
+    return False
+
+
+def _group(pgid: int) -> list[int]:
+    """Live members of process group ``pgid`` (rad, its shell, its rpict)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
+            out.append(int(name))
+    return out
