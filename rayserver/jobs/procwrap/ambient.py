@@ -83,7 +83,8 @@ def _options_file(workdir: str, rel: str) -> list[str]:
     except ConfinementError:
         return []  # the program will say what is wrong with it
     with os.fdopen(fd, "rb") as f:
-        return f.read(_OPTIONS_FILE_LIMIT).decode("utf-8", "replace").split()
+        # bytes.split(): C white space only, as Radiance's expandarg splits
+        return [w.decode("utf-8", "surrogateescape") for w in f.read(_OPTIONS_FILE_LIMIT).split()]
 
 
 def use_of(program: str, args: Sequence[str], workdir: str) -> AmbientUse | None:
