@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
@@ -98,6 +97,8 @@ def probe(*, netns: bool = True) -> ProbeResult:
         if not failure and os.listdir(outside):
             failure = "a write outside the box left a file behind"
     finally:
+        import shutil  # here, not at the top: it pulls bz2 and lzma into the fork server
+
         shutil.rmtree(base, ignore_errors=True)
     if failure:
         return ProbeResult(False, "none", abi, False, memory, [failure])

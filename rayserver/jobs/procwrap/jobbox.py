@@ -11,7 +11,6 @@ or a Radiance or library folder that contains them.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,8 @@ class JobBox:
     def close(self) -> None:
         """After the job: the private folder and the job's cgroup go."""
         self.box.close()
+        import shutil  # here, not at the top: it pulls bz2 and lzma into the fork server
+
         shutil.rmtree(self.tmpdir, ignore_errors=True)
         if self.cgroup:
             limits.leave_job_cgroup(self.home_cgroup)
@@ -145,6 +146,8 @@ def build(row: JobRow, settings: Settings, home: Path, job_dir: Path, netns: boo
     try:
         box = sandbox.Box.build(policy)
     except sandbox.SandboxError:
+        import shutil  # here, not at the top: it pulls bz2 and lzma into the fork server
+
         shutil.rmtree(tmpdir, ignore_errors=True)
         limits.remove_job_cgroup(cgroup)
         raise
