@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,8 @@ from jobtools import (
 from splittools import api, as_json, jobs_of, make_cluster, write_scene
 
 from rayserver.common import ambfile
+from rayserver.common.paths import Layout
+from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap import ambguard, ambient
 from rayserver.jobs.procwrap.confine import ConfinementError
 from rayserver.jobs.procwrap.progress import parse_rad_plan
@@ -147,6 +150,15 @@ def test_the_steps_that_write_an_ambient_file(tmp_path: Path) -> None:
     )
     uses = ambient.uses_of_step("rad", ["demo.rif"], str(tmp_path), plan)
     assert [u.rel for u in uses] == ["room.amb"]
+    # shell steps (sh -x -c TEXT, sh -x SCRIPT): the simple commands, line by line
+    text = 'oconv a.rad > s.oct && X=1 rpict -af p.amb s.oct > p.hdr; rtrace -af "$n.amb" s'
+    uses = ambient.uses_of_step("sh", ["-x", "-c", text], str(tmp_path))
+    assert [u.rel for u in uses] == ["p.amb"]  # (a name the shell builds is left out)
+    (tmp_path / "run.sh").write_text(
+        "for v in a b; do\n  rtrace -ab 1 \\\n  -af s.amb x.oct\ndone\n"
+    )
+    uses = ambient.uses_of_step("sh", ["-x", "run.sh"], str(tmp_path))
+    assert [u.rel for u in uses] == ["s.amb"]
 
 
 def _create(args: tuple[str, str]) -> bool:
@@ -419,3 +431,40 @@ def test_a_step_reads_an_ambient_file_in_only_between_appends(
     assert "ignoring" not in job_log(srv, job["id"])
     result = ambfile.check_file(proj / "busy.amb")
     assert result.ok and result.records > 100, result
+
+
+def _procwrap_sh(home: Path, proj: Path, text: str) -> tuple[dict[str, Any], str]:
+    """A shell step run by a real procwrap from a real job database (as jobspec resolves it)."""
+    db = JobDB(Layout(home, "testhost").db_path)
+    env = rad_env()
+    job = db.submit(
+        name=None, priority=0, client="127.0.0.1", location="projects", project=proj.name,
+        workdir=str(proj),
+        steps=[{"program": "sh", "path": "/bin/sh", "args": ["-c", text], "sh": text,
+                "stdin": None, "stdout": None}],
+        env={"RAYPATH": env["RAYPATH"], "PATH": env["PATH"]},
+    )  # fmt: skip
+    assert db.mark_starting(job)
+    subprocess.run(
+        [sys.executable, "-m", "rayserver.procwrap", "--db", str(db.path), "--job", str(job)],
+        env={**os.environ, "RAYFRONT_HOME": str(home)},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    return db.public(db.get(job)), db.log_path(job).read_text()
+
+
+def test_writers_started_by_one_shell_step_share_a_new_file(rayhome: RayHome) -> None:
+    proj = make_project(rayhome)
+    _write_rays(proj)
+    for k in range(5):
+        name = f"shell{k}.amb"
+        writers = " ".join(
+            f"rtrace {' '.join(AMB_ARGS)} -af {name} scene.oct < rays{i}.txt > o{i}.dat &"
+            for i in range(writers_in_round(k))
+        )
+        job, log = _procwrap_sh(rayhome.path, proj, f"{writers} wait")
+        assert job["state"] == "done" and job["warnings"] == [], log
+        assert f"created the ambient file {name} " in log
+        assert check(proj / name, BIN / "lookamb", rad_env()) is None

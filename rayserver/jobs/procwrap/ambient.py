@@ -26,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shlex
 import socket
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,7 @@ from rayserver.jobs.procwrap.progress import RadCommand
 # Programs that open -af themselves (rcontrib sets -aa 0 after its options, so never).
 PROGRAMS = frozenset({"rpict", "rtrace", "rvu", "rsensor", "mkillum"})
 _OPTIONS_FILE_LIMIT = 1 << 16
+_SH_KEYWORDS = frozenset({"do", "then", "else", "elif", "!", "time", "{", "}", "exec", "nohup"})
 _LOOKAMB_TIMEOUT = 120.0
 _LOCK_WAIT = 30.0  # seconds for the shared lock before the check is skipped
 
@@ -118,16 +120,67 @@ def use_of(program: str, args: Sequence[str], workdir: str) -> AmbientUse | None
 def uses_of_step(
     program: str, args: Sequence[str], workdir: str, rad_plan: Iterable[RadCommand] = ()
 ) -> list[AmbientUse]:
-    """The ambient files of a step: its own -af, or those of the commands rad will run."""
+    """The ambient files of a step: its own -af, those of the commands rad will run, or
+    those of the commands of a shell step (``sh -c TEXT``)."""
     if program == "rad":
-        found: dict[str, AmbientUse] = {}
-        for cmd in rad_plan:
-            use = use_of(cmd.program, cmd.argv[1:], workdir)
-            if use is not None:
-                found.setdefault(use.rel, use)
-        return list(found.values())
-    use = use_of(program, args, workdir)
-    return [use] if use else []
+        commands = [(c.program, list(c.argv[1:])) for c in rad_plan]
+    elif program == "sh":
+        commands = shell_commands(_shell_text(args, workdir))
+    else:
+        commands = [(program, list(args))]
+    found: dict[str, AmbientUse] = {}
+    for name, cmd_args in commands:
+        use = use_of(name, cmd_args, workdir)
+        # (a name the shell would build is not the name we see)
+        if use is not None and not (program == "sh" and any(c in use.rel for c in "$`*?[~")):
+            found.setdefault(use.rel, use)
+    return list(found.values())
+
+
+def _shell_text(args: Sequence[str], workdir: str) -> str:
+    """The commands of ``sh [-x] -c TEXT`` or ``sh [-x] SCRIPT`` (a project file)."""
+    words = [a for a in args if a != "-x"]
+    if words[:1] == ["-c"]:
+        return words[1] if len(words) > 1 else ""
+    if not words:
+        return ""
+    try:
+        fd = open_confined(workdir, words[0], write=False)
+    except ConfinementError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        return f.read(_OPTIONS_FILE_LIMIT).decode("utf-8", "replace")
+
+
+def shell_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(program, arguments) of the simple commands of a shell text, as far as words tell.
+
+    Line ends and operators (``; | & && || ( )``, redirections) end a command; leading
+    keywords (``do``, ``then``, ...) and ``VAR=value`` words are skipped. No
+    expansion: a name the shell builds (``$``, backquotes, globs) is left out,
+    and the step then runs as it would without rayserver's help.
+    """
+    out: list[tuple[str, list[str]]] = []
+    for line in text.replace("\\\n", " ").splitlines():
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        try:
+            tokens = list(lex)
+        except ValueError:  # a quote left open (or spanning lines): not read
+            continue
+        words: list[str] = []
+        for tok in [*tokens, ";"]:
+            if tok and set(tok) <= set(";&|()<>"):
+                while words and (
+                    words[0] in _SH_KEYWORDS or ("=" in words[0] and not words[0].startswith("-"))
+                ):
+                    words.pop(0)
+                if words:
+                    out.append((words[0].rsplit("/", 1)[-1], words[1:]))
+                words = []
+            else:
+                words.append(tok)
+    return out
 
 
 def create_missing(workdir: str, use: AmbientUse) -> bool:
@@ -227,8 +280,8 @@ class StepAmbients:
         return cls(job, workdir, uses)
 
     def started(self, pid: int, program: str) -> None:
-        # rad's render runs as a grandchild: look at the whole process group.
-        self.guard.started(pid, whole_group=program == "rad")
+        # rad's and a shell's programs run as grandchildren: look at the whole group.
+        self.guard.started(pid, whole_group=program in ("rad", "sh"))
 
     def release(self) -> None:
         self.guard.release()
