@@ -94,6 +94,43 @@ def test_grid_split_gives_the_bytes_of_one_rtrace_run(cluster: Cluster) -> None:
     assert not (cluster.project / ".rayfront-split").exists()
 
 
+def _posts_created(server: object) -> float:
+    """The server's count of POSTs answered 201 (its /metrics page, a real counter)."""
+    status, text = api(server, "GET", "/metrics")
+    assert status == 200 and isinstance(text, str), text
+    key = 'rayserver_http_requests_total{method="POST",code="201"}'
+    found = [line.split()[-1] for line in text.splitlines() if line.startswith(key + " ")]
+    return float(found[0]) if found else 0.0
+
+
+def test_each_server_gets_its_parts_in_one_batch_request(cluster: Cluster) -> None:
+    # Six parts on three cpus: two parts go to each server at once (one running, one
+    # waiting in its queue), and they must arrive in one POST /v1/jobs/batch.
+    args = ["rtrace", "-h", *DIRECT, "-ds", "0.07", "scene.oct"]
+    before = [(_posts_created(s), len(jobs_of(s))) for s in cluster.servers]
+    proc = cluster.rayfront(
+        "run",
+        "--json",
+        "--hosts",
+        "all",
+        "--parts",
+        "6",
+        "--stdin",
+        "grid.pts",
+        "--stdout",
+        "batch.dat",
+        "--",
+        *args,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(as_json(proc)["parts"]) == 6
+    after = [(_posts_created(s), len(jobs_of(s))) for s in cluster.servers]
+    posts = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+    jobs = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
+    assert jobs == [2, 2, 2], jobs
+    assert posts == [1, 1, 1], posts
+
+
 def test_parts_with_indirect_light_share_one_ambient_file(cluster: Cluster) -> None:
     # -ab 1 with caching: every part would rebuild the ambient cache on its own;
     # the parts get one ambient file in the run's folder instead (and lose it

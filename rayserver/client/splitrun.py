@@ -91,6 +91,7 @@ class Host:
     lost: str = ""  # why it was given up, "" while in use
     unreachable_since: float | None = None
     busy_until: float = 0.0
+    batch: bool = True  # POST /v1/jobs/batch answered (an older server: 404, one by one)
 
     @property
     def name(self) -> str:
@@ -460,7 +461,8 @@ class SplitRun:
             return None
         return min(pool, key=lambda h: h.running / h.slots)
 
-    def _submit(self, part: Part, host: Host, tried: set[str]) -> Attempt | None:
+    def _attempt(self, part: Part, host: Host) -> Attempt:
+        """A new attempt of ``part`` on ``host``: its own output file (and -o folder)."""
         number = 1 + sum(1 for a in self.attempts if a.part.index == part.index)
         suffix = ".hdr" if self.view is not None else ""
         attempt = Attempt(
@@ -468,22 +470,70 @@ class SplitRun:
         )
         if self.contrib is not None and (self.contrib.o_at or self.receiver):
             self._output_folder(attempt)
-        try:
-            job = host.client.submit(self._job_request(attempt))
-        except ClientError as exc:
-            if exc.status in (429, 503):
-                host.busy_until = time.monotonic() + 2.0
-                return None
-            if exc.status is not None and exc.status < 500:
-                raise ClientError(f"{host.name} refused {part.name}: {exc}") from exc
-            self._lose(host, f"submitting failed: {exc}")
-            return None
+        return attempt
+
+    def _submit_round(self, queue: deque[Part], tried: dict[int, set[str]]) -> None:
+        """Hand the queued parts to hosts with free cpus: one batch request per host."""
+        planned: dict[str, tuple[Host, list[Attempt]]] = {}
+        for _ in range(len(queue)):
+            part = queue.popleft()
+            host = self._pick_host(part, tried[part.index])
+            if host is None:
+                queue.append(part)
+                continue
+            host.running += 1  # counted now, so the next part weighs this one in
+            planned.setdefault(host.name, (host, []))[1].append(self._attempt(part, host))
+        for host, attempts in planned.values():
+            host.running -= len(attempts)
+            with signals_deferred():
+                left = self._submit_many(host, attempts)
+            for attempt in attempts:
+                if attempt in left:
+                    queue.append(attempt.part)
+                else:
+                    tried[attempt.part.index].add(host.name)
+
+    def _submit_many(self, host: Host, attempts: list[Attempt]) -> list[Attempt]:
+        """Submit ``attempts`` to ``host``; the attempts not queued there (to hand out again).
+
+        One ``POST /v1/jobs/batch`` (all or none); a server without it (404:
+        older than the batch endpoint) gets one ``POST /v1/jobs`` per part.
+        """
+        if len(attempts) > 1 and host.batch:
+            try:
+                jobs = host.client.submit_batch([self._job_request(a) for a in attempts])
+            except ClientError as exc:
+                if exc.status != 404:
+                    return self._refused(host, attempts, exc)
+                host.batch = False  # then the single requests say what a new server refused
+            else:
+                for attempt, job in zip(attempts, jobs, strict=True):
+                    self._queued(attempt, job)
+                return []
+        for index, attempt in enumerate(attempts):
+            try:
+                job = host.client.submit(self._job_request(attempt))
+            except ClientError as exc:
+                return self._refused(host, attempts[index:], exc)
+            self._queued(attempt, job)
+        return []
+
+    def _refused(self, host: Host, attempts: list[Attempt], exc: ClientError) -> list[Attempt]:
+        """A submit to ``host`` failed: busy (try later), refused (fatal) or lost (elsewhere)."""
+        if exc.status in (429, 503):
+            host.busy_until = time.monotonic() + 2.0
+            return attempts
+        if exc.status is not None and exc.status < 500:
+            names = ", ".join(a.part.name for a in attempts)
+            raise ClientError(f"{host.name} refused {names}: {exc}") from exc
+        self._lose(host, f"submitting failed: {exc}")
+        return attempts
+
+    def _queued(self, attempt: Attempt, job: dict[str, Any]) -> None:
         attempt.job_id = int(job["id"])
         attempt.state = str(job.get("state", JobState.QUEUED))
-        host.running += 1
-        tried.add(host.name)
+        attempt.host.running += 1
         self.attempts.append(attempt)
-        return attempt
 
     def _output_folder(self, attempt: Attempt) -> None:
         """The attempt's own folder for the -o (and receiver o=) files; its arguments point there."""
@@ -552,15 +602,7 @@ class SplitRun:
         pool = ThreadPoolExecutor(max_workers=16)
         try:
             while len(self.done) < len(parts):
-                for _ in range(len(queue)):
-                    part = queue.popleft()
-                    host = self._pick_host(part, tried[part.index])
-                    if host is None:
-                        queue.append(part)
-                        continue
-                    with signals_deferred():
-                        if self._submit(part, host, tried[part.index]) is None:
-                            queue.append(part)
+                self._submit_round(queue, tried)
                 live = [h for h in self.hosts if not h.lost]
                 if not live:
                     missing = sorted(
