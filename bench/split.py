@@ -2,13 +2,17 @@
 
 Run from a checkout with the project installed (see README):
 
-    .venv/bin/python bench/split.py [--quick]
+    .venv/bin/python bench/split.py [--quick] [--pin]
 
 Three real rayservers (1 cpu each) on 127.0.0.1-3 share one project directory
 (the cluster of tests/splittools.py); each workload runs directly (no server)
 and split on the first 1, 2 and 3 servers, the configurations interleaved in
 every repetition so load drift hits them alike. Medians are printed as a
 Markdown table. Nothing here is a pass/fail test.
+
+``--pin``: two servers only, server k and everything it starts pinned to
+core k-1 (as ``taskset``), and the direct runs to core 0, so that "2 servers
+against 1" is two cores against one rather than whatever the scheduler gives.
 """
 
 from __future__ import annotations
@@ -121,6 +125,20 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+PINNED: dict[str, int] = {}  # "direct" -> the core direct runs are pinned to (--pin)
+
+
+def pin_tree(pid: int, core: int) -> None:
+    """Every thread of ``pid`` and of its descendants on ``core``; later children inherit it."""
+    pids = [pid]
+    for parent in pids:  # grows while walked: breadth first over the tree
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task.name), {core})
+            with contextlib.suppress(OSError):
+                pids += [int(c) for c in (task / "children").read_text().split()]
+
+
 def run_direct(cluster: Cluster, w: Workload) -> tuple[float, float]:
     """Wall and CPU seconds of the command run here, without any server."""
     out = cluster.project / f"{w.output}-direct{w.suffix}"
@@ -129,7 +147,13 @@ def run_direct(cluster: Cluster, w: Workload) -> tuple[float, float]:
     t0 = time.perf_counter()
     with open(stdin, "rb") as inp, open(out, "wb") as dst:
         subprocess.run(
-            [w.program, *w.args], cwd=cluster.project, env=ENV, stdin=inp, stdout=dst, check=True
+            [w.program, *w.args],
+            cwd=cluster.project,
+            env=ENV,
+            stdin=inp,
+            stdout=dst,
+            check=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {PINNED["direct"]})) if PINNED else None,
         )
     return time.perf_counter() - t0, children_cpu() - cpu0
 
@@ -250,9 +274,9 @@ def table(ws: list[Workload]) -> list[str]:
 
 
 def part_table(ws: list[Workload]) -> list[str]:
-    """The parts' own cpu seconds on 3 servers (last repetition), from the job records."""
+    """The parts' own cpu seconds on all servers (last repetition), from the job records."""
     lines = [
-        "| workload (3 servers) | parts | cpu s, all parts | cpu s, costliest part "
+        f"| workload ({SERVERS} servers) | parts | cpu s, all parts | cpu s, costliest part "
         "| cpu s, cheapest part | costliest / mean |",
         "|---|---|---|---|---|---|",
     ]
@@ -363,7 +387,14 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="1 repetition and ~1/4 of the work (a smoke run)"
     )
+    parser.add_argument(
+        "--pin", action="store_true", help="2 servers, each pinned to a core of its own"
+    )
     args = parser.parse_args()
+    global SERVERS
+    if args.pin:
+        SERVERS = 2
+        PINNED["direct"] = 0
     reps = 1 if args.quick else 3
     points = 5000 if args.quick else 20000
     load_start = os.getloadavg()
@@ -373,6 +404,9 @@ def main() -> int:
     try:
         print(f"starting {SERVERS} rayservers (1 cpu each) on 127.0.0.1-{SERVERS} ...", flush=True)
         cluster = make_cluster(tmp, SERVERS, cpus=1)
+        if args.pin:
+            for k, server in enumerate(cluster.servers):
+                pin_tree(server.proc.pid, k % (os.cpu_count() or 1))
         try:
             write_scene(cluster.project)
             write_points(cluster.project / "grid.pts", points)
@@ -385,8 +419,8 @@ def main() -> int:
             )
             measure(cluster, ws, reps, points)
             shares = share_check_times(cluster, reps)
-            # Last: it kills server 3.
-            loss = host_loss(cluster, 2.0)
+            # Last: it kills server 3 (not with --pin: two servers, a core each).
+            loss = [] if args.pin else host_loss(cluster, 2.0)
         finally:
             cluster.stop()
     finally:
@@ -402,7 +436,8 @@ def main() -> int:
         f"at end {' '.join(f'{x:.2f}' for x in load_end)}",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}, whole run {total:.0f} s, "
         f"{reps} repetition{'s' if reps > 1 else ''}{' (--quick)' if args.quick else ''}; "
-        f"{SERVERS} rayservers with 1 cpu each, runs on k servers use the first k",
+        f"{SERVERS} rayservers with 1 cpu each, runs on k servers use the first k"
+        + (", server k and its jobs pinned to core k-1, direct runs to core 0" if args.pin else ""),
         "",
         "Commands (in the project directory; split runs are `rayfront run --json --hosts H1,..,Hk"
         " [--stdin F] --stdout OUT -- COMMAND`):",
@@ -417,7 +452,7 @@ def main() -> int:
         "the part programs' CPU seconds from the servers' job records (direct: the "
         "program's own); per-server efficiency: speed-up / k.",
         "",
-        "Per part, on 3 servers (last repetition; cpu seconds from the job records, so "
+        f"Per part, on {SERVERS} servers (last repetition; cpu seconds from the job records, so "
         "not inflated by parts sharing a core):",
         "",
         *part_table(ws),
