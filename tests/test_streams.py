@@ -120,6 +120,37 @@ def test_exit_status_is_the_programs_and_unread_input_is_fine(
     assert refused.returncode == 2 and "needs rayfront run" in refused.stderr
 
 
+def test_input_left_open_does_not_hold_the_job(server: Any, rayhome: RayHome) -> None:
+    """Like `sleep 30 | ssh host oconv scene.rad`: the program's end ends the run."""
+    proj = make_project(rayhome)
+    proc = _popen(
+        rayhome,
+        proj,
+        "run",
+        "--",
+        "oconv",
+        "scene.rad",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(b"not read\n")
+        proc.stdin.flush()
+        # The pipe stays open (our end is never closed) until rayfront has ended; the
+        # octree and the messages are small enough for the pipes' buffers.
+        assert proc.wait(timeout=60) == 0
+        assert proc.stdout is not None and proc.stdout.read().startswith(b"#?RADIANCE")
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert _newest_job(server)["state"] == "done"
+
+
 def test_a_client_killed_mid_upload_fails_the_job(server: Any, rayhome: RayHome) -> None:
     """The program must never see an end of input that is not the real one."""
     proj = make_project(rayhome)
