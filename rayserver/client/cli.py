@@ -7,6 +7,8 @@
     rayfront status [ID]                table of jobs, or one job
     rayfront log [-f] ID                a job's log (follow it with -f)
     rayfront cancel ID                  cancel a queued or running job
+    rayfront receipt ID                 a finished job's receipt: what ran, on what, what came out
+    rayfront reproduce ID [--host H]    run it again (inputs checked first), compare the outputs
     rayfront token new                  write a fresh random shared token file
     rayfront token new --user NAME      a named token (--role admin for an admin)
     rayfront token list | revoke NAME   named tokens: who, role, created; remove one
@@ -394,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ClientError(
                 f"'rayfront {opts.command}' takes no command after '--'", exit_code=EXIT_USAGE
             )
+        if opts.command in ("receipt", "reproduce"):
+            from rayserver.client import reproduce
+
+            run = reproduce.cmd_receipt if opts.command == "receipt" else reproduce.cmd_reproduce
+            return run(ctx, opts)
         if opts.command == "demo":
             from rayserver.client.demo import run_demo
 

@@ -64,7 +64,51 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             _run_options(p)
     _other_commands(sub, common)
+    _receipt_commands(sub, common)
     return parser
+
+
+def _receipt_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """receipt, reproduce."""
+    p = sub.add_parser("receipt", parents=[common], help="a finished job's receipt (JSON)")
+    p.add_argument("id", type=_job_id, help="job id")
+    p = sub.add_parser(
+        "reproduce",
+        parents=[common],
+        help="run a finished job again from its receipt and compare the outputs",
+        description="Check the job's inputs (sha256 of the files now in the project; "
+        "refused, naming each one, when any is missing or changed), move its outputs "
+        "aside into .rayfront-reproduce-ID/, queue the same steps again and compare the "
+        "new outputs with the originals. Identical results are expected when the settings "
+        "are deterministic (-u-, or no sampling); otherwise Radiance seeds -u+ sampling "
+        "with the clock second and the outputs are compared within --tolerance. "
+        "Exit status 0 when they match, 1 otherwise.",
+    )
+    p.add_argument("id", type=_job_id, help="job id")
+    p.add_argument(
+        "--from",
+        dest="from_host",
+        metavar="HOST",
+        help="the server that ran job ID (default: --host, else the first server)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default=0.05,
+        help="largest accepted difference where the settings sample with -u+: pictures by "
+        "the mean relative difference of their pixel values, numbers by the largest "
+        "relative difference (default 0.05)",
+    )
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.05, got {text!r}") from None
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def _job_options(p: argparse.ArgumentParser, name: str) -> None:

@@ -31,6 +31,7 @@ from aiohttp import web
 from rayserver import __version__
 from rayserver.common import radiance
 from rayserver.common.paths import Layout
+from rayserver.common.receipt import RECEIPT_FILE
 from rayserver.common.states import API_STATES, FINAL_STATES, JobState
 from rayserver.common.tokens import SHARED_USER
 from rayserver.jobs.executors import slurmcli
@@ -516,6 +517,32 @@ async def job_log(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _read_receipt(path: os.PathLike[str] | str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+async def job_receipt(request: web.Request) -> web.Response:
+    """GET /v1/jobs/{id}/receipt: the job's receipt.json (what ran, on what, and what came out)."""
+    ctx = _ctx(request)
+    job_id = _job_id(request)
+    row = _get_row(ctx, job_id)
+    _check_owner(request, row, "reading the receipt of")
+    path = ctx.db.log_path(job_id).parent / RECEIPT_FILE
+    body = await asyncio.to_thread(_read_receipt, path)
+    if body is None:
+        when = (
+            "it ended without one (see its warnings and log)"
+            if row.final
+            else f"it is {row.state}; the receipt is written when the job ends"
+        )
+        raise ApiError(404, f"job {job_id} has no receipt yet: {when}")
+    return web.Response(body=body, content_type="application/json")
+
+
 async def _send_log(reader: _LogReader, resp: web.StreamResponse) -> None:
     """The log as it is now: up to its size when the request came (a running job adds more)."""
     chunk = await reader.chunk()
@@ -561,6 +588,7 @@ def build_app(ctx: AppContext, extra_middlewares: list[Any] | None = None) -> we
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/jobs/{id}/log", job_log)
+    app.router.add_get("/v1/jobs/{id}/receipt", job_receipt)
     app.router.add_get("/metrics", metrics.handler(lambda r: r.app[CTX_KEY]))
     streams.add_routes(app, ctx, _check_owner)
     # The probe's locks live in this app (one per worker) and close with it.

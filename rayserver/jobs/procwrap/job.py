@@ -14,7 +14,7 @@ from pathlib import Path
 from rayserver.common.settings import Settings
 from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
-from rayserver.jobs.procwrap import ambient, jobbox, limits
+from rayserver.jobs.procwrap import ambient, jobbox, limits, receipt
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
 from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
@@ -63,6 +63,7 @@ class Job:
         self.job_dir: Path | None = None  # the job's folder (log, stream sockets); see run_job
         self.streams = StepStreams(None, Path("."), self.wake)  # the current step's
         self.warnings: list[str] = []
+        self.receipt = receipt.Receipt()  # receipt.json, written when the job ends
         self.rad_plan: list[prog.RadCommand] = []
         self._last_progress = -1.0
         self._last_progress_at = 0.0
@@ -194,6 +195,7 @@ class Job:
             f"cpu {cpu:.2f} s, max rss {rss} kB"
             f"{f' ({reason})' if reason and state != JobState.FAILED else ''} ==\n"
         )
+        receipt.write_safely(self, state, reason)
         self.db.finish(
             self.id,
             state,
@@ -321,6 +323,7 @@ class Job:
                 counter.close()
             self.sweep(idx)
             failure = self.streams.finish(lambda: self.term_signal is not None, self.log)
+            self.receipt.step_ended(code, sig)
         self.add_outputs(watch.seen_outputs)
         if self.term_signal is None:
             ambients.check(step["path"], self.env)
@@ -338,6 +341,7 @@ class Job:
         """Spawn the step (its group leader's pid) and its stream relays; None: it cannot start."""
         stdin_fd, stdout_fd, out_r, out_w = fds
         assert self.box is not None
+        self.receipt.step_starting(self, step, args)  # its inputs hashed before it starts
         try:
             pid = self.box.box.spawn(
                 [step["path"], *args],
@@ -355,6 +359,7 @@ class Job:
             if isinstance(exc, SandboxError) and not str(exc).startswith("exec "):
                 raise  # the box failed: the job fails with the reason
             self.log(f"rayserver: cannot start {step['path']}: {exc}\n")
+            self.receipt.step_ended(127, None)
             return None
         _close(out_w, stdin_fd, stdout_fd)
         self.streams.start()

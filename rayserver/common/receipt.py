@@ -1,0 +1,163 @@
+"""Receipts of jobs (``receipt.json`` in a job's folder): what both ends need to know.
+
+The procwrap writes a receipt when a job ends (rayserver/jobs/procwrap/receipt.py);
+``rayfront receipt`` prints it and ``rayfront reproduce`` runs it again
+(rayserver/client/reproduce.py). Here, shared by both: hashing a file, the
+files an octree's header says it was built from, which arguments name input
+files, and whether a command's settings give the same bytes every run.
+
+Radiance 6.0a seeds its ``-u+`` (uncorrelated) sampling with the clock
+second, so results are byte-identical run to run only with ``-u-`` or
+without sampling (``-ab 0`` and no other stochastic program).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+RECEIPT_FILE = "receipt.json"
+RECEIPT_VERSION = 1
+HEADER_LIMIT = 1 << 16  # an octree's header is a few lines; read at most this much
+_CHUNK = 1 << 20
+
+# Programs whose results scatter with -u+ when they sample (ambient, Monte Carlo).
+SAMPLING_PROGRAMS = frozenset(
+    {"rpict", "rtrace", "rcontrib", "rfluxmtx", "rtpict", "rpiece", "rsensor", "mkpmap"}
+)
+# Programs that sample even with -ab 0 (their whole job is Monte Carlo sampling).
+ALWAYS_SAMPLING = frozenset({"rcontrib", "rfluxmtx", "mkpmap", "rsensor"})
+# Options whose value is a file the program writes, never an input.
+OUTPUT_OPTIONS = frozenset({"-o", "-ro", "-af", "-afi", "-ape"})
+# oconv's options and how many values follow each (-i's value is an input octree).
+_OCONV_VALUES = {"-r": 1, "-n": 1, "-b": 4, "-i": 0, "-f": 0, "-w": 0}
+
+
+def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file, read in 1 MiB chunks."""
+    import hashlib  # here: the fork server imports this module and never hashes
+
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def header_text(path: str | os.PathLike[str]) -> str:
+    """A Radiance file's header (up to its first empty line), as text; '' if it has none."""
+    with open(path, "rb") as fh:
+        data = fh.read(HEADER_LIMIT)
+    if not data.startswith(b"#?RADIANCE"):
+        return ""
+    end = data.find(b"\n\n")
+    return data[: end if end >= 0 else len(data)].decode("utf-8", "replace")
+
+
+def octree_sources(path: str | os.PathLike[str]) -> list[str]:
+    """The files named on the oconv command lines of an octree's header, in order.
+
+    oconv writes its command line into the header (``getinfo`` shows e.g.
+    ``oconv sky.rad room.rad``); names are as oconv was given them, relative
+    to the folder it ran in. ``-i`` names an octree it started from.
+    """
+    names: list[str] = []
+    for line in header_text(path).splitlines():
+        try:
+            words = shlex.split(line.strip())
+        except ValueError:
+            words = line.split()
+        if not words or os.path.basename(words[0]) != "oconv":
+            continue
+        i = 1
+        while i < len(words):
+            word = words[i]
+            if word in _OCONV_VALUES:
+                i += 1 + _OCONV_VALUES[word]
+                if word == "-i" and i < len(words):
+                    names.append(words[i])
+                    i += 1
+                continue
+            if not word.startswith("-") and word not in names:
+                names.append(word)
+            i += 1
+    return names
+
+
+def named_files(argv: list[str]) -> list[tuple[str, str]]:
+    """Words of a command line that may name input files: (name, role), program left out.
+
+    Roles: ``argument`` (a plain word), ``options file`` (``@file``, read by
+    Radiance's expandarg), ``ambient`` (the value of ``-af``: read and written).
+    Values of options that name outputs (``-o``, ``-ro``) are left out; which
+    of the rest are files is for the caller to find out (they must exist).
+    """
+    out: list[tuple[str, str]] = []
+    words = argv[1:]
+    for i, word in enumerate(words):
+        before = words[i - 1] if i else ""
+        if before in OUTPUT_OPTIONS:
+            if before == "-af":
+                out.append((word, "ambient"))
+            continue
+        if word.startswith("@") and len(word) > 1:
+            out.append((word[1:], "options file"))
+        elif not word.startswith("-") and word:
+            out.append((word, "argument"))
+    return out
+
+
+def _last_bool(argv: list[str], option: str, default: bool) -> bool:
+    """A Radiance boolean option's value after the whole command line (``-u``, ``-u+``, ``-u-``)."""
+    value = default
+    for word in argv:
+        if word == option:
+            value = not value  # a bare boolean option toggles
+        elif word == option + "+":
+            value = True
+        elif word == option + "-":
+            value = False
+    return value
+
+
+def _ambient_bounces(argv: list[str]) -> int:
+    bounces = 0
+    for i, word in enumerate(argv[:-1]):
+        if word == "-ab":
+            try:
+                bounces = int(argv[i + 1])
+            except ValueError:
+                bounces = 1
+    return bounces
+
+
+def sampling_reason(argv: list[str]) -> str | None:
+    """Why one command's output may differ run to run (-u+ clock seeding), or None."""
+    if not argv:
+        return None
+    program = os.path.basename(argv[0])
+    if program not in SAMPLING_PROGRAMS:
+        return None
+    if not _last_bool(argv, "-u", True):
+        return None
+    if program in ALWAYS_SAMPLING:
+        return f"{program} samples with -u+ (no -u-)"
+    bounces = _ambient_bounces(argv)
+    if bounces != 0:
+        return f"{program} -ab {bounces} with -u+ (no -u-)"
+    return None
+
+
+def shell_words(text: str) -> list[list[str]]:
+    """A shell text's simple commands as word lists (split at ; | & newlines), best effort."""
+    commands: list[list[str]] = []
+    for line in text.replace(";", "\n").replace("|", "\n").replace("&", "\n").splitlines():
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            words = line.split()
+        if words:
+            commands.append(words)
+    return commands

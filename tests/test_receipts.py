@@ -1,0 +1,147 @@
+"""Receipts (issue 18 item 5): receipt.json of a finished job, GET /v1/jobs/{id}/receipt,
+``rayfront receipt`` and ``rayfront reproduce``, through real servers on 127.0.0.1 with
+real Radiance (pyradiance's binaries).
+
+Radiance 6.0a seeds -u+ sampling from the clock second: the byte-identical reproduction
+is a ``-u-`` render; a picture's header holds its capture time (CAPDATE/GMT), which
+reproduce leaves out of the comparison and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from conftest import RayHome
+from jobtools import make_project, rayfront, rayfront_json, rpict, submit, wait_final
+
+from rayserver.client.demo import DEMO_SOURCE
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _receipt(srv: Any, job_id: int) -> dict[str, Any]:
+    status, body = srv.request("GET", f"/v1/jobs/{job_id}/receipt")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body
+
+
+def test_demo_render_receipt(server: Any) -> None:
+    """The demo project's rad render: every listed part of the receipt is there and true."""
+    proj = server.home.projects / "demo"
+    shutil.copytree(DEMO_SOURCE, proj)
+    status, body = server.request(
+        "POST", "/v1/jobs", {"location": "projects", "project": "demo", "rad": {"rif": "demo.rif"}}
+    )
+    assert status == 201, body
+    job = wait_final(server, body["id"], timeout=240)
+    assert job["state"] == "done", job
+    receipt = _receipt(server, job["id"])
+    print(json.dumps(receipt, indent=1))
+    inputs = {i["path"]: i for i in receipt["inputs"]}
+    for name in ("demo.rif", "materials.rad", "sky.rad", "room.rad", "furniture.rad", "room.vf"):
+        assert inputs[name]["sha256"] == _sha(proj / name), name
+        assert inputs[name]["size"] == (proj / name).stat().st_size
+    outputs = {o["path"]: o for o in receipt["outputs"]}
+    for name in ("demo.oct", "demo_room.hdr"):
+        assert outputs[name]["sha256"] == _sha(proj / name), name
+    (step,) = receipt["steps"]
+    assert step["program"] == "rad" and step["exit_status"] == 0
+    assert step["argv"][-1] == "demo.rif"
+    assert any(c.startswith("rpict ") for c in step["commands"])
+    assert abs(step["seed_second"] - job["started_at"]) < 60
+    assert receipt["deterministic"] is False and receipt["nondeterministic_because"]
+    programs = {b["program"]: b for b in receipt["binaries"]}
+    for name in ("rad", "oconv", "rpict", "pfilt"):
+        assert programs[name]["sha256"] == _sha(Path(programs[name]["path"])), name
+    assert receipt["radiance"]["version"].startswith("RADIANCE")
+    assert receipt["host"]["cpu_model"] and receipt["host"]["name"] == "testhost"
+    assert "RAYPATH" in receipt["environment"] and "PATH" in receipt["environment"]
+    assert receipt["ambient_files"][0]["path"] == "demo.amb" or not receipt["ambient_files"]
+
+
+def _done(srv: Any, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    job = wait_final(srv, submit(srv, steps, **extra)["id"])
+    assert job["state"] == "done", job
+    return job
+
+
+def test_reproduce_deterministic_render_then_refuse_changed_input(server: Any) -> None:
+    """A -u- render reproduced byte for byte (but the header's capture time), through a real
+    rayfront; then scene.rad changes and reproduce refuses, naming it."""
+    home: RayHome = server.home
+    proj = make_project(home)
+    job = _done(server, [rpict(16, "-u-", "-ab", "1")])
+    receipt = _receipt(server, job["id"])
+    inputs = {i["path"]: i for i in receipt["inputs"]}
+    assert inputs["scene.oct"]["role"] == "argument"
+    assert inputs["scene.rad"]["role"] == "built into scene.oct"  # from the octree's header
+    assert inputs["scene.rad"]["sha256"] == _sha(proj / "scene.rad")
+    assert receipt["deterministic"] is True and receipt["steps"][0]["stdout"] == "out.hdr"
+    shown = rayfront(home, "receipt", str(job["id"]), cwd=proj)
+    assert shown.returncode == 0 and json.loads(shown.stdout) == receipt
+    original = (proj / "out.hdr").read_bytes()
+
+    summary = rayfront_json(home, "reproduce", str(job["id"]), cwd=proj)
+    assert summary["matches"] is True, summary
+    (row,) = summary["outputs"]
+    assert row["kind"] == "identical" and row["path"] == "out.hdr", row
+    again = _receipt(server, summary["job"])
+    assert again["outputs"][0]["size"] == len(original)
+    assert not (proj / f".rayfront-reproduce-{job['id']}").exists()
+
+    (proj / "scene.rad").write_text((proj / "scene.rad").read_text() + "# changed\n")
+    refused = rayfront(home, "reproduce", str(job["id"]), cwd=proj)
+    assert refused.returncode != 0
+    assert "scene.rad: changed" in refused.stderr and "refusing" in refused.stderr, refused.stderr
+    (proj / "scene.oct").unlink()
+    refused = rayfront(home, "reproduce", str(job["id"]), cwd=proj)
+    assert "scene.oct: missing" in refused.stderr and "scene.rad" in refused.stderr
+
+
+def test_receipt_of_another_users_job_is_refused(server: Any) -> None:
+    """Named tokens: bob may not read alice's receipt (403), the shared token (admin) may;
+    a job without a receipt is a 404 that says why."""
+    home: RayHome = server.home
+    make_project(home)
+    tokens = {}
+    for user in ("alice", "bob"):
+        body = rayfront_json(home, "token", "new", "--user", user, cwd=home.path)
+        tokens[user] = body["token"]
+    status, body = server.request(
+        "POST",
+        "/v1/jobs",
+        {"location": "projects", "project": "room", "steps": [rpict(8)]},
+        token=tokens["alice"],
+    )
+    assert status == 201, body
+    job = wait_final(server, body["id"])
+    path = f"/v1/jobs/{job['id']}/receipt"
+    status, answer = server.request("GET", path, token=tokens["bob"])
+    assert status == 403 and "belongs to user 'alice'" in str(answer), answer
+    assert server.request("GET", path, token=tokens["alice"])[0] == 200
+    assert server.request("GET", path)[0] == 200  # the shared token counts as admin
+    (home.path / "srvstate" / "jobs" / str(job["id"]) / "receipt.json").unlink()
+    status, answer = server.request("GET", path)
+    assert status == 404 and "has no receipt yet" in str(answer), answer
+    status, answer = server.request("GET", "/v1/jobs/9999/receipt")
+    assert status == 404, answer
+
+
+def test_receipt_failure_is_a_warning_not_a_failure(server: Any) -> None:
+    """receipt.json cannot be written (a folder is in its place): the job is still done,
+    with a warning that says so."""
+    home: RayHome = server.home
+    make_project(home)
+    first = _done(server, [rpict(8)])
+    blocker = home.path / "srvstate" / "jobs" / str(first["id"] + 1) / "receipt.json"
+    blocker.mkdir(parents=True)
+    job = _done(server, [rpict(8)])
+    assert job["id"] == first["id"] + 1
+    assert any("receipt not written" in w for w in job["warnings"]), job
