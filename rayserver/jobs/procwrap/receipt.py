@@ -359,7 +359,11 @@ class _BinaryCache:
 
 
 def write_atomic(path: Path, document: dict[str, Any]) -> None:
-    """JSON written to a temporary file beside ``path``, synced, then renamed over it."""
+    """JSON written to a temporary file beside ``path``, then renamed over it.
+
+    Readers see the old file or the whole new one, never a part. No fsync: a
+    receipt lost to a power cut is not worth a disk flush in every job.
+    """
     # (not tempfile: it pulls shutil into the fork server, which imports this module)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{time.monotonic_ns()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -367,8 +371,6 @@ def write_atomic(path: Path, document: dict[str, Any]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(document, fh, indent=1, sort_keys=False)
             fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
