@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from conftest import RayHome
-from jobtools import make_project, rayfront, rayfront_json, rpict, submit, wait_final
+from jobtools import BIN, make_project, rad_env, rayfront, rayfront_json, rpict, submit, wait_final
 
+from rayserver.client.compare import compare_files
 from rayserver.client.demo import DEMO_SOURCE
 
 
@@ -43,7 +46,6 @@ def test_demo_render_receipt(server: Any) -> None:
     job = wait_final(server, body["id"], timeout=240)
     assert job["state"] == "done", job
     receipt = _receipt(server, job["id"])
-    print(json.dumps(receipt, indent=1))
     inputs = {i["path"]: i for i in receipt["inputs"]}
     for name in ("demo.rif", "materials.rad", "sky.rad", "room.rad", "furniture.rad", "room.vf"):
         assert inputs[name]["sha256"] == _sha(proj / name), name
@@ -56,14 +58,21 @@ def test_demo_render_receipt(server: Any) -> None:
     assert step["argv"][-1] == "demo.rif"
     assert any(c.startswith("rpict ") for c in step["commands"])
     assert abs(step["seed_second"] - job["started_at"]) < 60
-    assert receipt["deterministic"] is False and receipt["nondeterministic_because"]
     programs = {b["program"]: b for b in receipt["binaries"]}
+    # rpict's own default (6.0a: -u-, correlated) decides: rad gives it no -u.
+    assert receipt["deterministic"] is (programs["rpict"]["u_default"] == "-"), receipt
     for name in ("rad", "oconv", "rpict", "pfilt"):
         assert programs[name]["sha256"] == _sha(Path(programs[name]["path"])), name
     assert receipt["radiance"]["version"].startswith("RADIANCE")
     assert receipt["host"]["cpu_model"] and receipt["host"]["name"] == "testhost"
     assert "RAYPATH" in receipt["environment"] and "PATH" in receipt["environment"]
-    assert receipt["ambient_files"][0]["path"] == "demo.amb" or not receipt["ambient_files"]
+    assert [a["path"] for a in receipt["ambient_files"]] == ["demo.amb"]
+    # Made again from the receipt: the same picture and octree (rpict -u-), the ambient
+    # file not compared (it is a cache the render fills).
+    summary = rayfront_json(server.home, "reproduce", str(job["id"]), cwd=proj)
+    kinds = {row["path"]: row["kind"] for row in summary["outputs"]}
+    assert kinds == {"demo.amb": "ambient", "demo.oct": "identical", "demo_room.hdr": "identical"}
+    assert summary["matches"] is True, summary
 
 
 def _done(srv: Any, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -145,3 +154,63 @@ def test_receipt_failure_is_a_warning_not_a_failure(server: Any) -> None:
     job = _done(server, [rpict(8)])
     assert job["id"] == first["id"] + 1
     assert any("receipt not written" in w for w in job["warnings"]), job
+
+
+def _next_second() -> None:
+    """Sleep into the next clock second: Radiance's -u+ seed differs from the last run's."""
+    time.sleep(1.05 - (time.time() % 1.0))
+
+
+def _direct(proj: Path, argv: list[str], out: Path, stdin: bytes | None = None) -> None:
+    with open(out, "wb") as fh:
+        subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]],
+            cwd=proj,
+            input=stdin,
+            stdout=fh,
+            check=True,
+            env=rad_env(),
+            timeout=60,
+        )
+
+
+def test_reproduce_sampled_render_within_measured_scatter(server: Any) -> None:
+    """-ab 1 with -u+ (rpict's default is -u-): not byte-identical (clock seeding), compared by pixel values within a
+    tolerance of three times the scatter this test measures between two direct runs."""
+    home: RayHome = server.home
+    proj = make_project(home)
+    step = rpict(24, "-u+", "-ab", "1", "-ad", "64", "-as", "0", "-aa", "0")
+    argv = ["rpict", *step["args"]]
+    _direct(proj, argv, proj / "a.hdr")
+    _next_second()
+    _direct(proj, argv, proj / "b.hdr")
+    scatter = compare_files(proj / "a.hdr", proj / "b.hdr", BIN / "pvalue")
+    assert scatter.kind == "picture" and scatter.measure > 0, scatter
+    job = _done(server, [step])
+    _next_second()
+    tolerance = f"{3 * scatter.measure:.6f}"
+    proc = rayfront(home, "reproduce", str(job["id"]), "--tolerance", tolerance, cwd=proj)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cannot be byte-identical" in proc.stdout and "-u+" in proc.stdout, proc.stdout
+    assert "mean relative difference" in proc.stdout, proc.stdout
+    # A tolerance of 0 cannot be met: exit non-zero, the originals kept aside.
+    _next_second()
+    proc = rayfront(home, "reproduce", str(job["id"]), "--tolerance", "0", cwd=proj)
+    assert proc.returncode == 1 and "NOT reproduced" in proc.stdout, proc.stdout + proc.stderr
+    assert (proj / f".rayfront-reproduce-{job['id']}" / "out.hdr").is_file()
+
+
+def test_compare_numeric_output_largest_relative_difference(
+    tmp_path: Path, rayhome: RayHome
+) -> None:
+    """rtrace values of two -u+ runs in different seconds: numbers, largest relative
+    difference above 0; the same file against itself is identical."""
+    proj = make_project(rayhome)
+    rays = b"".join(b"2 2 1.5 %g 0 -1\n" % (dx / 10) for dx in range(-5, 6))
+    argv = ["rtrace", "-h", "-ab", "1", "-ad", "32", "-aa", "0", "scene.oct"]
+    _direct(proj, argv, tmp_path / "a.txt", rays)
+    _next_second()
+    _direct(proj, argv, tmp_path / "b.txt", rays)
+    diff = compare_files(tmp_path / "a.txt", tmp_path / "b.txt", None)
+    assert diff.kind == "numbers" and 0 < diff.measure < 1, diff
+    assert compare_files(tmp_path / "a.txt", tmp_path / "a.txt", None).kind == "identical"

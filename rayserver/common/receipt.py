@@ -8,7 +8,10 @@ files, and whether a command's settings give the same bytes every run.
 
 Radiance 6.0a seeds its ``-u+`` (uncorrelated) sampling with the clock
 second, so results are byte-identical run to run only with ``-u-`` or
-without sampling (``-ab 0`` and no other stochastic program).
+without sampling (``-ab 0`` and no other stochastic program). The -u
+default differs by program (rpict ``-u-``, rtrace and rcontrib ``-u+`` in
+6.0a): it is read from each binary's ``-defaults``. A picture's header also
+holds its capture time (CAPDATE, GMT), which comparisons leave out.
 """
 
 from __future__ import annotations
@@ -133,20 +136,41 @@ def _ambient_bounces(argv: list[str]) -> int:
     return bounces
 
 
-def sampling_reason(argv: list[str]) -> str | None:
-    """Why one command's output may differ run to run (-u+ clock seeding), or None."""
+def u_default(defaults_text: str) -> bool | None:
+    """A program's ``-u`` default from its ``-defaults`` listing (True: -u+), None if absent.
+
+    Radiance 6.0a's rpict lists ``-u-`` (correlated quasi-Monte Carlo), rtrace
+    and rcontrib ``-u+``: the default differs by program, so it is read from
+    the binary.
+    """
+    for line in defaults_text.splitlines():
+        word = line.split("#", 1)[0].strip()
+        if word in ("-u+", "-u-"):
+            return word == "-u+"
+    return None
+
+
+def sampling_reason(argv: list[str], uncorrelated_default: bool | None = None) -> str | None:
+    """Why one command's output may differ run to run (-u+ clock seeding), or None.
+
+    ``uncorrelated_default``: the program's own -u default (see :func:`u_default`);
+    None (unknown) counts as -u+.
+    """
     if not argv:
         return None
     program = os.path.basename(argv[0])
     if program not in SAMPLING_PROGRAMS:
         return None
-    if not _last_bool(argv, "-u", True):
+    default = True if uncorrelated_default is None else uncorrelated_default
+    if not _last_bool(argv, "-u", default):
         return None
-    if program in ALWAYS_SAMPLING:
-        return f"{program} samples with -u+ (no -u-)"
+    if default and not any(w in ("-u", "-u+") for w in argv):
+        program = f"{program} (its default -u+)"
+    if os.path.basename(argv[0]) in ALWAYS_SAMPLING:
+        return f"{program} samples with -u+"
     bounces = _ambient_bounces(argv)
     if bounces != 0:
-        return f"{program} -ab {bounces} with -u+ (no -u-)"
+        return f"{program} -ab {bounces} with -u+"
     return None
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from rayserver.jobs.rows import StepSpec
 
 BINARY_CACHE = ".binaries.json"
+CACHE_VERSION = 2  # entries of another version are made anew
 
 
 class Receipt:
@@ -79,12 +80,20 @@ class Receipt:
         commands = _commands(job, step, argv)
         if step["program"] == "rad":
             record["commands"] = [" ".join(c) for c in commands[1:]]
-        reasons = [r for c in commands if (r := rc.sampling_reason(c))]
+        record["binaries"] = [self._binary(job, c[0]) for c in _unique_programs(commands)]
+        reasons = [r for c in commands if (r := rc.sampling_reason(c, self._u_default(job, c)))]
         record["deterministic"] = not reasons
         if reasons:
             record["nondeterministic_because"] = sorted(set(reasons))
-        record["binaries"] = [self._binary(job, c[0]) for c in _unique_programs(commands)]
         self._inputs(job, idx, step, commands)
+
+    def _u_default(self, job: Job, command: list[str]) -> bool | None:
+        """The -u default of the command's binary (read from its -defaults), None if unknown."""
+        if os.path.basename(command[0]) not in rc.SAMPLING_PROGRAMS:
+            return None
+        record = self.binaries.get(self._binary(job, command[0]), {})
+        value = record.get("u_default")
+        return None if value is None else value == "+"
 
     def _binary(self, job: Job, program: str) -> str:
         """The binary's resolved path (recorded with its sha256 once)."""
@@ -298,34 +307,46 @@ def _binary_record(job: Job, program: str, resolved: str) -> dict[str, Any]:
         entry["error"] = f"not found: {exc.strerror or exc}"
         return entry
     cache = _BinaryCache.of(job)
-    key = f"{resolved}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{CACHE_VERSION}|{resolved}|{st.st_size}|{st.st_mtime_ns}"
     cached = cache.get(key)
     if cached is None:
         cached = _hash(resolved)
         folder = os.path.dirname(resolved)
         if os.path.isfile(os.path.join(folder, "rpict")):
-            cached["radiance_version"] = _version(folder, job.env)
+            cached["radiance_version"] = _first_line(
+                _run([os.path.join(folder, "rpict"), "-version"], job.env)
+            )
+        if os.path.basename(resolved) in rc.SAMPLING_PROGRAMS:
+            default = rc.u_default(_run([resolved, "-defaults"], job.env))
+            if default is not None:
+                cached["u_default"] = "+" if default else "-"
         cache.put(key, cached)
     entry.update(cached)
     return entry
 
 
-def _version(folder: str, env: dict[str, str]) -> str:
-    """``rpict -version`` of a Radiance bin folder (its first line), or 'unknown'."""
+def _run(argv: list[str], env: dict[str, str]) -> str:
+    """A Radiance program's answer (stdout, else stderr), '' when it cannot run."""
     import subprocess  # only when not cached: once per binary
 
     try:
         out = subprocess.run(
-            [os.path.join(folder, "rpict"), "-version"],
+            argv,
             capture_output=True,
             text=True,
             timeout=10,
             check=False,
+            stdin=subprocess.DEVNULL,
             env={"PATH": env.get("PATH", "/usr/bin:/bin"), "RAYPATH": env.get("RAYPATH", ".")},
         )
-        return (out.stdout or out.stderr).strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout or out.stderr
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "unknown"
 
 
 class _BinaryCache:
