@@ -23,7 +23,8 @@ the command line), ``job`` (one job's steps, log, progress and final record),
 ``confine`` (files opened inside the project), ``ambient`` (a missing ambient file
 created by one writer alone, its integrity checked after the step), ``procs`` (spawning a step in
 its own process group, /proc scans, subreaper), ``rtcount`` and ``progress``
-(progress of rtrace and rpict/rad), ``exits`` (exit codes). It imports only
+(progress of rtrace and rpict/rad), ``exits`` (exit codes), ``receipt`` (the job's receipt.json: what ran, on what inputs,
+with what outputs). It imports only
 ``rayserver.common`` and ``rayserver.jobs.jobdb``, never the HTTP layer.
 """
 
