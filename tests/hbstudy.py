@@ -8,29 +8,38 @@ octree (Oconv of the sky and the folder's scene and aperture files, as
 ``raytrace daylight-factor``: Rtrace -I -h ... | Rcalc -e '$1=(...)*17900/100000').
 Every command runs through honeybee_radiance_command's ``run`` with the
 Radiance folder honeybee's config points at. Shared by tests/test_shim_honeybee.py
-and bench/shim.py.
+and bench/shim.py;
+the model alone (study_model) by tests/test_shim_recipe.py.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 SKY_ILLUM = 100000
 DF_EXPR = f"$1=(0.265*$1+0.67*$2+0.065*$3)*17900/{SKY_ILLUM}"
 
 
-def write_study(folder: Path, spacing: float = 0.5) -> Path:
-    """The model's Radiance folder and sky under ``folder``; the folder of the model."""
+def study_model(spacing: float = 0.5) -> Any:
+    """The honeybee Model: a 4 x 6 x 3 m room, a window in its front wall, a sensor grid."""
     from honeybee.model import Model
     from honeybee.room import Room
-    from honeybee_radiance.lightsource.sky import CertainIrradiance
 
     room = Room.from_box("Office", 4, 6, 3)
     room.faces[1].apertures_by_ratio(0.4)  # the front wall (y = 0)
     grid = room.properties.radiance.generate_sensor_grid(spacing, offset=0.8)
     model = Model("DaylightStudy", rooms=[room])
     model.properties.radiance.sensor_grids = [grid]
+    return model
+
+
+def write_study(folder: Path, spacing: float = 0.5) -> Path:
+    """The model's Radiance folder and sky under ``folder``; the folder of the model."""
+    from honeybee_radiance.lightsource.sky import CertainIrradiance
+
+    model = study_model(spacing)
     model.to.rad_folder(model, folder=str(folder))
     sky = CertainIrradiance.from_illuminance(SKY_ILLUM, 0.2, True)
     sky.to_file(str(folder / "sky"), "sky.sky", True)
