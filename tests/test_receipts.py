@@ -22,6 +22,7 @@ from jobtools import BIN, make_project, rad_env, rayfront, rayfront_json, rpict,
 
 from rayserver.client.compare import compare_files
 from rayserver.client.demo import DEMO_SOURCE
+from rayserver.common.receipt import named_files, octree_sources, option_defaults, sampling_reasons
 
 
 def _sha(path: Path) -> str:
@@ -59,8 +60,9 @@ def test_demo_render_receipt(server: Any) -> None:
     assert any(c.startswith("rpict ") for c in step["commands"])
     assert abs(step["seed_second"] - job["started_at"]) < 60
     programs = {b["program"]: b for b in receipt["binaries"]}
+    assert programs["rpict"]["defaults"]["-u"] == "-", programs["rpict"]
     # rpict's own default (6.0a: -u-, correlated) decides: rad gives it no -u.
-    assert receipt["deterministic"] is (programs["rpict"]["u_default"] == "-"), receipt
+    assert receipt["deterministic"] is True, receipt
     for name in ("rad", "oconv", "rpict", "pfilt"):
         assert programs[name]["sha256"] == _sha(Path(programs[name]["path"])), name
     assert receipt["radiance"]["version"].startswith("RADIANCE")
@@ -214,3 +216,42 @@ def test_compare_numeric_output_largest_relative_difference(
     diff = compare_files(tmp_path / "a.txt", tmp_path / "b.txt", None)
     assert diff.kind == "numbers" and 0 < diff.measure < 1, diff
     assert compare_files(tmp_path / "a.txt", tmp_path / "a.txt", None).kind == "identical"
+
+
+def test_sampling_verdicts_from_argv_and_the_binaries_defaults(rayhome: RayHome) -> None:
+    """The verdicts against what two direct runs in different seconds showed (6.0a): rpict's
+    default -u- repeats; -u+ -ab 0 still scatters by pixel jitter; rtrace -ab 0 -ss 0 repeats."""
+    defaults = {}
+    for program in ("rpict", "rtrace", "rcontrib"):
+        listing = subprocess.run(
+            [str(BIN / program), "-defaults"],
+            capture_output=True,
+            text=True,
+            env=rad_env(),
+            timeout=30,
+            check=False,
+        ).stdout
+        defaults[program] = option_defaults(listing)
+    assert defaults["rpict"]["-u"] == "-" and defaults["rtrace"]["-u"] == "+"
+    verdict = {
+        ("rpict", "-ab", "1", "x.oct"): False,
+        ("rpict", "-u+", "-ab", "0", "x.oct"): True,  # pixel jitter
+        ("rpict", "-u+", "-ab", "0", "-pj", "0", "-ss", "0", "x.oct"): False,
+        ("rtrace", "-ab", "0", "-ss", "0", "x.oct"): False,
+        ("rtrace", "-ab", "1", "x.oct"): True,
+        ("rtrace", "-u-", "-ab", "2", "x.oct"): False,
+        ("rcontrib", "-u+", "-m", "sky", "x.oct"): True,
+        ("oconv", "a.rad"): False,
+    }
+    for argv, samples in verdict.items():
+        assert bool(sampling_reasons(list(argv), defaults.get(argv[0]))) is samples, argv
+    assert named_files(
+        ["rpict", "-af", "a.amb", "-o", "out.hdr", "@opts", "-vf", "v.vf", "s.oct"]
+    ) == [
+        ("a.amb", "ambient"),
+        ("opts", "options file"),
+        ("v.vf", "argument"),
+        ("s.oct", "argument"),
+    ]
+    proj = make_project(rayhome)
+    assert octree_sources(proj / "scene.oct") == ["scene.rad"]

@@ -10,7 +10,9 @@ Radiance 6.0a seeds its ``-u+`` (uncorrelated) sampling with the clock
 second, so results are byte-identical run to run only with ``-u-`` or
 without sampling (``-ab 0`` and no other stochastic program). The -u
 default differs by program (rpict ``-u-``, rtrace and rcontrib ``-u+`` in
-6.0a): it is read from each binary's ``-defaults``. A picture's header also
+6.0a): it is read from each binary's ``-defaults``. With -u+ even ``-ab 0``
+scatters when a program jitters (rpict's ``-pj``, ``-dj``) or samples rough
+specular materials (``-ss``). A picture's header also
 holds its capture time (CAPDATE, GMT), which comparisons leave out.
 """
 
@@ -125,53 +127,68 @@ def _last_bool(argv: list[str], option: str, default: bool) -> bool:
     return value
 
 
-def _ambient_bounces(argv: list[str]) -> int:
-    bounces = 0
-    for i, word in enumerate(argv[:-1]):
-        if word == "-ab":
-            try:
-                bounces = int(argv[i + 1])
-            except ValueError:
-                bounces = 1
-    return bounces
+# What decides whether a -u+ run samples, and Radiance 6.0a's defaults where a binary's
+# own -defaults listing does not say (rpict lists -u-, rtrace and rcontrib -u+).
+SAMPLING_OPTIONS = ("-u", "-ab", "-dj", "-ss", "-pj")
+FALLBACK_DEFAULTS = {"-u": "+", "-ab": "0", "-dj": "0", "-ss": "1", "-pj": "0.67"}
+_PICTURE_PROGRAMS = frozenset({"rpict", "rtpict", "rpiece"})
 
 
-def u_default(defaults_text: str) -> bool | None:
-    """A program's ``-u`` default from its ``-defaults`` listing (True: -u+), None if absent.
+def option_defaults(defaults_text: str) -> dict[str, str]:
+    """The sampling options' defaults from a program's ``-defaults`` listing.
 
-    Radiance 6.0a's rpict lists ``-u-`` (correlated quasi-Monte Carlo), rtrace
-    and rcontrib ``-u+``: the default differs by program, so it is read from
-    the binary.
+    ``-u+`` / ``-u-`` give ``{"-u": "+"}`` or ``"-"``; ``-ab 0`` gives ``{"-ab": "0"}``.
     """
+    out: dict[str, str] = {}
     for line in defaults_text.splitlines():
-        word = line.split("#", 1)[0].strip()
-        if word in ("-u+", "-u-"):
-            return word == "-u+"
-    return None
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] in ("-u+", "-u-"):
+            out["-u"] = words[0][-1]
+        elif words[0] in SAMPLING_OPTIONS and len(words) > 1:
+            out[words[0]] = words[1]
+    return out
 
 
-def sampling_reason(argv: list[str], uncorrelated_default: bool | None = None) -> str | None:
-    """Why one command's output may differ run to run (-u+ clock seeding), or None.
+def _last_number(argv: list[str], option: str, default: str) -> float:
+    value = default
+    for i, word in enumerate(argv[:-1]):
+        if word == option:
+            value = argv[i + 1]
+    try:
+        return float(value)
+    except ValueError:
+        return 1.0  # not a number: count it as sampling
 
-    ``uncorrelated_default``: the program's own -u default (see :func:`u_default`);
-    None (unknown) counts as -u+.
+
+def sampling_reasons(argv: list[str], defaults: dict[str, str] | None = None) -> list[str]:
+    """Why one command's output may differ run to run (-u+ clock seeding); [] if it cannot.
+
+    ``defaults``: the program's own (:func:`option_defaults` of its binary); what is
+    missing there is taken from :data:`FALLBACK_DEFAULTS`. With -u+, a program samples
+    when it bounces (-ab), jitters (-dj, rpict's -pj) or samples rough specular
+    materials (-ss: whether the scene has any, the command line cannot tell).
     """
-    if not argv:
-        return None
+    if not argv or os.path.basename(argv[0]) not in SAMPLING_PROGRAMS:
+        return []
     program = os.path.basename(argv[0])
-    if program not in SAMPLING_PROGRAMS:
-        return None
-    default = True if uncorrelated_default is None else uncorrelated_default
-    if not _last_bool(argv, "-u", default):
-        return None
-    if default and not any(w in ("-u", "-u+") for w in argv):
+    known = {**FALLBACK_DEFAULTS, **(defaults or {})}
+    if not _last_bool(argv, "-u", known["-u"] == "+"):
+        return []
+    if not any(w in ("-u", "-u+") for w in argv):
         program = f"{program} (its default -u+)"
     if os.path.basename(argv[0]) in ALWAYS_SAMPLING:
-        return f"{program} samples with -u+"
-    bounces = _ambient_bounces(argv)
-    if bounces != 0:
-        return f"{program} -ab {bounces} with -u+"
-    return None
+        return [f"{program} samples with -u+"]
+    checks = [("-ab", "ambient bounces"), ("-dj", "direct jitter"), ("-ss", "specular sampling")]
+    if os.path.basename(argv[0]) in _PICTURE_PROGRAMS:
+        checks.append(("-pj", "pixel jitter"))
+    out = []
+    for option, what in checks:
+        value = _last_number(argv, option, known[option])
+        if value != 0:
+            out.append(f"{program} {option} {value:g} ({what}) with -u+")
+    return out
 
 
 def shell_words(text: str) -> list[list[str]]:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from rayserver.jobs.rows import StepSpec
 
 BINARY_CACHE = ".binaries.json"
-CACHE_VERSION = 2  # entries of another version are made anew
+CACHE_VERSION = 3  # entries of another version are made anew
 
 
 class Receipt:
@@ -81,19 +81,18 @@ class Receipt:
         if step["program"] == "rad":
             record["commands"] = [" ".join(c) for c in commands[1:]]
         record["binaries"] = [self._binary(job, c[0]) for c in _unique_programs(commands)]
-        reasons = [r for c in commands if (r := rc.sampling_reason(c, self._u_default(job, c)))]
+        reasons = [r for c in commands for r in rc.sampling_reasons(c, self._defaults(job, c))]
         record["deterministic"] = not reasons
         if reasons:
             record["nondeterministic_because"] = sorted(set(reasons))
         self._inputs(job, idx, step, commands)
 
-    def _u_default(self, job: Job, command: list[str]) -> bool | None:
-        """The -u default of the command's binary (read from its -defaults), None if unknown."""
+    def _defaults(self, job: Job, command: list[str]) -> dict[str, str] | None:
+        """The sampling options' defaults of the command's binary (its -defaults), if known."""
         if os.path.basename(command[0]) not in rc.SAMPLING_PROGRAMS:
             return None
         record = self.binaries.get(self._binary(job, command[0]), {})
-        value = record.get("u_default")
-        return None if value is None else value == "+"
+        return record.get("defaults")
 
     def _binary(self, job: Job, program: str) -> str:
         """The binary's resolved path (recorded with its sha256 once)."""
@@ -317,9 +316,9 @@ def _binary_record(job: Job, program: str, resolved: str) -> dict[str, Any]:
                 _run([os.path.join(folder, "rpict"), "-version"], job.env)
             )
         if os.path.basename(resolved) in rc.SAMPLING_PROGRAMS:
-            default = rc.u_default(_run([resolved, "-defaults"], job.env))
-            if default is not None:
-                cached["u_default"] = "+" if default else "-"
+            defaults = rc.option_defaults(_run([resolved, "-defaults"], job.env))
+            if defaults:
+                cached["defaults"] = defaults
         cache.put(key, cached)
     entry.update(cached)
     return entry
