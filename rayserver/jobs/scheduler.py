@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from rayserver.common.paths import Layout
@@ -41,11 +40,11 @@ from rayserver.jobs import executors
 from rayserver.jobs.executors.base import LOCAL, Executor, ExecutorError
 from rayserver.jobs.executors.forkserver import ForkServer
 from rayserver.jobs.jobdb import JobDB
+from rayserver.jobs.jobview import JobView
 from rayserver.jobs.rows import JobRow
 
 log = logging.getLogger("rayserver.jobs.scheduler")
 
-POLL_INTERVAL = 0.25  # waiters re-read their row this often (other processes change rows)
 IDLE_RESCAN = 1.0  # rows queued by another process are noticed this fast
 LAUNCH_RETRY = 2.0  # after an executor failed to start jobs
 
@@ -54,22 +53,29 @@ class Scheduler:
     """Queue dispatch, adoption after a restart, cancel and shutdown (one per worker).
 
     ``fork_server``: the fork server the worker started before any thread
-    (the local executor's way to start procwraps).
+    (the local executor's way to start procwraps). ``view``: the worker's
+    memory of its jobs, told of every change the scheduler and its executors
+    make or hear of (one is made when none is given).
     """
 
     def __init__(
-        self, layout: Layout, db: JobDB, live_config: Any, fork_server: ForkServer
+        self,
+        layout: Layout,
+        db: JobDB,
+        live_config: Any,
+        fork_server: ForkServer,
+        view: JobView | None = None,
     ) -> None:
         self.layout = layout
         self.db = db
         self.live = live_config
+        self.view = view if view is not None else JobView(db)
         self.executors: dict[str, Executor] = {
             name: executors.create(
                 name, db=db, live=live_config, fork_server=fork_server, events=self
             )
             for name in dict.fromkeys((LOCAL, live_config.settings.executor))
         }
-        self._events: dict[int, asyncio.Event] = {}
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -132,10 +138,14 @@ class Scheduler:
 
     def job_ended(self, job_id: int) -> None:
         """An executor's job is final: answer its waiters, start what its slot allows."""
-        event = self._events.pop(job_id, None)
-        if event is not None:
-            event.set()
+        self.view.touch(job_id)
         self.notify()
+
+    def job_changed(self, job_id: int, *, fed: bool | None = None) -> None:
+        """A job's row changed (committed): its waiters and the event streams hear of it."""
+        if fed is not None:
+            self.view.feed(job_id, fed)
+        self.view.touch(job_id)
 
     # --- dispatch ---------------------------------------------------------------
 
@@ -173,27 +183,17 @@ class Scheduler:
                 pred,
                 pred_state,
             )
-            event = self._events.pop(job_id, None)
-            if event is not None:
-                event.set()
+            self.view.touch(job_id)
 
     # --- waiting, cancel, shutdown ---------------------------------------------
 
     async def wait(self, job_id: int, timeout: float) -> None:
-        """Return when the job is final (or unknown), or after ``timeout`` seconds."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            row = self.db.get(job_id)
-            if row is None or row.final:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            event = self._events.setdefault(job_id, asyncio.Event())
-            # Also re-read the row now and then: a procwrap records its state
-            # before it exits, and rows change from other processes too.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), min(left, POLL_INTERVAL))
+        """Return when the job is final (or unknown), or after ``timeout`` seconds.
+
+        Woken by the changes the worker makes or hears of; rows changed by
+        other processes are read again now and then (see JobView).
+        """
+        await self.view.wait(job_id, None, timeout)
 
     async def cancel(self, job_id: int) -> JobRow | None:
         """Cancel a job; returns its row (as :meth:`JobDB.get`) after the change, or None.
@@ -213,6 +213,7 @@ class Scheduler:
         if row.final:
             return row
         updated = self.db.request_cancel(job_id, "cancel")
+        self.view.touch(job_id)
         if updated is None:  # became final meanwhile (or was cancelled while queued)
             return self.db.get(job_id)
         await self.executor_of(updated).cancel(updated)
@@ -232,5 +233,4 @@ class Scheduler:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self._tasks.clear()
-            for event in self._events.values():
-                event.set()
+            self.view.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -32,12 +33,12 @@ from rayserver import __version__
 from rayserver.common import radiance
 from rayserver.common.paths import Layout
 from rayserver.common.receipt import RECEIPT_FILE
-from rayserver.common.states import API_STATES, FINAL_STATES, JobState
+from rayserver.common.states import API_STATES, JobState
 from rayserver.common.tokens import SHARED_USER
 from rayserver.jobs.executors import slurmcli
 from rayserver.jobs.jobdb import UnknownJobsError
 from rayserver.jobs.rows import JobRow
-from rayserver.server import counters, jobspec, jsonbody, metrics, shareprobe, streams
+from rayserver.server import counters, jobspec, jsonbody, metrics, push, shareprobe, streams
 from rayserver.server.jobspec import JobSpecError
 from rayserver.server.security import ROLE_KEY, USER_KEY
 
@@ -57,9 +58,6 @@ FOLLOW_INTERVAL = 0.2
 # 50 MB log kept other requests at a median of 10 ms with 64 KiB and 11-17 ms
 # with 256 KiB on a loaded 2-core machine (tests/test_server_limits.py).
 LOG_CHUNK = 64 * 1024
-# A job list shows this many outputs per job (a job may write thousands of files;
-# GET /v1/jobs/{id} lists them all, outputs_count counts them).
-LIST_OUTPUTS = 50
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -411,23 +409,38 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     before = _int_param(request, "before", None, 1, 2**63 - 1)
     assert limit is not None
+    view = ctx.scheduler.view
+    key = (tuple(states) if states else None, limit, before)
+    body = view.cached_list(key, lambda: _list_body(ctx, states, limit, before))
+    return web.Response(body=body, content_type="application/json")
+
+
+def _list_body(ctx: AppContext, states: list[str] | None, limit: int, before: int | None) -> bytes:
+    """A job list's answer, read from the database (each row also refreshes the memory)."""
+    view = ctx.scheduler.view
     # One row more than asked tells whether there is a next page.
     rows = ctx.db.list(states, limit + 1, before)
     page = rows[:limit]
     nxt = page[-1].id if len(rows) > limit else None
-    jobs = [ctx.db.public(r, outputs_limit=LIST_OUTPUTS) for r in page]
-    return web.json_response({"jobs": jobs, "next": nxt})
+    jobs = [view.observe(r).listed() for r in page]
+    return json.dumps({"jobs": jobs, "next": nxt, "version": view.version}).encode()
 
 
 async def get_job(request: web.Request) -> web.Response:
+    """GET /v1/jobs/{id}, from the worker's memory; ``wait`` (+ ``since``) long-polls."""
     ctx = _ctx(request)
     job_id = _job_id(request)
     wait = _float_param(request, "wait", 0.0, MAX_WAIT)
-    row = _get_row(ctx, job_id)
-    if wait and not row.final:
-        await ctx.scheduler.wait(job_id, wait)
-        row = _get_row(ctx, job_id)
-    return _job_response(ctx, row)
+    since = _int_param(request, "since", None, 0, 2**62)
+    view = ctx.scheduler.view
+    entry = view.get(job_id)
+    if entry is None:
+        raise ApiError(404, f"no job {job_id} on this server")
+    if wait and not entry.final and (since is None or entry.version <= since):
+        entry = await view.wait(job_id, since, wait)
+        if entry is None:
+            raise ApiError(404, f"no job {job_id} on this server")
+    return web.Response(body=entry.body, content_type="application/json")
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -474,6 +487,13 @@ class _LogReader:
             self.size_at_open = os.fstat(self._fh.fileno()).st_size
         self._fh.seek(self.offset)
         return self._fh.read(limit)
+
+    def grown(self) -> bool:
+        """True when the log may hold bytes beyond the offset (or cannot be looked at)."""
+        try:
+            return os.stat(self._path).st_size > self.offset
+        except OSError:
+            return self._fh is not None
 
     async def chunk(self, limit: int = LOG_CHUNK) -> bytes:
         data = await asyncio.to_thread(self._read, limit)
@@ -557,16 +577,21 @@ async def _send_log(reader: _LogReader, resp: web.StreamResponse) -> None:
 async def _follow_log(
     ctx: AppContext, job_id: int, reader: _LogReader, resp: web.StreamResponse
 ) -> None:
+    view = ctx.scheduler.view
+    since = None
     while True:
         # The state is read before draining: a job recorded as final has
         # written its whole log, so what follows the drain is the end.
-        row = ctx.db.get(job_id)
-        final = row is None or row["state"] in FINAL_STATES
-        while chunk := await reader.chunk():
+        entry = view.get(job_id)
+        final = entry is None or entry.final
+        # A thread's read only when the file grew (a stat on the loop is ~µs).
+        while reader.grown() and (chunk := await reader.chunk()):
             await resp.write(chunk)
         if final:
             return
-        await ctx.scheduler.wait(job_id, FOLLOW_INTERVAL)
+        if entry is not None:
+            since = entry.version
+        await view.wait(job_id, since, FOLLOW_INTERVAL)
 
 
 # ------------------------------------------------------------------ the app
@@ -591,6 +616,7 @@ def build_app(ctx: AppContext, extra_middlewares: list[Any] | None = None) -> we
     app.router.add_get("/v1/jobs/{id}/receipt", job_receipt)
     app.router.add_get("/metrics", metrics.handler(lambda r: r.app[CTX_KEY]))
     streams.add_routes(app, ctx, _check_owner)
+    push.add_routes(app)
     # The probe's locks live in this app (one per worker) and close with it.
     probes = shareprobe.ShareProbes(ctx)
     app.router.add_post("/v1/share-probe", probes.handle)

@@ -28,6 +28,13 @@ class SchedulerEvents(Protocol):
     def notify(self) -> None:
         """Something changed (a slot freed, a launch failed): start what can start."""
 
+    def job_changed(self, job_id: int, *, fed: bool | None = None) -> None:
+        """The job's row changed (committed): the worker's memory of it reads it again.
+
+        ``fed=True``: every later change of the job will be told too (its procwrap
+        reports to this worker); ``False``: not (an adopted procwrap).
+        """
+
 
 class Executor(Protocol):
     """Runs the jobs whose rows name it: dispatch, cancel, adopt after restart, shutdown."""

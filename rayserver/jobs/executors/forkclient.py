@@ -3,7 +3,7 @@
 Launches are sent without waiting for the answer; the fork server's
 ``started``/``error`` answers come back in launch order, its ``exited``
 reports whenever a procwrap it forked is reaped, and each procwrap's
-"final state recorded" datagram on a second socket.
+"final state recorded" and "row changed" datagrams on a second socket.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class ForkServerClient:
 
     ``on_exit(job_id, pid, raw_status)`` is called in the event loop when a
     procwrap the fork server started has exited; ``on_final(job_id)`` when a
-    procwrap committed its job's final state (it exits next); ``on_lost()``
+    procwrap committed its job's final state (it exits next); ``on_change(job_id)``
+    when it changed its job's row otherwise (claim, progress); ``on_lost()``
     when the fork server went away. Construct it inside the running loop (or
     the reader is attached at the first launch).
     """
@@ -34,11 +35,13 @@ class ForkServerClient:
         *,
         on_lost: Callable[[], None] | None = None,
         on_final: Callable[[int], None] | None = None,
+        on_change: Callable[[int], None] | None = None,
     ) -> None:
         self.handle = handle
         self.on_exit = on_exit
         self.on_lost = on_lost
         self.on_final = on_final
+        self.on_change = on_change
         self._waiting: collections.deque[Callable[[int | None, str | None], None]] = (
             collections.deque()
         )
@@ -75,6 +78,8 @@ class ForkServerClient:
                 return
             if raw.isdigit() and self.on_final is not None:
                 self.on_final(int(raw))
+            elif raw[:1] == b"c" and raw[1:].isdigit() and self.on_change is not None:
+                self.on_change(int(raw[1:]))
 
     def _readable(self) -> None:
         while True:

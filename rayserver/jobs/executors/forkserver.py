@@ -21,7 +21,10 @@ the worker: right after a procwrap has committed its job's final state it
 sends the job id there, so a waiting client is answered and the cpu slot
 reused without waiting for the procwrap's exit, the fork server's reaping
 and its ``exited`` message (which still follows, and still decides for a
-procwrap that died without recording a result).
+procwrap that died without recording a result). After its claim and each
+progress write it sends ``c<job id>``: the worker's memory of the job
+(rayserver.jobs.jobview) reads the row again, so status answers need no
+query of their own.
 
 On EOF from the worker the fork server exits at once; its procwraps live on
 (they run in sessions of their own; the supervisor, a subreaper, reaps them).
@@ -127,15 +130,19 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
     sock.send(json.dumps(msg).encode())
 
 
-def _final_reporter(final_sock: socket.socket | None) -> Callable[[int], None] | None:
-    """The procwrap's ``on_final``: one datagram to the worker, never blocking, never raising."""
+def _final_reporter(
+    final_sock: socket.socket | None, prefix: bytes = b""
+) -> Callable[[int], None] | None:
+    """The procwrap's ``on_final`` (``on_change`` with prefix b"c"): one datagram to the
+    worker, never blocking, never raising."""
     if final_sock is None:
         return None
 
     def report(job_id: int) -> None:
-        # A worker that is gone (or too busy to read) still learns it from our exit.
+        # A worker that is gone (or too busy to read) still learns it from our exit
+        # (a change: from re-reading the row a little later).
         with contextlib.suppress(OSError):
-            final_sock.send(b"%d" % job_id, socket.MSG_DONTWAIT)
+            final_sock.send(b"%s%d" % (prefix, job_id), socket.MSG_DONTWAIT)
 
     return report
 
@@ -193,6 +200,7 @@ class Arbiter:
         self.db_path = db_path
         self.grace = grace
         self.on_final = _final_reporter(final_sock)
+        self.on_change = _final_reporter(final_sock, b"c")
         self.children: dict[int, int] = {}  # pid -> job id
         self.spare: tuple[int, socket.socket] | None = None
         self.wake_r = self.wake_w = -1
@@ -338,6 +346,7 @@ class Arbiter:
                 self.layout.procwrap_title,
                 grace=self.grace,
                 on_final=self.on_final,
+                on_change=self.on_change,
             )
         except BaseException:  # noqa: BLE001
             with contextlib.suppress(Exception):

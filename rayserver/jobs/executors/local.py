@@ -70,7 +70,11 @@ class LocalExecutor:
         self.events = events
         self._grace = grace
         self.fork = ForkServerClient(
-            fork_server, self._on_fork_exit, on_lost=self._on_fork_lost, on_final=self._on_final
+            fork_server,
+            self._on_fork_exit,
+            on_lost=self._on_fork_lost,
+            on_final=self._on_final,
+            on_change=self._on_change,
         )
         self._running: dict[int, int] = {}  # job id -> procwrap pid (0 while launching)
         self._cpus: dict[int, int] = {}  # job id -> cpu slots it takes (its -n / rad -N)
@@ -127,6 +131,8 @@ class LocalExecutor:
     def _watch(self, job_id: int, pid: int) -> None:
         self._running[job_id] = pid
         self._adopted[job_id] = pid
+        # Not our fork server's child: its datagrams go to the previous worker.
+        self.events.job_changed(job_id, fed=False)
 
     async def run(self) -> None:
         """Poll the adopted procwraps (ours report their exit through the fork server)."""
@@ -170,6 +176,8 @@ class LocalExecutor:
             job_id = row.id
             if not self.db.mark_starting(job_id):
                 continue  # cancelled or taken meanwhile
+            # Our fork server's procwrap tells us of each change from now on.
+            self.events.job_changed(job_id, fed=True)
             self._cpus[job_id] = self._slots(row)
             self._running[job_id] = 0  # hold the slot: the exit may come before the pid
             try:
@@ -177,6 +185,7 @@ class LocalExecutor:
             except ForkServerError as exc:
                 self._running.pop(job_id, None)
                 self.db.unstart(job_id, reason=f"could not be started: {exc}")
+                self.events.job_changed(job_id)
                 raise
 
     async def dispatch(self, capacity: int) -> int:
@@ -193,6 +202,7 @@ class LocalExecutor:
                 return
             self._running.pop(job_id, None)
             self.db.unstart(job_id, reason=f"could not be started: {error}")
+            self.events.job_changed(job_id)
             log.error("cannot start job %s: %s; retrying in %g s", job_id, error, LAUNCH_RETRY)
             self._launch_paused_until = time.monotonic() + LAUNCH_RETRY
             self.events.notify()
@@ -207,8 +217,13 @@ class LocalExecutor:
         Its waiters are answered and its slot reused now; the exit report
         that follows still checks the row (see :meth:`_on_fork_exit`).
         """
+        self.events.job_changed(job_id)
         if job_id in self._running and job_id not in self._adopted:
             self._finished(job_id)
+
+    def _on_change(self, job_id: int) -> None:
+        """A procwrap changed its job's row (claimed it, wrote progress)."""
+        self.events.job_changed(job_id)
 
     def _on_fork_exit(self, job_id: int, pid: int, status: int) -> None:
         """The fork server reaped a procwrap (called in the event loop)."""
@@ -290,6 +305,7 @@ class LocalExecutor:
         elif row.cancel_request == "shutdown":
             state = JobState.INTERRUPTED
         if self.db.finish(row.id, state, reason=reason):
+            self.events.job_changed(row.id)
             log.warning("job %s %s: %s", row.id, state, reason)
 
     def _finished(self, job_id: int) -> None:

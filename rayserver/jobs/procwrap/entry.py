@@ -55,6 +55,7 @@ def run_spare(
     *,
     grace: float,
     on_final: Callable[[int], None] | None = None,
+    on_change: Callable[[int], None] | None = None,
 ) -> int:
     """A procwrap started before its job: get ready, wait for the job id, run it.
 
@@ -83,7 +84,7 @@ def run_spare(
         # Final title (with the job's name) is set by run_job; this one
         # already lets an adopting worker recognise us.
         setproctitle.setproctitle(f"{title} job={job_id}")
-    return run_job(db_path, job_id, grace=grace, on_final=on_final, db=db)
+    return run_job(db_path, job_id, grace=grace, on_final=on_final, on_change=on_change, db=db)
 
 
 def _warm_statements(db: JobDB) -> None:
@@ -128,12 +129,14 @@ def run_job(
     claim_queued: bool = False,
     on_final: Callable[[int], None] | None = None,
     db: JobDB | None = None,
+    on_change: Callable[[int], None] | None = None,
 ) -> int:
     """Claim job ``job_id``, run its steps, record the result; returns the exit code.
 
     ``on_final(job_id)`` is called once the final state is committed (the
     fork server uses it to tell the worker at once, before this process
-    has even exited); it must not raise. ``db``: an already open JobDB of
+    has even exited); it must not raise. ``on_change(job_id)`` likewise after
+    the claim and each progress write. ``db``: an already open JobDB of
     ``db_path`` (a spare's).
     """
     db_path = Path(db_path).absolute()  # steps run with their project as our cwd
@@ -143,6 +146,7 @@ def run_job(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     job = Job(db, job_id, log_fd, grace)
+    job.on_change = on_change
     job.job_dir = log_path.parent
     # Handlers before the claim: a SIGTERM from here on is recorded, not fatal.
     job.install_signals()
@@ -161,6 +165,8 @@ def run_job(
         if db.get(job_id) is None:
             print(f"procwrap: job {job_id} is not in {db_path}", file=sys.stderr)
         return EXIT_CLAIM_LOST
+    if on_change is not None:
+        on_change(job_id)
     try:
         _set_title(procwrap_title(db_path, job_id, row))
         code = _run_claimed(job, row, db_path, log_path.parent)

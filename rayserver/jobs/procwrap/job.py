@@ -9,6 +9,7 @@ import select
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rayserver.common.settings import Settings
@@ -77,6 +78,7 @@ class Job:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
         self._wake_w = wake_w
+        self.on_change: Callable[[int], None] | None = None  # tells the worker (see run_job)
 
     def load(
         self,
@@ -159,9 +161,15 @@ class Job:
             self._pending_progress = percent
             return
         self.db.update_progress(self.id, progress=percent)
+        self.changed()
         self._last_progress = percent
         self._last_progress_at = now
         self._pending_progress = None
+
+    def changed(self) -> None:
+        """The row changed (and is committed): the worker's memory reads it again."""
+        if self.on_change is not None:
+            self.on_change(self.id)
 
     def flush_progress(self) -> None:
         if self._pending_progress is not None:
@@ -312,6 +320,7 @@ class Job:
             pgid_children=pid,
             progress=prog.overall_percent(idx, n, 0.0),
         )
+        self.changed()
         watch = StepWatch(self, pid, out_r, idx, program, tracker, counter)
         code = sig = None
         try:
