@@ -214,8 +214,13 @@ class Client:
         """Queue ``jobs`` in one request, all or none; the job objects in the same order."""
         return self.request("POST", "/v1/jobs/batch", {"jobs": jobs})["jobs"]
 
-    def job(self, job_id: int, wait: float | None = None) -> dict[str, Any]:
+    def job(
+        self, job_id: int, wait: float | None = None, since: int | None = None
+    ) -> dict[str, Any]:
+        """The job object; ``wait``: once final (with ``since``: once its version is newer)."""
         query = f"?wait={wait:g}" if wait else ""
+        if wait and since is not None:
+            query += f"&since={int(since)}"
         timeout = (wait + 30) if wait else None
         return self.request("GET", f"/v1/jobs/{job_id}{query}", timeout=timeout)
 

@@ -2,9 +2,12 @@
 
 ``rayfront run`` and ``rayfront demo`` share this code. The log comes from
 ``GET /v1/jobs/<id>/log?follow=1`` (a stream that ends when the job is final
-and its log is read to the end); the bar is fed by a small thread polling the
-job object, because the log stream blocks. A broken stream (server restart)
-is resumed from the byte offset already shown, so nothing is printed twice.
+and its log is read to the end); the bar is fed by a small thread that
+long-polls the job object (``GET /v1/jobs/<id>?wait=..&since=<version>``,
+answered when the job changes), because the log stream blocks. A server that
+sends no ``version`` in its job objects (older ones) is polled every
+:data:`POLL_SECONDS` instead. A broken stream (server restart) is resumed
+from the byte offset already shown, so nothing is printed twice.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from rayserver.common.states import FINAL_STATES, JobState
 
 # rpict's `-t` reports: the bar shows them, so the log view leaves them out.
 _PROGRESS_LINE = re.compile(r"^\w+: \d+ rays, [\d.]+% after ")
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.5  # servers without long polls
+LONG_POLL = 60.0  # seconds a long poll may wait for the next change
 STREAM_RETRIES = 10
 
 
@@ -116,13 +120,26 @@ class _Poller(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(POLL_SECONDS):
+        job_id = int(self.job["id"])
+        while not self.stop.is_set():
+            version = self.job.get("version")
             try:
-                self.job = self.client.job(int(self.job["id"]))
+                if isinstance(version, int) and not isinstance(version, bool):
+                    job = self.client.job(job_id, wait=LONG_POLL, since=version)
+                elif self.stop.wait(POLL_SECONDS):
+                    return
+                else:
+                    job = self.client.job(job_id)
             except ClientError:
-                continue  # the log stream reports a lost server; the bar just pauses
-            self.show(self.job)
-            if self.job.get("state") in FINAL_STATES:
+                # The log stream reports a lost server; the bar just pauses.
+                if self.stop.wait(POLL_SECONDS):
+                    return
+                continue
+            if self.stop.is_set():
+                return
+            self.job = job
+            self.show(job)
+            if job.get("state") in FINAL_STATES:
                 return
 
     def show(self, job: dict[str, Any]) -> None:
@@ -167,6 +184,7 @@ def follow(
             out.write(line + "\n")
             out.flush()
 
+    final: dict[str, Any] | None = None
     try:
         stream_log(client, job_id, lambda raw: emit(raw.decode("utf-8", "replace")))
         final = client.job(job_id, wait=30)
@@ -174,7 +192,8 @@ def follow(
             final = client.job(job_id, wait=60)
     finally:
         poller.stop.set()
-        poller.join(2)
+        # Its long poll is answered by the job's end; after an error it is left behind.
+        poller.join(2 if final is not None else 0.1)
     if bar is not None:
         poller.show(final)
         bar.close()
