@@ -1,4 +1,6 @@
-/* rayserver dashboard: polls the JSON API and keeps the page up to date in place.
+/* rayserver dashboard: keeps the page up to date in place from the JSON API: the job
+   lists once, then the jobs that change, pushed by the server (GET /v1/events, read
+   with fetch so the token stays in the header); an older server is polled instead.
 
    No build step and no libraries. The token lives in sessionStorage (this tab
    only) and travels only in the Authorization header; previews are fetched
@@ -12,6 +14,10 @@
   const INFO_INTERVAL_MS = 5000;
   const HIDDEN_INTERVAL_MS = 10000;
   const REQUEST_TIMEOUT_MS = 15000;
+  const RECONNECT_MS = 2000;
+  const RENDER_DELAY_MS = 100;
+  const LOG_INTERVAL_MS = 1000;
+  const ACTIVE_SHOWN = 200;
   const FINISHED_SHOWN = 20;
   const PREVIEWS_AT_ONCE = 2;
   const LOG_KEEP_CHARS = 200000;
@@ -34,6 +40,11 @@
     inFlight: false,
     jobsTimer: null,
     infoTimer: null,
+    push: true, // false once the server turned out to have no event stream
+    stream: null, // AbortController of the open event stream
+    jobs: new Map(), // job id -> job object, as the lists and the events gave it
+    renderTimer: null,
+    logTimer: null,
     cards: new Map(), // job id -> card record
   };
 
@@ -213,35 +224,122 @@
   function stopPolling() {
     state.polling = false;
     clearTimeout(state.jobsTimer);
+    clearInterval(state.logTimer);
+    state.logTimer = null;
+    if (state.stream) state.stream.abort();
+    state.stream = null;
   }
 
+  function signedOut(err) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    state.token = null;
+    showLogin(state.auth ? "Please sign in with the server's access token." : err.message);
+  }
+
+  // The lists; then the event stream from their version on (or, from an older
+  // server, the lists again every second).
   async function pollJobs() {
-    // one poll at a time: a visibility change must not start a second loop
-    if (!state.polling || state.inFlight) return;
+    // one poll (or stream) at a time: a visibility change must not start a second loop
+    if (!state.polling || state.inFlight || state.stream) return;
     state.inFlight = true;
+    let since = null;
     try {
       const [active, finished] = await Promise.all([
-        api("/v1/jobs?state=queued,running&limit=200"),
+        api("/v1/jobs?state=queued,running&limit=" + ACTIVE_SHOWN),
         api("/v1/jobs?state=done,failed,cancelled,interrupted&limit=" + FINISHED_SHOWN),
       ]);
       showConnection("");
+      state.jobs = new Map();
+      for (const job of [...(active.jobs || []), ...(finished.jobs || [])]) state.jobs.set(job.id, job);
       render(active.jobs || [], finished.jobs || []);
+      if (state.push && typeof active.version === "number" && typeof finished.version === "number")
+        since = Math.min(active.version, finished.version);
     } catch (err) {
-      if (err.status === 401) {
-        sessionStorage.removeItem(TOKEN_KEY);
-        state.token = null;
-        showLogin(state.auth ? "Please sign in with the server's access token." : err.message);
-        return;
-      }
+      if (err.status === 401) { signedOut(err); return; }
       showConnection("Cannot update the job list: " + err.message + ". Retrying…");
     } finally {
       state.inFlight = false;
     }
-    if (state.polling) {
-      // a tab nobody looks at asks less often; it catches up when shown again
-      const wait = document.hidden ? HIDDEN_INTERVAL_MS : JOBS_INTERVAL_MS;
-      state.jobsTimer = setTimeout(pollJobs, wait);
+    if (!state.polling) return;
+    if (since !== null) { followEvents(since); return; }
+    // a tab nobody looks at asks less often; it catches up when shown again
+    const wait = document.hidden ? HIDDEN_INTERVAL_MS : JOBS_INTERVAL_MS;
+    state.jobsTimer = setTimeout(pollJobs, wait);
+  }
+
+  async function followEvents(since) {
+    const controller = new AbortController();
+    state.stream = controller;
+    if (!state.logTimer) state.logTimer = setInterval(readOpenLogs, LOG_INTERVAL_MS);
+    let problem = null;
+    try {
+      const headers = { Accept: "text/event-stream" };
+      if (state.token) headers["Authorization"] = "Bearer " + state.token;
+      const response = await fetch("/v1/events?since=" + since,
+        { headers, cache: "no-store", signal: controller.signal });
+      if (response.status === 404) state.push = false; // an older server: poll it
+      else if (response.status === 401) problem = new ApiError(401, "token refused");
+      else if (!response.ok) problem = new ApiError(response.status, response.statusText);
+      else await readEvents(response.body.getReader());
+    } catch (err) {
+      problem = err;
+    } finally {
+      if (state.stream === controller) state.stream = null;
     }
+    if (!state.polling || controller.signal.aborted) return;
+    if (problem && problem.status === 401) { signedOut(problem); return; }
+    if (problem) showConnection("The live updates were interrupted. Reconnecting…");
+    // the lists again, then a new stream from their version
+    state.jobsTimer = setTimeout(pollJobs, state.push ? RECONNECT_MS : 0);
+  }
+
+  // Server-sent events: "job" (one changed job), "reset" (load the lists again).
+  async function readEvents(reader) {
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let type = "message", data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) type = line.slice(6).trim();
+          else if (line.startsWith("data:")) data += line.slice(5).trim();
+        }
+        if (type === "reset") { reader.cancel(); return; }
+        if (type === "job" && data) onJobEvent(JSON.parse(data));
+      }
+    }
+  }
+
+  function onJobEvent(job) {
+    const known = state.jobs.get(job.id);
+    if (known && typeof known.version === "number" && known.version >= job.version) return;
+    state.jobs.set(job.id, job);
+    showConnection("");
+    // several changes in a row make one render
+    if (!state.renderTimer) state.renderTimer = setTimeout(renderKnown, RENDER_DELAY_MS);
+  }
+
+  // The lists as the server would answer them now, from the jobs we know.
+  function renderKnown() {
+    state.renderTimer = null;
+    const newest = [...state.jobs.values()].sort((a, b) => b.id - a.id);
+    const active = newest.filter((j) => !FINAL.has(j.state)).slice(0, ACTIVE_SHOWN);
+    const finished = newest.filter((j) => FINAL.has(j.state)).slice(0, FINISHED_SHOWN);
+    state.jobs = new Map([...active, ...finished].map((j) => [j.id, j]));
+    render(active, finished);
+  }
+
+  // An open log of a running job grows without its job object changing.
+  function readOpenLogs() {
+    if (document.hidden) return;
+    for (const card of state.cards.values())
+      if (card.details.open && card.job && !FINAL.has(card.job.state)) readLog(card);
   }
 
   function render(activeJobs, finishedJobs) {
