@@ -183,6 +183,12 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     assert page.evaluate("() => performance.getEntriesByType('navigation').length") == nav_before
     poll(page, f"#job-{a} .state", "s => s.textContent", lambda v: v == "done", timeout=20)
     assert "100 %" in page.inner_text(f"#job-{a} .progress-text")
+    # Pushed, not polled: the two lists were loaded once (GET /v1/events brought the rest).
+    lists = page.evaluate(
+        "() => performance.getEntriesByType('resource')"
+        ".filter((e) => e.name.includes('/v1/jobs?state=')).length"
+    )
+    assert lists <= 4, f"the page asked for the job lists {lists} times"
     # Who submitted it: the shared token is the user admin.
     assert "submitted by admin " in page.inner_text(f"#job-{a}")
 
