@@ -18,7 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from conftest import RayHome
-from jobtools import BIN, make_project, rad_env, rayfront, rayfront_json, rpict, submit, wait_final
+from jobtools import (
+    BIN,
+    SCENE,
+    VIEW,
+    make_project,
+    rad_env,
+    rayfront,
+    rayfront_json,
+    rpict,
+    submit,
+    wait_final,
+)
 
 from rayserver.client.compare import compare_files
 from rayserver.client.demo import DEMO_SOURCE
@@ -118,7 +129,8 @@ def test_reproduce_deterministic_render_then_refuse_changed_input(server: Any) -
 
 def test_receipt_of_another_users_job_is_refused(server: Any) -> None:
     """Named tokens: bob may not read alice's receipt (403), the shared token (admin) may;
-    a job without a receipt is a 404 that says why."""
+    a job without a receipt is a 404 that says why; a receipt that cannot be written is a
+    warning of a job that is still done."""
     home: RayHome = server.home
     make_project(home)
     tokens = {}
@@ -143,19 +155,15 @@ def test_receipt_of_another_users_job_is_refused(server: Any) -> None:
     assert status == 404 and "has no receipt yet" in str(answer), answer
     status, answer = server.request("GET", "/v1/jobs/9999/receipt")
     assert status == 404, answer
-
-
-def test_receipt_failure_is_a_warning_not_a_failure(server: Any) -> None:
-    """receipt.json cannot be written (a folder is in its place): the job is still done,
-    with a warning that says so."""
-    home: RayHome = server.home
-    make_project(home)
-    first = _done(server, [rpict(8)])
-    blocker = home.path / "srvstate" / "jobs" / str(first["id"] + 1) / "receipt.json"
+    # receipt.json cannot be written (a folder is in its place): the job is still done,
+    # with a warning that says so, and GET receipt says it ended without one.
+    blocker = home.path / "srvstate" / "jobs" / str(job["id"] + 1) / "receipt.json"
     blocker.mkdir(parents=True)
-    job = _done(server, [rpict(8)])
-    assert job["id"] == first["id"] + 1
-    assert any("receipt not written" in w for w in job["warnings"]), job
+    second = _done(server, [rpict(8)])
+    assert second["id"] == job["id"] + 1
+    assert any("receipt not written" in w for w in second["warnings"]), second
+    status, answer = server.request("GET", f"/v1/jobs/{second['id']}/receipt")
+    assert status == 404 and "ended without one" in str(answer), answer
 
 
 def _next_second() -> None:
@@ -255,3 +263,37 @@ def test_sampling_verdicts_from_argv_and_the_binaries_defaults(rayhome: RayHome)
     ]
     proj = make_project(rayhome)
     assert octree_sources(proj / "scene.oct") == ["scene.rad"]
+
+
+def test_reproduce_on_another_server(tmp_path: Path) -> None:
+    """A -u- render of server 1 made again on server 2 (--from/--host, the shared project):
+    identical; the new receipt names the other host and the same inputs."""
+    from splittools import make_cluster
+
+    cluster = make_cluster(tmp_path, 2)
+    try:
+        first, second = cluster.names
+        proj = cluster.project
+        (proj / "scene.rad").write_text(SCENE)
+        _direct(proj, ["oconv", "scene.rad"], proj / "scene.oct")
+        run = cluster.rayfront(
+            "run", "--json", "--host", first, "--stdout", "v.hdr", "--",
+            *["rpict", "-u-", "-ab", "1", *VIEW, "-x", "16", "-y", "16", "scene.oct"],
+        )  # fmt: skip
+        job = json.loads(run.stdout)
+        assert run.returncode == 0 and job["state"] == "done", run.stdout + run.stderr
+        proc = cluster.rayfront(
+            "reproduce", "--json", str(job["id"]), "--from", first, "--host", second
+        )
+        summary = json.loads(proc.stdout)
+        assert proc.returncode == 0 and summary["matches"], proc.stdout + proc.stderr
+        assert summary["host"] == "127.0.0.2" and summary["outputs"][0]["kind"] == "identical"
+        shown = cluster.rayfront("receipt", str(summary["job"]), "--host", second)
+        again, before = (
+            json.loads(shown.stdout),
+            json.loads(cluster.rayfront("receipt", str(job["id"]), "--host", first).stdout),
+        )
+        assert again["host"]["name"] == "127.0.0.2" and before["host"]["name"] == "127.0.0.1"
+        assert again["inputs"] == before["inputs"]
+    finally:
+        cluster.stop()

@@ -89,7 +89,8 @@ def _receipt_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "--from",
         dest="from_host",
         metavar="HOST",
-        help="the server that ran job ID (default: --host, else the first server)",
+        help="the server that ran job ID (default: the first server of the hosts file); "
+        "--host names where it runs again (default: this one)",
     )
     p.add_argument(
         "--tolerance",

@@ -3,7 +3,7 @@
 reproduce, in order:
 
 1. fetches the receipt (GET /v1/jobs/ID/receipt of ``--from``, default the
-   first server);
+   first server); a job not done, or one whose stdin/stdout was streamed, is refused;
 2. checks every input: the sha256 of the file now in the project (this
    machine's mount of the job's location) against the receipt's; any
    missing or different file refuses the run, each one named;
@@ -54,6 +54,25 @@ def fetch_receipt(client: Client, job_id: int) -> dict[str, Any]:
     if not isinstance(receipt, dict) or "request" not in receipt:
         raise ClientError(f"job {job_id}: the server's answer is not a receipt")
     return receipt
+
+
+def check_reproducible(receipt: dict[str, Any], job_id: int) -> None:
+    """Only a done job whose steps read and wrote project files can be run again from it."""
+    state = receipt["job"].get("state")
+    if state != "done":
+        raise ClientError(
+            f"job {job_id} ended {state} ({receipt['job'].get('reason')}); only a done job's "
+            "results can be reproduced"
+        )
+    for step in receipt.get("steps", []):
+        for key in ("stdin", "stdout"):
+            if isinstance(step.get(key), dict):
+                raise ClientError(
+                    f"job {job_id} step {step['step']} streamed its standard "
+                    f"{'input' if key == 'stdin' else 'output'} through rayfront run: the "
+                    "receipt does not hold what was streamed; run it again with --stdin/--stdout "
+                    "files to make it reproducible"
+                )
 
 
 def local_project(ctx: Context, receipt: dict[str, Any]) -> Path:
@@ -129,8 +148,9 @@ def wait_job(client: Client, job_id: int) -> dict[str, Any]:
 
 def cmd_reproduce(ctx: Context, opts: argparse.Namespace) -> int:
     """``rayfront reproduce ID [--from HOST] [--host HOST] [--tolerance X]``."""
-    source = ctx.client(opts.from_host or opts.host)
+    source = ctx.client(opts.from_host)
     receipt = fetch_receipt(source, opts.id)
+    check_reproducible(receipt, opts.id)
     project = local_project(ctx, receipt)
     problems = changed_inputs(receipt, project)
     if problems:

@@ -114,6 +114,20 @@ def named_files(argv: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+# rad variables whose words are input files (OCTREE, PICTURE, AMBFILE, OPTFILE are its outputs).
+RIF_INPUTS = ("materials", "scene", "objects", "illum")
+
+
+def rif_files(variables: dict[str, str]) -> list[str]:
+    """The input files a rif names (``rad -n -e`` lists its variables), in order."""
+    names: list[str] = []
+    for key in RIF_INPUTS:
+        for word in variables.get(key, "").split():
+            if word not in names:
+                names.append(word)
+    return names
+
+
 def _last_bool(argv: list[str], option: str, default: bool) -> bool:
     """A Radiance boolean option's value after the whole command line (``-u``, ``-u+``, ``-u-``)."""
     value = default

@@ -541,8 +541,8 @@ def _read_receipt(path: os.PathLike[str] | str) -> bytes | None:
     try:
         with open(path, "rb") as fh:
             return fh.read()
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None  # none written (or something else is in its place)
 
 
 async def job_receipt(request: web.Request) -> web.Response:

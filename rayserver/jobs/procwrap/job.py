@@ -463,7 +463,7 @@ class Job:
             self.log(f"rayserver: rad dry run failed ({exc}); progress by steps only\n")
             return args, None
         text = out.decode("utf-8", "replace")
-        variables = prog.rad_variables(text)
+        variables = self.receipt.rad_variables = prog.rad_variables(text)
         if not prog.has_report_variable(args, variables):
             args = [*args, RAD_REPORT]
         if returncode != 0:

@@ -50,6 +50,7 @@ class Receipt:
         self.ambient: dict[str, dict[str, Any]] = {}
         self.binaries: dict[str, dict[str, Any]] = {}  # resolved path -> record
         self.errors: list[str] = []
+        self.rad_variables: dict[str, str] = {}  # rad's, from its dry run (Job.prepare_rad)
 
     def step_starting(self, job: Job, step: StepSpec, args: list[str]) -> None:
         """Just before the job's next step starts: its command, binaries, inputs (never raises)."""
@@ -118,6 +119,8 @@ class Receipt:
             names.append((str(step["script"]), "script"))
         for command in commands:
             names += rc.named_files(command)
+        if step["program"] == "rad":
+            names += [(n, "named in the rif") for n in rc.rif_files(self.rad_variables)]
         for name, role in names:
             if name in made_here:
                 continue
@@ -242,7 +245,11 @@ def request_of(job: Job) -> dict[str, Any]:
     row = job.row
     if row is None:
         return {}
-    body: dict[str, Any] = {"location": row.location, "project": row.project}
+    body: dict[str, Any] = {
+        "location": row.location,
+        "project": row.project,
+        "priority": row.priority,
+    }
     if row.name:
         body["name"] = row.name
     root = os.path.realpath(job.outputs.root)
