@@ -1,12 +1,12 @@
 """A shim: one Radiance program run on a render host as if it ran here (``rayfront shim``).
 
-``rayfront shim DIR`` writes one tiny script per Radiance program into DIR;
-each execs ``python -S -c 'from rayserver.client.shim import main' ...
-PROGRAM "$@"``. With DIR first on PATH, Honeybee, lbt-recipes, make and
-scripts run their Radiance commands on the servers of the hosts file
-unchanged: same arguments, the current directory translated through the
-hosts file, standard input and output streamed, the program's messages on
-standard error, its exit status; Ctrl-C and SIGTERM cancel the job.
+``rayfront shim DIR`` writes one small Python script per Radiance program
+into DIR (``#!python -IS``, see :mod:`rayserver.client.shimwrite`). With DIR
+first on PATH, Honeybee, lbt-recipes, make and scripts run their Radiance
+commands on the servers of the hosts file unchanged: same arguments, the
+current directory translated through the hosts file, standard input and
+output streamed, the program's messages on standard error, its exit status;
+Ctrl-C and SIGTERM cancel the job.
 
 Runs locally instead (the real binary of the Radiance bin folder, exec'd,
 so a shim never calls itself): ``RAYFRONT_SHIM=off``; programs cheaper than
@@ -15,9 +15,13 @@ and, with one line on standard error saying why, a call from outside every
 location of the hosts file, or with a file argument outside the project
 (the current directory), which the server would refuse.
 
-Start-up is kept cheap (see bench/shim.py): ``-S`` skips site (the script
-puts the package's folder on sys.path itself), and only the stdlib HTTP
-client is imported; the split code only when ``--hosts`` is used.
+A script starts in :mod:`rayserver.client.shimfast`, which runs the command
+in one exchange from the *plan* this module keeps; this module is the full
+path, taken when there is no plan for the current directory yet, a file it
+was made from changed, with ``--hosts`` (the least busy server is chosen
+at each call; rtrace, rcontrib and rfluxmtx are split), for TLS and for a
+server older than ``POST /v1/jobs/run`` (then over five exchanges, as
+``rayfront run`` does).
 """
 
 from __future__ import annotations
@@ -25,158 +29,84 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
-from typing import NoReturn
 
-# Programs that cost less than a round trip to a server (bench/shim.py measures
-# the round trip): readers and filters of small data, generators of scene text.
-LOCAL_PROGRAMS = frozenset(
-    "getinfo pvalue rcalc total cnt ev calc icalc histo neaten rlam rsplit tabfunc "
-    "lookamb getbbox vwrays rcollate rmtxop lampcolor genbox genrev genworm gensurf "
-    "genprism genblinds genclock gensky gendaylit genssky xform".split()
+from rayserver.client.shimfast import (  # noqa: F401  (the shim's names, kept here too)
+    LOCAL_PROGRAMS,
+    OFF_WORDS,
+    SPLIT_PROGRAMS,
+    STDIN_ALWAYS,
+    STDIN_WITHOUT_FILE,
+    ShimOptions,
+    caller_name,
+    current_dir,
+    exec_local,
+    reads_stdin,
+    run_in,
+    save_plan,
+    stamp,
+    translate_args,
 )
-# Words naming files: themselves, @options files, VAR=path values (as the server reads them).
-SPLIT_PROGRAMS = ("rtrace", "rcontrib", "rfluxmtx")
-# Which programs read their standard input: a shim streams ours only to those (a tool's
-# open pipe that nobody writes, as Honeybee's Popen(stdin=PIPE), must not hold a job).
-# Always: the ray tracers' rays, the matrix splitters' data.
-STDIN_ALWAYS = frozenset({"rtrace", "rcontrib", "rsplit", "rcollate", "rlam", "mkillum"})
-# Filters: standard input when no input file is named.
-STDIN_WITHOUT_FILE = frozenset(
-    "xform pfilt pcond pextrem protate pflip psign ra_bmp ra_gif ra_hexbit ra_pict ra_ppm "
-    "ra_ps ra_rgbe ra_t16 ra_t8 ra_tiff ra_xyze gendaymtx gensdaymtx obj2mesh obj2rad "
-    "evalglare histo neaten total rcalc cnt getinfo pvalue tabfunc".split()
-)
+
 _FRAME_PREFIX = b"== "
 
 
-class ShimOptions:
-    """What the script fixed when ``rayfront shim`` wrote it."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.bin: str | None = None
-        self.host: str | None = None
-        self.hosts: str | None = None
-        i = 0
-        while i + 1 < len(argv) and argv[i] in ("--bin", "--host", "--hosts"):
-            setattr(self, argv[i][2:], argv[i + 1])
-            i += 2
-        if i >= len(argv):
-            raise SystemExit("rayfront shim: no program named (the script is broken: rewrite it)")
-        self.program = argv[i]
-        self.args = argv[i + 1 :]
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The full path: settings, hosts file and project worked out (and kept in the plan)."""
     opts = ShimOptions(list(sys.argv[1:] if argv is None else argv))
-    if os.environ.get("RAYFRONT_SHIM", "").strip().lower() in ("off", "0", "no", "local"):
+    if os.environ.get("RAYFRONT_SHIM", "").strip().lower() in OFF_WORDS:
         exec_local(opts, None)
-    from rayserver.client.connection import ClientError
+    from rayserver.client.connection import EXIT_LOCAL_ONLY, ClientError
     from rayserver.client.context import Context
 
     ctx = Context()
+    stamps = [stamp(str(ctx.layout.settings_file)), stamp(str(ctx.layout.hosts_file))]
     try:
         local = ctx.settings.shim_local
-        if opts.program in (LOCAL_PROGRAMS if local is None else local):
+        local = LOCAL_PROGRAMS if local is None else local
+        try:
+            project = ctx.project()
+            entry = ["remote", project.location, project.path, str(project.local_dir)]
+        except ClientError as exc:
+            if exc.exit_code != EXIT_LOCAL_ONLY:
+                raise
+            project, entry = None, ["local", str(exc)]
+        server = remember(ctx, opts, stamps, local, entry)
+        if opts.program in local:
             exec_local(opts, None)
-        project = ctx.project()
+        if project is None:
+            exec_local(opts, entry[1])
     except ClientError as exc:
         exec_local(opts, str(exc))
     args, outside = translate_args(opts.args, project.local_dir)
     if outside:
         exec_local(opts, f"{outside} is outside the project {project.local_dir}")
-    return run_remote(ctx, project, opts, args)
+    return run_remote(ctx, project, opts, args, server)
 
 
-def reads_stdin(program: str, args: list[str]) -> bool:
-    """Whether ``program`` with ``args`` reads its standard input (then a shim streams ours)."""
-    if program in STDIN_ALWAYS or "-" in args:
-        return True
-    if program in STDIN_WITHOUT_FILE:
-        return not any(not a.startswith("-") and os.path.isfile(a) for a in args)
-    return False
+def remember(ctx, opts: ShimOptions, stamps: list, local, entry: list) -> tuple | None:  # noqa: ANN001
+    """Keep what was worked out in the plan; the server (label, address, port, token) or None.
 
-
-def caller_name() -> str:
-    """The calling tool's command line (the parent's), which names the job."""
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            words = f.read().rstrip(b"\0").split(b"\0")
-        text = " ".join(w.decode("utf-8", "replace") for w in words).strip()
-    except OSError:
-        text = ""
-    return (text or "shim")[:200]
-
-
-def translate_args(args: list[str], project_dir: Path) -> tuple[list[str], str | None]:
-    """Arguments as the server takes them; (args, None) or (args, the word outside the project).
-
-    An absolute path inside the project becomes relative to it; '..' that
-    stays inside is folded away; anything leading out (absolute elsewhere,
-    '..' above, '~', a symlink out) is reported.
+    None with --hosts (the least busy server is chosen at each call) and
+    for TLS (the quick path speaks plain HTTP only): then nothing is kept.
     """
-    base = os.path.realpath(project_dir)
-    out: list[str] = []
-    for arg in args:
-        new = arg
-        for cand in _candidates(arg):
-            if cand.startswith("~"):
-                return args, repr(arg)
-            if not (cand.startswith("/") or ".." in cand.split("/")):
-                if "/" in cand and not _inside(os.path.join(base, cand), base):
-                    return args, repr(arg)
-                continue
-            full = os.path.normpath(os.path.join(str(project_dir), cand))
-            if not (_inside(full, str(project_dir)) or _inside(full, base)):
-                return args, repr(arg)
-            root = str(project_dir) if _inside(full, str(project_dir)) else base
-            rel = os.path.relpath(full, root)
-            if not _inside(os.path.join(base, rel), base):
-                return args, repr(arg)
-            new = new.replace(cand, rel, 1)
-        out.append(new)
-    return out, None
+    from rayserver.common.credentials import _token_path
 
-
-def _candidates(arg: str) -> list[str]:
-    cands = [arg]
-    if arg.startswith("@") and len(arg) > 1:
-        cands.append(arg[1:])
-    if "=" in arg:
-        cands.extend(part for part in arg.split("=")[1:] if part)
-    return [c for c in cands if c.startswith(("/", "~")) or "/" in c]
-
-
-def _inside(path: str, root: str) -> bool:
-    real = os.path.realpath(path)
-    return real == root or real.startswith(root.rstrip("/") + "/")
-
-
-def exec_local(opts: ShimOptions, why: str | None) -> NoReturn:
-    """Replace this process by the real program of the Radiance bin folder."""
-    bin_dir = opts.bin or _configured_bin()
-    real = os.path.join(bin_dir, opts.program)
-    me = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("-c", "") else ""
-    if os.path.realpath(real) == me or not os.access(real, os.X_OK):
-        sys.stderr.write(f"{opts.program}: no such Radiance program in {bin_dir}\n")
-        os._exit(127)
-    if why:
-        sys.stderr.write(f"rayfront shim: {opts.program} runs locally: {why}\n")
-        sys.stderr.flush()
-    env = dict(os.environ)
-    # Its own children (rad's oconv, rfluxmtx's rcontrib) run locally too, not via shims.
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "/usr/bin:/bin")])
-    if "RAYPATH" not in env:
-        lib = os.path.join(os.path.dirname(bin_dir), "lib")
-        env["RAYPATH"] = os.pathsep.join([".", lib])
-    os.execve(real, [opts.program, *opts.args], env)
-
-
-def _configured_bin() -> str:
-    from rayserver.client.context import Context
-    from rayserver.common.radiance import bin_dir
-
-    return str(bin_dir(Context().settings))
+    if opts.hosts:
+        return None
+    target = ctx.target(opts.host)
+    if target.ssl_context is not None:
+        return None
+    token_file = _token_path(ctx.layout, ctx.settings)
+    files = [*(ctx.hosts.files if ctx.hosts else []), str(token_file or "")]
+    plan = {
+        "stamps": stamps + [stamp(str(f)) for f in files if f],
+        "server": [target.label, target.address, target.port],
+        "token_file": str(token_file) if token_file else None,
+        "local": sorted(local),
+        "dirs": {current_dir(): entry},
+    }
+    save_plan(opts, plan)
+    return (target.label, target.address, target.port, ctx.token())
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -184,14 +114,30 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_remote(ctx: object, project: object, opts: ShimOptions, args: list[str]) -> int:
-    """Submit, stream, pass the program's messages through; the program's exit status."""
+def run_remote(
+    ctx: object, project: object, opts: ShimOptions, args: list[str], server: tuple | None
+) -> int:
+    """Submit, stream, pass the program's messages through; the program's exit status.
+
+    In one exchange (``POST /v1/jobs/run``) where the server has it and TLS is
+    not in the way; else as ``rayfront run`` does, over five.
+    """
     from rayserver.client.connection import ClientError
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if opts.hosts and opts.program in SPLIT_PROGRAMS:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
             return _run_split(ctx, project, opts, args)
+        if server is None:
+            client = _pick_client(ctx, opts)
+            target = client.target
+            if target.ssl_context is None:
+                server = (target.label, target.address, target.port, client.token)
+        if server is not None:
+            code = run_in(opts, server, project.location, project.path, args)
+            if code is not None:
+                return code
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         return _run_one(ctx, project, opts, args)
     except ClientError as exc:
         sys.stderr.write(f"rayfront shim: {opts.program}: {exc}\n")

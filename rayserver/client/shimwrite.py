@@ -1,8 +1,10 @@
 """``rayfront shim DIR``: one small script per Radiance program, written into DIR.
 
-Each script execs this installation's Python on :mod:`rayserver.client.shim`
-with the program's name and its arguments (see that module for what a shim
-does). The Radiance bin folder and, when set now, RAYFRONT_HOME and
+Each script is run by this installation's Python (``-I -S``: no site, no
+PYTHON* variables of the calling tool) and calls
+:func:`rayserver.client.shimfast.main` with the program's name and its
+arguments (see :mod:`rayserver.client.shim` for what a shim does). The
+Radiance bin folder, the plan file and, when set now, RAYFRONT_HOME and
 RAYFRONT_HOSTNAME are written into the scripts, so a tool that passes its
 own environment (Honeybee) still reaches the same servers.
 """
@@ -10,7 +12,6 @@ own environment (Honeybee) still reaches the same servers.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from rayserver.client.context import Context
 from rayserver.common.radiance import bin_dir
 
 MARK = "# rayfront shim:"
+PLAN = ".rayfront-plan"  # + "-<uid>": each user's plan (see rayserver.client.shimfast)
+# Linux reads 255 bytes of a #! line (127 before 5.1): keep well inside.
+SHEBANG_MAX = 120
 
 
 def programs(directory: Path) -> list[str]:
@@ -31,28 +35,42 @@ def programs(directory: Path) -> list[str]:
     )
 
 
-def script(program: str, radiance_bin: Path, host: str | None, hosts: str | None) -> str:
+def script(
+    program: str, radiance_bin: Path, host: str | None, hosts: str | None, plan: Path
+) -> str:
+    """The text of ``program``'s shim: Python, started without site (``-I -S``)."""
     root = str(Path(rayserver.__file__).resolve().parent.parent)
-    boot = (
-        f"import sys; sys.path.insert(0, {root!r}); "
-        "from rayserver.client.shim import main; sys.exit(main())"
-    )
-    words = [sys.executable, "-S", "-c", boot, "--bin", str(radiance_bin)]
+    fixed = ["--bin", str(radiance_bin), "--plan", str(plan)]
     if host:
-        words += ["--host", host]
+        fixed += ["--host", host]
     if hosts:
-        words += ["--hosts", hosts]
-    lines = ["#!/bin/sh", f"{MARK} {program} on a render host (RAYFRONT_SHIM=off: locally)"]
+        fixed += ["--hosts", hosts]
+    python = sys.executable
+    if len(python) <= SHEBANG_MAX and python.isprintable() and " " not in python:
+        lines = [f"#!{python} -IS"]
+    elif not set(python) & set('"\\$`\n'):
+        # Too long or spaced for a #! line: sh execs Python on this same file (which,
+        # to Python, is a string statement that does nothing).
+        lines = ["#!/bin/sh", f'"exec" "{python}" "-IS" "$0" "$@"']
+    else:
+        raise ClientError(
+            f"cannot write shims for the Python at {python!r}: its path has characters "
+            'a shell line cannot hold (\\, ", $, `)',
+            exit_code=EXIT_USAGE,
+        )
+    lines += [
+        f"{MARK} {program} on a render host (RAYFRONT_SHIM=off: locally)",
+        "import os, sys",
+    ]
     for var in ("RAYFRONT_HOME", "RAYFRONT_HOSTNAME"):
         if os.environ.get(var):
-            lines.append(f'{var}="${{{var}:-{_dq(os.environ[var])}}}"; export {var}')
-    lines.append("exec " + " ".join(shlex.quote(w) for w in [*words, program]) + ' "$@"')
+            lines.append(f"os.environ[{var!r}] = os.environ.get({var!r}) or {os.environ[var]!r}")
+    lines += [
+        f"sys.path.insert(0, {root!r})",
+        "from rayserver.client.shimfast import main",
+        f"main([*{fixed!r}, {program!r}, *sys.argv[1:]])",
+    ]
     return "\n".join(lines) + "\n"
-
-
-def _dq(text: str) -> str:
-    """``text`` inside double quotes of sh (where $ ` \\ and " are special)."""
-    return "".join("\\" + c if c in '$`\\"' else c for c in text)
 
 
 def write_shims(
@@ -78,6 +96,8 @@ def write_shims(
             exit_code=EXIT_USAGE,
         )
     names = programs(radiance_bin)
+    for old_plan in target.glob(PLAN + "-*"):
+        old_plan.unlink(missing_ok=True)  # made for the scripts replaced now
     for name in names:
         path = target / name
         if path.exists() and not _is_shim(path):
@@ -87,7 +107,7 @@ def write_shims(
                 exit_code=EXIT_USAGE,
             )
         tmp = target / f".{name}.tmp"
-        tmp.write_text(script(name, radiance_bin, host, hosts))
+        tmp.write_text(script(name, radiance_bin, host, hosts, target.resolve() / PLAN), "utf-8")
         tmp.chmod(0o755)
         tmp.replace(path)
     return radiance_bin, names
@@ -96,6 +116,6 @@ def write_shims(
 def _is_shim(path: Path) -> bool:
     try:
         with path.open("rb") as f:
-            return MARK.encode() in f.read(200)
+            return MARK.encode() in f.read(4096)
     except OSError:
         return False

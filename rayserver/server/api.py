@@ -270,9 +270,17 @@ def _log_submitted(
 
 async def submit(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    settings = ctx.live.settings
     _require_json(request, "the job")
     data = jsonbody.parse(await request.read(), "a JSON job object")
+    job_id = await accept_job(request, data)
+    row = _get_row(ctx, job_id)
+    return _job_response(ctx, row, 201, {"Location": f"/v1/jobs/{job_id}"})
+
+
+async def accept_job(request: web.Request, data: Any) -> int:
+    """Check, resolve and queue one job body (POST /v1/jobs, POST /v1/jobs/run); its id."""
+    ctx = _ctx(request)
+    settings = ctx.live.settings
     jobspec.check_shape(data, settings)
     client = request.remote or "?"
     # Path checks touch the (possibly network) file system: keep them off the loop.
@@ -291,8 +299,7 @@ async def submit(request: web.Request) -> web.Response:
         ) from None
     _log_submitted(job_id, user, client, job, after)
     ctx.scheduler.notify()
-    row = _get_row(ctx, job_id)
-    return _job_response(ctx, row, 201, {"Location": f"/v1/jobs/{job_id}"})
+    return job_id
 
 
 def _batch_items(data: Any, settings: Any) -> list[dict[str, Any]]:
@@ -617,6 +624,9 @@ def build_app(ctx: AppContext, extra_middlewares: list[Any] | None = None) -> we
     app.router.add_get("/metrics", metrics.handler(lambda r: r.app[CTX_KEY]))
     streams.add_routes(app, ctx, _check_owner)
     push.add_routes(app)
+    from rayserver.server import runstream  # (it uses this module's job checks)
+
+    runstream.add_routes(app, ctx, _check_owner)
     # The probe's locks live in this app (one per worker) and close with it.
     probes = shareprobe.ShareProbes(ctx)
     app.router.add_post("/v1/share-probe", probes.handle)

@@ -50,6 +50,10 @@ log = logging.getLogger("rayserver.server.streams")
 CHUNK = 1 << 18
 READ_BUFFER = 1 << 20  # the relay socket's read buffer (asyncio's default is 64 KiB)
 SOCKET_POLL = 0.05  # s between looks for the relay socket while the job is queued
+# ... but in the first half second every 2 ms: a tiny job's socket appears within
+# milliseconds of its submit, and a 50 ms look doubled a shim's whole overhead.
+SOCKET_QUICK = 0.002
+SOCKET_QUICK_SPAN = 0.5
 
 
 class _Refused(JobSpecError):
@@ -97,6 +101,8 @@ class JobStreams:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Wait for the step's relay socket (the job may be queued) and connect to it."""
         folder = self.ctx.db.log_path(job_id).parent
+        loop = asyncio.get_running_loop()
+        quick_until = loop.time() + SOCKET_QUICK_SPAN
         while True:
             row = self.ctx.db.get(job_id)
             if row is None or row.final:
@@ -105,7 +111,8 @@ class JobStreams:
             try:
                 return await _open_unix(folder, name)
             except FileNotFoundError:
-                await asyncio.sleep(SOCKET_POLL)
+                quick = loop.time() < quick_until
+                await asyncio.sleep(SOCKET_QUICK if quick else SOCKET_POLL)
             except ConnectionRefusedError:
                 raise _Refused(
                     409, f"the {key} of job {job_id} is already connected (one at a time)"
