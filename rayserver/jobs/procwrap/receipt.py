@@ -12,8 +12,9 @@ environment, host and cpu model. The shape is in docs/api-contract.md.
 Inputs are hashed before their step starts: a file a step overwrites is
 recorded as it was read. A file an earlier step of the job wrote is not an
 input but an intermediate (left out: it is an output). Binary hashes and
-Radiance's version are cached in ``<jobs folder>/.binaries.json``, keyed by
-the binary's real path, size and mtime.
+Radiance's version are cached in ``<jobs folder>/.hashes.json``, keyed by
+the binary's real path, size and mtime, and so are the hashes of inputs of
+1 MiB or more (by inode, size, mtime and ctime too): see :class:`HashCache`.
 
 Nothing here may change a job's result: :func:`write_safely` turns any
 failure into a job warning and a log line.
@@ -37,8 +38,10 @@ if TYPE_CHECKING:
     from rayserver.jobs.procwrap.job import Job
     from rayserver.jobs.rows import StepSpec
 
-BINARY_CACHE = ".binaries.json"
+HASH_CACHE = ".hashes.json"
 CACHE_VERSION = 3  # entries of another version are made anew
+CACHE_ENTRIES = 4000
+CACHED_INPUT_BYTES = 1 << 20
 
 
 class Receipt:
@@ -51,6 +54,31 @@ class Receipt:
         self.binaries: dict[str, dict[str, Any]] = {}  # resolved path -> record
         self.errors: list[str] = []
         self.rad_variables: dict[str, str] = {}  # rad's, from its dry run (Job.prepare_rad)
+        self._cache: HashCache | None = None
+
+    def cache(self, job: Job) -> HashCache:
+        if self._cache is None:
+            folder = job.job_dir.parent if job.job_dir is not None else None
+            self._cache = HashCache(folder / HASH_CACHE if folder is not None else None)
+        return self._cache
+
+    def input_hash(self, job: Job, path: str) -> dict[str, Any]:
+        """sha256 and size of an input; a large one's from the cache while it is unchanged."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return {"error": f"cannot read it: {exc.strerror or exc}"}
+        if st.st_size < CACHED_INPUT_BYTES:
+            return _hash(path)
+        key = (
+            f"{CACHE_VERSION}|file|{os.path.realpath(path)}|{st.st_ino}|{st.st_size}|"
+            f"{st.st_mtime_ns}|{st.st_ctime_ns}"
+        )
+        cached = self.cache(job).get(key)
+        if cached is None:
+            cached = _hash(path)
+            self.cache(job).put(key, cached)
+        return cached
 
     def step_starting(self, job: Job, step: StepSpec, args: list[str]) -> None:
         """Just before the job's next step starts: its command, binaries, inputs (never raises)."""
@@ -104,7 +132,7 @@ class Receipt:
             return program  # a shell word that is no program on PATH (a builtin, a keyword)
         resolved = os.path.realpath(found)
         if resolved not in self.binaries:
-            self.binaries[resolved] = _binary_record(job, program, resolved)
+            self.binaries[resolved] = _binary_record(job, self.cache(job), program, resolved)
         return resolved
 
     def _inputs(self, job: Job, idx: int, step: StepSpec, commands: list[list[str]]) -> None:
@@ -132,7 +160,7 @@ class Receipt:
             return
         path = os.path.join(job.outputs.root, rel)
         entry: dict[str, Any] = {"path": rel, "role": role, "step": idx + 1}
-        entry.update(_hash(path))
+        entry.update(self.input_hash(job, path) if role != "ambient" else _hash(path))
         (self.ambient if role == "ambient" else self.inputs)[rel] = entry
         if role != "ambient" and rel.endswith(".oct"):
             self._octree_sources(job, idx, rel, path, written)
@@ -146,7 +174,7 @@ class Receipt:
                     source = _inside(job, candidate)
                     if source and source not in written and source not in self.inputs:
                         entry = {"path": source, "role": f"built into {rel}", "step": idx + 1}
-                        entry.update(_hash(candidate))
+                        entry.update(self.input_hash(job, candidate))
                         self.inputs[source] = entry
                     break
 
@@ -304,7 +332,7 @@ def _radiance_part(job: Job, binaries: dict[str, dict[str, Any]]) -> dict[str, A
     return {"version": versions[0] if len(versions) == 1 else versions, "by_folder": out}
 
 
-def _binary_record(job: Job, program: str, resolved: str) -> dict[str, Any]:
+def _binary_record(job: Job, cache: HashCache, program: str, resolved: str) -> dict[str, Any]:
     """sha256 and size of a binary (and Radiance's version for its folder), cached on disk."""
     entry: dict[str, Any] = {"program": os.path.basename(program), "path": resolved}
     try:
@@ -312,7 +340,6 @@ def _binary_record(job: Job, program: str, resolved: str) -> dict[str, Any]:
     except OSError as exc:
         entry["error"] = f"not found: {exc.strerror or exc}"
         return entry
-    cache = _BinaryCache.of(job)
     key = f"{CACHE_VERSION}|{resolved}|{st.st_size}|{st.st_mtime_ns}"
     cached = cache.get(key)
     if cached is None:
@@ -355,34 +382,41 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else "unknown"
 
 
-class _BinaryCache:
-    """``<jobs folder>/.binaries.json``: binary hashes by real path, size and mtime."""
+class HashCache:
+    """``<jobs folder>/.hashes.json``: sha256 of binaries and large inputs by file identity.
 
-    _instance: _BinaryCache | None = None
+    A binary's key is its real path, size and mtime; a large input's (at least
+    :data:`CACHED_INPUT_BYTES`) adds inode and ctime, which no one can set back:
+    a shim's thousand rtrace calls on one big octree hash it once. Read at the
+    first use, written once when the job ends (:meth:`save`); of two jobs ending
+    at once the last one's entries stay, which only costs a hash later.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.data: dict[str, Any] = {}
+        self.dirty = False
         if path is not None:
             with contextlib.suppress(OSError, ValueError):
-                self.data = json.loads(path.read_text())
-
-    @classmethod
-    def of(cls, job: Job) -> _BinaryCache:
-        if cls._instance is None:
-            folder = job.job_dir.parent if job.job_dir is not None else None
-            cls._instance = cls(folder / BINARY_CACHE if folder is not None else None)
-        return cls._instance
+                loaded = json.loads(path.read_text())
+                if isinstance(loaded, dict):
+                    self.data = loaded
 
     def get(self, key: str) -> dict[str, Any] | None:
         value = self.data.get(key)
         return dict(value) if isinstance(value, dict) else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        self.data[key] = value
-        if self.path is not None and "error" not in value:
-            with contextlib.suppress(OSError):
-                write_atomic(self.path, self.data)
+        if "error" not in value:
+            self.data[key] = value
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        for key in list(self.data)[: max(0, len(self.data) - CACHE_ENTRIES)]:
+            del self.data[key]  # the oldest first (insertion order)
+        write_atomic(self.path, self.data)
 
 
 def write_atomic(path: Path, document: dict[str, Any]) -> None:
@@ -416,3 +450,5 @@ def write_safely(job: Job, state: str, reason: str | None) -> None:
         write_atomic(job.job_dir / rc.RECEIPT_FILE, receipt.document(job, state, reason))
     except Exception as exc:  # noqa: BLE001 - the job's result stands without its receipt
         job.warn(f"receipt not written: {exc}")
+    with contextlib.suppress(Exception):  # a cache not saved only costs a hash next time
+        receipt.cache(job).save()
