@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -297,3 +298,34 @@ def test_reproduce_on_another_server(tmp_path: Path) -> None:
         assert again["inputs"] == before["inputs"]
     finally:
         cluster.stop()
+
+
+def test_large_input_hash_cache_sees_a_change_behind_a_restored_mtime(tmp_path: Path) -> None:
+    """An input of 1 MiB or more is hashed once while unchanged; rewritten in place with the
+    same size and its mtime set back, its ctime still tells, and it is hashed anew.
+    (Only the procwrap's job folder is needed here: a namespace stands in for the Job.)"""
+    from types import SimpleNamespace
+
+    from rayserver.jobs.procwrap import receipt as procwrap_receipt
+
+    (tmp_path / "jobs" / "1").mkdir(parents=True)
+    big = tmp_path / "big.oct"
+    big.write_bytes(b"a" * (2 << 20))
+    job = SimpleNamespace(job_dir=tmp_path / "jobs" / "1")
+    first = procwrap_receipt.Receipt()
+    before = first.input_hash(job, str(big))["sha256"]
+    assert before == _sha(big)
+    # The saved entry is what the next job takes for the unchanged file (marked to show it).
+    cache = first.cache(job)
+    (key,) = cache.data
+    cache.data[key]["sha256"] = "f" * 64
+    cache.save()
+    assert procwrap_receipt.Receipt().input_hash(job, str(big))["sha256"] == "f" * 64
+    stat = big.stat()
+    time.sleep(0.01)
+    with open(big, "r+b") as fh:
+        fh.write(b"b")
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert big.stat().st_mtime_ns == stat.st_mtime_ns and big.stat().st_size == stat.st_size
+    after = procwrap_receipt.Receipt().input_hash(job, str(big))["sha256"]
+    assert after == _sha(big) and after != before
