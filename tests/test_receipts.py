@@ -329,3 +329,30 @@ def test_large_input_hash_cache_sees_a_change_behind_a_restored_mtime(tmp_path: 
     assert big.stat().st_mtime_ns == stat.st_mtime_ns and big.stat().st_size == stat.st_size
     after = procwrap_receipt.Receipt().input_hash(job, str(big))["sha256"]
     assert after == _sha(big) and after != before
+
+
+def test_shell_step_receipt_and_reproduction(server: Any) -> None:
+    """A sh step: its text as run, the files its commands read (not the one it writes, though
+    it exists from before), its binaries; rtrace -ab 0 -ss 0 repeats, so the reproduction
+    of its numbers is identical."""
+    home: RayHome = server.home
+    proj = make_project(home)
+    (proj / "pts.txt").write_text("2 2 1.5 0 0 -1\n1 1 1 0 0 -1\n")
+    (proj / "out.dat").write_text("from an earlier run\n")
+    text = "rtrace -h -ab 0 -ss 0 scene.oct < pts.txt > out.dat"
+    job = _done(server, [{"sh": text, "stdin": None, "stdout": None}])
+    receipt = _receipt(server, job["id"])
+    (step,) = receipt["steps"]
+    assert step["sh"] == text and step["argv"][-2:] == ["-c", text], step
+    inputs = {i["path"]: i["role"] for i in receipt["inputs"]}
+    assert inputs == {
+        "scene.oct": "argument",
+        "pts.txt": "argument",
+        "scene.rad": "built into scene.oct",
+    }
+    programs = {b["program"] for b in receipt["binaries"]}
+    assert "rtrace" in programs and len(programs) == 2, programs  # and the shell
+    assert receipt["deterministic"] is True, receipt["nondeterministic_because"]
+    assert [o["path"] for o in receipt["outputs"]] == ["out.dat"]
+    summary = rayfront_json(home, "reproduce", str(job["id"]), cwd=proj)
+    assert summary["matches"] and summary["outputs"][0]["note"] == "byte-identical", summary

@@ -205,14 +205,39 @@ def sampling_reasons(argv: list[str], defaults: dict[str, str] | None = None) ->
     return out
 
 
+_SH_KEYWORDS = frozenset(
+    {"do", "then", "else", "elif", "if", "while", "until", "time", "!", "{", "("}
+)
+_OUT_REDIRECTS = (">", ">>", ">|", "2>", "2>>", "&>", "1>", "1>>")
+
+
 def shell_words(text: str) -> list[list[str]]:
-    """A shell text's simple commands as word lists (split at ; | & newlines), best effort."""
+    """A shell text's simple commands as word lists (split at ; | & newlines), best effort.
+
+    Redirections are taken out: the file after ``<`` stays as a word (an input),
+    those after ``>``, ``>>``, ``2>`` ... go (outputs, never inputs).
+    """
     commands: list[list[str]] = []
-    for line in text.replace(";", "\n").replace("|", "\n").replace("&", "\n").splitlines():
+    for line in text.replace(";", "\n").replace("|", "\n").replace("&&", "\n").splitlines():
         try:
             words = shlex.split(line, comments=True)
         except ValueError:
             words = line.split()
-        if words:
-            commands.append(words)
+        kept: list[str] = []
+        skip = False
+        for word in words:
+            if skip:
+                skip = False
+            elif word in _OUT_REDIRECTS:
+                skip = True
+            elif word == "<":
+                continue
+            elif word.startswith(_OUT_REDIRECTS):
+                continue  # >file, 2>file
+            else:
+                kept.append(word[1:] if word.startswith("<") else word)
+        while kept and kept[0] in _SH_KEYWORDS:
+            kept.pop(0)  # "do rpict ...": the command is rpict
+        if kept:
+            commands.append(kept)
     return commands
