@@ -31,10 +31,13 @@ from jobtools import (
     submit,
     wait_final,
 )
+from test_openapi import document, response_validator
 
 from rayserver.client.compare import compare_files
 from rayserver.client.demo import DEMO_SOURCE
 from rayserver.common.receipt import named_files, octree_sources, option_defaults, sampling_reasons
+
+JSON = "application/json"
 
 
 def _sha(path: Path) -> str:
@@ -59,6 +62,8 @@ def test_demo_render_receipt(server: Any) -> None:
     job = wait_final(server, body["id"], timeout=240)
     assert job["state"] == "done", job
     receipt = _receipt(server, job["id"])
+    validator = response_validator(document(), "/v1/jobs/{id}/receipt", "GET", 200, JSON)
+    validator.validate(receipt)  # the shape docs/openapi.yaml gives
     inputs = {i["path"]: i for i in receipt["inputs"]}
     for name in ("demo.rif", "materials.rad", "sky.rad", "room.rad", "furniture.rad", "room.vf"):
         assert inputs[name]["sha256"] == _sha(proj / name), name
@@ -165,6 +170,13 @@ def test_receipt_of_another_users_job_is_refused(server: Any) -> None:
     assert any("receipt not written" in w for w in second["warnings"]), second
     status, answer = server.request("GET", f"/v1/jobs/{second['id']}/receipt")
     assert status == 404 and "ended without one" in str(answer), answer
+    # A failed job has one too, with its exit status.
+    failed = wait_final(
+        server, submit(server, [{"sh": "exit 3", "stdin": None, "stdout": None}])["id"]
+    )
+    assert failed["state"] == "failed", failed
+    receipt = _receipt(server, failed["id"])
+    assert receipt["job"]["state"] == "failed" and receipt["steps"][0]["exit_status"] == 3
 
 
 def _next_second() -> None:
