@@ -49,6 +49,9 @@ def test_long_poll_answers_at_a_change_and_at_its_timeout(
     srv = start(server_factory)
     blocker = srv.request("POST", "/v1/jobs", slow())[1]
     waiting = srv.request("POST", "/v1/jobs", tiny(after=[blocker["id"]]))[1]
+    assert isinstance(waiting["version"], int)  # the submit's answer can be long-polled at once
+    listed = srv.request("GET", "/v1/jobs?state=queued")[1]["jobs"]
+    assert waiting["id"] in [j["id"] for j in listed]  # no list from before the submit
     wait_running(srv, blocker["id"])
     # Nothing changes for the queued job: the answer comes after the wait, unchanged.
     queued = job_of(srv, waiting["id"])
@@ -75,6 +78,10 @@ def test_long_poll_answers_at_a_change_and_at_its_timeout(
     assert answered_at - cancelled_at < 5, answered_at - cancelled_at  # not the 60 s
     assert job["version"] > queued["version"] and job["state"] == "cancelled", job
     assert str(blocker["id"]) in job["reason"]
+    # A version this worker never gave (a previous one's, ahead of the clock): answered at once.
+    t0 = time.monotonic()
+    job_of(srv, waiting["id"], f"?wait=30&since={job['version'] + 10**9}")
+    assert time.monotonic() - t0 < 5
     status, body = srv.request("GET", f"/v1/jobs/{waiting['id']}?wait=1&since=soon")
     error_of(status, body, 400, "since", "whole number")
 

@@ -260,8 +260,8 @@ class JobView:
                 entry = self.get(job_id)
                 if entry is None or entry.final or self.closed:
                     return entry
-                if since is not None and entry.version > since:
-                    return entry
+                if since is not None and (entry.version > since or since > self.version):
+                    return entry  # newer, or ``since`` is not ours (another worker's): answer
                 left = deadline - self.clock()
                 if left <= 0:
                     return entry

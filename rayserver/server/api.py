@@ -172,7 +172,13 @@ def _check_owner(request: web.Request, row: JobRow, what: str) -> None:
 def _job_response(
     ctx: AppContext, row: JobRow, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.json_response(ctx.db.public(row), status=status, headers=headers)
+    """The job as the worker's memory has it now (its version included)."""
+    entry = ctx.scheduler.view.get(row.id)
+    if entry is None:
+        return web.json_response(ctx.db.public(row), status=status, headers=headers)
+    return web.Response(
+        body=entry.body, status=status, headers=headers, content_type="application/json"
+    )
 
 
 # ------------------------------------------------------------------ handlers
@@ -299,6 +305,7 @@ async def accept_job(request: web.Request, data: Any) -> int:
             f"after: {exc}; expected ids of jobs on this server (each server numbers its own jobs)",
         ) from None
     _log_submitted(job_id, user, client, job, after)
+    ctx.scheduler.view.touch(job_id)  # the lists change, the event streams tell it
     ctx.scheduler.notify()
     return job_id
 
@@ -364,10 +371,13 @@ async def submit_batch(request: web.Request) -> web.Response:
             f"jobs[{exc.index}]: after: {exc}; expected ids of jobs on this server (each "
             f"server numbers its own jobs) (none of the {len(jobs)} jobs was queued)",
         ) from None
+    view = ctx.scheduler.view
     for job_id, job, after in zip(ids, jobs, afters, strict=True):
         _log_submitted(job_id, user, client, job, after)
+        view.touch(job_id)
     ctx.scheduler.notify()
-    return web.json_response({"jobs": [ctx.db.public(_get_row(ctx, i)) for i in ids]}, status=201)
+    entries = [view.get(i) for i in ids]
+    return web.json_response({"jobs": [e.job for e in entries if e is not None]}, status=201)
 
 
 def _insert(
