@@ -18,7 +18,7 @@ import yaml
 from conftest import REPO, RayHome
 
 from rayserver.common.paths import Layout
-from rayserver.server import api, jobspec
+from rayserver.server import api, farm, jobspec
 from rayserver.server.confwatch import LiveConfig
 from rayserver.server.dashboard import routes as dashboard
 
@@ -81,6 +81,7 @@ def test_every_route_is_documented_and_every_path_served(rayhome: RayHome) -> No
     ctx = api.AppContext(layout=layout, live=LiveConfig(layout), db=None, scheduler=None)
     app = api.build_app(ctx)
     dashboard.setup_dashboard(app, ctx)
+    farm.setup_farm(app, ctx)
     served = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource else {}
@@ -185,4 +186,7 @@ def test_real_answers_match_the_documented_schemas(server: Any, rayhome: RayHome
     assert sent == {"id": sid, "bytes": 12}
     out = check("/v1/jobs/{id}/stdout", "GET", f"/v1/jobs/{sid}/stdout", 200)
     assert out.count(b"\t") == 3
-    assert len(checked) == 24
+    hosts = check("/v1/farm", "GET", "/v1/farm", 200)["hosts"]
+    assert [h["self"] for h in hosts] == [True]
+    check("/v1/farm/{host}/jobs", "GET", "/v1/farm/nohost/jobs", 404)
+    assert len(checked) == 26

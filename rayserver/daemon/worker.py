@@ -34,7 +34,7 @@ from aiohttp import web
 from rayserver.common.hosts import HostsFileError
 from rayserver.common.paths import Layout
 from rayserver.common.settings import SettingsError
-from rayserver.server import api, security
+from rayserver.server import api, farm, security
 from rayserver.server.api import AppContext
 from rayserver.server.dashboard import routes as dashboard
 from supervisor.core import EX_CONFIG
@@ -179,6 +179,7 @@ async def _build_app(
     await asyncio.to_thread(jobspec.schema_validator, "JobRequest")
     app = api.build_app(ctx, security.middlewares(ctx))
     dashboard.setup_dashboard(app, ctx)
+    farm.setup_farm(app, ctx)
     return app, ctx
 
 

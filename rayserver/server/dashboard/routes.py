@@ -53,6 +53,7 @@ PICTURE_SUFFIXES = (".hdr", ".pic")
 STATIC_FILES: dict[str, str] = {
     "app.css": "text/css",
     "app.js": "text/javascript",
+    "farm.js": "text/javascript",
     "favicon.svg": "image/svg+xml",
 }
 INDEX_FILE = "index.html"

@@ -1,0 +1,109 @@
+"""The farm on one page (issue 18 item 2): GET /v1/farm and GET /v1/farm/{host}/jobs.
+
+Two real rayservers on 127.0.0.1 and 127.0.0.2 share a hosts file that also
+names 127.0.0.3, where a real socket listens but never answers (the kernel
+completes the handshake, nobody reads): the farm list must give it as not
+answering with the reason within the probe timeout, not hang.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RayHome, free_port
+from splittools import TOKEN, Cluster, make_cluster
+
+from rayserver.server.farm import PROBE_TIMEOUT
+
+
+def call(home: RayHome, path: str, token: str | None = TOKEN) -> tuple[int, Any]:
+    """GET ``path`` from the server of ``home`` (at its own 127.0.0.K address)."""
+    conn = http.client.HTTPConnection(home.host, home.port, timeout=30)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def farm(tmp_path: Path) -> Iterator[tuple[Cluster, str]]:
+    """Two servers and a silent third record; everything stopped however the test ends."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.3", free_port()))
+    silent.listen(8)  # never accepted: connections are made, nothing ever answers
+    dead = f"127.0.0.3:{silent.getsockname()[1]}"
+    try:
+        cluster = make_cluster(tmp_path, 2, extra_records=f"{dead} 4\n")
+        try:
+            yield cluster, dead
+        finally:
+            cluster.stop()
+    finally:
+        silent.close()
+
+
+def test_farm_lists_every_host_with_its_state(farm: tuple[Cluster, str]) -> None:
+    cluster, dead = farm
+    first, second = (s.home for s in cluster.servers)
+    assert call(first, "/v1/farm", token=None)[0] == 401  # not open like /v1/info
+    started = time.monotonic()
+    status, body = call(first, "/v1/farm")
+    took = time.monotonic() - started
+    assert status == 200, body
+    hosts = {h["name"]: h for h in body["hosts"]}
+    assert list(hosts) == [*cluster.names, dead]  # hosts file order
+    me, other, silent = hosts[cluster.names[0]], hosts[cluster.names[1]], hosts[dead]
+    assert me["self"] and me["answering"] and not other["self"] and other["answering"]
+    for host in (me, other):
+        assert host["cpus"] == 1 and host["running"] == 0 and host["queued"] == 0
+        assert len(host["load"]) == 3 and host["error"] is None
+    assert other["port"] == second.port and other["address"] == "127.0.0.2"
+    assert not silent["answering"] and silent["record_cpus"] == 4
+    assert silent["error"] == f"no answer within {PROBE_TIMEOUT:g} s"
+    assert took < PROBE_TIMEOUT + 5, took
+    # Cached a few seconds: a second look costs no second round of probes.
+    started = time.monotonic()
+    assert call(first, "/v1/farm")[1]["checked_at"] == body["checked_at"]
+    assert time.monotonic() - started < 1.0
+
+
+def test_farm_jobs_of_another_host(farm: tuple[Cluster, str]) -> None:
+    cluster, dead = farm
+    first, second = (s.home for s in cluster.servers)
+    (cluster.project / "a.txt").write_text("1 2 3\n")
+    job = {
+        "location": "projects",
+        "project": "proj",
+        "name": "on-two",
+        "steps": [{"program": "rcalc", "args": ["-e", "$1=$1+$2"], "stdin": "a.txt"}],
+    }
+    conn = http.client.HTTPConnection(second.host, second.port, timeout=30)
+    conn.request(
+        "POST",
+        "/v1/jobs",
+        body=json.dumps(job),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    resp = conn.getresponse()
+    assert resp.status == 201, resp.read()
+    job_id = json.loads(resp.read())["id"]
+    conn.close()
+    status, body = call(first, f"/v1/farm/{cluster.names[1]}/jobs?limit=5")
+    assert status == 200, body
+    assert [j["id"] for j in body["jobs"]] == [job_id] and body["jobs"][0]["name"] == "on-two"
+    # The caller's token goes along: a wrong one is refused by the other host.
+    assert call(first, f"/v1/farm/{cluster.names[1]}/jobs", token="x" * 40)[0] == 401
+    status, body = call(first, f"/v1/farm/{dead}/jobs")
+    assert status == 502 and dead in body["error"], body
+    status, body = call(first, "/v1/farm/nohost:1/jobs")
+    assert status == 404 and cluster.names[0] in body["error"], body
