@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import math
 import os
 import shutil
 import struct
@@ -29,6 +30,8 @@ from aiohttp.test_utils import TestServer
 
 from rayserver.common import radiance
 from rayserver.common.paths import Layout
+from rayserver.common.picture import PictureError, read_scanlines, to_rgb8
+from rayserver.common.png import rgb_to_png
 from rayserver.common.settings import Settings
 from rayserver.jobs.jobdb import JobDB
 from rayserver.server import security
@@ -178,7 +181,11 @@ def test_index_and_static_files(tmp_path: Path) -> None:
             etag = r.headers["ETag"]
         async with s.get(base + "/", headers={"If-None-Match": etag}) as r:
             assert r.status == 304
-        for name, ctype in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        for name, ctype in (
+            ("app.js", "text/javascript"),
+            ("farm.js", "text/javascript"),
+            ("app.css", "text/css"),
+        ):
             async with s.get(f"{base}/static/{name}") as r:
                 assert r.status == 200 and r.content_type == ctype
                 assert len(await r.read()) > 1000
@@ -188,7 +195,7 @@ def test_index_and_static_files(tmp_path: Path) -> None:
                 err = await r.json()
                 assert (
                     err["status"] == 404
-                    and "known files: app.css, app.js, favicon.svg" in err["error"]
+                    and "known files: app.css, app.js, farm.js, favicon.svg" in err["error"]
                 )
 
     run_app(e.ctx, body)
@@ -197,7 +204,7 @@ def test_index_and_static_files(tmp_path: Path) -> None:
 def test_page_loads_nothing_from_elsewhere() -> None:
     """No CDN, no web fonts: every URL in the page's files is local."""
     root = Path(dashboard.__file__).with_name("static")
-    for name in ("index.html", "app.css", "app.js"):
+    for name in ("index.html", "app.css", "app.js", "farm.js"):
         text = (root / name).read_text()
         assert "http://" not in text and "https://" not in text, name
         assert "@import" not in text and "innerHTML" not in text, name
@@ -256,7 +263,6 @@ def test_preview_refusals(tmp_path: Path, picture: Path) -> None:
     two = e.job([{"program": "rpict", "stdout": "ok.hdr"}, {"program": "oconv", "args": []}])
 
     cases = [
-        (f"/v1/jobs/{running}/preview.png", 409, "is running"),
         (f"/v1/jobs/{queued}/preview.png", 409, "is queued"),
         (f"/v1/jobs/{failed}/preview.png", 409, "is failed"),
         ("/v1/jobs/9999/preview.png", 404, "no job 9999"),
@@ -285,6 +291,14 @@ def test_preview_refusals(tmp_path: Path, picture: Path) -> None:
         # the default step is the last one with a picture
         async with s.get(f"{base}/v1/jobs/{two}/preview.png") as r:
             assert r.status == 200 and r.headers["X-Preview-Step"] == "0"
+        # a running job's picture so far (here all of it), never cached
+        async with s.get(f"{base}/v1/jobs/{running}/preview.png") as r:
+            assert r.status == 200 and r.headers["Cache-Control"] == "no-store"
+            done, height = r.headers["X-Preview-Rows"].split("/")
+            assert done == height and int(height) > 0
+            png_size(await r.read())
+        async with s.get(f"{base}/v1/jobs/{running}/preview.png?step=1") as r:
+            assert r.status == 404 and "has no step 1" in (await r.json())["error"]
 
     run_app(e.ctx, body)
     assert not (e.layout.job_dir(link) / "preview-0.png").exists()
@@ -559,3 +573,71 @@ def test_preview_of_an_output_by_its_path(tmp_path: Path, picture: Path) -> None
             assert r.status == 400
 
     run_app(e.ctx, body)
+
+
+# ---------------------------------------------------------------- pictures so far
+
+
+def png_rows(data: bytes) -> list[bytes]:
+    """The RGB rows of a PNG as rayserver writes it (8-bit RGB, filter 0 on every row)."""
+    width, height = png_size(data)
+    pos, idat = 8, b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = 1 + 3 * width
+    assert len(raw) == stride * height
+    assert all(raw[y * stride] == 0 for y in range(height))
+    return [raw[y * stride + 1 : (y + 1) * stride] for y in range(height)]
+
+
+def test_picture_so_far_is_decoded(picture: Path, tmp_path: Path) -> None:
+    """A real rpict picture cut short: its complete scanlines, the rest black."""
+    data = picture.read_bytes()
+    whole = read_scanlines(data)
+    assert len(whole.rows) == whole.height and whole.width > 8  # run-length encoded
+    # Exactly as Radiance decodes it: pvalue's numbers for each pixel.
+    pv = subprocess.run(
+        [bin_path("pvalue"), "-h", "-H", "-df", str(picture)], env=env(), capture_output=True
+    ).stdout
+    floats = struct.unpack(f"{len(pv) // 4}f", pv)
+    mine = [
+        (row[i + c] + 0.5) * math.ldexp(1.0, row[i + 3] - 136) if row[i + 3] else 0.0
+        for row in whole.rows
+        for i in range(0, len(row), 4)
+        for c in range(3)
+    ]
+    assert mine == pytest.approx(floats, rel=1e-6)
+    cut = data[: len(data) - (len(data) - data.index(b"+X")) // 2]
+    part = read_scanlines(cut)
+    assert 0 < len(part.rows) < part.height and part.rows == whole.rows[: len(part.rows)]
+    width, height, pixels = to_rgb8(part)
+    rows = png_rows(rgb_to_png(width, height, pixels))
+    # (the top rows are sky: black; the ball and floor are in the rows computed)
+    assert any(b"".join(rows[: len(part.rows)])) and not any(b"".join(rows[len(part.rows) :]))
+    # A picture narrower than 8 pixels is written flat (4 bytes a pixel)
+    with open(tmp_path / "thin.hdr", "wb") as out:
+        subprocess.run(
+            [
+                bin_path("rpict"),
+                *VIEW,
+                "-x",
+                "4",
+                "-y",
+                "4",
+                "-pa",
+                "0",
+                "s.oct",
+            ],
+            cwd=picture.parent,
+            env=env(),
+            stdout=out,
+            check=True,
+        )
+    thin = read_scanlines((tmp_path / "thin.hdr").read_bytes())
+    assert (thin.width, len(thin.rows)) == (4, thin.height) and any(b"".join(thin.rows))
+    with pytest.raises(PictureError, match="does not start with #\\?RADIANCE"):
+        read_scanlines(b"P6 1 1 255\n")

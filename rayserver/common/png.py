@@ -1,4 +1,4 @@
-"""PPM (P6, 8 bit, as Radiance's ``ra_ppm`` writes it) to PNG in pure Python.
+"""PPM (P6, 8 bit, as Radiance's ``ra_ppm`` writes it) or raw RGB rows to PNG in pure Python.
 
 Only zlib and struct: the demo and previews need no imaging library.
 """
@@ -63,7 +63,13 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 
 def ppm_to_png(data: bytes) -> bytes:
     """PNG bytes (RGB, 8 bit) of a P6 PPM."""
-    width, height, pixels = _read_ppm(data)
+    return rgb_to_png(*_read_ppm(data))
+
+
+def rgb_to_png(width: int, height: int, pixels: bytes) -> bytes:
+    """PNG bytes of ``height`` rows of ``width`` 8-bit RGB pixels, top row first."""
+    if width <= 0 or height <= 0 or len(pixels) != width * height * 3:
+        raise PPMError(f"{len(pixels)} bytes are not {width}x{height} RGB pixels")
     stride = width * 3
     # Filter type 0 (none) on every row: simple and good enough for a preview.
     raw = b"".join(b"\x00" + pixels[y * stride : (y + 1) * stride] for y in range(height))

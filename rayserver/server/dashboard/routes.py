@@ -34,8 +34,8 @@ from aiohttp import web
 
 from rayserver.common import radiance
 from rayserver.common.paths import is_inside, job_folder
-from rayserver.common.picture import HEADER_MAGIC
-from rayserver.common.png import PPMError, ppm_to_png
+from rayserver.common.picture import HEADER_MAGIC, PictureError, read_scanlines, to_rgb8
+from rayserver.common.png import PPMError, ppm_to_png, rgb_to_png
 from rayserver.common.states import JobState
 from rayserver.jobs.rows import JobRow, StepSpec
 from rayserver.server.api import error_response
@@ -48,6 +48,10 @@ PREVIEW_MAX_SIDE = 1600
 CONVERT_TIMEOUT = 120.0
 MAX_CONCURRENT_CONVERSIONS = 2
 PICTURE_SUFFIXES = (".hdr", ".pic")
+# A running render's picture so far is decoded in Python (pcond needs a whole
+# picture): read at most this much of it, and shrink it to this size.
+PARTIAL_MAX_BYTES = 256 * 1024 * 1024
+PARTIAL_MAX_SIDE = 640
 
 # The only files /static/ serves, with their media types; index.html is served at /.
 STATIC_FILES: dict[str, str] = {
@@ -343,6 +347,30 @@ def find_picture(row: JobRow, step: int | None, log_text: str = "") -> tuple[int
 # ---------------------------------------------------------------- conversion
 
 
+def partial_png(picture: Path, root: Path) -> tuple[bytes, int, int]:
+    """(PNG, complete scanlines, height) of ``picture`` as far as it is written."""
+    try:
+        fd = open_regular(picture, root)
+    except OSError as exc:
+        raise PreviewError(404, f"{picture.name} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size > PARTIAL_MAX_BYTES:
+            raise PreviewError(
+                422,
+                f"{picture.name} is {size} bytes, over {PARTIAL_MAX_BYTES} for a preview so far",
+            )
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    try:
+        scan = read_scanlines(data)
+    except PictureError as exc:
+        raise PreviewError(422, f"{picture.name}: {exc}") from exc
+    width, height, pixels = to_rgb8(scan, PARTIAL_MAX_SIDE)
+    return rgb_to_png(width, height, pixels), len(scan.rows), scan.height
+
+
 async def _run(
     argv: list[str],
     env: dict[str, str],
@@ -552,6 +580,17 @@ class PreviewService:
             else:
                 self._locks[job_id] = (lock, users - 1)
 
+    async def partial(self, picture: Path, root: Path) -> tuple[bytes, int, int]:
+        """(PNG, complete scanlines, height) of a picture still being written.
+
+        Not cached: it changes with every scanline. Shares the conversion
+        slots with the finished pictures' previews.
+        """
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrent)
+        async with self._slots:
+            return await asyncio.to_thread(partial_png, picture, root)
+
     async def close(self) -> None:
         """Cancel running conversions (their processes are killed and reaped)."""
         for task in list(self._tasks):
@@ -587,6 +626,35 @@ def _parse_int(value: str, what: str, minimum: int) -> int:
     return int(value)
 
 
+async def _running_preview(
+    request: web.Request, ctx: Any, row: JobRow, step: int | None
+) -> web.Response:
+    """The picture so far of a running job's step (default: the step running now)."""
+    index = step if step is not None else max(0, int(row.current_step or 1) - 1)
+    if not 0 <= index < len(row.steps or []):
+        raise PreviewError(404, f"job {row.id} has no step {index}")
+    if index > max(0, int(row.current_step or 1) - 1):
+        raise PreviewError(404, f"step {index} of job {row.id} has not started yet")
+    pictures = await asyncio.to_thread(step_pictures, row, index)
+    if not pictures:
+        raise PreviewError(
+            404,
+            f"step {index} of running job {row.id} has written no Radiance picture yet "
+            "(its stdout file starts with #?RADIANCE once the header is out)",
+        )
+    png, done, height = await request.app[SERVICE_KEY].partial(pictures[0], Path(row.workdir))
+    return web.Response(
+        body=png,
+        content_type="image/png",
+        headers={
+            "Cache-Control": "no-store",
+            "X-Preview-Step": str(index),
+            "X-Preview-Rows": f"{done}/{height}",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
 async def preview(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
     try:
@@ -596,10 +664,13 @@ async def preview(request: web.Request) -> web.StreamResponse:
         row = ctx.db.get(job_id)
         if row is None:
             raise PreviewError(404, f"no job {job_id}")
+        if row.state == JobState.RUNNING and "path" not in request.query:
+            return await _running_preview(request, ctx, row, step_index)
         if row.state != JobState.DONE:
             raise PreviewError(
                 409,
-                f"job {job_id} is {row.state}; a preview exists only for a job that is done",
+                f"job {job_id} is {row.state}; a preview exists only for a job that is "
+                "running (its picture so far) or done",
             )
         output = request.query.get("path")
         if output is not None and step is not None:
