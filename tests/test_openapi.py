@@ -189,4 +189,6 @@ def test_real_answers_match_the_documented_schemas(server: Any, rayhome: RayHome
     hosts = check("/v1/farm", "GET", "/v1/farm", 200)["hosts"]
     assert [h["self"] for h in hosts] == [True]
     check("/v1/farm/{host}/jobs", "GET", "/v1/farm/nohost/jobs", 404)
-    assert len(checked) == 26
+    check("/v1/jobs/{id}/grid.png", "GET", f"/v1/jobs/{jid}/grid.png", 200)  # pts.txt -> o.txt
+    check("/v1/jobs/{id}/grid.png", "GET", "/v1/jobs/4242/grid.png", 404)
+    assert len(checked) == 28

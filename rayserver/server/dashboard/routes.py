@@ -707,7 +707,7 @@ async def preview(request: web.Request) -> web.StreamResponse:
 
 
 def setup_dashboard(app: web.Application, ctx: Any) -> None:
-    """Register GET /, GET /static/{name} and GET /v1/jobs/{id}/preview.png on ``app``.
+    """Register GET /, GET /static/{name}, GET /v1/jobs/{id}/preview.png and grid.png.
 
     ``ctx`` provides ``.layout`` (Layout), ``.live.settings`` (Settings, read
     per request so a reload applies) and ``.db`` (JobDB with ``get(id)``).
@@ -725,6 +725,9 @@ def setup_dashboard(app: web.Application, ctx: Any) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static)
     app.router.add_get("/v1/jobs/{id}/preview.png", preview)
+    from rayserver.server.dashboard import grid  # (grid uses this module's helpers)
+
+    grid.setup_grid(app)
 
 
 __all__ = [

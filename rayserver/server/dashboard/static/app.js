@@ -20,6 +20,7 @@
   const ACTIVE_SHOWN = 200;
   const FINISHED_SHOWN = 20;
   const PREVIEWS_AT_ONCE = 2;
+  const LIVE_PREVIEW_MS = 3000;
   const LOG_KEEP_CHARS = 200000;
   const FINAL = new Set(["done", "failed", "cancelled", "interrupted"]);
   const PICTURE_RE = /\.(hdr|pic)$/i;
@@ -76,6 +77,7 @@
     }
     if (as === "json") return response.json();
     if (as === "blob") return response.blob();
+    if (as === "response") return response;
     return response.arrayBuffer();
   }
 
@@ -476,6 +478,8 @@
     renderOutputs(card, job);
     if (job.state === "done" && card.previewState === "none" && mayHavePicture(job)) {
       queuePreview(card);
+    } else if (job.state === "running" && mayHavePicture(job)) {
+      livePreview(card);
     }
     if (card.details.open && (!FINAL.has(job.state) || card.log.finishedReads < 1)) readLog(card);
   }
@@ -588,6 +592,33 @@
         card.caption.textContent = "No preview: " + err.message;
         if (err.status === 401) showLogin("Please sign in again.");
       }
+    }
+  }
+
+  // A running render's picture so far, fetched again every few seconds while it runs.
+  async function livePreview(card) {
+    const live = card.live || (card.live = { at: 0, busy: false });
+    if (live.busy || Date.now() - live.at < LIVE_PREVIEW_MS || document.hidden) return;
+    live.busy = true;
+    live.at = Date.now();
+    try {
+      const response = await api("/v1/jobs/" + card.id + "/preview.png", { as: "response" });
+      const rows = (response.headers.get("X-Preview-Rows") || "").split("/");
+      const blob = await response.blob();
+      if (!state.cards.has(card.id) || card.job.state !== "running") return;
+      if (card.blobUrl) URL.revokeObjectURL(card.blobUrl);
+      card.blobUrl = URL.createObjectURL(blob);
+      card.figure.hidden = false;
+      card.root.classList.add("has-preview");
+      card.image.alt = "The picture of " + jobLabel(card.job) + " so far";
+      card.image.src = card.blobUrl;
+      card.caption.textContent = rows.length === 2
+        ? "Picture so far: " + rows[0] + " of " + rows[1] + " scanlines" : "Picture so far";
+    } catch (err) {
+      // 404: no picture written yet; anything else shows on the next poll again
+      if (err.status === 401) showLogin("Please sign in again.");
+    } finally {
+      live.busy = false;
     }
   }
 
