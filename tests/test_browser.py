@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
+from jobtools import submit, wait_final, wait_until
 from test_dashboard import SCENE
 
 from rayserver.common import radiance
@@ -192,7 +194,15 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
     # Who submitted it: the shared token is the user admin.
     assert "submitted by admin " in page.inner_text(f"#job-{a}")
 
-    # The preview is a blob: URL (fetched with the token in a header) that decodes.
+    # The preview is a blob: URL (fetched with the token in a header) that decodes;
+    # (while it ran, the card showed the picture so far: wait for the finished one).
+    poll(
+        page,
+        f"#job-{a} .preview figcaption",
+        "c => c.textContent",
+        lambda v: v == "Tone-mapped preview",
+        timeout=30,
+    )
     width = poll(
         page,
         f"#job-{a} .preview img",
@@ -265,4 +275,51 @@ def test_dashboard_in_chromium(server: Any, browser_context: Any, tmp_path: Path
         f"median {statistics.median(times):.1f} ms"
     )
     assert statistics.median(times) < 2000
+    assert not problems, problems
+
+
+def test_farm_section_in_chromium(server: Any, browser_context: Any) -> None:
+    """The farm table lists this server and a host that does not answer; a grid job's view."""
+    home = server.home
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: refused at once
+    hosts = home.path / "config" / "hosts"
+    hosts.write_text(hosts.read_text() + f"{dead} 3\n")
+    wait_until(
+        lambda: len(server.request("GET", "/v1/farm")[1].get("hosts", [])) == 2, 30, "reload"
+    )
+    project = home.projects / "g"
+    project.mkdir()
+    (project / "s.rad").write_text(SCENE)
+    (project / "pts").write_text("".join(f"{x} {y} 0 0 0 1\n" for y in (-1, 1) for x in (-1, 1)))
+    steps = [
+        {"program": "oconv", "args": ["s.rad"], "stdout": "g.oct"},
+        {"program": "rtrace", "args": ["-h", "-I", "g.oct"], "stdin": "pts", "stdout": "irr"},
+    ]
+    grid_job = submit(server, steps, project="g")
+    assert wait_final(server, grid_job["id"])["state"] == "done"
+
+    page = browser_context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.goto(f"http://127.0.0.1:{home.port}/")
+    page.wait_for_selector("#login-form", state="visible")
+    page.get_by_label("Access token").fill(home.token() or "")
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_selector("#farm-hosts tr", timeout=15_000)
+    rows = page.locator("#farm-hosts tr")
+    assert rows.count() == 2
+    me, other = rows.nth(0).inner_text(), rows.nth(1).inner_text()
+    assert "(this server)" in me and "answering" in me and "not answering" not in me
+    assert dead in other and "not answering: cannot connect" in other, other
+    assert page.get_by_role("button", name=f"Jobs of {dead}").is_disabled()
+    page.locator("#farm-hosts tr").nth(0).get_by_role("button").click()
+    poll(page, "#farm-job-list", "l => l.textContent", lambda v: f"#{grid_job['id']}" in v, 15)
+    caption = poll(
+        page,
+        f"#job-{grid_job['id']} .preview figcaption",
+        "c => c.textContent",
+        lambda v: bool(v) and v.startswith("Sensor grid seen from above (4 points"),
+        timeout=30,
+    )[-1]
+    assert caption.endswith(" lx)"), caption
     assert not problems, problems

@@ -131,6 +131,11 @@
            (job.outputs || []).some((o) => PICTURE_RE.test(o.path || ""));
   }
 
+  // A step reading a points file from stdin (rtrace over sensors): maybe a grid (grid.png says).
+  function mayHaveGrid(job) {
+    return (job.steps || []).some((s) => s.program === "rtrace" && typeof s.stdin === "string");
+  }
+
   // ------------------------------------------------------------------ host info
 
   // How jobs are confined; "off" is shown as a warning (jobs have the server's rights).
@@ -476,7 +481,8 @@
     }
 
     renderOutputs(card, job);
-    if (job.state === "done" && card.previewState === "none" && mayHavePicture(job)) {
+    if (job.state === "done" && card.previewState === "none" &&
+        (mayHavePicture(job) || mayHaveGrid(job))) {
       queuePreview(card);
     } else if (job.state === "running" && mayHavePicture(job)) {
       livePreview(card);
@@ -572,15 +578,20 @@
     card.root.classList.add("has-preview");
     card.caption.textContent = "Loading preview…";
     const query = path ? "?path=" + encodeURIComponent(path) : "";
+    const grid = !path && !mayHavePicture(card.job);
+    const url = "/v1/jobs/" + card.id + (grid ? "/grid.png" : "/preview.png" + query);
     try {
-      const blob = await api("/v1/jobs/" + card.id + "/preview.png" + query, { as: "blob" });
+      const response = await api(url, { as: "response" });
+      const blob = await response.blob();
       if (!state.cards.has(card.id)) return;
       if (card.blobUrl) URL.revokeObjectURL(card.blobUrl);
       card.blobUrl = URL.createObjectURL(blob);
       const what = path ? path + " of " + jobLabel(card.job) : "the picture of " + jobLabel(card.job);
-      card.image.alt = "Preview of " + what + " (tone-mapped)";
+      card.image.alt = grid ? "False-colour view of the sensor grid of " + jobLabel(card.job)
+        : "Preview of " + what + " (tone-mapped)";
       card.image.src = card.blobUrl;
-      card.caption.textContent = "Tone-mapped preview" + (path ? " of " + path : "");
+      card.caption.textContent = grid ? gridCaption(response.headers)
+        : "Tone-mapped preview" + (path ? " of " + path : "");
       card.previewState = "shown";
     } catch (err) {
       if (err.status === 404) {
@@ -593,6 +604,12 @@
         if (err.status === 401) showLogin("Please sign in again.");
       }
     }
+  }
+
+  function gridCaption(headers) {
+    const unit = headers.get("X-Grid-Unit") ? " " + headers.get("X-Grid-Unit") : "";
+    return "Sensor grid seen from above (" + headers.get("X-Grid-Points") + " points, " +
+      headers.get("X-Grid-Min") + " to " + headers.get("X-Grid-Max") + unit + ")";
   }
 
   // A running render's picture so far, fetched again every few seconds while it runs.

@@ -14,7 +14,7 @@
   const JOBS_SHOWN = 30;
 
   const $ = (id) => document.getElementById(id);
-  const farm = { timer: null, open: null, busy: false };
+  const farm = { timer: null, open: null, busy: false, auth: null };
 
   async function get(path) {
     const token = sessionStorage.getItem(TOKEN_KEY);
@@ -78,6 +78,12 @@
     if (farm.busy) return;
     farm.busy = true;
     try {
+      // Not signed in yet: ask nothing that needs a token (a 401 is an error in the console).
+      if (farm.auth === null) farm.auth = (await get("/v1/info")).auth !== false;
+      if (farm.auth && !sessionStorage.getItem(TOKEN_KEY)) {
+        $("farm").hidden = true;
+        return;
+      }
       const body = await get("/v1/farm");
       const rows = (body.hosts || []).map(hostRow);
       $("farm-hosts").replaceChildren(...rows);
