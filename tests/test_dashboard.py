@@ -252,6 +252,7 @@ def test_preview_refusals(tmp_path: Path, picture: Path) -> None:
     os.symlink(outside, e.project / "link.hdr")
     os.mkfifo(e.project / "fifo.hdr")
     running = e.job([{"program": "rpict", "stdout": "ok.hdr"}], state="running")
+    running_text = e.job([{"program": "rpict", "stdout": "text.hdr"}], state="running")
     queued = e.job([{"program": "rpict", "stdout": "ok.hdr"}], state="queued")
     failed = e.job([{"program": "rpict", "stdout": "ok.hdr"}], state="failed")
     text = e.job([{"program": "rpict", "stdout": "text.hdr"}])
@@ -297,6 +298,8 @@ def test_preview_refusals(tmp_path: Path, picture: Path) -> None:
             done, height = r.headers["X-Preview-Rows"].split("/")
             assert done == height and int(height) > 0
             png_size(await r.read())
+        async with s.get(f"{base}/v1/jobs/{running_text}/preview.png") as r:
+            assert r.status == 204  # nothing to show yet: no error while it runs
         async with s.get(f"{base}/v1/jobs/{running}/preview.png?step=1") as r:
             assert r.status == 404 and "has no step 1" in (await r.json())["error"]
 

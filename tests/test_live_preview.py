@@ -40,7 +40,7 @@ def _rows_so_far(
             if done > more_than:
                 return done, height, body
         else:
-            assert status in (404, 409), body  # before the header is out / not started
+            assert status in (204, 409), body  # queued: 409; running, nothing out yet: 204
         time.sleep(0.3)
     raise AssertionError(f"job {job_id}: no more than {more_than} scanlines in {timeout} s")
 

@@ -636,13 +636,17 @@ async def _running_preview(
     if index > max(0, int(row.current_step or 1) - 1):
         raise PreviewError(404, f"step {index} of job {row.id} has not started yet")
     pictures = await asyncio.to_thread(step_pictures, row, index)
-    if not pictures:
-        raise PreviewError(
-            404,
-            f"step {index} of running job {row.id} has written no Radiance picture yet "
-            "(its stdout file starts with #?RADIANCE once the header is out)",
-        )
-    png, done, height = await request.app[SERVICE_KEY].partial(pictures[0], Path(row.workdir))
+    try:
+        if not pictures:
+            raise PreviewError(204, "no picture yet")
+        found = await request.app[SERVICE_KEY].partial(pictures[0], Path(row.workdir))
+    except PreviewError as exc:
+        if exc.status not in (204, 422):
+            raise
+        # Nothing to show yet (no header out, a step that makes no picture): not an
+        # error while the job runs, so the page's refreshes log none.
+        return web.Response(status=204, headers={"Cache-Control": "no-store"})
+    png, done, height = found
     return web.Response(
         body=png,
         content_type="image/png",

@@ -620,6 +620,7 @@
     live.at = Date.now();
     try {
       const response = await api("/v1/jobs/" + card.id + "/preview.png", { as: "response" });
+      if (response.status === 204) return; // no picture yet
       const rows = (response.headers.get("X-Preview-Rows") || "").split("/");
       const blob = await response.blob();
       if (!state.cards.has(card.id) || card.job.state !== "running") return;
