@@ -239,6 +239,7 @@ def test_limits(server_factory: Any, rayhome: RayHome) -> None:
         + 'max_log_bytes = "2M"\nmax_job_processes = 12\nmax_output_bytes = "1M"\n'
     )
     srv = server_factory("-f")
+    assert _events(srv) == {"log_capped": 0, "processes_limit": 0, "file_size_limit": 0}
     proj = make_project(rayhome)
     (proj / "loud.rad").write_text(
         "!sh -c 'yes 0123456789012345678901234567890123456789 | head -c 46000000 1>&2'\n" + SCENE
@@ -262,6 +263,8 @@ def test_limits(server_factory: Any, rayhome: RayHome) -> None:
     final = wait_final(srv, big)
     assert final["state"] == "failed" and "max_output_bytes" in final["reason"], final
     assert (proj / "big.txt").stat().st_size == 1024**2
+    # Each limit hit once, each counted once in GET /metrics.
+    assert _events(srv) == {"log_capped": 1, "processes_limit": 1, "file_size_limit": 1}
     status, body = srv.request(
         "POST",
         "/v1/jobs",
@@ -272,6 +275,18 @@ def test_limits(server_factory: Any, rayhome: RayHome) -> None:
         },
     )
     assert status == 422 and "64 cpus" in body["error"] and "has 2" in body["error"], body
+
+
+def _events(srv: Any) -> dict[str, float]:
+    """The limit events of GET /metrics (rayserver_job_events_total) the limits test causes."""
+    status, text = srv.request("GET", "/metrics")
+    assert status == 200, text
+    found = {}
+    for line in str(text).splitlines():
+        for event in ("log_capped", "processes_limit", "file_size_limit"):
+            if line.startswith(f'rayserver_job_events_total{{event="{event}"}} '):
+                found[event] = float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def _cmd(pid: int) -> str:
