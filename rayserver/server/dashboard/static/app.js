@@ -614,10 +614,16 @@
 
   // A running render's picture so far, fetched again every few seconds while it runs.
   async function livePreview(card) {
-    const live = card.live || (card.live = { at: 0, busy: false });
+    const live = card.live || (card.live = { at: 0, busy: false, timer: null });
     if (live.busy || Date.now() - live.at < LIVE_PREVIEW_MS || document.hidden) return;
     live.busy = true;
     live.at = Date.now();
+    // Pushed updates come when the job changes, not on a clock: look again in a while
+    // whatever arrives meanwhile, as long as the job runs.
+    clearTimeout(live.timer);
+    live.timer = setTimeout(() => {
+      if (state.cards.has(card.id) && card.job.state === "running") livePreview(card);
+    }, LIVE_PREVIEW_MS + 50);
     try {
       const response = await api("/v1/jobs/" + card.id + "/preview.png", { as: "response" });
       if (response.status === 204) return; // no picture yet
