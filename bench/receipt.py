@@ -57,6 +57,7 @@ def one_job(home: Path, proj: Path) -> float:
         id=1,
         warnings=[],
         warn=print,
+        term_signal=None,
         receipt=receipt.Receipt(),
     )
     step = {"program": "rtrace", "path": str(BIN / "rtrace"), "args": ["-h", "s.oct"]}

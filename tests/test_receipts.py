@@ -341,6 +341,14 @@ def test_large_input_hash_cache_sees_a_change_behind_a_restored_mtime(tmp_path: 
     assert big.stat().st_mtime_ns == stat.st_mtime_ns and big.stat().st_size == stat.st_size
     after = procwrap_receipt.Receipt().input_hash(job, str(big))["sha256"]
     assert after == _sha(big) and after != before
+    # A sparse file claiming more than HASH_LIMIT_BYTES is listed by size, not read through.
+    sparse = tmp_path / "sparse.dat"
+    with open(sparse, "wb") as fh:
+        fh.truncate(procwrap_receipt.HASH_LIMIT_BYTES + 1)
+    listed = procwrap_receipt.Receipt().input_hash(job, str(sparse))
+    assert (
+        listed["size"] == procwrap_receipt.HASH_LIMIT_BYTES + 1 and "not hashed" in listed["error"]
+    )
 
 
 def test_shell_step_receipt_and_reproduction(server: Any) -> None:

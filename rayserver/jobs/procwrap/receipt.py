@@ -42,6 +42,9 @@ HASH_CACHE = ".hashes.json"
 CACHE_VERSION = 3  # entries of another version are made anew
 CACHE_ENTRIES = 4000
 CACHED_INPUT_BYTES = 1 << 20
+# Beyond this an input is listed with its size only: hashing it would hold the step back for
+# minutes (a sparse file can claim any size).
+HASH_LIMIT_BYTES = 64 << 30
 
 
 class Receipt:
@@ -68,6 +71,8 @@ class Receipt:
             st = os.stat(path)
         except OSError as exc:
             return {"error": f"cannot read it: {exc.strerror or exc}"}
+        if st.st_size > HASH_LIMIT_BYTES:
+            return {"size": st.st_size, "error": f"not hashed: over {HASH_LIMIT_BYTES >> 30} GiB"}
         if st.st_size < CACHED_INPUT_BYTES:
             return _hash(path)
         key = (
@@ -86,7 +91,8 @@ class Receipt:
         record: dict[str, Any] = {"step": idx + 1, "program": step["program"]}
         self.steps.append(record)
         try:
-            self._describe(job, idx, step, args, record)
+            if job.term_signal is None:  # (cancelled meanwhile: no hashing, it will not run)
+                self._describe(job, idx, step, args, record)
         except Exception as exc:  # noqa: BLE001 - a receipt never fails a job
             self.errors.append(f"step {idx + 1}: {exc}")
         now = time.time()
