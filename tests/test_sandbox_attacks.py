@@ -237,9 +237,10 @@ def test_limits(server_factory: Any, rayhome: RayHome) -> None:
     rayhome.write_settings(
         (rayhome.path / "config" / "rayserver.toml").read_text()
         + 'max_log_bytes = "2M"\nmax_job_processes = 12\nmax_output_bytes = "1M"\n'
+        + 'max_job_memory = "300M"\n'
     )
     srv = server_factory("-f")
-    assert _events(srv) == {"log_capped": 0, "processes_limit": 0, "file_size_limit": 0}
+    assert _events(srv) == dict.fromkeys(LIMIT_EVENTS, 0)
     proj = make_project(rayhome)
     (proj / "loud.rad").write_text(
         "!sh -c 'yes 0123456789012345678901234567890123456789 | head -c 46000000 1>&2'\n" + SCENE
@@ -250,6 +251,9 @@ def test_limits(server_factory: Any, rayhome: RayHome) -> None:
     loud = submit(srv, [oconv("loud.rad")])["id"]
     forks = submit(srv, [oconv("forks.rad", "f.oct")])["id"]
     big = submit(srv, [{"program": "cnt", "args": ["3000000"], "stdout": "big.txt"}])["id"]
+    # 10 million pixels a scanline: rpict's scanline buffers need far more than 300 MB.
+    wide = ["-vp", "2", "-1", "2", "-vd", "0", "1", "-0.5", "-x", "10000000", "-y", "10"]
+    greedy = submit(srv, [{"program": "rpict", "args": [*wide, "-pa", "0", "scene.oct"]}])
     final = wait_final(srv, loud, timeout=120)
     text = log_of(srv, loud)
     assert final["state"] == "done", final
@@ -263,8 +267,11 @@ def test_limits(server_factory: Any, rayhome: RayHome) -> None:
     final = wait_final(srv, big)
     assert final["state"] == "failed" and "max_output_bytes" in final["reason"], final
     assert (proj / "big.txt").stat().st_size == 1024**2
+    final = wait_final(srv, greedy["id"])
+    # (RLIMIT_AS: rpict says it is out of memory; a memory cgroup: the OOM killer's SIGKILL)
+    assert final["state"] == "failed" and "max_job_memory" in final["reason"], final
     # Each limit hit once, each counted once in GET /metrics.
-    assert _events(srv) == {"log_capped": 1, "processes_limit": 1, "file_size_limit": 1}
+    assert _events(srv) == dict.fromkeys(LIMIT_EVENTS, 1)
     status, body = srv.request(
         "POST",
         "/v1/jobs",
@@ -277,13 +284,16 @@ def test_limits(server_factory: Any, rayhome: RayHome) -> None:
     assert status == 422 and "64 cpus" in body["error"] and "has 2" in body["error"], body
 
 
+LIMIT_EVENTS = ("log_capped", "processes_limit", "file_size_limit", "memory_limit")
+
+
 def _events(srv: Any) -> dict[str, float]:
     """The limit events of GET /metrics (rayserver_job_events_total) the limits test causes."""
     status, text = srv.request("GET", "/metrics")
     assert status == 200, text
     found = {}
     for line in str(text).splitlines():
-        for event in ("log_capped", "processes_limit", "file_size_limit"):
+        for event in LIMIT_EVENTS:
             if line.startswith(f'rayserver_job_events_total{{event="{event}"}} '):
                 found[event] = float(line.rsplit(" ", 1)[1])
     return found

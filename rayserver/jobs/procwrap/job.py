@@ -41,6 +41,11 @@ PROGRESS_INTERVAL = 0.5  # at most ~2 progress writes per second
 RAD_REPORT = "REPORT=0.05"  # minutes: rpict -t 3
 DRY_RUN_TIMEOUT = 60.0
 SCRIPT_READ_LIMIT = 1 << 20  # a script's first MB is read to know its commands (progress)
+# The end of a step's messages is kept to tell why it failed: under RLIMIT_AS a
+# program that hits max_job_memory only learns that malloc failed, and says so
+# (Radiance: "rpict: system - out of memory in render: Cannot allocate memory").
+STEP_TAIL_CHARS = 4096
+OUT_OF_MEMORY = ("out of memory", "Cannot allocate memory")
 
 
 class Job:
@@ -74,6 +79,7 @@ class Job:
         self.box: jobbox.JobBox | None = None
         self.box_error = ""
         self.limit_reason: str | None = None  # a limit ended the job (it is cancelled)
+        self.step_tail = ""  # the last STEP_TAIL_CHARS of the log since the step began
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -129,6 +135,7 @@ class Job:
     def log(self, text: str) -> None:
         """Append to the job log (within max_log_bytes: see limits.CappedLog)."""
         self.logcap.write(text.encode("utf-8", "replace"))
+        self.step_tail = (self.step_tail + text)[-STEP_TAIL_CHARS:]
 
     def event(self, name: str) -> None:
         """Record a sandbox or limit event of the job (GET /metrics counts them)."""
@@ -230,6 +237,7 @@ class Job:
                 break
             where = f"step {idx + 1}/{n} ({step['program']})"
             self.scan_before(idx, step)
+            self.step_tail = ""
             try:
                 code, sig = self.run_step(idx, step)
             except (ConfinementError, SandboxError) as exc:
@@ -265,6 +273,13 @@ class Job:
         if self.box is not None and limits.memory_events_oom(self.box.cgroup):
             self.event("memory_limit")
             return f": killed for memory (max_job_memory = {self.settings.max_job_memory} bytes)"
+        if self.box is not None and not self.box.cgroup and self.settings.max_job_memory:
+            if any(words in self.step_tail for words in OUT_OF_MEMORY):
+                self.event("memory_limit")
+                return (
+                    f": it ran out of memory (max_job_memory = "
+                    f"{self.settings.max_job_memory} bytes, RLIMIT_AS)"
+                )
         return ""
 
     def interrupted_state(self) -> tuple[JobState, str]:
