@@ -93,6 +93,9 @@ class Settings:
     max_job_memory: int = 8 * 1024**3
     max_log_bytes: int = 16 * 1024**2
     max_output_bytes: int = 16 * 1024**3
+    # A job that would end interrupted (crash, shutdown, lost Slurm job) is queued again
+    # and continues from what it already computed (docs/operations.md, "Resume").
+    resume_interrupted: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def token_path(self, default: Path) -> Path | None:
@@ -139,6 +142,7 @@ _STR_KEYS = {
     "metrics_auth",
     "sandbox",
 }
+_BOOL_KEYS = {"resume_interrupted"}
 _LIST_KEYS = {"allow", "raypath", "slurm_options", "shim_local"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -201,6 +205,10 @@ def _check(path: str | Path, key: str, value: Any) -> Any:
         return value
     if key in _STR_KEYS:
         return _check_str(path, key, value)
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise SettingsError(path, f"{key} must be true or false, got {value!r}")
+        return value
     if key in _LIST_KEYS:
         if isinstance(value, str) and key != "allow":
             value = [value]

@@ -80,6 +80,10 @@ _ADDED_COLUMNS = (
     ("events", "TEXT"),
     # What went wrong without failing the job, a JSON list of texts (a damaged ambient file).
     ("warnings", "TEXT"),
+    # Times the job was queued again after an interruption (resume_interrupted), and the
+    # step (1-based) it was in then: the next run skips the steps before it.
+    ("resumes", "INTEGER NOT NULL DEFAULT 0"),
+    ("resume_step", "INTEGER"),
 )
 
 # Partial indexes that keep GET /metrics' histogram and event counts off the
@@ -102,7 +106,12 @@ EVENTS = (
     "memory_limit",  # the job's memory cgroup ran out (OOM kill)
     "file_size_limit",  # a program exceeded max_output_bytes (SIGXFSZ)
     "sandbox_denied",  # the sandbox refused an access (Landlock, seccomp)
+    "resumed",  # interrupted, the job was queued again to resume (resume_interrupted)
+    "resume_restart",  # a resumed step could not continue its output: it started over
 )
+
+# Resumes a job gets at most; interrupted once more, it ends interrupted.
+MAX_RESUMES = 3
 
 # A job ended so: the jobs waiting for it (--after) are cancelled.
 BLOCKING_STATES = (JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED)
@@ -721,6 +730,46 @@ class JobDB:
                 ),
             )
         return cur.rowcount == 1
+
+    def interrupt(
+        self,
+        job_id: int,
+        reason: str,
+        *,
+        resume: bool,
+        from_states: tuple[str, ...] = ACTIVE_STATES,
+        **final: Any,
+    ) -> JobState | None:
+        """A job that would end interrupted: queued again to resume, or interrupted.
+
+        ``resume`` (the setting resume_interrupted): one guarded UPDATE moves
+        the row from ``from_states`` back to ``queued``, counts the resume,
+        remembers the step it was in and records the ``resumed`` event, unless
+        it was resumed :data:`MAX_RESUMES` times already or a cancel was asked
+        for. Otherwise :meth:`finish` records it ``interrupted`` (``final``:
+        finish's other fields). Returns the state written, or None when the
+        row was not in ``from_states`` (someone else recorded it).
+        """
+        if resume:
+            with self._write() as conn:
+                cur = conn.execute(
+                    "UPDATE jobs SET state=?, resumes=resumes+1, "
+                    "resume_step=COALESCE(NULLIF(current_step, 0), resume_step), "
+                    "pid=NULL, pgid_children=NULL, cancel_request=NULL, reason=?, "
+                    "events=json_insert(COALESCE(events, '[]'), '$[#]', 'resumed') "
+                    f"WHERE id=? AND state IN ({_marks(from_states)}) AND resumes < ? "
+                    "AND COALESCE(cancel_request, '') != 'cancel'",
+                    (JobState.QUEUED, f"resuming: {reason}", job_id, *from_states, MAX_RESUMES),
+                )
+            if cur.rowcount == 1:
+                return JobState.QUEUED
+            row = self.get(job_id)
+            if row is not None and row.resumes >= MAX_RESUMES:
+                reason += f"; not resumed again: it was resumed {row.resumes} times already"
+        done = self.finish(
+            job_id, JobState.INTERRUPTED, reason=reason, from_states=from_states, **final
+        )
+        return JobState.INTERRUPTED if done else None
 
     def in_states(self, states: tuple[str, ...]) -> list[JobRow]:
         """All rows in the given states, oldest first (small sets: running, starting)."""

@@ -86,6 +86,8 @@ class JobRow:
     project_dir: str | None = None  # the project's folder: the box's writable root
     cpus: int = 1  # cpu slots the job takes (its -n / rad -N)
     warnings: list[str] = dataclasses.field(default_factory=list)  # not failing the job
+    resumes: int = 0  # times queued again after an interruption (resume_interrupted)
+    resume_step: int | None = None  # the step (1-based) a resumed run continues from
 
     @classmethod
     def decode(cls, row: sqlite3.Row) -> JobRow:
@@ -112,6 +114,12 @@ class JobRow:
     @property
     def final(self) -> bool:
         return self.state.final
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the job can be queued again after an interruption: no step streams
+        to or from its client (that connection is gone, and its data with it)."""
+        return not any(isinstance(s.get(k), dict) for s in self.steps for k in ("stdin", "stdout"))
 
     def __getitem__(self, column: str) -> Any:
         """``row["state"]``: read access by column name, as for the plain rows of old
@@ -177,6 +185,7 @@ class JobRow:
             "after": list(self.after_ids or []),
             "waiting_for": waiting_for,
             "warnings": list(self.warnings or []),
+            "resumes": int(self.resumes or 0),
         }
 
 

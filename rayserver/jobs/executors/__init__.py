@@ -26,7 +26,9 @@ def create(
     if name == "local":
         from rayserver.jobs.executors.local import LocalExecutor
 
-        return LocalExecutor(db, fork_server, events, grace=lambda: _grace(live))
+        return LocalExecutor(
+            db, fork_server, events, grace=lambda: _grace(live), resume=lambda: _resume(live)
+        )
     if name == "slurm":
         from rayserver.jobs.executors.slurm import SlurmExecutor
 
@@ -37,3 +39,8 @@ def create(
 def _grace(live: Any) -> float:
     settings = getattr(live, "settings", None)
     return float(getattr(settings, "cancel_grace", 5.0))
+
+
+def _resume(live: Any) -> bool:
+    settings = getattr(live, "settings", None)
+    return bool(getattr(settings, "resume_interrupted", True))

@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from rayserver.common.states import JobState
+from rayserver.common.states import ACTIVE_STATES, JobState
 from rayserver.jobs import procwrap
 from rayserver.jobs.executors.base import LOCAL, SchedulerEvents
 from rayserver.jobs.executors.forkclient import ForkServerClient
@@ -65,10 +65,12 @@ class LocalExecutor:
         fork_server: ForkServer,
         events: SchedulerEvents,
         grace: Callable[[], float],
+        resume: Callable[[], bool] = lambda: True,
     ) -> None:
         self.db = db
         self.events = events
         self._grace = grace
+        self._resume = resume  # the setting resume_interrupted, as it is now
         self.fork = ForkServerClient(
             fork_server,
             self._on_fork_exit,
@@ -169,7 +171,9 @@ class LocalExecutor:
             if self._fork_lost or time.monotonic() < self._launch_paused_until:
                 return
             row = self.db.next_queued(executor=self.name)
-            if row is None:
+            if row is None or row.id in self._running:
+                # (A job queued again to resume whose old procwrap has not exited yet
+                # waits for that exit: two runs of one job must never overlap.)
                 return
             if self.used_cpus + self._slots(row) > capacity:
                 return  # it waits for enough free cpus (nothing overtakes it)
@@ -227,6 +231,10 @@ class LocalExecutor:
 
     def _on_fork_exit(self, job_id: int, pid: int, status: int) -> None:
         """The fork server reaped a procwrap (called in the event loop)."""
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == procwrap.EXIT_RESUMED:
+            log.info("job %s: procwrap %s queued it again to resume", job_id, pid)
+            self._finished(job_id)  # its slot is free: the job may start again now
+            return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == procwrap.EXIT_CLAIM_LOST:
             self._running.pop(job_id, None)
             if not self._adopt_claimer(job_id, pid):
@@ -304,7 +312,16 @@ class LocalExecutor:
             state = JobState.CANCELLED
         elif row.cancel_request == "shutdown":
             state = JobState.INTERRUPTED
-        if self.db.finish(row.id, state, reason=reason):
+        if state == JobState.INTERRUPTED:
+            resume = self._resume() and row.resumable
+            got = self.db.interrupt(row.id, reason, resume=resume)
+            if got is not None:
+                self.events.job_changed(row.id)
+            if got == JobState.QUEUED:
+                log.warning("job %s queued again to resume: %s", row.id, reason)
+            elif got is not None:
+                log.warning("job %s %s: %s", row.id, got, reason)
+        elif self.db.finish(row.id, state, reason=reason):
             self.events.job_changed(row.id)
             log.warning("job %s %s: %s", row.id, state, reason)
 
@@ -390,7 +407,10 @@ class LocalExecutor:
         deadline = time.monotonic() + self.grace + 1.0
         while waiting and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            waiting = [j for j in waiting if (r := self.db.get(j)) is not None and not r.final]
+            # (Recorded: final, or queued again to resume, at the next start.)
+            waiting = [
+                j for j in waiting if (r := self.db.get(j)) is not None and r.state in ACTIVE_STATES
+            ]
         if waiting:
             log.warning(
                 "jobs %s did not record their end within %.1f s of the shutdown",

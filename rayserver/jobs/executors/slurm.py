@@ -322,13 +322,10 @@ class SlurmExecutor:
     def _record_from_slurm(self, row: JobRow, job: SlurmJob | None) -> bool:
         sid = row.external_id
         if job is None:
-            return bool(
-                self.db.finish(
-                    row.id,
-                    JobState.INTERRUPTED,
-                    reason=f"Slurm no longer knows job {sid} and the job recorded no result "
-                    "(finished longer ago than Slurm's MinJobAge, or the controller lost it)",
-                )
+            return self._interrupted(
+                row,
+                f"Slurm no longer knows job {sid} and the job recorded no result "
+                "(finished longer ago than Slurm's MinJobAge, or the controller lost it)",
             )
         state, reason = final_state(job.state)
         if row.cancel_request == "cancel" and state in (JobState.CANCELLED, JobState.FAILED):
@@ -345,12 +342,22 @@ class SlurmExecutor:
         reason = f"{reason} (Slurm job {sid}, state {job.state}" + (
             f", {job.reason})" if job.reason else ")"
         )
+        if state == JobState.INTERRUPTED and row.cancel_request != "cancel":
+            return self._interrupted(row, reason)
         log.info("job %d: recorded %s from Slurm: %s", row.id, state, reason)
         return bool(
             self.db.finish(
                 row.id, state, exit_status=job.exit_status, signal=job.signal, reason=reason
             )
         )
+
+    def _interrupted(self, row: JobRow, reason: str) -> bool:
+        """Slurm lost the job: queued again to resume (resume_interrupted), or interrupted."""
+        resume = self.settings.resume_interrupted and row.resumable
+        got = self.db.interrupt(row.id, reason, resume=resume)
+        if got is not None:
+            log.info("job %d: %s (from Slurm): %s", row.id, got, reason)
+        return got is not None
 
     def _changed(self) -> None:
         if self.on_change is not None:

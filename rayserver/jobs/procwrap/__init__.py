@@ -37,6 +37,7 @@ from rayserver.jobs.procwrap.exits import (
     EXIT_FAILED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    EXIT_RESUMED,
     EXIT_USAGE,
 )
 from rayserver.jobs.procwrap.procs import group_gone, group_members, set_subreaper, spawn
@@ -48,6 +49,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
+    "EXIT_RESUMED",
     "EXIT_USAGE",
     "ConfinementError",
     "group_gone",

@@ -15,7 +15,7 @@ from pathlib import Path
 from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap import jobbox
-from rayserver.jobs.procwrap.exits import EXIT_CLAIM_LOST, EXIT_INTERNAL, EXIT_USAGE
+from rayserver.jobs.procwrap.exits import EXIT_CLAIM_LOST, EXIT_INTERNAL, EXIT_RESUMED, EXIT_USAGE
 from rayserver.jobs.procwrap.job import Job
 from rayserver.jobs.procwrap.procs import set_subreaper
 from rayserver.jobs.rows import JobRow
@@ -172,7 +172,9 @@ def run_job(
         code = _run_claimed(job, row, db_path, log_path.parent)
     finally:
         os.close(log_fd)
-    if on_final is not None:
+    if on_final is not None and code != EXIT_RESUMED:
+        # (A job queued again is not final: its slot is freed by the exit report,
+        # so it cannot start again while this process still runs.)
         on_final(job_id)
     return code
 

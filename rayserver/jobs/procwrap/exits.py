@@ -9,3 +9,5 @@ EXIT_CLAIM_LOST = 3
 EXIT_INTERNAL = 4
 EXIT_CANCELLED = 5
 EXIT_INTERRUPTED = 6
+# Interrupted, and queued again to resume (resume_interrupted): the job is not final.
+EXIT_RESUMED = 7

@@ -11,14 +11,21 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rayserver.common.settings import Settings
 from rayserver.common.states import JobState
-from rayserver.jobs.jobdb import JobDB
-from rayserver.jobs.procwrap import ambient, jobbox, limits, receipt
+from rayserver.jobs.jobdb import MAX_RESUMES, JobDB
+from rayserver.jobs.procwrap import ambient, jobbox, limits, receipt, resume
 from rayserver.jobs.procwrap import progress as prog
 from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
-from rayserver.jobs.procwrap.exits import EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
+from rayserver.jobs.procwrap.exits import (
+    EXIT_CANCELLED,
+    EXIT_DONE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_RESUMED,
+)
 from rayserver.jobs.procwrap.outputs import OutputTracker
 from rayserver.jobs.procwrap.procs import fmt_status
 from rayserver.jobs.procwrap.rtcount import RtraceCount
@@ -64,6 +71,8 @@ class Job:
         self.max_rss_kb = 0
         self.outputs = OutputTracker(".")  # the project's files the steps created or changed
         self.named: list[str] = []  # files the current step named (stdout, rad's outputs)
+        self.resume_named: list[str] = []  # files a resumed step writes by name (rpict -ro)
+        self.resuming = False  # the first step to run was interrupted in an earlier run
         self.step_env: dict[str, str] = {}  # the current step's environment
         self._neighbours: tuple[list[int], int] = ([], 0)  # jobs that may run beside the step
         self.job_dir: Path | None = None  # the job's folder (log, stream sockets); see run_job
@@ -211,30 +220,51 @@ class Job:
             f"{f' ({reason})' if reason and state != JobState.FAILED else ''} ==\n"
         )
         receipt.write_safely(self, state, reason)
-        self.db.finish(
-            self.id,
+        return self.record(
             state,
+            reason,
             exit_status=code,
             signal=sig,
-            reason=reason,
             wall_time=round(wall, 3),
             cpu_time=round(cpu, 3),
             max_rss_kb=rss,
             progress=100.0 if state == JobState.DONE else None,
             outputs=self.outputs.outputs(),
             warnings=self.warnings,
-            from_states=(JobState.RUNNING,),
         )
-        return _EXIT_CODES[state]
+
+    def record(self, state: JobState, reason: str | None, **final: Any) -> int:
+        """The job's final record, once; the procwrap's exit code.
+
+        A job that ends interrupted is queued again instead when the setting
+        resume_interrupted allows (:meth:`JobDB.interrupt`): EXIT_RESUMED.
+        """
+        running = (JobState.RUNNING,)
+        if state != JobState.INTERRUPTED:
+            self.db.finish(self.id, state, reason=reason, from_states=running, **final)
+            return _EXIT_CODES[state]
+        resume = self.settings.resume_interrupted and self.row is not None and self.row.resumable
+        got = self.db.interrupt(
+            self.id, reason or "interrupted", resume=resume, from_states=running, **final
+        )
+        if got == JobState.QUEUED:
+            self.log("rayserver: queued again, to resume where it stopped (resume_interrupted)\n")
+            return EXIT_RESUMED
+        return EXIT_INTERRUPTED
 
     def run_steps(self) -> tuple[int | None, int | None, int, JobState, str | None]:
         """The steps in order until one fails: (exit status, signal, failed step, state, reason)."""
         n = len(self.steps)
         code: int | None = 0
         sig: int | None = None
+        first = self.resume_from()
         for idx, step in enumerate(self.steps):
             if self.term_signal is not None:
                 break
+            if idx < first:
+                continue
+            if idx == first and self.resuming:
+                step = self.resumed(idx, step)
             where = f"step {idx + 1}/{n} ({step['program']})"
             self.scan_before(idx, step)
             self.step_tail = ""
@@ -255,6 +285,29 @@ class Job:
                 why = f"{where} {fmt_status(code, sig)}{self.limit_hint(sig)}"
                 return code, sig, idx + 1, JobState.FAILED, why
         return code, sig, 0, JobState.DONE, None
+
+    def resume_from(self) -> int:
+        """The index of the step a resumed job continues with (0: a job run afresh)."""
+        row = self.row
+        self.resuming = bool(row is not None and row.resumes and row.resume_step)
+        if row is None or not self.resuming or not row.resume_step:
+            return 0
+        first = min(max(1, row.resume_step), len(self.steps)) - 1
+        self.log(
+            f"rayserver: resumed ({row.resumes} of at most {MAX_RESUMES}) after: "
+            f"{(row.reason or '').removeprefix('resuming: ')}; "
+            f"{f'steps 1-{first} were done; ' if first else ''}continuing with step {first + 1}\n"
+        )
+        return first
+
+    def resumed(self, idx: int, step: StepSpec) -> StepSpec:
+        """The interrupted step as it runs again: continuing its output where it can."""
+        how = resume.plan(step, list(step["args"]), self.workdir)
+        self.log(f"rayserver: step {idx + 1}: {how.note}\n")
+        if how.restart:
+            self.event("resume_restart")
+        self.resume_named = how.named
+        return {**step, "args": how.args, "stdout": how.stdout}
 
     def box_note(self) -> str:
         if self.box is None:
@@ -422,6 +475,8 @@ class Job:
     def scan_before(self, idx: int, step: StepSpec) -> None:
         """The project's files before a step (and which jobs may run beside it)."""
         self.named = [step["stdout"]] if isinstance(step.get("stdout"), str) else []
+        self.named += self.resume_named
+        self.resume_named = []
         self.outputs.before()
         if idx == 0 and self.outputs.untracked:
             self.log(f"rayserver: {self.outputs.untracked}\n")

@@ -1,0 +1,137 @@
+"""How a resumed job's interrupted step continues from what it had already computed.
+
+A job queued again after an interruption (setting ``resume_interrupted``,
+:meth:`rayserver.jobs.jobdb.JobDB.interrupt`) skips the steps that were done
+and runs the one it was in again, so:
+
+- rpict: in its recover mode. The partial picture is set aside (see
+  :func:`set_aside`) and rpict runs as ``rpict -r ASIDE <the step's options>
+  OCTREE > PICTURE``: it takes the view and the resolution from the header
+  of ASIDE, copies its complete scanlines into the new PICTURE and renders
+  only the rest (Radiance's rpict.c, ``salvage``), as ``-ro`` would. The
+  picture is the step's stdout file or its ``-o`` file. Only a file that holds a
+  complete header and resolution line is recovered; anything else, and
+  rpict's sequence and persist modes, start over.
+- rad: as it was. rad finds the ``.unf`` file of its interrupted render,
+  newer than the octree, and runs ``rpict -ro`` on it itself (rad.c); rad
+  never removes an ``.unf`` it recovers from.
+- anything else: started over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+
+from rayserver.jobs.procwrap.confine import (
+    ConfinementError,
+    open_confined,
+    open_parent_confined,
+)
+from rayserver.jobs.rows import StepSpec
+
+# rpict options after which a recover is not what the user asked for (or not possible).
+_NO_RECOVER = ("-r", "-ro", "-S", "-P", "-PP")
+_RESOLUTION = re.compile(rb"[-+][XY] +\d+ +[-+][XY] +\d+\n")
+HEADER_LIMIT = 1 << 16  # a picture's header and resolution line are read from this much
+
+
+@dataclass
+class StepPlan:
+    """How the interrupted step runs again."""
+
+    args: list[str]
+    stdout: str | dict[str, bool] | None
+    note: str  # for the job's log: how it continues
+    restart: bool  # True: from scratch (the job's resume_restart event)
+    named: list[str] = field(default_factory=list)  # files the step writes by name
+
+
+def plan(step: StepSpec, args: list[str], workdir: str) -> StepPlan:
+    """How ``step`` (with ``args`` as it would run) continues in ``workdir``."""
+    program = step["program"]
+    if program == "rpict" and "sh" not in step and "script" not in step:
+        return _rpict(step, args, workdir)
+    if program == "rad":
+        return StepPlan(
+            args, step.get("stdout"), "rad runs again and recovers its .unf picture", False
+        )
+    return restart(step, args, f"{program} cannot continue its output")
+
+
+def restart(step: StepSpec, args: list[str], why: str) -> StepPlan:
+    """The step from scratch, saying why."""
+    return StepPlan(args, step.get("stdout"), f"{why}: it starts over", True)
+
+
+def _rpict(step: StepSpec, args: list[str], workdir: str) -> StepPlan:
+    stdout = step.get("stdout")
+    if any(a in _NO_RECOVER for a in args):
+        return restart(step, args, "rpict with -r, -ro, -S or -P")
+    if "-o" in args[:-1]:
+        at = args.index("-o")
+        picture = args[at + 1]
+        recover = [*args[:at], "-o", picture, *args[at + 2 :]]
+    elif isinstance(stdout, str):
+        picture, recover = stdout, args
+    else:
+        return restart(step, args, "rpict's picture is not a file of the project")
+    if "%" in picture:
+        return restart(step, args, f"rpict's picture {picture!r} has a % (a frame template)")
+    try:
+        partial = set_aside(workdir, picture)
+    except (ConfinementError, OSError) as exc:
+        return restart(step, args, f"{picture} cannot be set aside to recover it ({exc})")
+    if partial is None:
+        return restart(step, args, f"{picture} holds no complete header yet")
+    size = os.path.getsize(os.path.join(workdir, partial))
+    note = (
+        f"rpict recovers {picture} ({size} bytes rendered, set aside as {partial}) "
+        "with -r and renders the rest"
+    )
+    return StepPlan(["-r", partial, *recover], stdout, note, False, named=[picture])
+
+
+def set_aside(workdir: str, picture: str) -> str | None:
+    """Move the partial ``picture`` to the name rpict recovers it from; that name.
+
+    ``rpict -ro FILE`` would rename FILE itself, but to a name in its temporary
+    folder (/tmp in Radiance 6.0a's build: outside the project, its file
+    system and the job's sandbox), and with -o it keeps its header in a /tmp
+    file too. So the procwrap renames FILE beside itself and runs
+    ``rpict -r ASIDE ... > FILE`` (or ``-r ASIDE -o FILE`` for a step that
+    names -o): the same recover, writing where the step always wrote (rpict
+    unlinks ASIDE once it has copied its scanlines). An ASIDE left by a
+    resume that died before rpict copied it is the more complete one: it is
+    used again. None: nothing worth recovering (no complete header and
+    resolution line).
+    """
+    folder, name = os.path.split(picture)
+    aside = os.path.join(folder, f".{name}.resume")
+    dir_fd, last = open_parent_confined(workdir, picture)
+    try:
+        if not picture_started(workdir, aside):
+            if not picture_started(workdir, picture):
+                return None
+            os.rename(last, f".{last}.resume", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(last, dir_fd=dir_fd)  # rpict creates it anew (exclusively)
+    finally:
+        os.close(dir_fd)
+    return aside
+
+
+def picture_started(workdir: str, rel: str) -> bool:
+    """True when ``rel`` is a project file with a complete picture header and resolution."""
+    try:
+        fd = open_confined(workdir, rel, write=False)
+    except ConfinementError:
+        return False
+    with os.fdopen(fd, "rb") as fh:
+        head = fh.read(HEADER_LIMIT)
+    if not head.startswith(b"#?"):
+        return False
+    end = head.find(b"\n\n")
+    return end >= 0 and _RESOLUTION.match(head, end + 2) is not None

@@ -1,0 +1,143 @@
+"""Resume instead of restart (issue 18 item 4): real server on 127.0.0.1, real Radiance.
+
+A render whose procwrap is SIGKILLed at about half-way is queued again and
+rpict recovers its picture (-ro): the resumed run takes clearly less than an
+uninterrupted render measured in the same test, and the pixels (everything
+after the resolution line) match the uninterrupted picture byte for byte. The
+headers differ by design: the resumed one names ``rpict -ro FILE ...`` and
+its own dates. Byte equality needs a render without any random numbers:
+Radiance 6.0a's -u- seeds random() once per process, so after a resume the
+sequence would be off (-ab, jitter, -dt's probabilistic source tests all draw
+from it); here -ab 0 -pj 0 -dj 0 -ds 0 -dt 0 -ps 1 draw none, and many light
+sources give rpict enough work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RayHome
+from jobtools import BIN, VIEW, get, rad_env, submit, wait_final, wait_until
+
+# No random numbers at all (see the module docstring); -t 1: a progress report a second.
+EXACT = ["-u-", "-ab", "0", "-pj", "0", "-ps", "1", "-dj", "0", "-ds", "0", "-dt", "0"]
+SIZE = "500"
+
+
+def _lamps() -> str:
+    """A floor, a wall, a ball and 64 small lamps: each pixel tests 64 sources."""
+    text = (
+        "void light bright 0 0 3 100 100 100\n"
+        "void plastic grey 0 0 5 .6 .6 .6 0 0\n"
+        "grey polygon floor 0 0 12 0 0 0  4 0 0  4 4 0  0 4 0\n"
+        "grey polygon wall 0 0 12 0 4 0  4 4 0  4 4 3  0 4 3\n"
+        "grey sphere ball 0 0 4 2 2 0.5 0.5\n"
+    )
+    for i in range(8):
+        for j in range(8):
+            text += f"bright sphere l{i}{j} 0 0 4 {0.3 + i * 0.45:.2f} {0.3 + j * 0.45:.2f} 2.9 .04\n"
+    return text
+
+
+def make_lamps(home: RayHome, name: str = "lamps") -> Path:
+    proj = home.projects / name
+    proj.mkdir()
+    (proj / "scene.rad").write_text(_lamps())
+    with open(proj / "scene.oct", "wb") as out:
+        subprocess.run(
+            [str(BIN / "oconv"), "scene.rad"], cwd=proj, stdout=out, env=rad_env(), check=True
+        )
+    return proj
+
+
+def render(out: str) -> dict[str, Any]:
+    args = [*VIEW, "-x", SIZE, "-y", SIZE, *EXACT, "-t", "1", "scene.oct"]
+    return {"program": "rpict", "args": args, "stdin": None, "stdout": out}
+
+
+def pixels(path: Path) -> bytes:
+    """A picture's data after its header and resolution line."""
+    data = path.read_bytes()
+    end = data.index(b"\n\n") + 2
+    return data[data.index(b"\n", end) + 1 :]
+
+
+def kill_at_half(srv: Any, job_id: int) -> dict[str, Any]:
+    """SIGKILL the job's procwrap (its process group) once rpict is about half-way."""
+    row = wait_until(
+        lambda: (j := get(srv, job_id))["state"] == "running" and j["progress"] >= 50 and j,
+        120,
+        "the render half-way",
+        interval=0.1,
+    )
+    os.killpg(row["pid"], signal.SIGKILL)
+    return row
+
+
+def events(home: RayHome, job_id: int) -> list[str]:
+    with sqlite3.connect(home.path / "srvstate" / "jobs.sqlite3") as conn:
+        (raw,) = conn.execute("SELECT events FROM jobs WHERE id=?", (job_id,)).fetchone()
+    return [] if raw is None else json.loads(raw)
+
+
+def test_render_killed_half_way_resumes_with_rpict_recover(
+    server: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proj = make_lamps(rayhome)
+    full = wait_final(server, submit(server, [render("full.hdr")], project="lamps")["id"], 180)
+    assert full["state"] == "done", full
+    cut_id = submit(server, [render("cut.hdr")], project="lamps")["id"]
+    killed = kill_at_half(server, cut_id)
+    at = time.monotonic()
+    job = wait_final(server, cut_id, 180)
+    after_kill = time.monotonic() - at
+    log = (rayhome.path / "srvstate" / "jobs" / str(cut_id) / "log").read_text()
+    shown = "\n".join(line for line in log.splitlines() if " rays, " not in line)
+    assert job["state"] == "done" and job["resumes"] == 1, shown
+    assert events(rayhome, cut_id) == ["resumed"], shown
+    assert "rpict recovers cut.hdr" in log and "killed by signal 9" in log, shown
+    assert pixels(proj / "cut.hdr") == pixels(proj / "full.hdr")
+    assert b"rpict -r .cut.hdr.resume -vp" in (proj / "cut.hdr").read_bytes()[:2000]
+    # The resumed run (its procwrap's wall time) against the whole render.
+    assert job["wall_time"] < 0.8 * full["wall_time"], (job, full)
+    with capsys.disabled():
+        print(
+            f"\nresume: full render {full['wall_time']:.2f} s; killed at "
+            f"{killed['progress']:.0f}%, the resumed run took {job['wall_time']:.2f} s "
+            f"({job['wall_time'] / full['wall_time']:.2f} of the full render; "
+            f"{after_kill:.2f} s from the kill to done)"
+        )
+
+
+def test_without_resume_the_job_ends_interrupted(server_factory: Any, rayhome: RayHome) -> None:
+    settings = rayhome.path / "config" / "rayserver.toml"
+    settings.write_text(settings.read_text() + "resume_interrupted = false\n")
+    srv = server_factory("-f")
+    wait_until(lambda: _answers(srv), 20, "server answering")
+    make_lamps(rayhome)
+    job_id = submit(srv, [render("cut.hdr")], project="lamps")["id"]
+    wait_until(
+        lambda: get(srv, job_id)["state"] == "running" and get(srv, job_id)["progress"] > 0,
+        60,
+        "the render running",
+    )
+    os.killpg(get(srv, job_id)["pid"], signal.SIGKILL)
+    job = wait_final(srv, job_id, 60)
+    assert job["state"] == "interrupted" and job["resumes"] == 0, job
+    assert "killed by signal 9" in job["reason"], job
+    assert events(rayhome, job_id) == []
+
+
+def _answers(srv: Any) -> bool:
+    try:
+        return srv.request("GET", "/v1/info", timeout=2)[0] == 200
+    except OSError:
+        return False
