@@ -309,6 +309,9 @@ def test_sigterm_under_load_ends_everything_and_keeps_the_queue(
     server_factory: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_project(rayhome)
+    # As before resume: the long renders end interrupted (tests/test_resume.py resumes).
+    conf = rayhome.path / "config" / "rayserver.toml"
+    conf.write_text(conf.read_text() + "resume_interrupted = false\n")
     srv = server_factory("-f")
     wait_until(lambda: info(srv), 20, "server answering")
     running = [

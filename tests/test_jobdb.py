@@ -91,8 +91,10 @@ def test_submit_get_public(db: JobDB) -> None:
         "after",
         "waiting_for",
         "warnings",
+        "resumes",
     }
     assert pub["after"] == [] and pub["waiting_for"] == [] and pub["warnings"] == []
+    assert pub["resumes"] == 0
     assert db.mark_starting(job)
     assert db.public(db.get(job))["state"] == "queued"  # 'starting' is internal
     assert db.get(12345) is None
@@ -393,3 +395,35 @@ def test_outputs_are_listed_with_sizes_and_older_rows_still_read(db: JobDB) -> N
         {"path": "x.oct", "size": None},
         {"path": "x.hdr", "size": None},
     ]
+
+
+def test_interrupt_queues_again_at_most_max_resumes_times(db: JobDB) -> None:
+    job = submit(db)
+    for n in range(1, jobdb.MAX_RESUMES + 1):
+        assert db.mark_starting(job) and db.claim(job, 4242)
+        db.update_progress(job, current_step=1 if n < 3 else 0, pgid_children=4243)
+        assert db.interrupt(job, "the worker died", resume=True) == "queued"
+        row = db.get(job)
+        assert row.state == "queued" and row.resumes == n and row.resume_step == 1
+        assert row.pid is None and row.pgid_children is None and row.cancel_request is None
+        assert row.reason == "resuming: the worker died" and row.events == ["resumed"] * n
+        # Exactly once: a second recorder (the executor after the procwrap) changes nothing.
+        assert db.interrupt(job, "again", resume=True) is None
+        assert db.get(job).resumes == n
+    assert db.mark_starting(job) and db.claim(job, 4242)
+    assert db.interrupt(job, "the worker died", resume=True) == "interrupted"
+    row = db.get(job)
+    assert row.state == "interrupted" and row.resumes == jobdb.MAX_RESUMES
+    assert row.reason == "the worker died; not resumed again: it was resumed 3 times already"
+    assert db.event_counts()["resumed"] == jobdb.MAX_RESUMES
+
+
+def test_interrupt_without_resume_or_after_a_cancel_ends_interrupted(db: JobDB) -> None:
+    plain, cancelled = submit(db), submit(db)
+    for job in (plain, cancelled):
+        assert db.mark_starting(job) and db.claim(job, 4242)
+    assert db.interrupt(plain, "lost", resume=False) == "interrupted"
+    assert db.get(plain).reason == "lost" and db.get(plain).resumes == 0
+    db.request_cancel(cancelled, "cancel")
+    assert db.interrupt(cancelled, "lost", resume=True) == "interrupted"
+    assert db.get(cancelled).resumes == 0 and db.get(cancelled).events == []

@@ -272,6 +272,9 @@ def test_more_jobs_than_cpus_queue_and_all_finish(server: Any, rayhome: RayHome)
 
 def test_restart_with_jobs_queued(server_factory: Any, rayhome: RayHome) -> None:
     rayhome.write_hosts(f'testhost 1 projects="{rayhome.projects}"\n')
+    # As before resume: the interrupted job stays interrupted (tests/test_resume.py resumes).
+    conf = rayhome.path / "config" / "rayserver.toml"
+    conf.write_text(conf.read_text() + "resume_interrupted = false\n")
     make_project(rayhome)
     srv = server_factory("-f")
     wait_until(lambda: answering(srv), 20, "server answering")

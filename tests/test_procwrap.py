@@ -365,9 +365,11 @@ def test_sigterm_without_request_is_interrupted(db: JobDB, home: Path, tmp_path:
         while db.get(job)["current_step"] != 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(15) == procwrap.EXIT_INTERRUPTED
+        # Interrupted, so queued again to resume at its rpict step (resume_interrupted).
+        assert proc.wait(15) == procwrap.EXIT_RESUMED
         row = db.get(job)
-        assert row["state"] == "interrupted" and "SIGTERM" in row["reason"], row
+        assert row["state"] == "queued" and "SIGTERM" in row["reason"], row
+        assert row.resumes == 1 and row.resume_step == 2 and row.pid is None, row
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

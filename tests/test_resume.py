@@ -43,7 +43,9 @@ def _lamps() -> str:
     )
     for i in range(8):
         for j in range(8):
-            text += f"bright sphere l{i}{j} 0 0 4 {0.3 + i * 0.45:.2f} {0.3 + j * 0.45:.2f} 2.9 .04\n"
+            text += (
+                f"bright sphere l{i}{j} 0 0 4 {0.3 + i * 0.45:.2f} {0.3 + j * 0.45:.2f} 2.9 .04\n"
+            )
     return text
 
 

@@ -41,8 +41,18 @@ from rayserver.jobs.scheduler import Scheduler
 SLOW = ["-x", "800", "-y", "800", "-ab", "2", "-ad", "2048", "-as", "512"]
 
 
-def live(cpus: int, grace: float = 1.0) -> SimpleNamespace:
-    return SimpleNamespace(record=SimpleNamespace(cpus=cpus), settings=Settings(cancel_grace=grace))
+def live(cpus: int, grace: float = 1.0, resume: bool = False) -> SimpleNamespace:
+    settings = Settings(cancel_grace=grace, resume_interrupted=resume)
+    return SimpleNamespace(record=SimpleNamespace(cpus=cpus), settings=settings)
+
+
+def set_resume(layout: Layout, resume: bool) -> None:
+    """The procwraps read resume_interrupted from the home's settings file."""
+    conf = layout.home / "config" / "rayserver.toml"
+    text = "\n".join(
+        line for line in conf.read_text().splitlines() if "resume_interrupted" not in line
+    )
+    conf.write_text(f"{text}\nresume_interrupted = {'true' if resume else 'false'}\n")
 
 
 @pytest.fixture
@@ -65,9 +75,13 @@ def db(layout: Layout) -> Iterator[JobDB]:
 class Engine:
     """A fork server, its client and a scheduler, as the worker wires them."""
 
-    def __init__(self, layout: Layout, db: JobDB, cpus: int, grace: float = 1.0) -> None:
+    def __init__(
+        self, layout: Layout, db: JobDB, cpus: int, grace: float = 1.0, resume: bool = False
+    ) -> None:
+        # Without resume (the default here), as before resume_interrupted: interrupted.
+        set_resume(layout, resume)
         self.handle = ForkServer.start(layout, db.path, Settings(cancel_grace=grace))
-        self.sched = Scheduler(layout, db, live(cpus, grace), self.handle)
+        self.sched = Scheduler(layout, db, live(cpus, grace, resume), self.handle)
         self.local = self.sched.executors["local"]
         self.client = self.local.fork  # the fork server client the local executor made
 
@@ -178,21 +192,27 @@ def test_cancel_queued_and_running(layout: Layout, db: JobDB, tmp_path: Path) ->
     assert db.public(db.get(running))["cancel_requested"] is True
 
 
+@pytest.mark.parametrize("resume", [False, True])
 def test_shutdown_interrupts_running_and_keeps_queued(
-    layout: Layout, db: JobDB, tmp_path: Path
+    layout: Layout, db: JobDB, tmp_path: Path, resume: bool
 ) -> None:
     proj = make_project(tmp_path)
     running = submit(db, proj, render_steps(SLOW, out="slow.hdr"), layout.home)
     queued = submit(db, proj, render_steps(out="later.hdr"), layout.home)
 
     async def go() -> None:
-        async with Engine(layout, db, cpus=1):
+        async with Engine(layout, db, cpus=1, resume=resume):
             await wait_for(lambda: db.get(running)["current_step"] == 2, what="rpict")
         # __aexit__ ran shutdown()
 
     asyncio.run(go())
     row = db.get(running)
-    assert row["state"] == "interrupted" and "shut down" in row["reason"], row
+    if resume:  # queued again, to continue at its rpict step at the next start
+        assert row.state == "queued" and row.resumes == 1 and row.resume_step == 2, row
+        assert row.reason == "resuming: the server shut down while the job ran", row
+        assert row.events == ["resumed"] and row.cancel_request is None
+    else:
+        assert row["state"] == "interrupted" and "shut down" in row["reason"], row
     assert db.get(queued)["state"] == "queued"
 
 

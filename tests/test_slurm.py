@@ -20,10 +20,11 @@ import pytest
 from services import problem
 
 from rayserver.common.settings import Settings
-from rayserver.jobs.executors.slurm import batch_script
+from rayserver.jobs.executors.slurm import SlurmExecutor, batch_script
 from rayserver.jobs.executors.slurmcli import (
     SlurmCommands,
     SlurmError,
+    SlurmJob,
     base_state,
     cluster_info,
     final_state,
@@ -31,6 +32,7 @@ from rayserver.jobs.executors.slurmcli import (
     parse_exit_code,
     parse_scontrol_record,
 )
+from rayserver.jobs.jobdb import JobDB
 
 # Needs the cluster: skips with sinfo's reason without one, fails under CI=true (services.py).
 needs_slurm = pytest.mark.slurm
@@ -82,6 +84,33 @@ def test_exit_code_and_states() -> None:
     assert final_state("SOMETHING_NEW")[0] == "failed"
     with pytest.raises(ValueError, match="not final"):
         final_state("PENDING")
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_job_slurm_lost_is_queued_again_to_resume(tmp_path: Path, resume: bool) -> None:
+    """The record the poll writes for a job Slurm no longer knows (real JobDB; no Slurm
+    command runs here: the SlurmCommands object is never called on this path)."""
+    db = JobDB(tmp_path / "srvstate" / "jobs.sqlite3")
+    job = db.submit(
+        name=None, priority=0, client="c", location="l", project="p", workdir=str(tmp_path),
+        steps=[{"program": "rpict", "path": "/bin/true", "args": []}], env={},
+        executor="slurm",
+    )  # fmt: skip
+    assert db.mark_starting(job) and db.claim(job, 4242, from_states=("starting",))
+    db.set_external_id(job, "77")
+    ex = SlurmExecutor(db, Settings(resume_interrupted=resume), commands=SlurmCommands(""))
+    assert ex._record_from_slurm(db.get(job), None)
+    row = db.get(job)
+    assert "Slurm no longer knows job 77" in row.reason
+    if resume:
+        assert row.state == "queued" and row.resumes == 1 and row.events == ["resumed"], row
+    else:
+        assert row.state == "interrupted" and row.resumes == 0, row
+    # Node failures are interruptions too.
+    if resume:
+        assert db.mark_starting(job) and db.claim(job, 4243)
+        assert ex._record_from_slurm(db.get(job), SlurmJob("77", "NODE_FAIL"))
+        assert db.get(job).state == "queued" and db.get(job).resumes == 2
 
 
 def test_batch_script_execs_the_procwrap(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ database, so a new worker picks up where a crashed one stopped:
   procwrap claims its row first, the reset loses, and the other way round);
 - each executor then adopts what it left running (see
   :mod:`rayserver.jobs.executors.local`: a live procwrap is polled, a dead
-  one's job is marked ``interrupted`` with the reason; Slurm jobs are found
-  again by their Slurm id).
+  one's job is marked ``interrupted`` with the reason, or queued again to
+  resume (``resume_interrupted``, :meth:`JobDB.interrupt`); Slurm jobs are
+  found again by their Slurm id).
 
 How a job runs is its executor's business (one protocol,
 :class:`rayserver.jobs.executors.base.Executor`): every server has the local
