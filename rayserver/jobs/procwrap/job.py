@@ -302,12 +302,23 @@ class Job:
 
     def resumed(self, idx: int, step: StepSpec) -> StepSpec:
         """The interrupted step as it runs again: continuing its output where it can."""
-        how = resume.plan(step, list(step["args"]), self.workdir)
+        how = resume.plan(step, list(step["args"]), self.workdir, self.dry_run)
         self.log(f"rayserver: step {idx + 1}: {how.note}\n")
         if how.restart:
             self.event("resume_restart")
         self.resume_named = how.named
+        if how.sh is not None:  # rad's recover, then rad: a shell step
+            return {**step, "program": "sh", "path": "/bin/sh", "args": how.args, "sh": how.sh}
         return {**step, "args": how.args, "stdout": how.stdout}
+
+    def dry_run(self, argv: list[str]) -> str | None:
+        """``argv``'s standard output, run in the job's box (None when it failed)."""
+        try:
+            returncode, out = self.capture(argv, DRY_RUN_TIMEOUT)
+        except (OSError, SandboxError, TimeoutError) as exc:
+            self.log(f"rayserver: {argv[0]} failed: {exc}\n")
+            return None
+        return out.decode("utf-8", "replace") if returncode == 0 else None
 
     def box_note(self) -> str:
         if self.box is None:

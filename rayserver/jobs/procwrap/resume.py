@@ -12,9 +12,14 @@ and runs the one it was in again, so:
   picture is the step's stdout file or its ``-o`` file. Only a file that holds a
   complete header and resolution line is recovered; anything else, and
   rpict's sequence and persist modes, start over.
-- rad: as it was. rad finds the ``.unf`` file of its interrupted render,
-  newer than the octree, and runs ``rpict -ro`` on it itself (rad.c); rad
-  never removes an ``.unf`` it recovers from.
+- rad: rad's own recovery. Run again, rad finds the ``.unf`` picture of its
+  interrupted render (newer than the octree) and would run ``rpict -ro`` on
+  it (rad.c), which Radiance 6.0a cannot do in the job's sandbox (see
+  :func:`set_aside`). So the commands ``rad -n`` prints up to that view's
+  ``pfilt`` and ``rm`` run first, as a shell step, with the ``-ro`` render
+  turned into the recover described above, and then rad itself, which
+  finds those views done and renders the rest. rad never removes a
+  ``.unf`` it recovers from, and a rad without one just runs again.
 - anything else: started over.
 """
 
@@ -23,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rayserver.jobs.procwrap.confine import (
@@ -47,17 +54,25 @@ class StepPlan:
     note: str  # for the job's log: how it continues
     restart: bool  # True: from scratch (the job's resume_restart event)
     named: list[str] = field(default_factory=list)  # files the step writes by name
+    sh: str | None = None  # the step becomes this shell script (rad's recover, then rad)
 
 
-def plan(step: StepSpec, args: list[str], workdir: str) -> StepPlan:
-    """How ``step`` (with ``args`` as it would run) continues in ``workdir``."""
+def plan(
+    step: StepSpec,
+    args: list[str],
+    workdir: str,
+    dry_run: Callable[[list[str]], str | None] | None = None,
+) -> StepPlan:
+    """How ``step`` (with ``args`` as it would run) continues in ``workdir``.
+
+    ``dry_run(argv)``: the standard output of ``argv`` run in the job's box
+    (None when it failed); rad's plan needs its ``rad -n``.
+    """
     program = step["program"]
     if program == "rpict" and "sh" not in step and "script" not in step:
         return _rpict(step, args, workdir)
-    if program == "rad":
-        return StepPlan(
-            args, step.get("stdout"), "rad runs again and recovers its .unf picture", False
-        )
+    if program == "rad" and dry_run is not None:
+        return _rad(step, args, workdir, dry_run)
     return restart(step, args, f"{program} cannot continue its output")
 
 
@@ -135,3 +150,74 @@ def picture_started(workdir: str, rel: str) -> bool:
         return False
     end = head.find(b"\n\n")
     return end >= 0 and _RESOLUTION.match(head, end + 2) is not None
+
+
+# Commands rad runs after a view's render, to make its picture of the .unf file.
+_RAD_AFTER = ("pfilt", "rm", "mv", "pcompos", "pcomb")
+
+
+def _rad(
+    step: StepSpec, args: list[str], workdir: str, dry_run: Callable[[list[str]], str | None]
+) -> StepPlan:
+    from rayserver.jobs.procwrap.progress import rad_dry_run_args
+
+    text = dry_run([step["path"], *rad_dry_run_args(args)])
+    if text is None:
+        return restart(step, args, "rad's dry run failed, so rad runs again as it is")
+    lines = [line.strip() for line in text.splitlines() if line.startswith("\t")]
+    renders = [i for i, line in enumerate(lines) if _is_recover(line)]
+    if not renders:
+        return StepPlan(args, step.get("stdout"), "rad runs again (no render to recover)", False)
+    end = renders[-1] + 1
+    end += len(_following(lines, end))
+    script, recovered = [], []
+    for line in lines[:end]:
+        if not _is_recover(line):
+            script.append(line)
+            continue
+        recover, unf = _rad_recover(shlex.split(line), workdir)
+        if recover is None:  # nothing worth recovering: rad renders that view afresh
+            return restart(step, args, f"rad's {unf} holds no complete header")
+        script.append(recover)
+        recovered.append(unf)
+    text = "\n".join(["set -e", *script, f"exec {shlex.join([step['path'], *args])}", ""])
+    note = f"rad's render of {', '.join(recovered)} is recovered (rpict -r), then rad goes on"
+    return StepPlan(["-c", text], step.get("stdout"), note, False, named=recovered, sh=text)
+
+
+def _is_recover(line: str) -> bool:
+    words = line.split()
+    return words[:1] == ["rpict"] and "-ro" in words[:-1]
+
+
+def _rad_recover(words: list[str], workdir: str) -> tuple[str | None, str]:
+    """rad's ``rpict ... -ro FILE.unf OCTREE`` as the recover that works in the box.
+
+    A ``.unf`` without a complete header is removed, so rad renders it afresh.
+    """
+    at = words.index("-ro")
+    unf = words[at + 1]
+    try:
+        aside = set_aside(workdir, unf)
+        if aside is None:
+            dir_fd, last = open_parent_confined(workdir, unf)
+            try:
+                os.unlink(last, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+    except (ConfinementError, OSError):
+        aside = None
+    if aside is None:
+        return None, unf
+    rest = [*words[1:at], *words[at + 2 :]]
+    return f"rpict -r {shlex.quote(aside)} {shlex.join(rest)} > {shlex.quote(unf)}", unf
+
+
+def _following(lines: list[str], start: int) -> list[str]:
+    """The commands right after a render that turn its .unf into the picture."""
+    out = []
+    for line in lines[start:]:
+        if line.split(" ", 1)[0] not in _RAD_AFTER:
+            break
+        out.append(line)
+    return out
