@@ -66,6 +66,23 @@ def test_preview_of_a_running_render(server: Any) -> None:
     assert fetch(server, f"/v1/jobs/{job['id']}/preview.png")[0] == 409
 
 
+def test_preview_of_a_running_rad_render(server: Any) -> None:
+    """rad renders into <PICTURE>_<view>.unf (its log says so) before pfilt: that is shown."""
+    project = make_project(server.home)
+    (project / "r.rif").write_text(
+        "scene= scene.rad\nOCTREE= r.oct\nPICTURE= r\nRESOLUTION= 240\nQUALITY= low\n"
+        "view= w -vp 2 -1 2 -vd 0 1 -0.5 -vh 60 -vv 45\nrender= -ab 1 -aa 0 -ad 1000\n"
+    )
+    job = submit(server, [{"program": "rad", "args": ["r.rif"]}])
+    try:
+        done, height, png = _rows_so_far(server, job["id"], 0, 90)
+        assert 0 < done < height and len(png_rows(png)) == height
+        assert (project / "r_w.unf").exists() and not (project / "r_w.hdr").exists()
+    finally:
+        server.request("DELETE", f"/v1/jobs/{job['id']}")
+    assert wait_final(server, job["id"])["state"] == "cancelled"
+
+
 ROOM = """\
 skyfunc glow sky_glow 0 0 4 .9 .9 1.15 0
 sky_glow source sky 0 0 4 0 0 1 180

@@ -261,6 +261,24 @@ def _is_rad(step: StepSpec) -> bool:
     return Path(program).name == "rad"
 
 
+# rad renders each view into <PICTURE>_<view>.unf ("rpict ... > x.unf", or "-ro x.unf"
+# when it recovers one) before pfilt makes the .hdr: a running rad step's picture so far.
+_LOG_UNFILTERED = re.compile(r">\s*([^\s>|;&]+\.unf)\s*$|\s-ro\s+([^\s>|;&]+\.unf)\s", re.MULTILINE)
+
+
+def rad_picture_so_far(row: JobRow, log_text: str) -> Path | None:
+    """The unfiltered picture a running rad step renders now (the last one its log names)."""
+    names = [m[1] or m[2] for m in _LOG_UNFILTERED.finditer(log_text)]
+    for name in reversed(names):
+        try:
+            path = resolve_output(Path(row.workdir), name)
+        except PreviewError:
+            continue
+        if is_picture(path):
+            return path
+    return None
+
+
 def step_pictures(row: JobRow, index: int, log_text: str = "") -> list[Path]:
     """Real paths of the Radiance pictures step ``index`` of a job wrote, best first.
 
@@ -626,6 +644,15 @@ def _parse_int(value: str, what: str, minimum: int) -> int:
     return int(value)
 
 
+def _pictures_so_far(ctx: Any, row: JobRow, index: int) -> list[Path]:
+    """A running step's picture candidates: a rad step's .unf being rendered first."""
+    if not _is_rad(row.steps[index]):
+        return step_pictures(row, index)
+    log_text = _job_log(ctx, row.id)
+    unfiltered = rad_picture_so_far(row, log_text)
+    return [unfiltered] if unfiltered else step_pictures(row, index, log_text)
+
+
 async def _running_preview(
     request: web.Request, ctx: Any, row: JobRow, step: int | None
 ) -> web.Response:
@@ -635,7 +662,7 @@ async def _running_preview(
         raise PreviewError(404, f"job {row.id} has no step {index}")
     if index > max(0, int(row.current_step or 1) - 1):
         raise PreviewError(404, f"step {index} of job {row.id} has not started yet")
-    pictures = await asyncio.to_thread(step_pictures, row, index)
+    pictures = await asyncio.to_thread(_pictures_so_far, ctx, row, index)
     try:
         if not pictures:
             raise PreviewError(204, "no picture yet")
