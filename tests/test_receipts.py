@@ -312,9 +312,10 @@ def test_reproduce_on_another_server(tmp_path: Path) -> None:
         cluster.stop()
 
 
-def test_large_input_hash_cache_sees_a_change_behind_a_restored_mtime(tmp_path: Path) -> None:
+def test_input_hashing_cache_confinement_and_size_limit(tmp_path: Path) -> None:
     """An input of 1 MiB or more is hashed once while unchanged; rewritten in place with the
-    same size and its mtime set back, its ctime still tells, and it is hashed anew.
+    same size and its mtime set back, its ctime still tells, and it is hashed anew. Nothing
+    outside the project is read; a sparse giant is listed by size.
     (Only the procwrap's job folder is needed here: a namespace stands in for the Job.)"""
     from types import SimpleNamespace
 
@@ -323,7 +324,9 @@ def test_large_input_hash_cache_sees_a_change_behind_a_restored_mtime(tmp_path: 
     (tmp_path / "jobs" / "1").mkdir(parents=True)
     big = tmp_path / "big.oct"
     big.write_bytes(b"a" * (2 << 20))
-    job = SimpleNamespace(job_dir=tmp_path / "jobs" / "1")
+    job = SimpleNamespace(
+        job_dir=tmp_path / "jobs" / "1", outputs=SimpleNamespace(root=str(tmp_path))
+    )
     first = procwrap_receipt.Receipt()
     before = first.input_hash(job, str(big))["sha256"]
     assert before == _sha(big)
@@ -341,6 +344,18 @@ def test_large_input_hash_cache_sees_a_change_behind_a_restored_mtime(tmp_path: 
     assert big.stat().st_mtime_ns == stat.st_mtime_ns and big.stat().st_size == stat.st_size
     after = procwrap_receipt.Receipt().input_hash(job, str(big))["sha256"]
     assert after == _sha(big) and after != before
+    # Nothing outside the project is read: a symlink out is no input, and one swapped in
+    # after the check (simulated: hashed by the outside name) is refused by the confined open.
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("secret\n")
+    (tmp_path / "link.txt").symlink_to(outside)
+    job.workdir = str(tmp_path)
+    collecting = procwrap_receipt.Receipt()
+    collecting._add_input(job, 0, "link.txt", "argument", set())
+    assert collecting.inputs == {}
+    refused = procwrap_receipt._project_hash(str(tmp_path), str(outside))
+    assert "sha256" not in refused and "not read" in refused["error"], refused
+    outside.unlink()
     # A sparse file claiming more than HASH_LIMIT_BYTES is listed by size, not read through.
     sparse = tmp_path / "sparse.dat"
     with open(sparse, "wb") as fh:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from rayserver.common import receipt as rc
 from rayserver.common.paths import hostname
+from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
 
 if TYPE_CHECKING:
     from rayserver.jobs.procwrap.job import Job
@@ -74,14 +75,14 @@ class Receipt:
         if st.st_size > HASH_LIMIT_BYTES:
             return {"size": st.st_size, "error": f"not hashed: over {HASH_LIMIT_BYTES >> 30} GiB"}
         if st.st_size < CACHED_INPUT_BYTES:
-            return _hash(path)
+            return _project_hash(job.outputs.root, path)
         key = (
             f"{CACHE_VERSION}|file|{os.path.realpath(path)}|{st.st_ino}|{st.st_size}|"
             f"{st.st_mtime_ns}|{st.st_ctime_ns}"
         )
         cached = self.cache(job).get(key)
         if cached is None:
-            cached = _hash(path)
+            cached = _project_hash(job.outputs.root, path)
             self.cache(job).put(key, cached)
         return cached
 
@@ -166,7 +167,10 @@ class Receipt:
             return
         path = os.path.join(job.outputs.root, rel)
         entry: dict[str, Any] = {"path": rel, "role": role, "step": idx + 1}
-        entry.update(self.input_hash(job, path) if role != "ambient" else _hash(path))
+        ambient = role == "ambient"
+        entry.update(
+            _project_hash(job.outputs.root, path) if ambient else self.input_hash(job, path)
+        )
         (self.ambient if role == "ambient" else self.inputs)[rel] = entry
         if role != "ambient" and rel.endswith(".oct"):
             self._octree_sources(job, idx, rel, path, written)
@@ -249,11 +253,35 @@ def _hash(path: str) -> dict[str, Any]:
     return {"sha256": digest, "size": size}
 
 
+def _project_hash(root: str, path: str) -> dict[str, Any]:
+    """sha256 and size of a project file, opened as open_confined opens a step's stdin.
+
+    Its real path is checked to be inside the project first (:func:`_inside`); opening
+    that path component by component without following links means a symlink swapped
+    in meanwhile (by a job beside this one) cannot make us read a file outside.
+    """
+    real_root = os.path.realpath(root)
+    rel = os.path.relpath(os.path.realpath(path), real_root)
+    try:
+        fd = open_confined(real_root, rel, write=False)
+    except ConfinementError as exc:
+        return {"error": f"not read: {exc}"}
+    except OSError as exc:
+        return {"error": f"cannot read it: {exc.strerror or exc}"}
+    try:
+        digest, size = rc.sha256_file(fd)  # (closes fd)
+    except OSError as exc:
+        return {"error": f"cannot read it: {exc.strerror or exc}"}
+    return {"sha256": digest, "size": size}
+
+
 def _outputs(job: Job) -> list[dict[str, Any]]:
     out = []
     for item in job.outputs.outputs():
         entry: dict[str, Any] = {"path": item["path"]}
-        entry.update(_hash(os.path.join(job.outputs.root, str(item["path"]))))
+        entry.update(
+            _project_hash(job.outputs.root, os.path.join(job.outputs.root, str(item["path"])))
+        )
         out.append(entry)
     return out
 
