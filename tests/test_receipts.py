@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from jobtools import (
     BIN,
     SCENE,
     VIEW,
+    get,
     make_project,
     rad_env,
     rayfront,
@@ -30,6 +32,7 @@ from jobtools import (
     rpict,
     submit,
     wait_final,
+    wait_until,
 )
 from test_openapi import document, response_validator
 
@@ -274,6 +277,10 @@ def test_sampling_verdicts_from_argv_and_the_binaries_defaults(rayhome: RayHome)
         ("v.vf", "argument"),
         ("s.oct", "argument"),
     ]
+    assert named_files(["rpict", "-r", ".x.hdr.resume", "-vf", "v.vf", "s.oct"])[0] == (
+        "v.vf",
+        "argument",
+    )
     proj = make_project(rayhome)
     assert octree_sources(proj / "scene.oct") == ["scene.rad"]
 
@@ -391,3 +398,38 @@ def test_shell_step_receipt_and_reproduction(server: Any) -> None:
     assert [o["path"] for o in receipt["outputs"]] == ["out.dat"]
     summary = rayfront_json(home, "reproduce", str(job["id"]), cwd=proj)
     assert summary["matches"] and summary["outputs"][0]["note"] == "byte-identical", summary
+
+
+def test_resumed_job_keeps_the_interrupted_runs_receipt(
+    server_factory: Any, rayhome: RayHome
+) -> None:
+    """A render interrupted by a server shutdown writes its receipt; the run that resumes it
+    (the next server's) keeps that one under previous_runs, seed seconds and all."""
+    make_project(rayhome)
+    srv = server_factory("-f")
+    wait_until(lambda: _answers(srv), 20, "server answering")
+    job_id = submit(srv, [rpict(300, "-ab", "2", "-ad", "256", "-aa", "0")])["id"]
+    wait_until(lambda: get(srv, job_id)["state"] == "running", 60, "the render running")
+    time.sleep(0.5)
+    os.killpg(srv.proc.pid, signal.SIGTERM)
+    srv.proc.wait(60)
+    first = json.loads(
+        (rayhome.path / "srvstate" / "jobs" / str(job_id) / "receipt.json").read_text()
+    )
+    assert first["job"]["state"] == "interrupted", first["job"]
+    again = server_factory("-f")
+    wait_until(lambda: _answers(again), 20, "second server answering")
+    job = wait_final(again, job_id, 240)
+    assert job["state"] == "done" and job["resumes"] == 1, job
+    receipt = _receipt(again, job_id)
+    (earlier,) = receipt["previous_runs"]
+    assert earlier["job"]["state"] == "interrupted"
+    assert earlier["steps"][0]["seed_second"] <= receipt["steps"][0]["seed_second"]
+    assert receipt["job"]["state"] == "done"
+
+
+def _answers(srv: Any) -> bool:
+    try:
+        return srv.request("GET", "/v1/info", timeout=2)[0] == 200
+    except OSError:
+        return False

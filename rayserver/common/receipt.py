@@ -34,6 +34,7 @@ SAMPLING_PROGRAMS = frozenset(
 ALWAYS_SAMPLING = frozenset({"rcontrib", "rfluxmtx", "mkpmap", "rsensor"})
 # Options whose value is a file the program writes, never an input.
 OUTPUT_OPTIONS = frozenset({"-o", "-ro", "-af", "-afi", "-ape"})
+_PICTURE_PROGRAMS = frozenset({"rpict", "rtpict", "rpiece"})
 # oconv's options and how many values follow each (-i's value is an input octree).
 _OCONV_VALUES = {"-r": 1, "-n": 1, "-b": 4, "-i": 0, "-f": 0, "-w": 0}
 
@@ -96,14 +97,16 @@ def named_files(argv: list[str]) -> list[tuple[str, str]]:
 
     Roles: ``argument`` (a plain word), ``options file`` (``@file``, read by
     Radiance's expandarg), ``ambient`` (the value of ``-af``: read and written).
-    Values of options that name outputs (``-o``, ``-ro``) are left out; which
+    Values of options that name outputs (``-o``, ``-ro``, rpict's recover file ``-r``:
+    the picture a resumed render continues) are left out; which
     of the rest are files is for the caller to find out (they must exist).
     """
     out: list[tuple[str, str]] = []
     words = argv[1:]
+    recovers = bool(argv) and os.path.basename(argv[0]) in _PICTURE_PROGRAMS
     for i, word in enumerate(words):
         before = words[i - 1] if i else ""
-        if before in OUTPUT_OPTIONS:
+        if before in OUTPUT_OPTIONS or (recovers and before == "-r"):
             if before == "-af":
                 out.append((word, "ambient"))
             continue
@@ -145,7 +148,6 @@ def _last_bool(argv: list[str], option: str, default: bool) -> bool:
 # own -defaults listing does not say (rpict lists -u-, rtrace and rcontrib -u+).
 SAMPLING_OPTIONS = ("-u", "-ab", "-dj", "-ss", "-pj")
 FALLBACK_DEFAULTS = {"-u": "+", "-ab": "0", "-dj": "0", "-ss": "1", "-pj": "0.67"}
-_PICTURE_PROGRAMS = frozenset({"rpict", "rtpict", "rpiece"})
 
 
 def option_defaults(defaults_text: str) -> dict[str, str]:

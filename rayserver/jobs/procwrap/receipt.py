@@ -480,9 +480,28 @@ def write_safely(job: Job, state: str, reason: str | None) -> None:
         job.warn(f"receipt incomplete: {error}")
     if job.job_dir is None:
         return
+    path = job.job_dir / rc.RECEIPT_FILE
     try:
-        write_atomic(job.job_dir / rc.RECEIPT_FILE, receipt.document(job, state, reason))
+        document = receipt.document(job, state, reason)
+        document["previous_runs"] = _previous_runs(path)
+        write_atomic(path, document)
     except Exception as exc:  # noqa: BLE001 - the job's result stands without its receipt
         job.warn(f"receipt not written: {exc}")
     with contextlib.suppress(Exception):  # a cache not saved only costs a hash next time
         receipt.cache(job).save()
+
+
+def _previous_runs(path: Path) -> list[dict[str, Any]]:
+    """The earlier runs of a job run again (resumed after an interruption): their receipts.
+
+    Each keeps its steps' seed seconds and its inputs as that run read them; the
+    receipt of the run that finished the job is the one on top.
+    """
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(earlier, dict):
+        return []
+    runs = earlier.pop("previous_runs", None)
+    return [*(runs if isinstance(runs, list) else []), earlier]
