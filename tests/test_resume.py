@@ -194,3 +194,63 @@ def test_rad_killed_half_way_recovers_its_unf(
     assert not (proj / "cut_a.unf").exists() and not (proj / ".cut_a.unf.resume").exists()
     assert pixels(proj / "cut_a.hdr") == pixels(proj / "full_a.hdr")
     saved(capsys, "rad", full, job, killed, after_kill)
+
+
+def grid_step(out: str) -> dict[str, Any]:
+    # Irradiance at sensor points; no random numbers (EXACT but rpict's -pj, -ps).
+    args = ["-I", "-u-", "-ab", "0", "-dj", "0", "-ds", "0", "-dt", "0", "scene.oct"]
+    return {"program": "rtrace", "args": args, "stdin": "points.txt", "stdout": out}
+
+
+def test_grid_killed_half_way_answers_only_the_missing_rays(
+    server: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proj = make_lamps(rayhome)
+    side = 300  # 90,000 sensor points on the floor, facing up
+    with open(proj / "points.txt", "w") as fh:
+        for i in range(side):
+            fh.writelines(
+                f"{0.1 + 3.8 * i / side:.4f} {0.1 + 3.8 * j / side:.4f} 0.01 0 0 1\n"
+                for j in range(side)
+            )
+    full = wait_final(server, submit(server, [grid_step("full.dat")], project="lamps")["id"])
+    assert full["state"] == "done", (full, _log(rayhome, full["id"]))
+    cut_id = submit(server, [grid_step("cut.dat")], project="lamps")["id"]
+    killed = kill_at_half(server, cut_id)
+    at = time.monotonic()
+    job = wait_final(server, cut_id, 120)
+    after_kill = time.monotonic() - at
+    log = _log(rayhome, cut_id)
+    assert job["state"] == "done" and job["resumes"] == 1, log
+    assert "rtrace goes on after the " in log and "records already in cut.dat" in log, log
+    assert events(rayhome, cut_id) == ["resumed"], log
+    # One header (the first run's: its CAPDATE differs), then the same 90,000 records.
+    cut, whole = ((proj / f).read_bytes().split(b"\n\n", 1) for f in ("cut.dat", "full.dat"))
+    assert cut[1] == whole[1] and cut[1].count(b"\n") == side * side
+    assert (proj / "cut.dat").read_bytes().count(b"#?RADIANCE") == 1
+    saved(capsys, "rtrace grid", full, job, killed, after_kill)
+
+
+def _log(home: RayHome, job_id: int) -> str:
+    return (home.path / "srvstate" / "jobs" / str(job_id) / "log").read_text()
+
+
+def test_which_grids_resume_and_where(tmp_path: Path) -> None:
+    """gridresume's decisions on real files (no server): records counted, rays skipped."""
+    from rayserver.jobs.procwrap import gridresume
+
+    assert gridresume.unsafe("rtrace", ["-I", "-h", "x.oct"]) is None
+    assert gridresume.unsafe("rtrace", ["-ffa", "x.oct"]) is None  # float rays, text records
+    assert "not ascii" in gridresume.unsafe("rtrace", ["-faf", "x.oct"])
+    assert "several lines" in gridresume.unsafe("rtrace", ["-ovt", "x.oct"])
+    assert "picture" in gridresume.unsafe("rtrace", ["-x", "10", "x.oct"])
+    assert gridresume.unsafe("rcontrib", ["-f", "klems.cal", "-m", "sky", "x.oct"]) is None
+    assert "own files" in gridresume.unsafe("rcontrib", ["-o", "c_%s.dat", "-m", "s", "x.oct"])
+    assert "accumulates" in gridresume.unsafe("rcontrib", ["-c", "100", "-m", "s", "x.oct"])
+    assert "not ascii" in gridresume.unsafe("rcontrib", ["-fad", "-m", "s", "x.oct"])
+    (tmp_path / "out.dat").write_bytes(b"#?RADIANCE\nFORMAT=ascii\n\n1 2 3\n4 5 6\n7 8")
+    assert gridresume.done_records(str(tmp_path), "out.dat") == (2, 37)
+    (tmp_path / "rays.txt").write_text("0 0 0 0 0 1\n1 1 1\n 0 0 1\n2 2 2 0 0 1\n")
+    assert gridresume.input_offset(str(tmp_path), "rays.txt", "a", 2) == 24
+    assert gridresume.input_offset(str(tmp_path), "rays.txt", "a", 4) is None
+    assert gridresume.input_offset(str(tmp_path), "rays.txt", "f", 1) == 24

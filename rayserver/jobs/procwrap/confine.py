@@ -11,19 +11,21 @@ class ConfinementError(Exception):
     """A stdin/stdout path that would leave the project directory (or is no plain file)."""
 
 
-def open_confined(workdir: str, rel: str, *, write: bool) -> int:
+def open_confined(workdir: str, rel: str, *, write: bool, append: bool = False) -> int:
     """Open ``rel`` inside ``workdir`` without following any symlink; returns an fd.
 
     Raises ConfinementError with a message naming the path and the reason.
-    Writing truncates like the shell's ``>``, but refuses a file with other
-    hard links (one could point outside the project) and anything that is
-    not a regular file.
+    Writing truncates like the shell's ``>`` (``append``: appends like ``>>``),
+    but refuses a file with other hard links (one could point outside the
+    project) and anything that is not a regular file.
     """
     parts = _parts(rel)
     dir_fd = _open_folder(workdir, parts[:-1], rel)
     try:
         flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         flags |= (os.O_WRONLY | os.O_CREAT) if write else os.O_RDONLY
+        if write and append:
+            flags |= os.O_APPEND
         try:
             fd = os.open(parts[-1], flags, 0o666, dir_fd=dir_fd)
         except OSError as exc:
@@ -36,7 +38,7 @@ def open_confined(workdir: str, rel: str, *, write: bool) -> int:
             raise ConfinementError(f"{rel!r}: cannot open: {exc.strerror}") from exc
     finally:
         os.close(dir_fd)
-    _check_opened(fd, rel, write=write)
+    _check_opened(fd, rel, write=write, truncate=not append)
     return fd
 
 
@@ -80,7 +82,7 @@ def _open_folder(workdir: str, folders: list[str], rel: str) -> int:
     return dir_fd
 
 
-def _check_opened(fd: int, rel: str, *, write: bool) -> None:
+def _check_opened(fd: int, rel: str, *, write: bool, truncate: bool = True) -> None:
     """Refuse (closing ``fd``) what is no regular file or, to write, has other hard links."""
     try:
         st = os.fstat(fd)
@@ -92,7 +94,7 @@ def _check_opened(fd: int, rel: str, *, write: bool) -> None:
                 "also live outside the project"
             )
         os.set_blocking(fd, True)
-        if write:
+        if write and truncate:
             os.ftruncate(fd, 0)
     except BaseException:
         os.close(fd)

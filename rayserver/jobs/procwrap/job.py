@@ -73,6 +73,7 @@ class Job:
         self.named: list[str] = []  # files the current step named (stdout, rad's outputs)
         self.resume_named: list[str] = []  # files a resumed step writes by name (rpict -ro)
         self.resuming = False  # the first step to run was interrupted in an earlier run
+        self.resume_io: tuple[int, int] | None = None  # a grid's (stdin offset, stdout kept)
         self.step_env: dict[str, str] = {}  # the current step's environment
         self._neighbours: tuple[list[int], int] = ([], 0)  # jobs that may run beside the step
         self.job_dir: Path | None = None  # the job's folder (log, stream sockets); see run_job
@@ -307,6 +308,7 @@ class Job:
         if how.restart:
             self.event("resume_restart")
         self.resume_named = how.named
+        self.resume_io = (how.offset, how.keep) if how.keep is not None else None
         if how.sh is not None:  # rad's recover, then rad: a shell step
             return {**step, "program": "sh", "path": "/bin/sh", "args": how.args, "sh": how.sh}
         return {**step, "args": how.args, "stdout": how.stdout}
@@ -463,6 +465,7 @@ class Job:
     def open_redirects(self, step: StepSpec) -> tuple[int | None, int | None]:
         """The step's stdin and stdout: files opened confined to the project, stream pipes, or None."""
         stdin_fd = stdout_fd = None
+        resume_io, self.resume_io = self.resume_io, None
         try:
             if is_stream(step.get("stdin")):
                 stdin_fd = self.streams.open_input()
@@ -471,7 +474,12 @@ class Job:
             if is_stream(step.get("stdout")):
                 stdout_fd = self.streams.open_output()
             elif step.get("stdout"):
-                stdout_fd = open_confined(self.workdir, step["stdout"], write=True)
+                append = resume_io is not None
+                stdout_fd = open_confined(self.workdir, step["stdout"], write=True, append=append)
+            if resume_io is not None and stdin_fd is not None and stdout_fd is not None:
+                # A resumed grid: the rays not answered yet, after the records it keeps.
+                os.lseek(stdin_fd, resume_io[0], os.SEEK_SET)
+                os.ftruncate(stdout_fd, resume_io[1])
         except BaseException:
             _close(stdin_fd, stdout_fd)
             self.streams.abort()

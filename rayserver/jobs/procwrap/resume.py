@@ -20,6 +20,8 @@ and runs the one it was in again, so:
   turned into the recover described above, and then rad itself, which
   finds those views done and renders the rest. rad never removes a
   ``.unf`` it recovers from, and a rad without one just runs again.
+- rtrace and rcontrib grids: only the rays without a record in the output
+  (see :mod:`rayserver.jobs.procwrap.gridresume`).
 - anything else: started over.
 """
 
@@ -32,6 +34,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rayserver.jobs.procwrap import gridresume
 from rayserver.jobs.procwrap.confine import (
     ConfinementError,
     open_confined,
@@ -55,6 +58,8 @@ class StepPlan:
     restart: bool  # True: from scratch (the job's resume_restart event)
     named: list[str] = field(default_factory=list)  # files the step writes by name
     sh: str | None = None  # the step becomes this shell script (rad's recover, then rad)
+    offset: int = 0  # grids: where in stdin the rays not yet answered start
+    keep: int | None = None  # grids: the length of stdout to keep and append to
 
 
 def plan(
@@ -73,6 +78,13 @@ def plan(
         return _rpict(step, args, workdir)
     if program == "rad" and dry_run is not None:
         return _rad(step, args, workdir, dry_run)
+    if program in ("rtrace", "rcontrib") and "sh" not in step and "script" not in step:
+        grid = gridresume.plan(step, args, workdir)
+        if isinstance(grid, str):
+            return restart(step, args, grid)
+        note, offset, keep = grid
+        resumed = [*args[:-1], "-h-", *args[-1:]]  # no second header in the middle
+        return StepPlan(resumed, step.get("stdout"), note, False, offset=offset, keep=keep)
     return restart(step, args, f"{program} cannot continue its output")
 
 
