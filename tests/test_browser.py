@@ -314,6 +314,14 @@ def test_farm_section_in_chromium(server: Any, browser_context: Any) -> None:
     assert page.get_by_role("button", name=f"Jobs of {dead}").is_disabled()
     page.locator("#farm-hosts tr").nth(0).get_by_role("button").click()
     poll(page, "#farm-job-list", "l => l.textContent", lambda v: f"#{grid_job['id']}" in v, 15)
+    page.get_by_role("button", name=f"Picture of job {grid_job['id']} on ").click()
+    poll(
+        page,
+        "#farm-picture-img",
+        "i => i.complete && i.src.startsWith('blob:') ? i.naturalWidth : 0",
+        lambda v: bool(v),
+        timeout=15,
+    )
     caption = poll(
         page,
         f"#job-{grid_job['id']} .preview figcaption",

@@ -19,18 +19,19 @@ from typing import Any
 import pytest
 from conftest import RayHome, free_port
 from splittools import TOKEN, Cluster, make_cluster
+from test_dashboard import SCENE, VIEW, png_size
 
 from rayserver.server.farm import PROBE_TIMEOUT
 
 
 def call(home: RayHome, path: str, token: str | None = TOKEN) -> tuple[int, Any]:
     """GET ``path`` from the server of ``home`` (at its own 127.0.0.K address)."""
-    conn = http.client.HTTPConnection(home.host, home.port, timeout=30)
+    conn = http.client.HTTPConnection(home.host, home.port, timeout=90)
     try:
         conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
         resp = conn.getresponse()
         raw = resp.read()
-        return resp.status, json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode()
+        return resp.status, json.loads(raw) if raw[:1] in (b"{", b"[") else raw
     finally:
         conn.close()
 
@@ -80,12 +81,19 @@ def test_farm_lists_every_host_with_its_state(farm: tuple[Cluster, str]) -> None
 def test_farm_jobs_of_another_host(farm: tuple[Cluster, str]) -> None:
     cluster, dead = farm
     first, second = (s.home for s in cluster.servers)
-    (cluster.project / "a.txt").write_text("1 2 3\n")
+    (cluster.project / "s.rad").write_text(SCENE)
     job = {
         "location": "projects",
         "project": "proj",
         "name": "on-two",
-        "steps": [{"program": "rcalc", "args": ["-e", "$1=$1+$2"], "stdin": "a.txt"}],
+        "steps": [
+            {"program": "oconv", "args": ["s.rad"], "stdout": "s.oct"},
+            {
+                "program": "rpict",
+                "args": [*VIEW, "-x", "32", "-y", "32", "s.oct"],
+                "stdout": "p.hdr",
+            },
+        ],
     }
     conn = http.client.HTTPConnection(second.host, second.port, timeout=30)
     conn.request(
@@ -103,6 +111,12 @@ def test_farm_jobs_of_another_host(farm: tuple[Cluster, str]) -> None:
     assert [j["id"] for j in body["jobs"]] == [job_id] and body["jobs"][0]["name"] == "on-two"
     # The caller's token goes along: a wrong one is refused by the other host.
     assert call(first, f"/v1/farm/{cluster.names[1]}/jobs", token="x" * 40)[0] == 401
+    # Its picture, through the first server (the job done first: waited for on its host).
+    assert call(second, f"/v1/jobs/{job_id}?wait=60")[1]["state"] == "done"
+    status, png = call(first, f"/v1/farm/{cluster.names[1]}/jobs/{job_id}/preview.png")
+    assert status == 200 and png_size(png) == (32, 25)  # (square pixels: 50 x 40 degrees)
+    status, body = call(first, f"/v1/farm/{cluster.names[1]}/jobs/{job_id}/grid.png")
+    assert status == 404 and "no sensor grid" in body["error"], body  # that host's answer
     status, body = call(first, f"/v1/farm/{dead}/jobs")
     assert status == 502 and dead in body["error"], body
     status, body = call(first, "/v1/farm/nohost:1/jobs")

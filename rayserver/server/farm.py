@@ -13,6 +13,9 @@ This server's own record is described from its own database, not over HTTP.
 ``GET /v1/farm/{host}/jobs`` passes a job list request (``state``,
 ``limit``, ``before``) on to that host with the caller's own Authorization
 header: a user sees on another host what their token shows them there.
+``GET /v1/farm/{host}/jobs/{id}/preview.png`` and ``.../grid.png`` relay that
+host's picture of one of its jobs the same way (a running render's picture
+so far included).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,7 @@ from aiohttp import web
 
 from rayserver.common.hosts import HostRecord
 from rayserver.common.states import JobState
+from rayserver.server.api import ApiError
 
 log = logging.getLogger("rayserver.server.farm")
 
@@ -39,6 +44,7 @@ _JOB_QUERY = ("state", "limit", "before")
 # A host's answer is read only up to this size: a wrong service at that port
 # must not fill the server's memory.
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
+MAX_PICTURE_BYTES = 32 * 1024 * 1024
 
 FARM_KEY: web.AppKey[Farm] = web.AppKey("farm")
 
@@ -112,8 +118,6 @@ class Farm:
 
     def record(self, name: str) -> HostRecord:
         """The server record called ``name`` (as the farm list names it), else ApiError 404."""
-        from rayserver.server.api import ApiError
-
         for record in self.ctx.live.hosts.servers():
             if record.name == name:
                 return record
@@ -186,34 +190,72 @@ async def farm_hosts(request: web.Request) -> web.Response:
     return web.json_response({"hosts": entries, "checked_at": checked_at})
 
 
-async def farm_jobs(request: web.Request) -> web.Response:
-    """GET /v1/farm/{host}/jobs: that host's GET /v1/jobs, asked with the caller's token."""
-    from rayserver.server.api import ApiError
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
+
+async def _relay(
+    request: web.Request, path: str, keys: tuple[str, ...], limit: int = MAX_ANSWER_BYTES
+) -> web.Response:
+    """GET ``path`` of the request's {host}, with the caller's Authorization; its answer."""
     farm = request.app[FARM_KEY]
     record = farm.record(request.match_info["host"])
-    query = {k: v for k, v in request.query.items() if k in _JOB_QUERY}
     if record == farm.ctx.live.record:
         qs = request.query_string
-        raise web.HTTPTemporaryRedirect("/v1/jobs" + (f"?{qs}" if qs else ""))
-    headers = {"Accept": "application/json"}
+        raise web.HTTPTemporaryRedirect(path + (f"?{qs}" if qs else ""))
+    query = {k: v for k, v in request.query.items() if k in keys}
+    headers = {}
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]
     try:
         base, ssl_arg = farm.base_url(record)
         timeout = aiohttp.ClientTimeout(total=JOBS_TIMEOUT)
         async with farm.session().get(
-            base + "/v1/jobs", params=query, headers=headers, timeout=timeout, ssl=ssl_arg
+            base + path, params=query, headers=headers, timeout=timeout, ssl=ssl_arg
         ) as resp:
-            body = await resp.content.read(MAX_ANSWER_BYTES + 1)
-            status = resp.status
+            body = await _read_capped(resp, limit)
+            status, ctype = resp.status, resp.content_type
+            passed = {
+                k: v for k, v in resp.headers.items() if k.startswith(("X-Preview", "X-Grid"))
+            }
     except Exception as exc:
         raise ApiError(502, f"render host {record.name}: {_describe(exc, JOBS_TIMEOUT)}") from exc
-    if len(body) > MAX_ANSWER_BYTES:
-        raise ApiError(502, f"render host {record.name}: its job list is over 4 MiB")
+    if body is None:
+        raise ApiError(502, f"render host {record.name}: its answer is over {limit} bytes")
     if status >= 500:
         raise ApiError(502, f"render host {record.name} answered {status}")
-    return web.Response(body=body, status=status, content_type="application/json")
+    if ctype not in ("application/json", "image/png"):
+        raise ApiError(502, f"render host {record.name} answered {ctype or 'no type'}")
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **passed}
+    if status == 204:
+        return web.Response(status=204, headers=headers)
+    return web.Response(body=body, status=status, content_type=ctype, headers=headers)
+
+
+async def farm_jobs(request: web.Request) -> web.Response:
+    """GET /v1/farm/{host}/jobs: that host's GET /v1/jobs, asked with the caller's token."""
+    return await _relay(request, "/v1/jobs", _JOB_QUERY)
+
+
+def _picture(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler relaying GET /v1/jobs/{id}/<kind>.png of the request's {host}."""
+
+    async def handler(request: web.Request) -> web.Response:
+        job_id = request.match_info["id"]
+        if not (job_id.isascii() and job_id.isdigit() and len(job_id) <= 18):
+            raise ApiError(400, f"bad job id {job_id!r}: expected a whole number >= 1")
+        path = f"/v1/jobs/{job_id}/{kind}.png"
+        return await _relay(request, path, ("step", "path"), MAX_PICTURE_BYTES)
+
+    return handler
 
 
 def setup_farm(app: web.Application, ctx: Any) -> None:
@@ -227,3 +269,5 @@ def setup_farm(app: web.Application, ctx: Any) -> None:
     app.on_cleanup.append(close)
     app.router.add_get("/v1/farm", farm_hosts)
     app.router.add_get("/v1/farm/{host}/jobs", farm_jobs)
+    for kind in ("preview", "grid"):
+        app.router.add_get(f"/v1/farm/{{host}}/jobs/{{id}}/{kind}.png", _picture(kind))

@@ -14,9 +14,10 @@
   const JOBS_SHOWN = 30;
 
   const $ = (id) => document.getElementById(id);
-  const farm = { timer: null, open: null, busy: false, auth: null };
+  const farm = { timer: null, open: null, busy: false, auth: null, picture: null, blobUrl: null };
+  const PICTURE_RE = /\.(hdr|pic)$/i;
 
-  async function get(path) {
+  async function get(path, as = "json") {
     const token = sessionStorage.getItem(TOKEN_KEY);
     const headers = { Accept: "application/json" };
     if (token) headers["Authorization"] = "Bearer " + token;
@@ -24,6 +25,7 @@
     const timer = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
     try {
       const response = await fetch(path, { headers, cache: "no-store", signal: controller.signal });
+      if (response.ok && as === "response") return response;
       let body = null;
       try { body = await response.json(); } catch (_) { /* not JSON */ }
       if (!response.ok) {
@@ -118,7 +120,50 @@
     const programs = (job.steps || []).map((s) => s.program).join(", ");
     li.append("#" + job.id + (job.name ? " " + job.name : "") + " ", badge,
       " " + (job.user ? job.user + " · " : "") + programs + progress);
+    const kind = pictureKind(job);
+    if (kind && (job.state === "done" || (job.state === "running" && kind === "preview"))) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "secondary";
+      button.textContent = "Picture";
+      button.setAttribute("aria-label", "Picture of job " + job.id + " on " + farm.open.name);
+      button.addEventListener("click", () => {
+        farm.picture = { host: farm.open, job, kind };
+        showPicture();
+      });
+      li.append(" ", button);
+    }
     return li;
+  }
+
+  // preview: a rendering (finished or so far); grid: rtrace over a points file
+  function pictureKind(job) {
+    const steps = job.steps || [];
+    if (steps.some((s) => s.program === "rpict" || s.program === "rad" ||
+        PICTURE_RE.test(s.stdout || ""))) return "preview";
+    if (steps.some((s) => s.program === "rtrace" && typeof s.stdin === "string")) return "grid";
+    return null;
+  }
+
+  async function showPicture() {
+    const { host, job, kind } = farm.picture;
+    const base = host.self ? "/v1/jobs/" : "/v1/farm/" + encodeURIComponent(host.name) + "/jobs/";
+    const caption = $("farm-picture-caption");
+    $("farm-picture").hidden = false;
+    try {
+      const response = await get(base + job.id + "/" + kind + ".png", "response");
+      if (response.status === 204) { caption.textContent = "No picture yet."; return; }
+      const rows = response.headers.get("X-Preview-Rows");
+      const blob = await response.blob();
+      if (farm.blobUrl) URL.revokeObjectURL(farm.blobUrl);
+      farm.blobUrl = URL.createObjectURL(blob);
+      $("farm-picture-img").src = farm.blobUrl;
+      $("farm-picture-img").alt = "Picture of job " + job.id + " on " + host.name;
+      caption.textContent = "Job " + job.id + " on " + host.name +
+        (rows ? ": picture so far, " + rows.replace("/", " of ") + " scanlines" : "");
+    } catch (err) {
+      caption.textContent = "No picture of job " + job.id + ": " + err.message;
+    }
   }
 
   async function showJobs(host, announce) {
@@ -129,6 +174,13 @@
       const body = await get(path);
       const jobs = body.jobs || [];
       list.replaceChildren(...jobs.map(jobItem));
+      // a picture so far is looked at again with each refresh while its job runs
+      const shown = farm.picture && farm.picture.host.name === host.name &&
+        jobs.find((j) => j.id === farm.picture.job.id);
+      if (shown && (shown.state === "running" || farm.picture.job.state === "running")) {
+        farm.picture.job = shown;
+        showPicture();
+      }
       $("farm-jobs-empty").hidden = jobs.length > 0;
       $("farm-jobs-empty").textContent = "No job on " + host.name + ".";
     } catch (err) {
@@ -142,7 +194,9 @@
   function start() {
     $("farm-jobs-close").addEventListener("click", () => {
       farm.open = null;
+      farm.picture = null;
       $("farm-jobs").hidden = true;
+      $("farm-picture").hidden = true;
     });
     document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
     // sign-in happens in app.js: look again soon after it stores the token
