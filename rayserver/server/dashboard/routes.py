@@ -52,6 +52,7 @@ PICTURE_SUFFIXES = (".hdr", ".pic")
 # picture): read at most this much of it, and shrink it to this size.
 PARTIAL_MAX_BYTES = 256 * 1024 * 1024
 PARTIAL_MAX_SIDE = 640
+PARTIALS_KEPT = 16
 
 # The only files /static/ serves, with their media types; index.html is served at /.
 STATIC_FILES: dict[str, str] = {
@@ -527,6 +528,8 @@ class PreviewService:
     _locks: dict[int, tuple[asyncio.Lock, int]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Path]] = field(default_factory=set)
     _slots: asyncio.Semaphore | None = None
+    # (path, size, mtime) -> a picture so far, the oldest dropped first
+    _partials: dict[tuple[str, int, int], tuple[bytes, int, int]] = field(default_factory=dict)
 
     def cache_path(self, job_id: int, step: int | str) -> Path:
         """The PNG of a step's picture (``step``: its index) or of an output (a key of its path)."""
@@ -601,13 +604,27 @@ class PreviewService:
     async def partial(self, picture: Path, root: Path) -> tuple[bytes, int, int]:
         """(PNG, complete scanlines, height) of a picture still being written.
 
-        Not cached: it changes with every scanline. Shares the conversion
-        slots with the finished pictures' previews.
+        Kept in memory while the file's size and time stay the same (tabs that
+        look at one render between two of rpict's writes cost one decoding);
+        shares the conversion slots with the finished pictures' previews.
         """
+        try:
+            st = await asyncio.to_thread(os.stat, picture)
+            key = (str(picture), st.st_size, st.st_mtime_ns)
+        except OSError:
+            key = None
+        cached = self._partials.get(key) if key else None
+        if cached is not None:
+            return cached
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrent)
         async with self._slots:
-            return await asyncio.to_thread(partial_png, picture, root)
+            made = await asyncio.to_thread(partial_png, picture, root)
+        if key is not None:
+            if len(self._partials) >= PARTIALS_KEPT:
+                self._partials.pop(next(iter(self._partials)))
+            self._partials[key] = made
+        return made
 
     async def close(self) -> None:
         """Cancel running conversions (their processes are killed and reaped)."""
