@@ -404,12 +404,14 @@ def test_resumed_job_keeps_the_interrupted_runs_receipt(
     server_factory: Any, rayhome: RayHome
 ) -> None:
     """A render interrupted by a server shutdown writes its receipt; the run that resumes it
-    (the next server's) keeps that one under previous_runs, seed seconds and all."""
+    (the next server's) keeps that one under previous_runs, seed seconds and all, and lists
+    the step it did not run again."""
     make_project(rayhome)
     srv = server_factory("-f")
     wait_until(lambda: _answers(srv), 20, "server answering")
-    job_id = submit(srv, [rpict(300, "-ab", "2", "-ad", "256", "-aa", "0")])["id"]
-    wait_until(lambda: get(srv, job_id)["state"] == "running", 60, "the render running")
+    steps = [rpict(8, out="small.hdr"), rpict(300, "-ab", "2", "-ad", "256", "-aa", "0")]
+    job_id = submit(srv, steps)["id"]
+    wait_until(lambda: get(srv, job_id)["current_step"] == 2, 60, "the render running")
     time.sleep(0.5)
     os.killpg(srv.proc.pid, signal.SIGTERM)
     srv.proc.wait(60)
@@ -423,8 +425,12 @@ def test_resumed_job_keeps_the_interrupted_runs_receipt(
     assert job["state"] == "done" and job["resumes"] == 1, job
     receipt = _receipt(again, job_id)
     (earlier,) = receipt["previous_runs"]
-    assert earlier["job"]["state"] == "interrupted"
-    assert earlier["steps"][0]["seed_second"] <= receipt["steps"][0]["seed_second"]
+    assert earlier["job"]["state"] == "interrupted" and len(earlier["steps"]) == 2
+    # The resumed run did step 2 only; step 1 is listed as done by the earlier run.
+    skipped, resumed = receipt["steps"]
+    assert skipped == {"step": 1, "program": "rpict", "done_in_an_earlier_run": True}, skipped
+    assert resumed["step"] == 2 and resumed["exit_status"] == 0, resumed
+    assert earlier["steps"][1]["seed_second"] <= resumed["seed_second"]
     assert receipt["job"]["state"] == "done"
 
 

@@ -493,6 +493,7 @@ class Job:
 
     def scan_before(self, idx: int, step: StepSpec) -> None:
         """The project's files before a step (and which jobs may run beside it)."""
+        self.receipt.next_step = idx
         self.named = [step["stdout"]] if isinstance(step.get("stdout"), str) else []
         self.named += self.resume_named
         self.resume_named = []

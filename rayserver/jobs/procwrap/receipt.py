@@ -59,6 +59,7 @@ class Receipt:
         self.errors: list[str] = []
         self.rad_variables: dict[str, str] = {}  # rad's, from its dry run (Job.prepare_rad)
         self._cache: HashCache | None = None
+        self.next_step: int | None = None  # the index of the step about to start (scan_before)
 
     def cache(self, job: Job) -> HashCache:
         if self._cache is None:
@@ -88,7 +89,8 @@ class Receipt:
 
     def step_starting(self, job: Job, step: StepSpec, args: list[str]) -> None:
         """Just before the job's next step starts: its command, binaries, inputs (never raises)."""
-        idx = len(self.steps)  # (a step that cannot start ends the job: none is skipped)
+        idx = self.next_step if self.next_step is not None else len(self.steps)
+        self.next_step = None
         record: dict[str, Any] = {"step": idx + 1, "program": step["program"]}
         self.steps.append(record)
         try:
@@ -188,6 +190,10 @@ class Receipt:
                         self.inputs[source] = entry
                     break
 
+    def _all_steps(self, job: Job) -> list[dict[str, Any]]:
+        skipped = _skipped(job, {s["step"] for s in self.steps})
+        return sorted([*skipped, *self.steps], key=lambda s: s["step"])
+
     def document(self, job: Job, state: str, reason: str | None) -> dict[str, Any]:
         """The receipt as written (the outputs hashed now)."""
         steps_deterministic = all(s.get("deterministic", False) for s in self.steps)
@@ -199,7 +205,7 @@ class Receipt:
             "host": host_info(),
             "radiance": _radiance_part(job, self.binaries),
             "environment": dict(job.env),
-            "steps": self.steps,
+            "steps": self._all_steps(job),
             "binaries": list(self.binaries.values()),
             "inputs": list(self.inputs.values()),
             "ambient_files": list(self.ambient.values()),
@@ -208,6 +214,17 @@ class Receipt:
             "nondeterministic_because": reasons,
             "written_at": round(time.time(), 3),
         }
+
+
+def _skipped(job: Job, done: set[int]) -> list[dict[str, Any]]:
+    """The steps a resumed run did not run again (an earlier run of the job did them)."""
+    if not getattr(job, "resuming", False):
+        return []
+    return [
+        {"step": i + 1, "program": step["program"], "done_in_an_earlier_run": True}
+        for i, step in enumerate(job.steps)
+        if i + 1 not in done and i + 1 < min(done, default=len(job.steps) + 1)
+    ]
 
 
 def _commands(job: Job, step: StepSpec, argv: list[str]) -> list[list[str]]:
