@@ -834,6 +834,61 @@ def bench_client(b: Bench) -> None:
     b.row("6. rayfront submit (median ms)", f"{med(sb):.0f}", "", "")
 
 
+def bench_shim(b: Bench) -> None:
+    """Row 11: a tiny command through a shim (``rayfront shim``) against it run here."""
+    n = 10 if b.quick else 20
+    exe = Path(sys.executable).parent / "rayfront"
+    rayfront = [str(exe)] if exe.exists() else [sys.executable, "-m", "rayserver.client"]
+    shims = b.tmp / "shims"
+    env = {**b.env, "PWD": str(b.project)}
+    env.pop("RAYPATH", None)  # as a tool's shell has it: the shims find Radiance's own
+    made = subprocess.run(
+        [*rayfront, "shim", str(shims)], env=env, cwd=b.project, capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        b.notes.append(f"shim rows skipped: rayfront shim failed ({made.stderr.strip()})")
+        return
+    rays = (b.project / "pt.txt").read_bytes()
+    cmd = ["rtrace", "-h", "room.oct"]
+    envs = {
+        "local": {**ENV, "PATH": f"{BIN}:{os.environ['PATH']}"},
+        "shim, RAYFRONT_SHIM=off": {
+            **env,
+            "PATH": f"{shims}:{env['PATH']}",
+            "RAYFRONT_SHIM": "off",
+        },
+        "shim": {**env, "PATH": f"{shims}:{env['PATH']}"},
+    }
+
+    def once(which: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(
+            cmd, cwd=b.project, env=envs[which], input=rays, capture_output=True, check=True
+        )
+        return time.perf_counter() - t0
+
+    first = once("shim")  # no plan yet: the full client works it out and keeps it
+    runs: dict[str, list[float]] = {k: [] for k in envs}
+    for _ in range(n):  # interleaved: load drift hits all three alike
+        for which in envs:
+            runs[which].append(once(which))
+    for which, times in runs.items():
+        b.row(f"11. tiny rtrace, {which} (median of {n}, ms)", f"{med(times) * 1000:.1f}", "", "")
+    b.row(
+        "11. tiny rtrace, first shim call in a folder (full client, ms)",
+        f"{first * 1000:.0f}",
+        "",
+        "",
+    )
+    over = (med(runs["shim"]) - med(runs["local"])) * 1000
+    b.row(
+        f"11. tiny command through a shim vs local: overhead (median of {n}, ms)",
+        f"{over:.1f}",
+        "< 30 ms",
+        "met" if over < 30 else "NOT met",
+    )
+
+
 def rss_kb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
