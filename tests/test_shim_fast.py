@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import RayHome
-from jobtools import BIN, make_project, rad_env, rayfront
+from jobtools import BIN, VIEW, make_project, rad_env, rayfront, wait_final, wait_until
 
 from rayserver.client import shimfast, shimhttp
 
@@ -236,3 +236,26 @@ def test_the_shims_json_is_json() -> None:
 
     for case in (job, {"signal": 9, "state": "failed"}, {"state": "done"}, {"state": "x"}):
         assert shimfast.exit_code(case) == job_exit_code(case)
+
+
+def test_a_shim_killed_outright_has_its_job_cancelled(server: Any, rayhome: RayHome) -> None:
+    """SIGKILL leaves the shim no chance to cancel: the server notices the closed connection."""
+    from test_shim import _rpicts_in
+
+    proj = make_project(rayhome)
+    folder, env = _shim_env(rayhome, proj)
+    args = ["rpict", *VIEW, "-x", "1200", "-y", "1200", "-ab", "3", "-ad", "2048", "scene.oct"]
+    with open(proj / "out.hdr", "wb") as out:
+        shim = subprocess.Popen(args, cwd=proj, env=env, stdout=out, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _rpicts_in(proj), 60, "an rpict process")
+        shim.kill()
+        shim.wait(10)
+        status, page = server.request("GET", "/v1/jobs?limit=10")
+        (job,) = page["jobs"]
+        assert wait_final(server, job["id"], 30)["state"] == "cancelled"
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait(10)
+    wait_until(lambda: not _rpicts_in(proj), 20, "no rpict left")

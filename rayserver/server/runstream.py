@@ -19,7 +19,9 @@ A job refused before it is queued gets the API's usual error answer. The
 delivery rules of :mod:`rayserver.server.streams` hold: the end of the input
 reaches the program only when the whole body arrived, and the end of the
 output is acknowledged to the procwrap only after its last frame was
-written, so a job never ends ``done`` with its output undelivered.
+written, so a job never ends ``done`` with its output undelivered. A
+client that goes away before the last frame (a shim killed outright) has its
+job cancelled: nobody would take the output, as with a command under ssh.
 """
 
 from __future__ import annotations
@@ -83,8 +85,21 @@ class RunStream:
             await frames.send(b"X", json.dumps(end).encode())
             await resp.write_eof()
         except ConnectionError:
-            log.warning("job %d: the client of its run went away", job_id)
+            await self._abandoned(job_id)
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client's connection is lost, even
+            # while a quiet program (a render) gives nothing to write.
+            await asyncio.shield(self._abandoned(job_id))
+            raise
         return resp
+
+    async def _abandoned(self, job_id: int) -> None:
+        """The client went away: nobody takes the output any more, so the job is cancelled."""
+        row = self.ctx.db.get(job_id)
+        if row is None or row.final:
+            return
+        log.warning("job %d: the client of its run went away; cancelling the job", job_id)
+        await self.ctx.scheduler.cancel(job_id)
 
     async def _follow(self, request: web.Request, row: Any, frames: _Frames) -> list[str]:
         """Relay the streams and the log until the job is final; problems to tell."""
