@@ -111,7 +111,7 @@ def _run_request(home: RayHome, body: bytes) -> tuple[int, dict[str, str], bytes
             body=body,
             headers={
                 "Authorization": f"Bearer {home.token()}",
-                "Content-Type": "application/x-rayserver-run",
+                "Content-Type": "application/octet-stream",
             },
         )
         resp = conn.getresponse()

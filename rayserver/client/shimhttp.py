@@ -21,7 +21,7 @@ import _thread
 import os
 
 CHUNK = 1 << 18
-RUN_TYPE = "application/x-rayserver-run"
+RUN_TYPE = "application/octet-stream"
 
 
 class HttpError(Exception):

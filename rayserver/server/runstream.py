@@ -184,6 +184,8 @@ class RunStream:
 async def _job_line(request: web.Request) -> Any:
     """The job object: the body's first line (JSON)."""
     what = "the job as one line of JSON, then the standard input"
+    if not request.body_exists:
+        raise api.ApiError(400, f"the request has no body; expected {what}")
     try:
         line = await request.content.readuntil(b"\n")
     except ValueError:
