@@ -72,15 +72,17 @@ def pixels(path: Path) -> bytes:
     return data[data.index(b"\n", end) + 1 :]
 
 
-def kill_at_half(srv: Any, job_id: int) -> dict[str, Any]:
-    """SIGKILL the job's procwrap (its process group) once rpict is about half-way."""
+def kill_at_half(srv: Any, job_id: int, how: int | None = signal.SIGKILL) -> dict[str, Any]:
+    """SIGKILL the job's procwrap (its process group) once it is about half-way (``how``
+    None: only wait for that)."""
     row = wait_until(
         lambda: (j := get(srv, job_id))["state"] == "running" and j["progress"] >= 50 and j,
         120,
         "the render half-way",
         interval=0.1,
     )
-    os.killpg(row["pid"], signal.SIGKILL)
+    if how is not None:
+        os.killpg(row["pid"], how)
     return row
 
 
@@ -100,14 +102,20 @@ def saved(
             f"\nresume ({what}): uninterrupted {full['wall_time']:.2f} s wall, "
             f"{full['cpu_time']:.2f} s cpu; killed at {killed['progress']:.0f}%, the resumed "
             f"run took {job['wall_time']:.2f} s wall, {job['cpu_time']:.2f} s cpu ({ratio:.2f}; "
-            f"{after_kill:.2f} s from the kill to done)"
+            f"{after_kill:.2f} s from the kill, or the restart, to done)"
         )
     assert ratio < 0.8, (job, full)
 
 
-def events(home: RayHome, job_id: int) -> list[str]:
+def db_row(home: RayHome, job_id: int) -> dict[str, Any]:
+    """The job's row as the database holds it (also while no server runs)."""
     with sqlite3.connect(home.path / "srvstate" / "jobs.sqlite3") as conn:
-        (raw,) = conn.execute("SELECT events FROM jobs WHERE id=?", (job_id,)).fetchone()
+        conn.row_factory = sqlite3.Row
+        return dict(conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+
+def events(home: RayHome, job_id: int) -> list[str]:
+    raw = db_row(home, job_id)["events"]
     return [] if raw is None else json.loads(raw)
 
 
@@ -130,6 +138,31 @@ def test_render_killed_half_way_resumes_with_rpict_recover(
     assert pixels(proj / "cut.hdr") == pixels(proj / "full.hdr")
     assert b"rpict -r .cut.hdr.resume -vp" in (proj / "cut.hdr").read_bytes()[:2000]
     saved(capsys, "rpict", full, job, killed, after_kill)
+
+
+def test_render_running_at_shutdown_resumes_at_the_next_start(
+    server_factory: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proj = make_lamps(rayhome)
+    srv = server_factory("-f")
+    wait_until(lambda: _answers(srv), 20, "server answering")
+    cut_id = submit(srv, [render("cut.hdr")], project="lamps")["id"]
+    killed = kill_at_half(srv, cut_id, how=None)
+    srv.proc.send_signal(signal.SIGTERM)  # a clean shutdown while the render runs
+    assert srv.proc.wait(30) == 0, srv.output[-2000:]
+    row = db_row(rayhome, cut_id)
+    assert row["state"] == "queued" and row["resumes"] == 1, row
+    assert row["reason"] == "resuming: the server shut down while the job ran", row
+    again = server_factory("-f")
+    at = time.monotonic()
+    job = wait_final(again, cut_id, 180)
+    after_start = time.monotonic() - at
+    assert job["state"] == "done" and job["resumes"] == 1, _log(rayhome, cut_id)
+    assert "rpict recovers cut.hdr" in _log(rayhome, cut_id)
+    full = wait_final(again, submit(again, [render("full.hdr")], project="lamps")["id"], 180)
+    assert full["state"] == "done", full
+    assert pixels(proj / "cut.hdr") == pixels(proj / "full.hdr")
+    saved(capsys, "rpict, shutdown", full, job, killed, after_start)
 
 
 def test_without_resume_the_job_ends_interrupted(server_factory: Any, rayhome: RayHome) -> None:

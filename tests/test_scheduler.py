@@ -400,3 +400,32 @@ def test_claim_lost_to_a_previous_workers_procwrap_is_adopted(
             old.wait()
     row = db.get(job)
     assert row["state"] == "interrupted" and "ended without recording" in row["reason"]
+
+
+def test_a_job_that_died_with_the_server_is_resumed_by_the_next_worker(
+    layout: Layout, db: JobDB, tmp_path: Path
+) -> None:
+    proj = make_project(tmp_path)
+    job = submit(db, proj, render_steps(out="dead.hdr"), layout.home)
+    gone = subprocess.Popen(["true"])  # its procwrap: died with the old server
+    gone.wait()
+    assert db.mark_starting(job) and db.claim(job, gone.pid)
+    db.update_progress(job, current_step=2)  # it was rendering (step 2 of 2)
+    with open(proj / "dead.oct", "wb") as out:  # what its step 1 (oconv) had made
+        subprocess.run([str(BIN / "oconv"), "scene.rad"], cwd=proj, stdout=out, check=True)
+
+    async def new_worker() -> None:
+        async with Engine(layout, db, cpus=1, resume=True) as sched:
+            row = db.get(job)
+            assert row.resumes == 1 and "died with the server" in row.reason, row
+            await wait_all(sched, db, [job])
+
+    asyncio.run(new_worker())
+    row = db.get(job)
+    # Its picture had no header yet: rpict started that step over.
+    assert row.state == "done" and row.resumes == 1, row
+    assert row.events == ["resumed", "resume_restart"], row
+    log = db.log_path(job).read_text()
+    assert "steps 1-1 were done; continuing with step 2" in log, log
+    assert "dead.hdr holds no complete header yet: it starts over" in log, log
+    assert (proj / "dead.hdr").stat().st_size > 0
