@@ -297,7 +297,7 @@ class Job:
         self.log(
             f"rayserver: resumed ({row.resumes} of at most {MAX_RESUMES}) after: "
             f"{(row.reason or '').removeprefix('resuming: ')}; "
-            f"{f'steps 1-{first} were done; ' if first else ''}continuing with step {first + 1}\n"
+            f"{_done_steps(first)}continuing with step {first + 1}\n"
         )
         return first
 
@@ -598,6 +598,13 @@ class Job:
             if pid == leader:
                 status = st
         return status
+
+
+def _done_steps(first: int) -> str:
+    """What a resumed job's log says of the steps it skips."""
+    if first == 0:
+        return ""
+    return "step 1 was done; " if first == 1 else f"steps 1-{first} were done; "
 
 
 def _shown(program: str, args: list[str], step: StepSpec) -> str:
