@@ -85,8 +85,22 @@ def main(argv: list[str]) -> None:
     if code is None:  # an older server, without POST /v1/jobs/run
         from rayserver.client import shim
 
-        code = shim.main(argv)
-    sys.exit(code)
+        sys.exit(shim.main(argv))
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's tear-down (~5 ms): nothing is left to clean up.
+
+    The sockets close with the process; an uploader thread still waiting on
+    our standard input (a program that did not read all of it) ends with it.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 # ---------------------------------------------------------------- the plan
