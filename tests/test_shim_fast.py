@@ -259,3 +259,33 @@ def test_a_shim_killed_outright_has_its_job_cancelled(server: Any, rayhome: RayH
             shim.kill()
             shim.wait(10)
     wait_until(lambda: not _rpicts_in(proj), 20, "no rpict left")
+
+
+def test_hosts_shims_plan_the_servers_and_pick_the_least_busy(three_servers: Any) -> None:
+    from jobtools import SCENE
+    from splittools import jobs_of
+
+    cluster = three_servers
+    proj = cluster.project.parent / "shim-fast-hosts"
+    proj.mkdir()
+    (proj / "scene.rad").write_text(SCENE)
+    folder = cluster.base / "shims-fast-hosts"
+    assert cluster.rayfront("shim", str(folder), "--hosts", "all").returncode == 0
+    env = cluster.client.env
+    env.pop("RAYFRONT_TOKEN", None)
+    env.pop("RAYPATH", None)
+    env.update(PATH=f"{folder}:{env['PATH']}", PWD=str(proj))
+    reference = subprocess.run(
+        [str(BIN / "oconv"), "scene.rad"], cwd=proj, env=rad_env(), capture_output=True, check=True
+    ).stdout
+    before = sum(len(jobs_of(s)) for s in cluster.servers)
+    for _ in range(2):  # the full path, then the plan's
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-X", "importtime", str(folder / "oconv"), "scene.rad"],
+            cwd=proj, env=env, capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == reference
+    assert "rayserver.client.shim " not in proc.stderr.decode().replace("\n", " ")
+    assert "rayserver.client.shimfast" in proc.stderr.decode()
+    assert sum(len(jobs_of(s)) for s in cluster.servers) == before + 2

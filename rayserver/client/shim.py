@@ -18,10 +18,9 @@ location of the hosts file, or with a file argument outside the project
 A script starts in :mod:`rayserver.client.shimfast`, which runs the command
 in one exchange from the *plan* this module keeps; this module is the full
 path, taken when there is no plan for the current directory yet, a file it
-was made from changed, with ``--hosts`` (the least busy server is chosen
-at each call; rtrace, rcontrib and rfluxmtx are split), for TLS and for a
-server older than ``POST /v1/jobs/run`` (then over five exchanges, as
-``rayfront run`` does).
+was made from changed, for rtrace, rcontrib and rfluxmtx through ``--hosts``
+(they are split), for TLS and for a server older than ``POST /v1/jobs/run``
+(then over five exchanges, as ``rayfront run`` does).
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ShimOptions(list(sys.argv[1:] if argv is None else argv))
     if os.environ.get("RAYFRONT_SHIM", "").strip().lower() in OFF_WORDS:
         exec_local(opts, None)
-    from rayserver.client.connection import EXIT_LOCAL_ONLY, ClientError
+    from rayserver.client.connection import ClientError
     from rayserver.client.context import Context
 
     ctx = Context()
@@ -63,16 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         local = ctx.settings.shim_local
         local = LOCAL_PROGRAMS if local is None else local
-        try:
-            project = ctx.project()
-            entry = ["remote", project.location, project.path, str(project.local_dir)]
-        except ClientError as exc:
-            if exc.exit_code != EXIT_LOCAL_ONLY:
-                raise
-            project, entry = None, ["local", str(exc)]
-        server = remember(ctx, opts, stamps, local, entry)
         if opts.program in local:
+            _plan_quietly(ctx, opts, stamps, local)
             exec_local(opts, None)
+        project, entry = _where(ctx)
+        server = _plan_quietly(ctx, opts, stamps, local, entry)
         if project is None:
             exec_local(opts, entry[1])
     except ClientError as exc:
@@ -83,30 +77,60 @@ def main(argv: list[str] | None = None) -> int:
     return run_remote(ctx, project, opts, args, server)
 
 
+def _where(ctx):  # noqa: ANN001, ANN202
+    """(the project, its plan entry); (None, ["local", why]) outside every location."""
+    from rayserver.client.connection import EXIT_LOCAL_ONLY, ClientError
+
+    try:
+        project = ctx.project()
+    except ClientError as exc:
+        if exc.exit_code != EXIT_LOCAL_ONLY:
+            raise
+        return None, ["local", str(exc)]
+    return project, ["remote", project.location, project.path, str(project.local_dir)]
+
+
+def _plan_quietly(ctx, opts, stamps, local, entry=None) -> tuple | None:  # noqa: ANN001
+    """:func:`remember`, or None when it cannot (the calls that follow say why, if they need)."""
+    from rayserver.client.connection import ClientError
+
+    try:
+        return remember(ctx, opts, stamps, local, entry or _where(ctx)[1])
+    except ClientError:
+        return None
+
+
 def remember(ctx, opts: ShimOptions, stamps: list, local, entry: list) -> tuple | None:  # noqa: ANN001
     """Keep what was worked out in the plan; the server (label, address, port, token) or None.
 
-    None with --hosts (the least busy server is chosen at each call) and
-    for TLS (the quick path speaks plain HTTP only): then nothing is kept.
+    With --hosts the plan keeps the servers (the least busy is chosen at each
+    call) and this call's server is left to :func:`_pick_client` (None); for
+    TLS (the quick path speaks plain HTTP only) nothing is kept.
     """
     from rayserver.common.credentials import _token_path
 
     if opts.hosts:
-        return None
-    target = ctx.target(opts.host)
-    if target.ssl_context is not None:
+        names = [n.strip() for n in opts.hosts.split(",") if n.strip()]
+        records = ctx.server_records(None if names in ([], ["all"]) else names)
+        servers = [(ctx.target_for(r), r.cpus) for r in records]
+        target = None
+    else:
+        target = ctx.target(opts.host)
+        servers = [(target, 0)]
+    if any(t.ssl_context is not None for t, _ in servers):
         return None
     token_file = _token_path(ctx.layout, ctx.settings)
     files = [*(ctx.hosts.files if ctx.hosts else []), str(token_file or "")]
     plan = {
         "stamps": stamps + [stamp(str(f)) for f in files if f],
-        "server": [target.label, target.address, target.port],
+        "server": [target.label, target.address, target.port] if target else None,
+        "servers": [[t.label, t.address, t.port, cpus] for t, cpus in servers],
         "token_file": str(token_file) if token_file else None,
         "local": sorted(local),
         "dirs": {current_dir(): entry},
     }
     save_plan(opts, plan)
-    return (target.label, target.address, target.port, ctx.token())
+    return (target.label, target.address, target.port, ctx.token()) if target else None
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

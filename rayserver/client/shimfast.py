@@ -9,9 +9,11 @@ the next, so :mod:`rayserver.client.shim` (the full path) keeps it in a
 mtime and inode of every file it was read from and the environment it
 depends on. A plan that still holds lets this module submit and follow the
 job in one exchange (:mod:`rayserver.client.shimhttp`) importing nothing but
-``os`` and C modules; anything else (no plan yet, a file changed, a new
-directory, ``--hosts``, ``rad``, TLS, an older server) goes the full path,
-which behaves the same way and writes the plan for the next call.
+``os`` and C modules (``--hosts`` shims ask the planned servers for the
+least busy first). Anything else (no plan yet, a file changed, a new
+directory, a split through ``--hosts``, ``rad``, TLS, an older server) goes
+the full path, which behaves the same way and writes the plan for the next
+call.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def main(argv: list[str]) -> None:
     opts = ShimOptions(argv)
     if os.environ.get("RAYFRONT_SHIM", "").strip().lower() in OFF_WORDS and opts.bin:
         exec_local(opts, None)
-    plan = None if opts.hosts or opts.program == "rad" else load_plan(opts)
+    split = opts.hosts and opts.program in SPLIT_PROGRAMS
+    plan = None if split or opts.program == "rad" else load_plan(opts)
     if plan is not None and opts.program in plan["local"]:
         exec_local(opts, None)
     where = plan["dirs"].get(current_dir()) if plan else None
@@ -80,8 +83,14 @@ def main(argv: list[str]) -> None:
         sys.exit(shim.main(argv))
     if where[0] == "local":
         exec_local(opts, where[1])
-    label, address, port = plan["server"]
-    code = run_planned(opts, (label, address, port, plan_token(plan)), where[1:])
+    token = plan_token(plan)
+    server = plan["server"] or shimhttp.least_busy(plan["servers"], token)
+    if server is None:
+        names = ", ".join(s[0] for s in plan["servers"])
+        sys.stderr.write(f"rayfront shim: {opts.program}: no server of {names} is answering\n")
+        _exit_now(EXIT_ERROR)
+    label, address, port = server
+    code = run_planned(opts, (label, address, port, token), where[1:])
     if code is None:  # an older server, without POST /v1/jobs/run
         from rayserver.client import shim
 
@@ -114,7 +123,12 @@ def plan_key(opts: ShimOptions) -> list[str]:
     """What, besides files, the full path's answers depend on."""
     env = os.environ
     names = ("RAYFRONT_HOME", "RAYFRONT_HOSTNAME", "HOME")
-    return [*(env.get(n, "") for n in names), os.uname().nodename, opts.host or ""]
+    return [
+        *(env.get(n, "") for n in names),
+        os.uname().nodename,
+        opts.host or "",
+        opts.hosts or "",
+    ]
 
 
 def stamp(path: str) -> list[object]:
@@ -150,7 +164,8 @@ def save_plan(opts: ShimOptions, plan: dict) -> None:
     if path is None:
         return
     old = load_plan(opts)
-    if old is not None and old["stamps"] == plan["stamps"] and old["server"] == plan["server"]:
+    same = ("stamps", "server", "servers", "token_file", "local")
+    if old is not None and all(old.get(k) == plan[k] for k in same):
         dirs = dict(list(old["dirs"].items())[-(PLAN_DIRS - len(plan["dirs"])) :])
         plan["dirs"] = {**dirs, **plan["dirs"]}
     plan.update(v=PLAN_VERSION, key=plan_key(opts))

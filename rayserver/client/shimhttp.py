@@ -88,7 +88,9 @@ def loads(data: bytes) -> object:
 class Connection:
     """One HTTP/1.1 connection to a server: request out, answer read as it comes."""
 
-    def __init__(self, label: str, address: str, port: int, token: str | None) -> None:
+    def __init__(
+        self, label: str, address: str, port: int, token: str | None, timeout: float | None = None
+    ) -> None:
         self.label = label
         self.token = token
         self.buf = bytearray()
@@ -102,6 +104,7 @@ class Connection:
                 host, port, 0, _socket.SOCK_STREAM
             )[0]
             self.sock = _socket.socket(family, kind, proto)
+            self.sock.settimeout(timeout)
             try:
                 self.sock.connect(sockaddr)
             except OSError:
@@ -256,3 +259,56 @@ def cancel(label: str, address: str, port: int, token: str | None, job_id: int) 
         return str(exc)
     finally:
         conn.close()
+
+
+def free_cpus(server: list, token: str | None, timeout: float) -> int | None:
+    """A server's cpus not taken by its running and queued jobs (GET /v1/info); None: no answer.
+
+    ``server`` is [label, address, port, cpus of its record] (the rule of
+    rayserver.client.fairshare, which the full path uses).
+    """
+    label, address, port, cpus = server
+    try:
+        conn = Connection(label, address, port, token, timeout)
+    except HttpError:
+        return None
+    try:
+        conn.send(conn.head("GET", "/v1/info", "Accept: application/json\r\n"))
+        status, _ = conn.answer()
+        info = loads(conn.whole_body()) if status == 200 else None
+    except (OSError, HttpError, ValueError, UnicodeDecodeError):
+        return None
+    finally:
+        conn.close()
+    if not isinstance(info, dict):
+        return None
+    return (
+        int(info.get("cpus") or cpus) - int(info.get("running") or 0) - int(info.get("queued") or 0)
+    )
+
+
+def least_busy(servers: list[list], token: str | None, timeout: float = 3.0) -> list | None:
+    """The answering server with the most free cpus (ties spread by our pid); None: none answers.
+
+    All are asked at once, each in a thread of its own.
+    """
+    free: list[int | None] = [None] * len(servers)
+    done = [_thread.allocate_lock() for _ in servers]
+
+    def probe(i: int) -> None:
+        try:
+            free[i] = free_cpus(servers[i], token, timeout)
+        finally:
+            done[i].release()
+
+    for i, lock in enumerate(done):
+        lock.acquire()
+        _thread.start_new_thread(probe, (i,))
+    for lock in done:
+        lock.acquire(timeout=timeout + 1.0)
+    answering = [i for i, f in enumerate(free) if f is not None]
+    if not answering:
+        return None
+    turn = os.getpid()
+    best = max(answering, key=lambda i: (free[i], -((i - turn) % len(servers))))
+    return servers[best][:3]
