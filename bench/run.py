@@ -759,6 +759,15 @@ def bench_office(b: Bench, res: int) -> None:
         load.wait(90)
         for key, value in json.loads(out.read_text()).items():
             counts[key] = counts.get(key, 0) + value
+    office_rows(b, alone, loaded, server_cpu, counts)
+
+
+def office_rows(
+    b: Bench, alone: list[float], loaded: list[float], server_cpu: float, counts: dict[str, float]
+) -> None:
+    """The office scenario's rows (bench_office)."""
+    dashboards = followers = 20
+    reps = len(loaded)
     slowdown = (med(loaded) / med(alone) - 1) * 100
     b.row(
         f"9. office load: requests/s, events/s (per run; {dashboards} dashboards, "
