@@ -124,13 +124,13 @@ def _rpict(step: StepSpec, args: list[str], workdir: str) -> StepPlan:
 def set_aside(workdir: str, picture: str) -> str | None:
     """Move the partial ``picture`` to the name rpict recovers it from; that name.
 
-    ``rpict -ro FILE`` would rename FILE itself, but to a name in its temporary
-    folder (/tmp in Radiance 6.0a's build: outside the project, its file
-    system and the job's sandbox), and with -o it keeps its header in a /tmp
-    file too. So the procwrap renames FILE beside itself and runs
-    ``rpict -r ASIDE ... > FILE`` (or ``-r ASIDE -o FILE`` for a step that
-    names -o): the same recover, writing where the step always wrote (rpict
-    unlinks ASIDE once it has copied its scanlines). An ASIDE left by a
+    ``rpict -ro FILE`` (``-r FILE -o FILE``: rpict renames FILE aside itself)
+    fails in the job's sandbox: with an output file (-o), Radiance 6.0a's
+    rpict writes its header to a temporary file in /tmp first (duphead.c),
+    and the sandbox keeps jobs out of /tmp. So the procwrap renames FILE
+    beside itself and runs ``rpict -r ASIDE ... > FILE`` (or ``-r ASIDE -o
+    FILE`` for a step that names -o): the same recover, writing where the
+    step always wrote (rpict unlinks ASIDE once it has copied its scanlines). An ASIDE left by a
     resume that died before rpict copied it is the more complete one: it is
     used again. None: nothing worth recovering (no complete header and
     resolution line).
