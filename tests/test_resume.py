@@ -229,14 +229,15 @@ def test_rad_killed_half_way_recovers_its_unf(
     saved(capsys, "rad", full, job, killed, after_kill)
 
 
-def grid_step(out: str) -> dict[str, Any]:
+def grid_step(out: str, fmt: str) -> dict[str, Any]:
     # Irradiance at sensor points; no random numbers (EXACT but rpict's -pj, -ps).
-    args = ["-I", "-u-", "-ab", "0", "-dj", "0", "-ds", "0", "-dt", "0", "scene.oct"]
-    return {"program": "rtrace", "args": args, "stdin": "points.txt", "stdout": out}
+    args = [f"-fa{fmt}", "-I", "-u-", "-ab", "0", "-dj", "0", "-ds", "0", "-dt", "0"]
+    return {"program": "rtrace", "args": [*args, "scene.oct"], "stdin": "points.txt", "stdout": out}
 
 
+@pytest.mark.parametrize("fmt", ["a", "f"])  # ascii lines; float records NCOMP=3 long
 def test_grid_killed_half_way_answers_only_the_missing_rays(
-    server: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
+    server: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str], fmt: str
 ) -> None:
     proj = make_lamps(rayhome)
     side = 300  # 90,000 sensor points on the floor, facing up
@@ -246,10 +247,16 @@ def test_grid_killed_half_way_answers_only_the_missing_rays(
                 f"{0.1 + 3.8 * i / side:.4f} {0.1 + 3.8 * j / side:.4f} 0.01 0 0 1\n"
                 for j in range(side)
             )
-    full = wait_final(server, submit(server, [grid_step("full.dat")], project="lamps")["id"])
+    full_id = submit(server, [grid_step("full.dat", fmt)], project="lamps")["id"]
+    full = wait_final(server, full_id)
     assert full["state"] == "done", (full, _log(rayhome, full["id"]))
-    cut_id = submit(server, [grid_step("cut.dat")], project="lamps")["id"]
-    killed = kill_at_half(server, cut_id)
+    whole = (proj / "full.dat").read_bytes()
+    cut_id = submit(server, [grid_step("cut.dat", fmt)], project="lamps")["id"]
+    # Half the records written (a binary grid reports no progress: its size tells).
+    cut = proj / "cut.dat"
+    wait_until(lambda: cut.exists() and cut.stat().st_size >= len(whole) // 2, 120, "half")
+    killed = {**get(server, cut_id), "progress": 100 * cut.stat().st_size / len(whole)}
+    os.killpg(killed["pid"], signal.SIGKILL)
     at = time.monotonic()
     job = wait_final(server, cut_id, 120)
     after_kill = time.monotonic() - at
@@ -258,10 +265,12 @@ def test_grid_killed_half_way_answers_only_the_missing_rays(
     assert "rtrace goes on after the " in log and "records already in cut.dat" in log, log
     assert events(rayhome, cut_id) == ["resumed"], log
     # One header (the first run's: its CAPDATE differs), then the same 90,000 records.
-    cut, whole = ((proj / f).read_bytes().split(b"\n\n", 1) for f in ("cut.dat", "full.dat"))
-    assert cut[1] == whole[1] and cut[1].count(b"\n") == side * side
-    assert (proj / "cut.dat").read_bytes().count(b"#?RADIANCE") == 1
-    saved(capsys, "rtrace grid", full, job, killed, after_kill)
+    ours = cut.read_bytes()
+    assert ours.count(b"#?RADIANCE") == 1
+    records = ours.split(b"\n\n", 1)[1]
+    assert records == whole.split(b"\n\n", 1)[1]
+    assert len(records) == side * side * 12 if fmt == "f" else records.count(b"\n") == side**2
+    saved(capsys, f"rtrace grid -fa{fmt}", full, job, killed, after_kill)
 
 
 def _log(home: RayHome, job_id: int) -> str:
@@ -274,15 +283,22 @@ def test_which_grids_resume_and_where(tmp_path: Path) -> None:
 
     assert gridresume.unsafe("rtrace", ["-I", "-h", "x.oct"]) is None
     assert gridresume.unsafe("rtrace", ["-ffa", "x.oct"]) is None  # float rays, text records
-    assert "not ascii" in gridresume.unsafe("rtrace", ["-faf", "x.oct"])
+    assert gridresume.unsafe("rtrace", ["-faf", "-ovN", "x.oct"]) is None  # NCOMP floats
+    assert "no fixed size" in gridresume.unsafe("rtrace", ["-fad", "-ovm", "x.oct"])
+    assert "no records of a known size" in gridresume.unsafe("rtrace", ["-fac", "x.oct"])
     assert "several lines" in gridresume.unsafe("rtrace", ["-ovt", "x.oct"])
     assert "picture" in gridresume.unsafe("rtrace", ["-x", "10", "x.oct"])
     assert gridresume.unsafe("rcontrib", ["-f", "klems.cal", "-m", "sky", "x.oct"]) is None
     assert "own files" in gridresume.unsafe("rcontrib", ["-o", "c_%s.dat", "-m", "s", "x.oct"])
     assert "accumulates" in gridresume.unsafe("rcontrib", ["-c", "100", "-m", "s", "x.oct"])
-    assert "not ascii" in gridresume.unsafe("rcontrib", ["-fad", "-m", "s", "x.oct"])
+    assert "known size" in gridresume.unsafe("rcontrib", ["-fad", "-m", "s", "x.oct"])
     (tmp_path / "out.dat").write_bytes(b"#?RADIANCE\nFORMAT=ascii\n\n1 2 3\n4 5 6\n7 8")
     assert gridresume.done_records(str(tmp_path), "out.dat") == (2, 37)
+    head = b"#?RADIANCE\nNCOMP=3\nFORMAT=float\n\n"
+    (tmp_path / "out.bin").write_bytes(head + bytes(12 * 5 + 7))
+    assert gridresume.done_records(str(tmp_path), "out.bin", "f") == (5, len(head) + 60)
+    (tmp_path / "bare.bin").write_bytes(bytes(24))  # -h-: nothing says a record's size
+    assert gridresume.done_records(str(tmp_path), "bare.bin", "f") is None
     (tmp_path / "rays.txt").write_text("0 0 0 0 0 1\n1 1 1\n 0 0 1\n2 2 2 0 0 1\n")
     assert gridresume.input_offset(str(tmp_path), "rays.txt", "a", 2) == 24
     assert gridresume.input_offset(str(tmp_path), "rays.txt", "a", 4) is None

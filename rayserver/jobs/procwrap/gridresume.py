@@ -2,14 +2,16 @@
 
 A grid step reads its rays from a project file (stdin) and writes one record
 per ray to another (stdout). Where a record is one text line (ascii output,
-``-fa``/``-f?a``) the records already written are counted (after the header,
-if the file has one; a partial last line is cut off), that many rays are
-skipped in the input (6 numbers each in ascii, 24 or 48 bytes as float or
-double), and the program runs again on the rest with ``-h-`` (no second
-header), its output appended. Nothing else is taken as safe, and starts over:
-binary output, rtrace's ray trees (``-ot``/``-oT``) and resolutions
-(``-x``/``-y``), rcontrib's output files (``-o``), its ``-c`` accumulation
-and its ``-x``/``-y``, a stdin or stdout that is no file of the project.
+``-fa``/``-f?a``), or, for rtrace, NCOMP binary numbers (``-f?f``/``-f?d``
+with the header that says NCOMP, and only numeric ``-o`` values), the
+records already written are counted (after the header, if the file has
+one; a partial last record is cut off), that many rays are skipped in the
+input (6 numbers each in ascii, 24 or 48 bytes as float or double), and the
+program runs again on the rest with ``-h-`` (no second header), its output
+appended. Nothing else is taken as safe, and starts over: other binary
+output, rtrace's ray trees (``-ot``/``-oT``) and resolutions (``-x``/``-y``),
+rcontrib's output files (``-o``), its ``-c`` accumulation and its
+``-x``/``-y``, a stdin or stdout that is no file of the project.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from rayserver.jobs.rows import StepSpec
 INPUT_LIMIT = 1 << 30  # an ascii ray file is read whole to find where a ray ends
 _RAY_BYTES = {"a": 0, "f": 6 * 4, "d": 6 * 8}  # per input ray; 0: 6 numbers of text
 _NUMBER = re.compile(rb"\S+")
+_RECORD_BYTES = {"f": 4, "d": 8}  # per number of a binary output record
+_FIXED = "odrRxXvVlcLpnNwW"  # rtrace -o values that are numbers (not names: s, m, M)
 
 
 def formats(program: str, args: list[str]) -> tuple[str, str]:
@@ -41,16 +45,18 @@ def formats(program: str, args: list[str]) -> tuple[str, str]:
 
 
 def unsafe(program: str, args: list[str]) -> str | None:
-    """Why the step's output records cannot be counted as lines of rays, or None."""
+    """Why the step's output records cannot be counted one a ray, or None."""
     fin, fout = formats(program, args)
-    if fout != "a":
-        return f"{program}'s output is not ascii (-f{fin}{fout})"
     if fin not in _RAY_BYTES:
         return f"{program}'s input format {fin!r} is not one of a, f, d"
+    if fout != "a" and (program != "rtrace" or fout not in _RECORD_BYTES):
+        return f"{program}'s output -f{fin}{fout} has no records of a known size"
     if program == "rtrace":
         for arg in args[:-1]:
             if arg.startswith("-o") and ("t" in arg[2:] or "T" in arg[2:]):
                 return f"rtrace {arg} writes several lines a ray"
+            if arg.startswith("-o") and fout != "a" and set(arg[2:]) - set(_FIXED):
+                return f"rtrace {arg} in binary writes values of no fixed size"
             if arg in ("-x", "-y"):
                 return f"rtrace {arg} lays its output out as a picture"
         return None
@@ -64,8 +70,12 @@ def unsafe(program: str, args: list[str]) -> str | None:
     return None
 
 
-def done_records(workdir: str, output: str) -> tuple[int, int]:
-    """(complete records in the ascii ``output``, the length they end at)."""
+def done_records(workdir: str, output: str, fout: str = "a") -> tuple[int, int] | None:
+    """(complete records in ``output``, the length they end at); None: their size unknown.
+
+    Binary records (rtrace -ff, -fd) are NCOMP numbers of 4 or 8 bytes, as the
+    output's own header says; without a header nothing tells their size.
+    """
     fd = open_confined(workdir, output, write=False)
     with os.fdopen(fd, "rb") as fh:
         data = fh.read()
@@ -75,6 +85,13 @@ def done_records(workdir: str, output: str) -> tuple[int, int]:
         if end < 0:
             return 0, 0  # not even the header: start over
         start = end + 2
+    if fout != "a":
+        ncomp = re.search(rb"^NCOMP=(\d+)$", data[:start], re.MULTILINE)
+        if not start or ncomp is None or int(ncomp.group(1)) < 1:
+            return None
+        size = int(ncomp.group(1)) * _RECORD_BYTES[fout]
+        records = (len(data) - start) // size
+        return records, start + records * size
     last = data.rfind(b"\n", start)
     if last < 0:
         return 0, start
@@ -110,9 +127,13 @@ def plan(step: StepSpec, args: list[str], workdir: str) -> tuple[str, int, int] 
     why = unsafe(program, args)
     if why:
         return why
+    fin, fout = formats(program, args)
     try:
-        records, keep = done_records(workdir, stdout)
-        offset = input_offset(workdir, stdin, formats(program, args)[0], records)
+        done = done_records(workdir, stdout, fout)
+        if done is None:
+            return f"{stdout} has no header giving its records' size (NCOMP)"
+        records, keep = done
+        offset = input_offset(workdir, stdin, fin, records)
     except (ConfinementError, OSError) as exc:
         return f"{program}'s files cannot be read back ({exc})"
     if offset is None:
