@@ -3,14 +3,17 @@
 Two real rayservers on 127.0.0.1 and 127.0.0.2 share a hosts file that also
 names 127.0.0.3, where a real socket listens but never answers (the kernel
 completes the handshake, nobody reads): the farm list must give it as not
-answering with the reason within the probe timeout, not hang.
+answering with the reason within the probe timeout, not hang; and 127.0.0.4,
+where a plain web server answers an HTML page (some other service).
 """
 
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,25 +39,47 @@ def call(home: RayHome, path: str, token: str | None = TOKEN) -> tuple[int, Any]
         conn.close()
 
 
+class _NotRayserver(http.server.BaseHTTPRequestHandler):
+    """Another web service at a record's address: a page, not rayserver's JSON."""
+
+    def do_GET(self) -> None:
+        body = b"<html>router login</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
 @pytest.fixture
-def farm(tmp_path: Path) -> Iterator[tuple[Cluster, str]]:
-    """Two servers and a silent third record; everything stopped however the test ends."""
+def farm(tmp_path: Path) -> Iterator[tuple[Cluster, str, str]]:
+    """Two servers, a silent third record and a web page as a fourth; all stopped at the end."""
     silent = socket.socket()
     silent.bind(("127.0.0.3", free_port()))
     silent.listen(8)  # never accepted: connections are made, nothing ever answers
     dead = f"127.0.0.3:{silent.getsockname()[1]}"
+    web = http.server.HTTPServer(("127.0.0.4", 0), _NotRayserver)
+    pager = threading.Thread(target=web.serve_forever, daemon=True)
+    pager.start()
+    other = f"127.0.0.4:{web.server_address[1]}"
     try:
-        cluster = make_cluster(tmp_path, 2, extra_records=f"{dead} 4\n")
+        cluster = make_cluster(tmp_path, 2, extra_records=f"{dead} 4\n{other} 1\n")
         try:
-            yield cluster, dead
+            yield cluster, dead, other
         finally:
             cluster.stop()
     finally:
         silent.close()
+        web.shutdown()
+        web.server_close()
+        pager.join(5)
 
 
-def test_farm_lists_every_host_with_its_state(farm: tuple[Cluster, str]) -> None:
-    cluster, dead = farm
+def test_farm_lists_every_host_with_its_state(farm: tuple[Cluster, str, str]) -> None:
+    cluster, dead, page = farm
     first, second = (s.home for s in cluster.servers)
     assert call(first, "/v1/farm", token=None)[0] == 401  # not open like /v1/info
     started = time.monotonic()
@@ -62,7 +87,9 @@ def test_farm_lists_every_host_with_its_state(farm: tuple[Cluster, str]) -> None
     took = time.monotonic() - started
     assert status == 200, body
     hosts = {h["name"]: h for h in body["hosts"]}
-    assert list(hosts) == [*cluster.names, dead]  # hosts file order
+    assert list(hosts) == [*cluster.names, dead, page]  # hosts file order
+    assert not hosts[page]["answering"]
+    assert hosts[page]["error"].startswith("not a rayserver answer: "), hosts[page]
     me, other, silent = hosts[cluster.names[0]], hosts[cluster.names[1]], hosts[dead]
     assert me["self"] and me["answering"] and not other["self"] and other["answering"]
     for host in (me, other):
@@ -78,8 +105,8 @@ def test_farm_lists_every_host_with_its_state(farm: tuple[Cluster, str]) -> None
     assert time.monotonic() - started < 1.0
 
 
-def test_farm_jobs_of_another_host(farm: tuple[Cluster, str]) -> None:
-    cluster, dead = farm
+def test_farm_jobs_of_another_host(farm: tuple[Cluster, str, str]) -> None:
+    cluster, dead, page = farm
     first, second = (s.home for s in cluster.servers)
     (cluster.project / "s.rad").write_text(SCENE)
     job = {
@@ -117,6 +144,8 @@ def test_farm_jobs_of_another_host(farm: tuple[Cluster, str]) -> None:
     assert status == 200 and png_size(png) == (32, 25)  # (square pixels: 50 x 40 degrees)
     status, body = call(first, f"/v1/farm/{cluster.names[1]}/jobs/{job_id}/grid.png")
     assert status == 404 and "no sensor grid" in body["error"], body  # that host's answer
+    status, body = call(first, f"/v1/farm/{page}/jobs")
+    assert status == 502 and "answered text/html" in body["error"], body  # not passed on
     status, body = call(first, f"/v1/farm/{dead}/jobs")
     assert status == 502 and dead in body["error"], body
     status, body = call(first, "/v1/farm/nohost:1/jobs")

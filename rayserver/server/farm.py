@@ -21,6 +21,7 @@ so far included).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from rayserver import __version__
 from rayserver.common.hosts import HostRecord
 from rayserver.common.states import JobState
 from rayserver.server.api import ApiError
@@ -45,6 +47,7 @@ _JOB_QUERY = ("state", "limit", "before")
 # must not fill the server's memory.
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 MAX_PICTURE_BYTES = 32 * 1024 * 1024
+MAX_INFO_BYTES = 1024 * 1024
 
 FARM_KEY: web.AppKey[Farm] = web.AppKey("farm")
 
@@ -81,7 +84,7 @@ def _describe(exc: BaseException, timeout: float) -> str:
         return f"answered {exc.status} {exc.message}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
-    if isinstance(exc, ValueError | aiohttp.ContentTypeError):
+    if isinstance(exc, ValueError):  # (json's JSONDecodeError is one)
         return f"not a rayserver answer: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
@@ -96,6 +99,7 @@ class Farm:
     _session: aiohttp.ClientSession | None = None
     _cached: tuple[float, int, list[dict[str, Any]]] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _ssl: tuple[Any, Any] | None = None  # (settings, their client TLS context)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -110,9 +114,12 @@ class Farm:
         host = f"[{record.address}]" if ":" in record.address else record.address
         ssl_ctx: Any = None
         if settings.tls_ca or settings.tls_enabled:
-            from rayserver.common.credentials import client_ssl_context
+            # one context per settings snapshot: a reload with a new CA makes a new one
+            if self._ssl is None or self._ssl[0] is not settings:
+                from rayserver.common.credentials import client_ssl_context
 
-            ssl_ctx = client_ssl_context(settings)
+                self._ssl = (settings, client_ssl_context(settings))
+            ssl_ctx = self._ssl[1]
         scheme = "https" if ssl_ctx is not None else "http"
         return f"{scheme}://{host}:{port}", ssl_ctx if ssl_ctx is not None else True
 
@@ -139,8 +146,6 @@ class Farm:
             "queued": counts.get(JobState.QUEUED, 0),
             "executor": self.ctx.live.settings.executor,
         }
-        from rayserver import __version__
-
         info["version"] = __version__
         return entry | _fields(info, record) | {"answering": True}
 
@@ -159,7 +164,10 @@ class Farm:
                     base + "/v1/info", timeout=timeout, ssl=ssl_arg, allow_redirects=False
                 ) as resp:
                     resp.raise_for_status()
-                    info = await resp.json(content_type=None)
+                    body = await _read_capped(resp, MAX_INFO_BYTES)
+            if body is None:
+                raise ValueError(f"GET /v1/info answered over {MAX_INFO_BYTES} bytes")
+            info = json.loads(body)
             if not isinstance(info, dict):
                 raise ValueError("GET /v1/info did not answer a JSON object")
             return entry | _fields(info, record) | {"answering": True}
