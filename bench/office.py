@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -162,6 +163,8 @@ def main() -> int:
     t0 = time.perf_counter()
     result = asyncio.run(run_load(port, token, dashboards, followers, Path(ids_file), Path(stop)))
     result["seconds"] = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["client_cpu"] = usage.ru_utime + usage.ru_stime
     Path(out).write_text(json.dumps(result))
     return 0
 

@@ -805,12 +805,21 @@ def office_rows(
         "",
         "",
     )
+    # On a host that only renders, two renders have both cores: the cpu the server's work
+    # for the clients takes is then at most this share of theirs.
+    share = added / ((os.cpu_count() or 1) * sum(loaded))
     b.row(
-        "9. server cpu the office load added / the renders' cpu (bound on the slowdown "
-        "the server's work for the clients can cause)",
-        f"{added / counts['render_cpu'] * 100:.2f} %",
+        "9. server cpu the office load added, share of the machine's cpu during the renders "
+        "(bound on the slowdown it can cause on a host that only renders)",
+        f"{share * 100:.2f} %",
         "< 2 %",
-        "met" if added / counts["render_cpu"] < 0.02 else "NOT met",
+        "met" if share < 0.02 else "NOT met",
+    )
+    b.row(
+        "9. the clients' own cpu (the load process, idle priority, stands for other machines)",
+        f"{counts['client_cpu'] / sum(loaded) * 100:.1f} % of one core",
+        "",
+        f"renders' own cpu {counts['render_cpu'] / sum(loaded) * 100:.0f} % of one core",
     )
     b.row(
         f"9. an office: {dashboards} dashboards + {followers} `rayfront run` followers "

@@ -56,6 +56,7 @@ class Entry:
     read_at: float
     stale: bool = False
     _body: bytes | None = field(default=None, repr=False)
+    _listed: bytes | None = field(default=None, repr=False)
 
     @property
     def final(self) -> bool:
@@ -67,6 +68,13 @@ class Entry:
         if self._body is None:
             self._body = json.dumps(self.job).encode()
         return self._body
+
+    @property
+    def listed_body(self) -> bytes:
+        """:meth:`listed` as JSON (made once per version, however many streams send it)."""
+        if self._listed is None:
+            self._listed = json.dumps(self.listed()).encode()
+        return self._listed
 
     def listed(self) -> dict[str, Any]:
         """The job object as a list shows it (at most :data:`LIST_OUTPUTS` outputs)."""

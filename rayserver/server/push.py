@@ -71,7 +71,9 @@ class EventStream:
         if entry.version <= self.sent.get(entry.row.id, self.floor):
             return
         self.sent[entry.row.id] = entry.version
-        await self.resp.write(_event("job", entry.listed(), entry.version))
+        await self.resp.write(
+            b"event: job\nid: %d\ndata: %s\n\n" % (entry.version, entry.listed_body)
+        )
 
     async def catch_up(self, since: int | None) -> None:
         """The hello, then every job changed after ``since`` (or a reset)."""
