@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from rayserver.common.settings import Settings
 
 MAX_PACKET = 65536
+IDLE_RETIRE = 5.0  # s an idle procwrap beyond the first is kept for the next job
 
 
 class ForkServerError(ExecutorError):
@@ -182,9 +183,17 @@ def boot(config: str) -> int:
 
 
 class Arbiter:
-    """The fork server's state and loop: reap children, hand jobs to spares, fork spares.
+    """The fork server's state and loop: reap children, hand jobs to idle procwraps, fork spares.
 
-    Single-threaded; a SIGCHLD only writes to the wakeup pipe, the loop acts.
+    Every procwrap it forked keeps a channel to it (a ``SOCK_SEQPACKET``
+    socketpair): a job id goes down it, and ``done <job> <exit code>`` comes
+    back when the procwrap ran its job to the end and may take another (see
+    :mod:`rayserver.jobs.procwrap.warm`). Such a report is passed on to the
+    worker as an ``exited`` one (the raw status of that exit code); a
+    procwrap that exits instead is reaped and reported as before. Idle
+    procwraps beyond one are let go (EOF on their channel) after
+    :data:`IDLE_RETIRE` seconds. Single-threaded; a SIGCHLD only writes to
+    the wakeup pipe, the loop acts.
     """
 
     def __init__(
@@ -201,29 +210,37 @@ class Arbiter:
         self.grace = grace
         self.on_final = _final_reporter(final_sock)
         self.on_change = _final_reporter(final_sock, b"c")
-        self.children: dict[int, int] = {}  # pid -> job id
-        self.spare: tuple[int, socket.socket] | None = None
+        self.children: dict[int, int] = {}  # pid -> job id, while it runs that job
+        self.chans: dict[int, socket.socket] = {}  # pid -> our end of its channel
+        self.idle: list[tuple[int, float]] = []  # (pid, idle since), the last one warmest
         self.wake_r = self.wake_w = -1
 
     def run(self) -> int:
         """Serve launches until the worker closes its end; the exit code."""
         self.setup()
         with contextlib.suppress(OSError):
-            self.spare = self.fork_spare()
+            self.fork_spare()
         while True:
+            by_fd = {chan.fileno(): pid for pid, chan in self.chans.items()}
             try:
-                ready, _, _ = select.select([self.sock, self.wake_r], [], [])
+                ready, _, _ = select.select(
+                    [self.sock, self.wake_r, *by_fd], [], [], self.retire_in()
+                )
             except InterruptedError:
                 ready = []
             if self.wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self.wake_r, 512):
                         pass
+            for fd in ready:
+                if fd in by_fd and not self.read_channel(by_fd[fd]):
+                    return 0
             # Reap on every turn: a SIGCHLD may have been merged with another.
             if not self.reap():
                 return 0
             if self.sock in ready and not self.serve_request():
                 return 0
+            self.retire()
 
     def setup(self) -> None:
         """Title, signals, wakeup pipe, preloaded procwrap code and a frozen heap."""
@@ -252,16 +269,55 @@ class Arbiter:
     def reap(self) -> bool:
         """Reap every exited child and tell the worker of procwraps; False if it is gone."""
         for pid, status in reap_exited():
+            self.drop(pid)
             job = self.children.pop(pid, None)
-            if job is not None:
-                try:
-                    _send(self.sock, {"op": "exited", "job": job, "pid": pid, "status": status})
-                except OSError:
-                    return False
-            elif self.spare is not None and self.spare[0] == pid:
-                self.spare[1].close()  # the spare died unused; the next launch forks another
-                self.spare = None
+            if job is not None and not self.report_exit(job, pid, status):
+                return False
         return True
+
+    def report_exit(self, job: int, pid: int, status: int) -> bool:
+        try:
+            _send(self.sock, {"op": "exited", "job": job, "pid": pid, "status": status})
+        except OSError:
+            return False
+        return True
+
+    def read_channel(self, pid: int) -> bool:
+        """A procwrap's ``done <job> <code>``: its job's exit, and it is idle; False: worker gone."""
+        chan = self.chans[pid]
+        try:
+            raw = chan.recv(64)
+        except OSError:
+            raw = b""
+        if not raw:
+            self.drop(pid)  # it is exiting (its reaping reports the job)
+            return True
+        words = raw.split()
+        if len(words) != 3 or words[0] != b"done" or not all(w.isdigit() for w in words[1:]):
+            return True
+        job, code = int(words[1]), int(words[2])
+        if self.children.get(pid) != job:
+            return True
+        del self.children[pid]
+        self.idle.append((pid, time.monotonic()))
+        return self.report_exit(job, pid, (code & 0xFF) << 8)  # the raw status of that exit
+
+    def drop(self, pid: int) -> None:
+        """Forget a procwrap's channel (it exited, or is let go: EOF tells it to exit)."""
+        chan = self.chans.pop(pid, None)
+        if chan is not None:
+            chan.close()
+        self.idle = [entry for entry in self.idle if entry[0] != pid]
+
+    def retire_in(self) -> float | None:
+        """Seconds until the longest-idle procwrap beyond the first is let go (None: never)."""
+        if len(self.idle) <= 1:
+            return None
+        return max(0.0, self.idle[0][1] + IDLE_RETIRE - time.monotonic())
+
+    def retire(self) -> None:
+        while len(self.idle) > 1 and time.monotonic() - self.idle[0][1] >= IDLE_RETIRE:
+            self.drop(self.idle[0][0])
 
     def serve_request(self) -> bool:
         """Read one packet from the worker and answer it; False once the worker is gone."""
@@ -270,7 +326,7 @@ class Arbiter:
         except ConnectionResetError:
             return False
         if not raw:
-            return False  # the worker is gone: so are we (the spare follows on EOF)
+            return False  # the worker is gone: so are we (the spares follow on EOF)
         try:
             job_id = _parse_launch(raw)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -286,31 +342,32 @@ class Arbiter:
             _send(self.sock, {"op": "started", "job": job_id, "pid": pid})
         except OSError:
             return False
-        # The next job's procwrap, while this one runs.
-        with contextlib.suppress(OSError):
-            self.spare = self.fork_spare()
+        if not self.idle:  # the next job's procwrap, while this one runs
+            with contextlib.suppress(OSError):
+                self.fork_spare()
         return True
 
     def hand_over(self, job_id: int) -> int:
-        """Give ``job_id`` to the spare (forking one if there is none); its pid."""
-        for _attempt in (1, 2):
-            if self.spare is None:
-                self.spare = self.fork_spare()
-            pid, chan = self.spare
-            self.spare = None
+        """Give ``job_id`` to the warmest idle procwrap (forking one if none is); its pid."""
+        forked = 0
+        while True:
+            if not self.idle:
+                if forked == 2:
+                    raise OSError("two procwraps in a row died before they got their job")
+                self.fork_spare()
+                forked += 1
+            pid, _since = self.idle.pop()
             try:
-                chan.send(b"%d" % job_id, socket.MSG_NOSIGNAL)
+                self.chans[pid].send(b"%d" % job_id, socket.MSG_NOSIGNAL)
             except OSError:
-                continue  # that spare died meanwhile (it is reaped as any child)
-            finally:
-                chan.close()
+                self.drop(pid)  # it died meanwhile (it is reaped as any child)
+                continue
             return pid
-        raise OSError("two procwraps in a row died before they got their job")
 
-    def fork_spare(self) -> tuple[int, socket.socket]:
+    def fork_spare(self) -> int:
         """A procwrap forked ahead of its job: set up, connected, waiting for a job id.
 
-        A launch then costs one datagram instead of a fork, the child's
+        A launch then costs one packet instead of a fork, the child's
         start and its database connection (~2-3 ms on a busy machine).
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -324,13 +381,18 @@ class Arbiter:
             ours.close()
             self._spare_main(theirs)
         theirs.close()
-        return pid, ours
+        self.chans[pid] = ours
+        self.idle.insert(0, (pid, time.monotonic()))  # coldest: warm ones go first
+        return pid
 
     def _spare_main(self, chan: socket.socket) -> None:  # pragma: no cover - child
-        """The forked spare: drop the server's fds and handlers, wait for a job, exit."""
+        """The forked spare: drop the server's fds and handlers, run jobs, exit."""
         code = procwrap.EXIT_INTERNAL
         try:
             self.sock.close()
+            # The other procwraps' channels: held here, their EOF would never come.
+            for other in self.chans.values():
+                other.close()
             signal.set_wakeup_fd(-1)
             os.close(self.wake_r)
             os.close(self.wake_w)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rayserver.common.states import JobState
 from rayserver.jobs.jobdb import JobDB
-from rayserver.jobs.procwrap import jobbox
+from rayserver.jobs.procwrap import jobbox, warm
 from rayserver.jobs.procwrap.exits import EXIT_CLAIM_LOST, EXIT_INTERNAL, EXIT_RESUMED, EXIT_USAGE
 from rayserver.jobs.procwrap.job import Job
 from rayserver.jobs.procwrap.procs import set_subreaper
@@ -57,34 +57,42 @@ def run_spare(
     on_final: Callable[[int], None] | None = None,
     on_change: Callable[[int], None] | None = None,
 ) -> int:
-    """A procwrap started before its job: get ready, wait for the job id, run it.
+    """A procwrap started before its job: get ready, wait for a job id, run it; and again.
 
     Everything that does not depend on the job is done while waiting: the
     database connection (and its schema), the subreaper flag, the title
     ``<title> spare`` (no ``job=``: nothing adopts a spare). The fork server
-    sends the job id as one packet on ``intake``; EOF (the fork server is
-    gone) ends the spare with nothing done.
+    sends each job id as one packet on ``intake``; EOF (the fork server is
+    gone, or it has spares enough) ends the spare. After a job that ended
+    cleanly (see :mod:`rayserver.jobs.procwrap.warm`) it reports
+    ``done <job> <exit code>`` on ``intake`` and waits for the next job
+    instead of exiting; otherwise it exits with the job's code.
     """
-    with contextlib.suppress(ImportError):
-        import setproctitle
-
-        setproctitle.setproctitle(f"{title} spare")
+    _set_title(f"{title} spare")
     set_subreaper()
     db = JobDB(Path(db_path), check=False, prepared=True)
     with contextlib.suppress(sqlite3.Error):
         _warm_statements(db)
-    raw = intake.recv(64)
-    intake.close()
-    if not raw.isdigit():
-        return 0  # EOF: the fork server (or the worker) went away before a job came
-    job_id = int(raw)
-    with contextlib.suppress(ImportError):
-        import setproctitle
-
+    turns = warm.Turns()
+    while True:
+        raw = intake.recv(64)
+        if not raw.isdigit():
+            return 0  # EOF: the fork server went away, or let this spare go
+        job_id = int(raw)
         # Final title (with the job's name) is set by run_job; this one
         # already lets an adopting worker recognise us.
-        setproctitle.setproctitle(f"{title} job={job_id}")
-    return run_job(db_path, job_id, grace=grace, on_final=on_final, on_change=on_change, db=db)
+        _set_title(f"{title} job={job_id}")
+        code, job = _run_job(db_path, job_id, grace=grace, db=db, on_change=on_change)
+        again = turns.another(code, job)
+        warm.between_jobs(job)
+        if again:
+            _set_title(f"{title} spare")
+            again = warm.report_done(intake, job_id, code)
+        if on_final is not None and _final(code):
+            on_final(job_id)
+        if not again:
+            intake.close()
+            return code
 
 
 def _warm_statements(db: JobDB) -> None:
@@ -139,6 +147,38 @@ def run_job(
     the claim and each progress write. ``db``: an already open JobDB of
     ``db_path`` (a spare's).
     """
+    code, _job = _run_job(
+        db_path,
+        job_id,
+        log_dir=log_dir,
+        grace=grace,
+        claim_queued=claim_queued,
+        db=db,
+        on_change=on_change,
+    )
+    if on_final is not None and _final(code):
+        on_final(job_id)
+    return code
+
+
+def _final(code: int) -> bool:
+    """Did the run record a final state? Not when its claim was lost, nor for a job
+    queued again to resume: its slot is freed by the exit report, so it cannot start
+    again while this process still runs."""
+    return code not in (EXIT_CLAIM_LOST, EXIT_RESUMED)
+
+
+def _run_job(
+    db_path: Path,
+    job_id: int,
+    *,
+    log_dir: Path | None = None,
+    grace: float = 5.0,
+    claim_queued: bool = False,
+    db: JobDB | None = None,
+    on_change: Callable[[int], None] | None = None,
+) -> tuple[int, Job]:
+    """:func:`run_job` without ``on_final``; the exit code and the job's state."""
     db_path = Path(db_path).absolute()  # steps run with their project as our cwd
     if db is None:
         db = JobDB(db_path, check=False, prepared=True)
@@ -164,7 +204,7 @@ def run_job(
         os.close(log_fd)
         if db.get(job_id) is None:
             print(f"procwrap: job {job_id} is not in {db_path}", file=sys.stderr)
-        return EXIT_CLAIM_LOST
+        return EXIT_CLAIM_LOST, job
     if on_change is not None:
         on_change(job_id)
     try:
@@ -172,11 +212,7 @@ def run_job(
         code = _run_claimed(job, row, db_path, log_path.parent)
     finally:
         os.close(log_fd)
-    if on_final is not None and code != EXIT_RESUMED:
-        # (A job queued again is not final: its slot is freed by the exit report,
-        # so it cannot start again while this process still runs.)
-        on_final(job_id)
-    return code
+    return code, job
 
 
 def _run_claimed(job: Job, row: JobRow, db_path: Path, job_dir: Path) -> int:

@@ -34,7 +34,6 @@ from rayserver.jobs.procwrap.shprogress import ShProgress, new_marker
 from rayserver.jobs.procwrap.streams import StepStreams, StreamError, is_stream
 from rayserver.jobs.procwrap.watch import StepWatch
 from rayserver.jobs.rows import JobRow, StepSpec
-from supervisor.util import reap_exited
 
 # The procwrap's exit code for each final state it records itself.
 _EXIT_CODES = {
@@ -56,7 +55,7 @@ OUT_OF_MEMORY = ("out of memory", "Cannot allocate memory")
 
 
 class Job:
-    """State of one procwrap run (one instance per process)."""
+    """State of one job's run in a procwrap (one per job; a warm procwrap runs several in turn)."""
 
     def __init__(self, db: JobDB, job_id: int, log_fd: int, grace: float) -> None:
         self.db = db
@@ -68,7 +67,12 @@ class Job:
         self.env: dict[str, str] = {}
         self.workdir = ""
         self.term_signal: int | None = None
-        self.max_rss_kb = 0
+        self.max_rss_kb = 0  # the step groups' sampled RSS sum (watch)
+        # This job's own children only (a warm procwrap runs jobs one after
+        # another): cpu from the difference of RUSAGE_CHILDREN since now, peak
+        # memory from each child's own rusage as it is reaped (wait4).
+        self.usage_at_start = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.child_rss_kb = 0
         self.outputs = OutputTracker(".")  # the project's files the steps created or changed
         self.named: list[str] = []  # files the current step named (stdout, rad's outputs)
         self.resume_named: list[str] = []  # files a resumed step writes by name (rpict -ro)
@@ -207,10 +211,8 @@ class Job:
             code, sig, failed_step, state, reason = self.run_steps()
         if self.term_signal is not None:
             state, reason = self.interrupted_state()
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall = time.monotonic() - started
-        cpu = usage.ru_utime + usage.ru_stime
-        rss = max(int(usage.ru_maxrss), self.max_rss_kb)
+        cpu, rss = self.usage()
         self.logcap.finish()  # (the closing line below always goes in)
         if self.box is not None:
             self.box.close()
@@ -252,6 +254,18 @@ class Job:
             self.log("rayserver: queued again, to resume where it stopped (resume_interrupted)\n")
             return EXIT_RESUMED
         return EXIT_INTERRUPTED
+
+    def usage(self) -> tuple[float, int]:
+        """(cpu seconds, peak RSS in kB) of this job's processes, none of an earlier job's."""
+        now, then = resource.getrusage(resource.RUSAGE_CHILDREN), self.usage_at_start
+        cpu = (now.ru_utime - then.ru_utime) + (now.ru_stime - then.ru_stime)
+        return max(0.0, cpu), max(self.child_rss_kb, self.max_rss_kb)
+
+    def close(self) -> None:
+        """After the job: its signal wakeup pipe goes (the handlers were reset first)."""
+        for fd in (self.wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def run_steps(self) -> tuple[int | None, int | None, int, JobState, str | None]:
         """The steps in order until one fails: (exit status, signal, failed step, state, reason)."""
@@ -589,15 +603,26 @@ class Job:
                 raise TimeoutError(f"no end after {timeout:g} s")
         finally:
             os.close(out_r)
-            _, status = os.waitpid(pid, 0)
+            _, status, usage = os.wait4(pid, 0)
+            self.child_rss_kb = max(self.child_rss_kb, int(usage.ru_maxrss))
         return os.waitstatus_to_exitcode(status), b"".join(chunks)
 
     def reap(self, leader: int, status: int | None) -> int | None:
-        """Reap every exited child (orphans come to us as subreaper); the leader's status."""
-        for pid, st in reap_exited():
+        """Reap every exited child (orphans come to us as subreaper); the leader's status.
+
+        Each child's own peak memory comes with it (wait4): the job's is the
+        largest, whatever this procwrap ran before.
+        """
+        while True:
+            try:
+                pid, st, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return status
+            if pid == 0:
+                return status
+            self.child_rss_kb = max(self.child_rss_kb, int(usage.ru_maxrss))
             if pid == leader:
                 status = st
-        return status
 
 
 def _done_steps(first: int) -> str:
