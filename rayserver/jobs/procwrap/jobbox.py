@@ -42,17 +42,34 @@ class JobBox:
             limits.remove_job_cgroup(self.cgroup)
 
 
+# path -> (the file's identity when read, what it gave): a warm procwrap parses
+# the file again only when it changed.
+_SETTINGS_READ: dict[str, tuple[tuple[int, ...], tuple[Settings, str]]] = {}
+
+
 def job_settings(home: Path) -> tuple[Settings, str]:
-    """The installation's settings, read when a job starts; (settings, note).
+    """The installation's settings as they are when a job starts; (settings, note).
 
     A settings file that does not parse gives the defaults, which confine:
     a broken edit never opens the box. The note says so for the job log.
+    Parsed again whenever the file's inode, size, mtime or ctime changed.
     """
     path = Path(home) / "config" / "rayserver.toml"
     try:
-        return load_settings(path), ""
+        st = os.stat(path)
+        key: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        key = ()
+    cached = _SETTINGS_READ.get(str(path))
+    if key and cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        result = load_settings(path), ""
     except SettingsError as exc:
-        return Settings(), f"rayserver: {exc}; this job runs with the default settings\n"
+        result = Settings(), f"rayserver: {exc}; this job runs with the default settings\n"
+    if key:
+        _SETTINGS_READ[str(path)] = (key, result)
+    return result
 
 
 def state_folders(home: Path) -> list[str]:

@@ -23,6 +23,7 @@ failure into a job warning and a log line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -352,8 +353,10 @@ def _request_step(step: StepSpec) -> dict[str, Any]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The cpu's model name (/proc/cpuinfo), else platform's processor name."""
+    """The cpu's model name (/proc/cpuinfo), else platform's processor name (read once:
+    a warm procwrap writes many receipts)."""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:

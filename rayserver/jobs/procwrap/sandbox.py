@@ -399,10 +399,15 @@ def netns_available() -> bool:
 
 def inside(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` or lies beneath it (both resolved)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return _within(os.path.realpath(path), os.path.realpath(folder))
+
+
+def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def exposed(granted: list[str] | tuple[str, ...], secrets: list[str]) -> list[tuple[str, str]]:
     """(granted folder, secret) pairs where a grant would reach a secret path."""
-    return [(g, s) for g in granted for s in secrets if s and inside(s, g)]
+    # Each path resolved once (not once per pair: ~100 realpath calls a job).
+    real = {p: os.path.realpath(p) for p in (*granted, *secrets) if p}
+    return [(g, s) for g in granted for s in secrets if s and _within(real[s], real[g])]
