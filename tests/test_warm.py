@@ -111,6 +111,7 @@ def test_jobs_in_turn_share_a_procwrap_not_their_record(
     assert os.readlink(f"/proc/{pid}/cwd") == "/"
     assert status_field(pid, "Seccomp") == "0" and status_field(pid, "NoNewPrivs") == "0"
     assert status_field(pid, "Threads") == "1"
+    assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
     assert not procwrap_alive(pid, tiny) and not procwrap_alive(pid, big)
 
 

@@ -1,4 +1,4 @@
-"""The fork server: a small single-threaded process that forks one procwrap per job.
+"""The fork server: a small single-threaded process that forks the procwraps and keeps them warm.
 
 The worker starts it first thing, as a fresh interpreter (``posix_spawn`` of
 ``sys.executable``) that imports only the procwrap code, so every procwrap
@@ -9,12 +9,19 @@ fork copies the page tables, each page a procwrap writes is copied, and its
 exit unmaps them all; forked from the worker that cost ~1 ms of CPU per job
 more than from this lean process.
 
-Protocol over a ``SOCK_SEQPACKET`` socketpair, one JSON object per packet:
+Each procwrap runs jobs one after another while they leave nothing in it
+(:mod:`rayserver.jobs.procwrap.warm`): it reports ``done <job> <exit code>``
+on its own channel to this server (a ``SOCK_SEQPACKET`` socketpair that also
+brings it its job ids) and waits for the next job; the worker is told of
+that job's end as if the procwrap had exited with that code.
+
+Protocol with the worker over a ``SOCK_SEQPACKET`` socketpair, one JSON object per packet:
 
     worker -> server  {"op": "launch", "job": <id>}
     server -> worker  {"op": "started", "job": <id>, "pid": <pid>}
                       {"op": "error", "job": <id>, "message": "..."}
                       {"op": "exited", "job": <id>, "pid": <pid>, "status": <raw wait status>}
+                      (after a procwrap's ``done``: the raw status of its exit code)
 
 A second socketpair (``SOCK_DGRAM``) goes straight from every procwrap to
 the worker: right after a procwrap has committed its job's final state it
@@ -27,7 +34,8 @@ progress write it sends ``c<job id>``: the worker's memory of the job
 query of their own.
 
 On EOF from the worker the fork server exits at once; its procwraps live on
-(they run in sessions of their own; the supervisor, a subreaper, reaps them).
+(they run in sessions of their own; the supervisor, a subreaper, reaps them):
+an idle one exits on the EOF of its channel, a busy one after its job.
 The worker's side of the protocol is :mod:`rayserver.jobs.executors.forkclient`.
 """
 
@@ -56,7 +64,7 @@ if TYPE_CHECKING:
     from rayserver.common.settings import Settings
 
 MAX_PACKET = 65536
-IDLE_RETIRE = 5.0  # s an idle procwrap beyond the first is kept for the next job
+IDLE_RETIRE = 5.0  # s without a launch or a job's end, then warm idle procwraps are let go
 
 
 class ForkServerError(ExecutorError):
@@ -190,10 +198,11 @@ class Arbiter:
     back when the procwrap ran its job to the end and may take another (see
     :mod:`rayserver.jobs.procwrap.warm`). Such a report is passed on to the
     worker as an ``exited`` one (the raw status of that exit code); a
-    procwrap that exits instead is reaped and reported as before. Idle
-    procwraps beyond one are let go (EOF on their channel) after
-    :data:`IDLE_RETIRE` seconds. Single-threaded; a SIGCHLD only writes to
-    the wakeup pipe, the loop acts.
+    procwrap that exits instead is reaped and reported as before. After
+    :data:`IDLE_RETIRE` seconds without a launch or a job's end, the idle
+    procwraps that ran jobs are let go (EOF on their channel) and one fresh
+    spare waits, as after the start: a warm one is ~5 MB larger.
+    Single-threaded; a SIGCHLD only writes to the wakeup pipe, the loop acts.
     """
 
     def __init__(
@@ -212,7 +221,8 @@ class Arbiter:
         self.on_change = _final_reporter(final_sock, b"c")
         self.children: dict[int, int] = {}  # pid -> job id, while it runs that job
         self.chans: dict[int, socket.socket] = {}  # pid -> our end of its channel
-        self.idle: list[tuple[int, float]] = []  # (pid, idle since), the last one warmest
+        self.idle: list[tuple[int, bool]] = []  # (pid, fresh: ran no job), the last warmest
+        self.last_busy = time.monotonic()  # the last launch or job's end
         self.wake_r = self.wake_w = -1
 
     def run(self) -> int:
@@ -299,7 +309,8 @@ class Arbiter:
         if self.children.get(pid) != job:
             return True
         del self.children[pid]
-        self.idle.append((pid, time.monotonic()))
+        self.idle.append((pid, False))
+        self.last_busy = time.monotonic()
         return self.report_exit(job, pid, (code & 0xFF) << 8)  # the raw status of that exit
 
     def drop(self, pid: int) -> None:
@@ -310,14 +321,21 @@ class Arbiter:
         self.idle = [entry for entry in self.idle if entry[0] != pid]
 
     def retire_in(self) -> float | None:
-        """Seconds until the longest-idle procwrap beyond the first is let go (None: never)."""
-        if len(self.idle) <= 1:
+        """Seconds until the warm idle procwraps are let go (None: there is none)."""
+        if all(fresh for _, fresh in self.idle):
             return None
-        return max(0.0, self.idle[0][1] + IDLE_RETIRE - time.monotonic())
+        return max(0.0, self.last_busy + IDLE_RETIRE - time.monotonic())
 
     def retire(self) -> None:
-        while len(self.idle) > 1 and time.monotonic() - self.idle[0][1] >= IDLE_RETIRE:
-            self.drop(self.idle[0][0])
+        """Quiet for IDLE_RETIRE s: back to one fresh spare."""
+        if self.retire_in() != 0.0:
+            return
+        for pid, fresh in list(self.idle):
+            if not fresh:
+                self.drop(pid)
+        if not self.idle:
+            with contextlib.suppress(OSError):
+                self.fork_spare()
 
     def serve_request(self) -> bool:
         """Read one packet from the worker and answer it; False once the worker is gone."""
@@ -332,6 +350,7 @@ class Arbiter:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             _send(self.sock, {"op": "error", "job": None, "message": f"bad request: {exc}"})
             return True
+        self.last_busy = time.monotonic()
         try:
             pid = self.hand_over(job_id)
         except OSError as exc:
@@ -356,7 +375,7 @@ class Arbiter:
                     raise OSError("two procwraps in a row died before they got their job")
                 self.fork_spare()
                 forked += 1
-            pid, _since = self.idle.pop()
+            pid, _fresh = self.idle.pop()
             try:
                 self.chans[pid].send(b"%d" % job_id, socket.MSG_NOSIGNAL)
             except OSError:
@@ -382,7 +401,7 @@ class Arbiter:
             self._spare_main(theirs)
         theirs.close()
         self.chans[pid] = ours
-        self.idle.insert(0, (pid, time.monotonic()))  # coldest: warm ones go first
+        self.idle.insert(0, (pid, True))  # coldest: warm ones go first
         return pid
 
     def _spare_main(self, chan: socket.socket) -> None:  # pragma: no cover - child

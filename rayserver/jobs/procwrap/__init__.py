@@ -1,4 +1,4 @@
-"""The procwrap: the controlling process of one simulation job.
+"""The procwrap: the controlling process of a simulation job (of several in turn, when warm).
 
 It claims its job in the database (exactly once), runs the steps in order in
 the project directory, writes the job log, parses progress, and records the
@@ -18,7 +18,8 @@ Exit codes: see the EXIT_* constants; the scheduler uses them when a
 procwrap died without recording a final state.
 
 The package's modules: ``entry`` (the spare of the fork server, a direct run,
-the command line), ``job`` (one job's steps, log, progress and final record),
+the command line), ``warm`` (when a spare may run another job after one, and its
+reset between jobs), ``job`` (one job's steps, log, progress and final record),
 ``watch`` (one running step: output, progress, memory, cancel, reaping),
 ``confine`` (files opened inside the project), ``ambient`` (a missing ambient file
 created by one writer alone, its integrity checked after the step), ``procs`` (spawning a step in
