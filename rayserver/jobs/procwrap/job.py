@@ -511,10 +511,14 @@ class Job:
         self.named = [step["stdout"]] if isinstance(step.get("stdout"), str) else []
         self.named += self.resume_named
         self.resume_named = []
+        # The neighbours first, then the scan: a job that ends between the two
+        # was one of them (its stdout is left to it); asked after the scan, a job
+        # that ended in between was neither listed nor newer, and the rest of
+        # its output, written after the scan, was taken for ours.
+        self._neighbours = self.db.neighbours(self.id, self.workdir)
         self.outputs.before()
         if idx == 0 and self.outputs.untracked:
             self.log(f"rayserver: {self.outputs.untracked}\n")
-        self._neighbours = self.db.neighbours(self.id, self.workdir)
 
     def scan_after(self) -> None:
         """The files the step created or changed; those other jobs name as their stdout are not ours."""
