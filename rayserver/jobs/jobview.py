@@ -109,7 +109,7 @@ class JobView:
         self.forgotten = 0  # the highest version of an entry dropped from memory
         self.closed = False
         self._entries: collections.OrderedDict[int, Entry] = collections.OrderedDict()
-        self._finals = 0
+        self._active: set[int] = set()  # entries of jobs not final (the sweeps look at these)
         self._fed: set[int] = set()
         self._waiters: dict[int, set[Listener]] = {}
         self._listeners: set[Listener] = set()
@@ -189,20 +189,20 @@ class JobView:
         entry = Entry(row, job, self.version, now)
         self._entries[row.id] = entry
         if entry.final:
-            self._finals += 1
             self._fed.discard(row.id)
             self._forget_old()
+        else:
+            self._active.add(row.id)
         if old is not None and not announced:
             self._wake(row.id)  # a change nobody had told us of (its listeners learn it)
         return entry
 
     def _drop(self, job_id: int) -> None:
-        entry = self._entries.pop(job_id, None)
-        if entry is not None and entry.final:
-            self._finals -= 1
+        self._entries.pop(job_id, None)
+        self._active.discard(job_id)
 
     def _forget_old(self) -> None:
-        while self._finals > KEEP_FINAL:
+        while len(self._entries) - len(self._active) > KEEP_FINAL:
             for job_id, entry in self._entries.items():
                 if entry.final:
                     self.forgotten = max(self.forgotten, entry.version)
@@ -214,18 +214,19 @@ class JobView:
     def sweep(self) -> None:
         """Read again every active job whose copy is due (their listeners hear of changes)."""
         now = self.clock()
-        for job_id, entry in list(self._entries.items()):
-            if not entry.final and self._due(entry, now):
+        for job_id in list(self._active):
+            entry = self._entries.get(job_id)
+            if entry is not None and self._due(entry, now):
                 self.get(job_id)
 
     def sweep_interval(self) -> float:
         """How soon :meth:`sweep` may have something to read (IDLE_SWEEP: no active job)."""
         interval = IDLE_SWEEP
-        for entry in self._entries.values():
-            if not entry.final:
-                if entry.row.id not in self._fed or entry.row.after_ids:
-                    return UNFED_TTL
-                interval = FED_TTL
+        for job_id in self._active:
+            entry = self._entries[job_id]
+            if job_id not in self._fed or entry.row.after_ids:
+                return UNFED_TTL
+            interval = FED_TTL
         return interval
 
     def changed_since(self, since: int) -> list[Entry] | None:
