@@ -113,7 +113,7 @@ class JobView:
         self._fed: set[int] = set()
         self._waiters: dict[int, set[Listener]] = {}
         self._listeners: set[Listener] = set()
-        self._lists: dict[Any, tuple[int, float, bytes]] = {}
+        self._lists: dict[Any, tuple[int, float, Any]] = {}
 
     # --- what the worker tells the view -------------------------------------------
 
@@ -243,8 +243,9 @@ class JobView:
 
     # --- lists --------------------------------------------------------------------
 
-    def cached_list(self, key: Any, compute: Callable[[], bytes]) -> bytes:
-        """A job list's answer: remembered while no job changed (and for LIST_TTL at most)."""
+    def cached_list(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """A job list's answer (or the job counts): remembered while no job changed (and for
+        LIST_TTL at most)."""
         now = self.clock()
         hit = self._lists.get(key)
         if hit is not None and hit[0] == self.changes and now - hit[1] <= LIST_TTL:

@@ -188,7 +188,7 @@ async def info(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     settings = ctx.live.settings
     record = ctx.live.record
-    counts = ctx.db.counts()
+    counts = ctx.scheduler.view.cached_list("counts", ctx.db.counts)
     try:
         load = list(os.getloadavg())
     except OSError:
