@@ -190,15 +190,25 @@ def test_worker_killed_20_times_while_40_jobs_run(
     worker = first["pid"]
     with StraySampler(rayhome) as sampler:
         for round_ in range(20):
+            # Where the kill lands: right after the submits (dispatch, launch, the
+            # procwrap's claim), while a render runs (adoption), or anywhere.
+            mode = (0, 1, 1, 2)[round_ % 4]
+            if mode == 0:  # from an idle server, so that the new jobs start at once
+                for i in ids:
+                    wait_final(srv, i, timeout=120)
             for _ in range(2):
                 n = len(ids)
-                # 0.25-0.5 s each here (-aa 0: no ambient cache to make it vary).
+                # 0.25-0.5 s each here (-aa 0: no ambient cache to make it vary); when
+                # the kill is to hit a render, ~4x longer, so that it outlasts a new
+                # worker's start on a busy machine (a warm procwrap starts jobs within
+                # milliseconds, and a render over before the new worker is up is
+                # finished by its procwrap alone: nothing to adopt).
                 ids.append(
                     submit(
                         srv,
                         [
                             rpict(
-                                36 + 6 * (n % 4),
+                                (90 if mode == 1 else 36) + 6 * (n % 4),
                                 "-ab",
                                 "1",
                                 "-ad",
@@ -210,9 +220,6 @@ def test_worker_killed_20_times_while_40_jobs_run(
                         ],
                     )["id"]
                 )
-            # Where the kill lands: right after the submits (dispatch, launch, the
-            # procwrap's claim), while a render runs (adoption), or anywhere.
-            mode = (0, 1, 1, 2)[round_ % 4]
             if mode == 0:
                 time.sleep(rng.uniform(0.0, 0.02))
             elif mode == 1:
