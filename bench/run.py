@@ -1037,14 +1037,33 @@ def bench_growth(b: Bench) -> None:
     b.keepalive("DELETE", f"/v1/jobs/{blocker}")
 
 
-def not_measured(b: Bench) -> None:
-    """Rows of issue 17's table this script does not measure yet: said, not invented."""
-    for what in ("picture", "grid -ab 1", "grid -ab 0"):
+def bench_pinned_split(b: Bench) -> None:
+    """Row 10: bench/split.py --pin (two servers, a core each, against one), in its own run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "speedups.json"
+        cmd = [sys.executable, str(REPO / "bench" / "split.py"), "--pin", "--json", str(out)]
+        done = subprocess.run(
+            [*cmd, *(["--quick"] if b.quick else [])],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=False,
+        )
+        got = json.loads(out.read_text()) if out.exists() else {}
+    if done.returncode != 0 or not got:
+        b.notes.append(f"bench/split.py --pin failed ({done.returncode}): {done.stderr[-500:]}")
+    for key, what in (
+        ("picture", "picture"),
+        ("grid", "grid -ab 1"),
+        ("grid-direct", "grid -ab 0"),
+    ):
+        speed = got.get(key)
         b.row(
             f"10. split over 2 servers pinned to a core each (taskset) vs 1 server on 1 core, {what}",
-            "not measured in this run",
+            f"{speed:.2f}x" if speed else "failed",
             ">= 1.8x",
-            "no pinned split in bench/run.py yet",
+            ("met" if speed >= 1.8 else "NOT met") if speed else "see notes",
         )
 
 
@@ -1056,7 +1075,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         help="comma-separated sections to run (dispatch, ssh, throughput, render, status, "
-        "office, client, footprint, growth); default all",
+        "office, client, footprint, growth, split); default all",
     )
     parser.add_argument("--poller", help=argparse.SUPPRESS)  # internal: the load generator
     args = parser.parse_args()
@@ -1105,9 +1124,9 @@ def run_sections(b: Bench, starts: list[float], args: argparse.Namespace) -> Non
         bench_footprint(b, starts)
     if wanted("growth"):
         bench_growth(b)
-    if only is None:
-        not_measured(b)
-    else:
+    if wanted("split"):
+        bench_pinned_split(b)
+    if only is not None:
         b.notes.append(f"only these sections were run: {', '.join(sorted(only))}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import resource
@@ -390,6 +391,9 @@ def main() -> int:
     parser.add_argument(
         "--pin", action="store_true", help="2 servers, each pinned to a core of its own"
     )
+    parser.add_argument(
+        "--json", type=Path, help="also write each workload's speed-up on all servers here"
+    )
     args = parser.parse_args()
     global SERVERS
     if args.pin:
@@ -466,7 +470,17 @@ def main() -> int:
         *loss,
     ]
     print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(speedups(ws)))
     return 0
+
+
+def speedups(ws: list[Workload]) -> dict[str, float]:
+    """Median wall on 1 server over median wall on all of them, per workload key."""
+    return {
+        w.key: statistics.median(w.times["1"]) / statistics.median(w.times[str(SERVERS)])
+        for w in ws
+    }
 
 
 if __name__ == "__main__":
