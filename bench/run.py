@@ -970,7 +970,9 @@ def descendants(pid: int) -> list[int]:
 
 def bench_footprint(b: Bench, starts: list[float]) -> None:
     assert b.server is not None
-    time.sleep(0.5)
+    # Idle: the fork server lets warm procwraps go 5 s after the last launch or end,
+    # keeping one fresh spare (the sections before this one ran jobs).
+    time.sleep(6.0)
     pids = [b.server.pid, *descendants(b.server.pid)]
     total = sum(rss_kb(p) for p in pids)
     # The tree is supervisor -> worker -> fork server -> spare procwrap.
