@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,24 +284,41 @@ def test_capped_log_keeps_head_and_tail(tmp_path: Path) -> None:
     assert dropped == (1000 - len(kept)) * 10  # whole lines of 10 bytes each
 
 
-def test_descendants_include_a_process_that_left_the_group(tmp_path: Path) -> None:
-    code = "import os, time\nif os.fork() == 0:\n    os.setsid(); time.sleep(30)\ntime.sleep(30)"
-    proc = subprocess.Popen([sys.executable, "-c", code], process_group=0)
-    try:
-        found = []
-        deadline = time.monotonic() + 10
-        while len(found) < 2 and time.monotonic() < deadline:
-            found = limits.descendants(os.getpid())
-            time.sleep(0.02)
-        assert len(found) == 2, found
-        assert limits.kill_descendants(os.getpid()) == 2
-    finally:
-        proc.kill()
-        proc.wait()
-    deadline = time.monotonic() + 5
-    while limits.descendants(os.getpid()) and time.monotonic() < deadline:
+# Run in a process of its own: in the test process, children of other tests' threads
+# (an xdist worker runs many) would count, and kill_descendants would kill them.
+_DESCENDANTS = """
+import os, subprocess, sys, time
+from rayserver.jobs.procwrap import limits
+code = "import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(30)\\ntime.sleep(30)"
+proc = subprocess.Popen([sys.executable, "-c", code], process_group=0)
+try:
+    found, deadline = [], time.monotonic() + 10
+    while len(found) < 2 and time.monotonic() < deadline:
+        found = limits.descendants(os.getpid())
         time.sleep(0.02)
-    assert limits.descendants(os.getpid()) == []
+    assert len(found) == 2, found
+    assert limits.kill_descendants(os.getpid()) == 2
+finally:
+    proc.kill()
+    proc.wait()
+deadline = time.monotonic() + 5
+while limits.descendants(os.getpid()) and time.monotonic() < deadline:
+    time.sleep(0.02)
+assert limits.descendants(os.getpid()) == []
+print("ok")
+"""
+
+
+def test_descendants_include_a_process_that_left_the_group() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _DESCENDANTS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        start_new_session=True,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
 
 
 def test_no_delegated_cgroup_here_means_rlimits() -> None:
