@@ -207,7 +207,11 @@ def test_cancel_mid_render_leaves_no_radiance_process(server: Any, rayhome: RayH
     assert final["state"] == "cancelled", final
     assert final["ended_at"] is not None
     assert radiance_pids(rayhome) == {}
-    assert running["pid"] not in our_pids(rayhome.path)
+    # The procwrap tells the worker the moment its final state is committed, then exits
+    # (a cancelled job ends its procwrap, warm or not): wait for that, bounded.
+    wait_until(
+        lambda: running["pid"] not in our_pids(rayhome.path), 10, "the cancelled procwrap gone"
+    )
     status, body = server.request("DELETE", f"/v1/jobs/{job['id']}")
     assert status == 409 and "already ended" in body["error"]
 
