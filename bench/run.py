@@ -936,26 +936,25 @@ def bench_shim(b: Bench) -> None:
     )
 
 
-def rss_kb(pid: int) -> int:
+def _proc_kb(pid: int, file: str, key: str) -> int:
+    """The kB figure of ``key`` in /proc/<pid>/<file>; 0 when the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def rss_kb(pid: int) -> int:
+    return _proc_kb(pid, "status", "VmRSS:")
 
 
 def pss_kb(pid: int) -> int:
     """Proportional set size: shared pages (the interpreter, libraries, a fork's
     copy-on-write pages) divided among the processes that share them."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_kb(pid, "smaps_rollup", "Pss:")
 
 
 def descendants(pid: int) -> list[int]:
