@@ -178,6 +178,11 @@ def test_real_answers_match_the_documented_schemas(server: Any, rayhome: RayHome
     check("/v1/jobs/{id}/preview.png", "GET", "/v1/jobs/4242/preview.png", 404)
     check("/v1/jobs/{id}/stdout", "GET", f"/v1/jobs/{jid}/stdout", 409)
     check("/v1/jobs/{id}/stdin", "PUT", f"/v1/jobs/{jid}/stdin", 409, b"x", ctype=None)
+    # The batch's jobs rewrite s.oct (their oconv step): the streamed rtrace below must
+    # not start while one of them has it truncated (seen in a busy CI run: rtrace failed).
+    for other in batch["jobs"]:
+        waited = _call(rayhome, "GET", f"/v1/jobs/{other['id']}?wait=60")[2]
+        assert waited["state"] == "done", waited
     stream = {"stream": True}
     piped = {**job, "steps": [{**job["steps"][1], "stdin": stream, "stdout": stream}]}
     piped["steps"][0]["args"] = ["-h", "s.oct"]
