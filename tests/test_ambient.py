@@ -433,6 +433,66 @@ def test_a_step_reads_an_ambient_file_in_only_between_appends(
     assert result.ok and result.records > 100, result
 
 
+# A reader as Radiance's opening of an existing file is: it reads the file through, and
+# then (here: stopped, as a preempted process is) has not yet compared its position
+# with the file's end, which it truncates to without a lock when they differ.
+_READ_THEN_STOP = """
+import os, signal, sys
+with open(sys.argv[1], "rb") as f:
+    f.read()
+    os.kill(os.getpid(), signal.SIGSTOP)
+    sys.stdin.read()
+"""
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _locked_by_another(path: Path) -> bool:
+    """Would a writer (another process) have to wait for the file's lock?"""
+    probe = (
+        "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'r+b'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    )
+    tried = subprocess.run(
+        [sys.executable, "-c", probe, str(path)], capture_output=True, timeout=30
+    )
+    return tried.returncode != 0
+
+
+def _state(pid: int) -> str:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rfind(")") + 2]
+
+
+def test_the_read_guard_holds_until_the_reader_is_past_its_length_check(
+    tmp_path: Path,
+) -> None:
+    amb = tmp_path / "a.amb"
+    amb.write_bytes(ambfile.empty_file("rtrace -af a.amb", ncomp=3, rgb=True))
+    log = _Log()
+    guard = ambguard.ReadGuard(log, str(tmp_path), ["a.amb"])
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READ_THEN_STOP, str(amb)], stdin=subprocess.PIPE
+    )
+    try:
+        guard.started(reader.pid, whole_group=False)
+        wait_until(lambda: _state(reader.pid) == "T", 30, "the reader read and stopped")
+        time.sleep(0.3)  # a bounded look for what must not happen: the lock let go
+        assert _locked_by_another(amb), "released while the reader had not checked the length"
+        os.kill(reader.pid, signal.SIGCONT)  # it goes on and waits for its input (asleep)
+        wait_until(lambda: not _locked_by_another(amb), 30, "the lock released")
+        assert log.lines == []
+    finally:
+        guard.release()
+        reader.kill()
+        reader.communicate(timeout=30)
+
+
 def _procwrap_sh(home: Path, proj: Path, text: str) -> tuple[dict[str, Any], str]:
     """A shell step run by a real procwrap from a real job database (as jobspec resolves it)."""
     db = JobDB(Layout(home, "testhost").db_path)

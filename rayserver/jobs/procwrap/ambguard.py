@@ -12,12 +12,21 @@ records go out unlocked and mid-record. Shown with a writer holding the lock
 in mid-append (docs/operations.md, "Shared ambient files").
 
 So the procwrap takes a shared fcntl lock on the file before it starts the
-program and keeps it until a process of the step has the file open and has
-read it to its end (its file position, in /proc, at the file's size).
-Radiance's writers wait for that lock before each append, so no append is
-in progress while the newcomer reads. The lock holds back the other writers'
-appends only, and for as long as the program takes to start and read the
-file (at most ``HOLD_LIMIT``).
+program and keeps it until a process of the step has the file open, has
+read it to its end (its file position, in /proc, at the file's size) and
+has gone past its check of the file's length: after the read, Radiance
+compares its position with ``lseek(SEEK_END)`` and truncates the file to
+its position if they differ, still without a lock. An append that lands in
+between is cut off, and a writer that had already sought to the old end then
+writes past the new one (a run of zeros: 1 round in 100 of concurrent first
+writers on a busy machine). Nothing in /proc shows that check, so the lock
+is kept until the reader has run ``PAST_CHECK_CPU`` of cpu time since its
+read (the check takes microseconds; a preempted reader gains none), or
+sleeps (it waits for its input or for a writer's lock: both after the
+check), or has ended. Radiance's writers wait for that lock before each
+append, so no append is in progress while the newcomer reads and checks.
+The lock holds back the other writers' appends only, and for as long as the
+program takes to start and read the file (at most ``HOLD_LIMIT``).
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
 
 HOLD_LIMIT = 60.0  # seconds: a program that takes longer to load its scene is let go
 LOCK_WAIT = 30.0  # seconds for the shared lock (writers hold theirs only to append)
+PAST_CHECK_CPU = 0.02  # seconds of the reader's cpu time after its read (see above)
 _POLL = 0.005
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class StepLog(Protocol):
@@ -80,11 +91,20 @@ class ReadGuard:
 
     def _watch(self, pid: int, whole_group: bool) -> None:
         deadline = time.monotonic() + HOLD_LIMIT
+        readers: dict[str, tuple[int, float]] = {}  # name -> (reader pid, its cpu at the read)
         while self._held and not self._stop.wait(_POLL):
             pids = _group(pid) if whole_group else [pid]
             for rel, fd in list(self._held.items()):
-                st = os.fstat(fd)
-                if any(read_through(p, st.st_dev, st.st_ino, st.st_size) for p in pids):
+                if rel not in readers:
+                    st = os.fstat(fd)
+                    reader = next(
+                        (p for p in pids if read_through(p, st.st_dev, st.st_ino, st.st_size)),
+                        None,
+                    )
+                    if reader is None:
+                        continue
+                    readers[rel] = (reader, cpu_seconds(reader) or 0.0)
+                if past_check(*readers[rel]):
                     del self._held[rel]
                     os.close(fd)  # (closing our only descriptor of it drops our lock)
             if time.monotonic() > deadline and self._held:
@@ -96,6 +116,40 @@ class ReadGuard:
                 for fd in self._held.values():
                     os.close(fd)
                 self._held.clear()
+
+
+def past_check(pid: int, cpu_at_read: float) -> bool:
+    """Is the process that read the file through past Radiance's length check (see above)?
+
+    True once it has ended, sleeps (state S: blocked on its input or a lock),
+    or has run PAST_CHECK_CPU seconds of cpu time since its read.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return True  # ended (and reaped)
+    state = raw[raw.rfind(b")") + 2 :].split()[0]
+    if state in (b"S", b"Z", b"X"):
+        return True
+    now = cpu_seconds(pid)
+    return now is None or now - cpu_at_read >= PAST_CHECK_CPU
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The process's cpu time so far: nanoseconds from schedstat, else clock ticks."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
 def shared_lock(fd: int, wait: float) -> bool:
