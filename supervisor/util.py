@@ -94,6 +94,7 @@ class ProcStat(NamedTuple):
     ppid: int
     pgrp: int
     rss_pages: int
+    cpu_ticks: int  # utime + stime, in clock ticks (os.sysconf("SC_CLK_TCK") a second)
 
 
 def proc_stat(pid: int | str) -> ProcStat | None:
@@ -109,7 +110,13 @@ def proc_stat(pid: int | str) -> ProcStat | None:
         return None
     fields = raw[raw.rfind(b")") + 2 :].split()
     try:
-        return ProcStat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[21]))
+        return ProcStat(
+            fields[0].decode(),
+            int(fields[1]),
+            int(fields[2]),
+            int(fields[21]),
+            int(fields[11]) + int(fields[12]),
+        )
     except (IndexError, ValueError):
         return None
 

@@ -39,6 +39,7 @@ import time
 from typing import Protocol
 
 from rayserver.jobs.procwrap.confine import ConfinementError, open_confined
+from supervisor.util import proc_stat
 
 HOLD_LIMIT = 60.0  # seconds: a program that takes longer to load its scene is let go
 LOCK_WAIT = 30.0  # seconds for the shared lock (writers hold theirs only to append)
@@ -124,14 +125,9 @@ def past_check(pid: int, cpu_at_read: float) -> bool:
     True once it has ended, sleeps (state S: blocked on its input or a lock),
     or has run PAST_CHECK_CPU seconds of cpu time since its read.
     """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return True  # ended (and reaped)
-    state = raw[raw.rfind(b")") + 2 :].split()[0]
-    if state in (b"S", b"Z", b"X"):
-        return True
+    info = proc_stat(pid)
+    if info is None or info.state in ("S", "Z", "X"):
+        return True  # (None: ended and reaped)
     now = cpu_seconds(pid)
     return now is None or now - cpu_at_read >= PAST_CHECK_CPU
 
@@ -143,13 +139,8 @@ def cpu_seconds(pid: int) -> float | None:
             return int(f.read().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    info = proc_stat(pid)
+    return None if info is None else info.cpu_ticks / _TICKS
 
 
 def shared_lock(fd: int, wait: float) -> bool:
@@ -190,14 +181,8 @@ def _group(pgid: int) -> list[int]:
     """Live members of process group ``pgid`` (rad, its shell, its rpict)."""
     out = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
-            out.append(int(name))
+        if name.isdigit():
+            info = proc_stat(name)
+            if info is not None and info.state != "Z" and info.pgrp == pgid:
+                out.append(int(name))
     return out
