@@ -164,8 +164,7 @@ class Supervisor:
             if self._ready_fd is not None:
                 fds.append(self._ready_fd)
             readable, _, _ = select.select(fds, [], [], self._timeout())
-            for signum in self._sigq.drain():
-                self._on_signal(signum)
+            self._drain_signals()
             if self._ready_fd is not None and self._ready_fd in readable:
                 self._read_ready_pipe()
             self._reap()
@@ -185,6 +184,11 @@ class Supervisor:
         if self._heartbeat is not None and self._heartbeat.timeout is not None:
             due.append(time.monotonic() + self._heartbeat.interval)
         return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _drain_signals(self) -> None:
+        assert self._sigq is not None
+        for signum in self._sigq.drain():
+            self._on_signal(signum)
 
     def _on_signal(self, signum: int) -> None:
         if signum in STOP_SIGNALS:
@@ -337,6 +341,10 @@ class Supervisor:
         self._close_ready_pipe()
         self._close_heartbeat()
         how = describe_status(status)
+        # A stop sent to the whole process group (Ctrl-C in a terminal, systemd's
+        # control-group kill) reaches the worker too, which may be reaped before the
+        # loop drained the supervisor's own signal: it was a stop, not a crash.
+        self._drain_signals()
         if self._stop_signal is not None:
             log.info("worker %d stopped (%s)", pid, how)
             return
