@@ -253,7 +253,8 @@ def test_a_shim_killed_outright_has_its_job_cancelled(server: Any, rayhome: RayH
         shim.wait(10)
         status, page = server.request("GET", "/v1/jobs?limit=10")
         (job,) = page["jobs"]
-        assert wait_final(server, job["id"], 30)["state"] == "cancelled"
+        final = wait_final(server, job["id"], 30)
+        assert final["state"] == "cancelled", final
     finally:
         if shim.poll() is None:
             shim.kill()

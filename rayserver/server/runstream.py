@@ -96,8 +96,8 @@ class RunStream:
     async def _abandoned(self, job_id: int) -> None:
         """The client went away: nobody takes the output any more, so the job is cancelled."""
         row = self.ctx.db.get(job_id)
-        if row is None or row.final:
-            return
+        if row is None or row.final or row.cancel_request:
+            return  # (or already cancelled by _follow, before it closed the streams)
         log.warning("job %d: the client of its run went away; cancelling the job", job_id)
         await self.ctx.scheduler.cancel(job_id)
 
@@ -146,12 +146,23 @@ class RunStream:
         sent = 0
         try:
             while chunk := await reader.read(CHUNK):
-                await frames.send(b"O", chunk)
+                try:
+                    await frames.send(b"O", chunk)
+                except ConnectionError:
+                    await self._abandoned(job_id)  # (see below)
+                    raise
                 sent += len(chunk)
             writer.write(ACK)  # every frame is written: the procwrap may call it done
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             log.info("job %d: %d bytes of standard output delivered", job_id, sent)
+        except asyncio.CancelledError:
+            # The client went away. Cancel the job before the relay's connection closes
+            # (awaited directly, this runs through to the procwrap's signal without a
+            # pause): else the procwrap sees its output cut short first and records a
+            # failure where the client's end was a cancel (a shim killed outright).
+            await self._abandoned(job_id)
+            raise
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
