@@ -171,12 +171,14 @@ async def _build_app(
     ctx = AppContext(
         layout=layout, live=live, db=db, scheduler=None, started_at=time.time(), token=token
     )
-    ctx.radiance_version = await asyncio.to_thread(api.radiance_version, live.settings)
-    # Parse openapi.yaml and build the job validator now, not in the first submit
-    # (~0.1-0.2 s of YAML).
+    # Parse openapi.yaml and build the job validator now, not in the first submit, while
+    # `rpict -version` runs (both on every worker start).
     from rayserver.server import jobspec
 
-    await asyncio.to_thread(jobspec.schema_validator, "JobRequest")
+    ctx.radiance_version, _ = await asyncio.gather(
+        asyncio.to_thread(api.radiance_version, live.settings),
+        asyncio.to_thread(jobspec.schema_validator, "JobRequest"),
+    )
     app = api.build_app(ctx, security.middlewares(ctx))
     dashboard.setup_dashboard(app, ctx)
     farm.setup_farm(app, ctx)
