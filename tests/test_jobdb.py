@@ -427,3 +427,34 @@ def test_interrupt_without_resume_or_after_a_cancel_ends_interrupted(db: JobDB) 
     db.request_cancel(cancelled, "cancel")
     assert db.interrupt(cancelled, "lost", resume=True) == "interrupted"
     assert db.get(cancelled).resumes == 0 and db.get(cancelled).events == []
+
+
+def test_a_job_submitted_while_neighbours_are_read_is_still_a_neighbour(
+    db: JobDB, tmp_path: Path
+) -> None:
+    """A procwrap reads its neighbours (jobs not final, and the highest id) before a step:
+    a job submitted by another process between those two reads must be one of them.
+    The submit is made to land between them with SQLite's trace callback."""
+    mine = submit(db)
+    other = JobDB(tmp_path / "srvstate" / "jobs.sqlite3")  # another connection, as the worker
+    submitted: list[int] = []
+    selects: list[str] = []
+
+    def between(statement: str) -> None:
+        # Called as each statement starts: at the second read, the submit lands after the
+        # first read and before the second.
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+            if len(selects) == 2:
+                submitted.append(submit(other))
+
+    conn = db._conn()
+    conn.set_trace_callback(between)
+    try:
+        ids, top = db.neighbours(mine, "/srv/projects/office")
+    finally:
+        conn.set_trace_callback(None)
+    (new,) = submitted
+    assert new in ids or new > top, (new, ids, top)
+    files = db.neighbours_files(mine, "/srv/projects/office", ids, top)
+    assert files == ["/srv/projects/office/out.hdr"]

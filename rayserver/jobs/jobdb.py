@@ -787,6 +787,10 @@ class JobDB:
         run beside it is one of these or newer (index-backed, no table scan).
         """
         conn = self._conn()
+        # The highest id first: a job submitted between the two reads is then newer than
+        # it, or not final yet. The other way round, one submitted in between was neither
+        # (seen: a neighbour's picture listed as a job's output).
+        top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
         ids = [
             r[0]
             for r in conn.execute(
@@ -794,7 +798,6 @@ class JobDB:
                 (JobState.QUEUED, JobState.STARTING, JobState.RUNNING, job_id, workdir),
             )
         ]
-        top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
         return ids, int(top)
 
     def neighbours_files(self, job_id: int, workdir: str, ids: list[int], top: int) -> list[str]:
