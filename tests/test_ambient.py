@@ -44,6 +44,7 @@ from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap import ambguard, ambient
 from rayserver.jobs.procwrap.confine import ConfinementError
 from rayserver.jobs.procwrap.progress import parse_rad_plan
+from supervisor.util import proc_stat
 
 ROUNDS = 100
 
@@ -464,11 +465,6 @@ def _locked_by_another(path: Path) -> bool:
     return tried.returncode != 0
 
 
-def _state(pid: int) -> str:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return raw[raw.rfind(")") + 2]
-
-
 def test_the_read_guard_holds_until_the_reader_is_past_its_length_check(
     tmp_path: Path,
 ) -> None:
@@ -481,7 +477,7 @@ def test_the_read_guard_holds_until_the_reader_is_past_its_length_check(
     )
     try:
         guard.started(reader.pid, whole_group=False)
-        wait_until(lambda: _state(reader.pid) == "T", 30, "the reader read and stopped")
+        wait_until(lambda: proc_stat(reader.pid).state == "T", 30, "the reader read and stopped")
         time.sleep(0.3)  # a bounded look for what must not happen: the lock let go
         assert _locked_by_another(amb), "released while the reader had not checked the length"
         os.kill(reader.pid, signal.SIGCONT)  # it goes on and waits for its input (asleep)

@@ -22,6 +22,8 @@ import os
 from collections import deque
 from collections.abc import Callable
 
+from supervisor.util import proc_stat
+
 SERVER_LEAF = "server"
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -104,28 +106,14 @@ class CappedLog:
             data = data[n:]
 
 
-def _stat(pid: str) -> tuple[int, str, int] | None:
-    """(ppid, state, rss pages) of one /proc entry, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[1]), fields[0].decode(), int(fields[21])
-    except (IndexError, ValueError):
-        return None
-
-
 def descendants(root: int) -> list[tuple[int, int]]:
     """Live (non-zombie) processes below ``root`` as (pid, rss kB), found through /proc."""
     children: dict[int, list[tuple[int, str, int]]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            info = _stat(name)
+            info = proc_stat(name)
             if info is not None:
-                children.setdefault(info[0], []).append((int(name), info[1], info[2]))
+                children.setdefault(info.ppid, []).append((int(name), info.state, info.rss_pages))
     out: list[tuple[int, int]] = []
     todo = [root]
     while todo:
