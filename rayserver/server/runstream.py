@@ -97,7 +97,7 @@ class RunStream:
         """The client went away: nobody takes the output any more, so the job is cancelled."""
         row = self.ctx.db.get(job_id)
         if row is None or row.final or row.cancel_request:
-            return  # (or already cancelled by _follow, before it closed the streams)
+            return  # (or already cancelled: _stdout does it before closing its relay)
         log.warning("job %d: the client of its run went away; cancelling the job", job_id)
         await self.ctx.scheduler.cancel(job_id)
 
