@@ -177,6 +177,7 @@ def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
 # ------------------------------------------------------------------ worker kills
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_worker_killed_20_times_while_40_jobs_run(
     server_factory: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
@@ -524,6 +525,7 @@ def _locked(db: Path) -> sqlite3.Connection:
     return con
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_database_locked_at_start(
     rayhome: RayHome, server_factory: Any, capsys: pytest.CaptureFixture[str]

@@ -110,6 +110,7 @@ def _report_counts(path: Path) -> tuple[int, list[str]]:
     return cases, failures
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(
     server: Any, rayhome: RayHome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

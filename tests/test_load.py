@@ -78,6 +78,7 @@ async def _load(base: str, token: str, ids: list[int]) -> tuple[int, list[float]
     return sum(counts), latencies, errors
 
 
+@pytest.mark.slow
 def test_200_clients_poll_while_two_renders_run(
     server: Any, rayhome: RayHome, capsys: pytest.CaptureFixture[str]
 ) -> None:

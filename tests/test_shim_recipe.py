@@ -77,6 +77,7 @@ def _result(proc: subprocess.Popen[str], folder: Path) -> bytes:
     return result.read_bytes()
 
 
+@pytest.mark.slow
 def test_daylight_factor_recipe_runs_its_rays_on_the_server(server: Any, rayhome: RayHome) -> None:
     shims = rayhome.projects.parent / "shims"
     made = rayfront(rayhome, "shim", str(shims), cwd=rayhome.projects)

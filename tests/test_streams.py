@@ -356,6 +356,7 @@ class _Peaks(threading.Thread):
                 self.peak[name] = max(self.peak.get(name, 0), _vm_hwm_kb(pid))
 
 
+@pytest.mark.slow
 @pytest.mark.bigstream
 def test_one_gigabyte_through_stdin_and_stdout_in_constant_memory(
     server: Any, rayhome: RayHome
