@@ -42,6 +42,7 @@ from rayserver.common import ambfile
 from rayserver.common.paths import Layout
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap import ambguard, ambient
+from rayserver.jobs.procwrap import receipt as procwrap_receipt
 from rayserver.jobs.procwrap.confine import ConfinementError
 from rayserver.jobs.procwrap.progress import parse_rad_plan
 from supervisor.util import proc_stat
@@ -256,7 +257,7 @@ def test_rounds_of_concurrent_first_writers(server_factory: Any, rayhome: RayHom
         name, jobs = _server_round(srv, k)
         assert [j["state"] for j in jobs] == ["done"] * len(jobs), jobs
         logs = [job_log(srv, j["id"]) for j in jobs]
-        assert all(not j["warnings"] for j in jobs), list(zip(jobs, logs, strict=True))
+        assert all(not j["warnings"] for j in jobs), "\n".join(logs)
         assert sum(f"created the ambient file {name} " in log for log in logs) == 1, logs
         overlapping += _overlapped(jobs)
         problem = check(proj / name, BIN / "lookamb", rad_env())
@@ -487,6 +488,24 @@ def test_the_read_guard_holds_until_the_reader_is_past_its_length_check(
         guard.release()
         reader.kill()
         reader.communicate(timeout=30)
+
+
+def test_the_read_guard_survives_the_receipt_reading_the_file(tmp_path: Path) -> None:
+    # Just before a step starts, its receipt hashes the step's inputs, the ambient file
+    # among them, through a descriptor of its own. Closing that must not drop the guard's
+    # lock (a POSIX fcntl lock of the process would go with it).
+    amb = tmp_path / "a.amb"
+    amb.write_bytes(ambfile.empty_file("rtrace -af a.amb", ncomp=3, rgb=True))
+    log = _Log()
+    guard = ambguard.ReadGuard(log, str(tmp_path), ["a.amb"])
+    try:
+        assert _locked_by_another(amb), log.lines
+        hashed = procwrap_receipt._project_hash(str(tmp_path), str(amb))
+        assert hashed["size"] == amb.stat().st_size, hashed
+        assert _locked_by_another(amb), "the guard's lock went with the receipt's descriptor"
+    finally:
+        guard.release()
+    assert not _locked_by_another(amb)
 
 
 def _procwrap_sh(home: Path, proj: Path, text: str) -> tuple[dict[str, Any], str]:

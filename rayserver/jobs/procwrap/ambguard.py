@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import struct
 import threading
 import time
 from typing import Protocol
@@ -143,12 +144,29 @@ def cpu_seconds(pid: int) -> float | None:
     return None if info is None else info.cpu_ticks / _TICKS
 
 
+# struct flock on Linux (LP64): l_type, l_whence, padding, l_start, l_len, l_pid, padding.
+_FLOCK = struct.Struct("hhxxxxqqixxxx")
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+
+
 def shared_lock(fd: int, wait: float) -> bool:
-    """A shared whole-file fcntl lock within ``wait`` seconds (writers hold theirs briefly)."""
+    """A shared whole-file lock on ``fd`` within ``wait`` seconds (writers hold theirs briefly).
+
+    An open file description lock (F_OFD_SETLK): it conflicts with the POSIX
+    fcntl locks Radiance takes, but unlike one of those it belongs to ``fd``
+    alone. A POSIX lock of this process would go the moment the process
+    closes any other descriptor of the file, as the receipt's hashing of the
+    step's inputs does just before the step starts: the guard was gone before
+    the program read the file (1 round in ~100 of concurrent first writers on
+    a loaded machine, "ignoring last 0 values" in a newcomer's log).
+    """
     deadline = time.monotonic() + wait
     while True:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if _OFD_SETLK is None:  # (a kernel or Python without them: the POSIX lock)
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            else:
+                fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
             return True
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() > deadline:
