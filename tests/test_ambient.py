@@ -245,6 +245,7 @@ def _overlapped(jobs: list[dict[str, Any]]) -> bool:
     return any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
 
 
+@pytest.mark.slow
 def test_rounds_of_concurrent_first_writers(server_factory: Any, rayhome: RayHome) -> None:
     rayhome.write_hosts(f'testhost 8 projects="{rayhome.projects}"\n')
     proj = make_project(rayhome)
