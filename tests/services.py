@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,9 +28,31 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+# A node finishing an earlier job (its epilog) takes new ones once it is done: wait for it.
+_SLURM_PASSING = ("completing", "powering_up", "configuring")
+_SLURM_SETTLE = 60.0  # seconds
+
+
 def _slurm() -> str | None:
     if not shutil.which("sinfo"):
         return "Slurm's commands are not installed (.ci/run starts a cluster: bash .ci/start-slurm)"
+    deadline = time.monotonic() + _SLURM_SETTLE
+    while True:
+        states, why = _slurm_states()
+        if why is not None:
+            return why
+        if any(s in ("idle", "mixed", "allocated") for s in states):
+            return None
+        if not states or not all(s in _SLURM_PASSING for s in states):
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return f"no Slurm node takes jobs (sinfo states: {states})"
+
+
+def _slurm_states() -> tuple[list[str], str | None]:
+    """The nodes' states (flags such as * and ~ taken off), or why sinfo gave none."""
     try:
         out = subprocess.run(
             ["sinfo", "-h", "-o", "%T"],
@@ -40,12 +63,10 @@ def _slurm() -> str | None:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"sinfo did not run: {exc}"
+        return [], f"sinfo did not run: {exc}"
     if out.returncode != 0:
-        return f"sinfo fails, no Slurm cluster here: {out.stderr.strip()}"
-    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in out.stdout.split()):
-        return f"no Slurm node takes jobs (sinfo states: {out.stdout.split()})"
-    return None
+        return [], f"sinfo fails, no Slurm cluster here: {out.stderr.strip()}"
+    return [s.rstrip("*~#") for s in out.stdout.split()], None
 
 
 def _chromium() -> str | None:
