@@ -146,7 +146,6 @@ def cpu_seconds(pid: int) -> float | None:
 
 # struct flock on Linux (LP64): l_type, l_whence, padding, l_start, l_len, l_pid, padding.
 _FLOCK = struct.Struct("hhxxxxqqixxxx")
-_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
 
 
 def shared_lock(fd: int, wait: float) -> bool:
@@ -158,15 +157,12 @@ def shared_lock(fd: int, wait: float) -> bool:
     closes any other descriptor of the file, as the receipt's hashing of the
     step's inputs does just before the step starts: the guard was gone before
     the program read the file (1 round in ~100 of concurrent first writers on
-    a loaded machine, "ignoring last 0 values" in a newcomer's log).
+    a loaded machine, "ignoring last 0 values" in the test's job logs).
     """
     deadline = time.monotonic() + wait
     while True:
         try:
-            if _OFD_SETLK is None:  # (a kernel or Python without them: the POSIX lock)
-                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            else:
-                fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
             return True
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() > deadline:
