@@ -149,8 +149,22 @@ def make_home(base: Path, cpus: int = 2, settings_extra: str = "") -> RayHome:
     return RayHome(home, port, projects)
 
 
+@pytest.fixture(scope="session")
+def one_shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """This test process's shared server (sharedserver.py), for tests marked shared_server."""
+    from sharedserver import SharedServer
+
+    shared = SharedServer(tmp_path_factory.mktemp("shared"))
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture
-def rayhome(tmp_path: Path) -> RayHome:
+def rayhome(request: pytest.FixtureRequest, tmp_path: Path) -> RayHome:
+    from sharedserver import marked
+
+    if marked(request.node):
+        return request.getfixturevalue("one_shared_server").home()
     return make_home(tmp_path)
 
 
@@ -160,14 +174,24 @@ class ServerProc:
 
     proc: subprocess.Popen[str]
     home: RayHome
-    lines: list[str] = field(default_factory=list)
+    every_line: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
+    # A view of a shared server (shared.py) shows only the lines since its test began.
+    offset: int = 0
+
+    @property
+    def lines(self) -> list[str]:
+        return self.every_line[self.offset :]
+
+    def view(self) -> ServerProc:
+        """This server as a test that starts now sees it: the same process, later lines."""
+        return ServerProc(self.proc, self.home, self.every_line, self._reader, len(self.every_line))
 
     def start_reader(self) -> None:
         def pump() -> None:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
-                self.lines.append(line.rstrip("\n"))
+                self.every_line.append(line.rstrip("\n"))
 
         self._reader = threading.Thread(target=pump, daemon=True)
         self._reader.start()
@@ -179,12 +203,12 @@ class ServerProc:
     def wait_for(self, text: str, timeout: float = 20.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.lines):
+            for line in self.lines:
                 if text in line:
                     return line
             if self.proc.poll() is not None and self._reader is not None:
                 self._reader.join(1)
-                for line in list(self.lines):
+                for line in self.lines:
                     if text in line:
                         return line
                 raise AssertionError(
@@ -345,8 +369,10 @@ def stop_everything(home: RayHome, procs: list[subprocess.Popen[str]]) -> list[i
 
 
 @pytest.fixture
-def server_factory(rayhome: RayHome) -> Iterator:
+def server_factory(request: pytest.FixtureRequest, rayhome: RayHome) -> Iterator:
     """Start rayserver processes for a test; all are stopped when it ends."""
+    from sharedserver import marked
+
     started: list[ServerProc] = []
 
     def factory(
@@ -363,25 +389,30 @@ def server_factory(rayhome: RayHome) -> Iterator:
         return srv
 
     yield factory
-    homes = {id(s.home): s.home for s in started} or {id(rayhome): rayhome}
+    homes = {id(s.home): s.home for s in started}
+    if not homes and not marked(request.node):
+        # What the test started otherwise with its home (a daemon, say) ends too; the
+        # shared server's home is not the test's to clean up (sharedserver.py).
+        homes = {id(rayhome): rayhome}
     for home in homes.values():
         stop_everything(home, [s.proc for s in started if s.home is home])
 
 
 @pytest.fixture
-def server(server_factory) -> ServerProc:
-    """A foreground rayserver on 127.0.0.1 with a temporary home, ready to answer."""
-    srv = server_factory("-f")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            status, _ = srv.request("GET", "/v1/info", timeout=2)
-            if status == 200:
-                return srv
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProc]:
+    """A foreground rayserver on 127.0.0.1 with a temporary home, ready to answer.
+
+    For a test marked shared_server: this test process's shared server (sharedserver.py).
+    """
+    from sharedserver import marked, ready
+
+    if not marked(request.node):
+        yield ready(request.getfixturevalue("server_factory")("-f"))
+        return
+    request.getfixturevalue("rayhome")  # empties the projects folder first
+    shared = request.getfixturevalue("one_shared_server")
+    yield shared.view()
+    shared.after_test()
 
 
 _THREE: dict[str, Any] = {}

@@ -20,6 +20,8 @@ from rayserver.common import radiance
 from rayserver.common.settings import Settings
 
 BIN = radiance.bin_dir(Settings())
+# Tests that edit the hosts file, list every job or read the whole log opt out.
+pytestmark = pytest.mark.shared_server
 # A lamp over a floor and a wall: with -ab, rpict has real work to do.
 SCENE = """\
 void light bright 0 0 3 100 100 100
@@ -184,6 +186,7 @@ def test_submit_answers_201_with_location(server: Any, rayhome: RayHome) -> None
     assert (rayhome.projects / "p" / "out.txt").read_text().strip()
 
 
+@pytest.mark.shared_server(False)
 def test_bad_submissions_get_clear_errors(server: Any, rayhome: RayHome) -> None:
     make_project(rayhome)
     good = json.dumps(tiny()).encode()
@@ -241,6 +244,7 @@ def test_limits_from_settings(server_factory: Any, rayhome: RayHome) -> None:
     error_of(status, body, 422, "max_arg_length", "steps[0].args[0]")
 
 
+@pytest.mark.shared_server(False)
 def test_location_added_while_running_is_accepted(
     server: Any, rayhome: RayHome, tmp_path: Path
 ) -> None:
@@ -329,6 +333,7 @@ def test_json_that_is_not_an_object(server: Any, rayhome: RayHome, body: bytes) 
     error_of(status, json.loads(answer), 422, "must be a JSON object")
 
 
+@pytest.mark.shared_server(False)
 def test_malformed_request_is_one_log_line_not_a_traceback(server) -> None:
     """A header with a NUL byte: aiohttp answers 400; our log gets one line, no traceback."""
     import socket as _socket
