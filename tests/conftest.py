@@ -176,16 +176,24 @@ class ServerProc:
     home: RayHome
     every_line: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
-    # A view of a shared server (shared.py) shows only the lines since its test began.
+    # A view of a shared server (sharedserver.py) shows only the lines since its test
+    # began, and knows the newest job id of the tests before it.
     offset: int = 0
+    jobs_before: int = 0
 
     @property
     def lines(self) -> list[str]:
         return self.every_line[self.offset :]
 
-    def view(self) -> ServerProc:
+    def view(self, jobs_before: int) -> ServerProc:
         """This server as a test that starts now sees it: the same process, later lines."""
-        return ServerProc(self.proc, self.home, self.every_line, self._reader, len(self.every_line))
+        return ServerProc(
+            self.proc, self.home, self.every_line, self._reader, len(self.every_line), jobs_before
+        )
+
+    def own(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The jobs of a listing that this test submitted (all of them on a server of its own)."""
+        return [j for j in jobs if j["id"] > self.jobs_before]
 
     def start_reader(self) -> None:
         def pump() -> None:

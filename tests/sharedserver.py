@@ -18,8 +18,9 @@ tests:
   server of its own;
 - a server that died (a test killed it) is stopped for good and replaced;
 - ``server.lines`` and ``server.output`` show only the lines since the test
-  began; the log file and the job ids do carry on (tests that count either
-  keep their own server).
+  began, and ``server.own(jobs)`` keeps the jobs of a listing that the test
+  submitted; the log file and the job ids do carry on (tests that read the
+  whole log keep their own server).
 """
 
 from __future__ import annotations
@@ -80,7 +81,11 @@ class SharedServer:
         return srv.home
 
     def view(self) -> ServerProc:
-        return self._running().view()
+        srv = self._running()
+        status, page = srv.request("GET", "/v1/jobs?limit=1")
+        assert status == 200, page
+        jobs = page["jobs"]  # type: ignore[index]
+        return srv.view(jobs[0]["id"] if jobs else 0)
 
     def after_test(self) -> None:
         """Put right what a test left; raises (after replacing the server) for what it must not."""

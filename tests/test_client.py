@@ -28,6 +28,9 @@ from rayserver.client.context import Project
 from rayserver.client.jobrequest import build_job
 from rayserver.common.png import PPMError, ppm_to_png
 
+# A test that edits the hosts file keeps a server of its own.
+pytestmark = pytest.mark.shared_server
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "conf" / "demo"
 RAYFRONT = [sys.executable, "-m", "rayserver.client.cli"]
@@ -256,6 +259,7 @@ def wait_state(
     raise AssertionError(f"job {job_id} never reached {states}: {job}")
 
 
+@pytest.mark.shared_server(False)
 def test_location_translation_between_two_mounts(server, tmp_path: Path) -> None:
     home = server.home
     # The client mounts the same volume at another path (a symlink stands in for a mount).
@@ -482,7 +486,7 @@ def test_run_survives_a_worker_crash(server) -> None:
         text=True,
     )
     try:
-        job = wait_state(server, 1, {"running"}, not_yet_ok=True)
+        job = wait_state(server, server.jobs_before + 1, {"running"}, not_yet_ok=True)
         workers = [pid for pid in _titled(home, "/server/start.pyo worker")]
         assert len(workers) == 1, workers
         os.kill(workers[0], signal.SIGKILL)  # the supervisor starts a new worker; the job goes on
@@ -574,7 +578,7 @@ def test_interrupted_run_json_names_the_job_that_goes_on(server) -> None:
         text=True,
     )
     try:
-        job = wait_state(server, 2, {"running"}, not_yet_ok=True)
+        job = wait_state(server, server.jobs_before + 2, {"running"}, not_yet_ok=True)
         time.sleep(0.5)  # let rayfront reach its log stream
         run.send_signal(signal.SIGINT)
         out, err = run.communicate(timeout=30)
@@ -582,7 +586,7 @@ def test_interrupted_run_json_names_the_job_that_goes_on(server) -> None:
         if run.poll() is None:
             run.kill()
             run.communicate()
-        server.request("DELETE", f"/v1/jobs/{2}")
+        server.request("DELETE", f"/v1/jobs/{server.jobs_before + 2}")
     assert run.returncode == 130, out + err
     answer = json.loads(out)
     assert answer["id"] == job["id"] and "goes on" in answer["error"], answer
