@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from conftest import RayHome
 from jobtools import get, make_project, rayfront, rayfront_json, rpict, submit, wait_final
+
+pytestmark = pytest.mark.shared_server
 
 
 def _wait_running(srv: Any, job_id: int) -> None:

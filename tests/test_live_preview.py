@@ -18,6 +18,8 @@ from test_dashboard import png_rows
 
 from rayserver.common.falsecolor import colour, parse_values
 
+pytestmark = pytest.mark.shared_server
+
 
 def fetch(server: Any, path: str) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.home.port, timeout=30)

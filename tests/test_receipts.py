@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import RayHome
 from jobtools import (
     BIN,
@@ -39,6 +40,9 @@ from test_openapi import document, response_validator
 from rayserver.client.compare import compare_files
 from rayserver.client.demo import DEMO_SOURCE
 from rayserver.common.receipt import named_files, octree_sources, option_defaults, sampling_reasons
+
+# The test that makes named tokens keeps a server of its own.
+pytestmark = pytest.mark.shared_server
 
 JSON = "application/json"
 
@@ -136,6 +140,7 @@ def test_reproduce_deterministic_render_then_refuse_changed_input(server: Any) -
     assert "scene.oct: missing" in refused.stderr and "scene.rad" in refused.stderr
 
 
+@pytest.mark.shared_server(False)
 def test_receipt_of_another_users_job_is_refused(server: Any) -> None:
     """Named tokens: bob may not read alice's receipt (403), the shared token (admin) may;
     a job without a receipt is a 404 that says why; a receipt that cannot be written is a

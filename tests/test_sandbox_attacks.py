@@ -31,6 +31,8 @@ from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap import landlock, seccomp
 from rayserver.server import jobspec
 
+pytestmark = pytest.mark.shared_server
+
 RIF = """\
 ZONE = I 0 4 0 4 0 3
 scene = scene.rad

@@ -38,6 +38,9 @@ from jobtools import wait_final, wait_until
 from services import need_service
 from test_openapi import document, response_validator
 
+# Refusals are logged once a minute per address: that test keeps a server of its own.
+pytestmark = pytest.mark.shared_server
+
 LOG_BYTES = 50 * 1024 * 1024
 LATENCY_BOUND = 0.050
 MIN_SAMPLES = 100
@@ -195,6 +198,7 @@ def log_text(rayhome: RayHome) -> str:
     return rayhome.log_file.read_text() if rayhome.log_file.exists() else ""
 
 
+@pytest.mark.shared_server(False)
 def test_refused_requests_are_logged_once_a_minute_per_address(
     server: Any, rayhome: RayHome
 ) -> None:

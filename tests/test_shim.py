@@ -17,6 +17,8 @@ import pytest
 from conftest import RayHome
 from jobtools import BIN, VIEW, make_project, rad_env, rayfront, wait_final, wait_until
 
+pytestmark = pytest.mark.shared_server
+
 POINTS = "".join(
     f"{0.3 + 0.1 * (i % 30):.2f} {0.3 + 0.1 * (i // 30):.2f} 1 0 0 1\n" for i in range(600)
 )
@@ -49,7 +51,7 @@ def _shims(home: RayHome, proj: Path, *extra: str) -> dict[str, str]:
 def _jobs(srv: Any) -> list[dict[str, Any]]:
     status, page = srv.request("GET", "/v1/jobs?limit=100")
     assert status == 200, page
-    return page["jobs"]
+    return srv.own(page["jobs"])
 
 
 def _direct(proj: Path, cmd: str) -> bytes:

@@ -24,6 +24,8 @@ from jobtools import BIN, VIEW, make_project, rad_env, rayfront, wait_final, wai
 
 from rayserver.client import shimfast, shimhttp
 
+pytestmark = pytest.mark.shared_server
+
 RAYS = b"".join(b"%.2f 1.5 1 0 0 1\n" % (0.3 + 0.1 * i) for i in range(20))
 
 
@@ -65,6 +67,7 @@ def _requests(srv: Any) -> dict[str, float]:
     return counts
 
 
+@pytest.mark.shared_server(False)  # its shim edits the hosts file
 def test_a_planned_call_is_one_request_without_the_full_client(
     server: Any, rayhome: RayHome
 ) -> None:
@@ -161,7 +164,7 @@ def test_run_endpoint_frames_and_refusals(server: Any, rayhome: RayHome) -> None
         assert status == code, body
         assert words in json.loads(body)["error"], body
     status, page = server.request("GET", "/v1/jobs?limit=100")
-    assert [j["name"] for j in page["jobs"]] == ["frames"]
+    assert [j["name"] for j in server.own(page["jobs"])] == ["frames"]
 
 
 class _OldServer:
@@ -252,7 +255,7 @@ def test_a_shim_killed_outright_has_its_job_cancelled(server: Any, rayhome: RayH
         shim.kill()
         shim.wait(10)
         status, page = server.request("GET", "/v1/jobs?limit=10")
-        (job,) = page["jobs"]
+        (job,) = server.own(page["jobs"])
         final = wait_final(server, job["id"], 30)
         assert final["state"] == "cancelled", final
     finally:
