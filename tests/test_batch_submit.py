@@ -13,7 +13,11 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
+
 from rayserver.client.connection import Client, ClientError, Target
+
+pytestmark = pytest.mark.shared_server
 
 SCENE = "void light l 0 0 3 1 1 1\nl sphere s 0 0 4 0 0 2 .5\n"
 

@@ -37,6 +37,8 @@ from rayserver.jobs.jobdb import JobDB
 from rayserver.server import security
 from rayserver.server.dashboard import routes as dashboard
 
+pytestmark = pytest.mark.shared_server
+
 SCENE = """\
 void light bright 0 0 3 100 100 100
 bright sphere lamp 0 0 4 0 0 3 0.5

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 import referencing
 import referencing.jsonschema
 import schemathesis
@@ -21,6 +22,8 @@ from rayserver.common.paths import Layout
 from rayserver.server import api, farm, jobspec
 from rayserver.server.confwatch import LiveConfig
 from rayserver.server.dashboard import routes as dashboard
+
+pytestmark = pytest.mark.shared_server
 
 DOC_URI = "urn:test:openapi"
 

@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import RayHome
 from jobtools import make_project, rayfront, rayfront_json, submit, wait_final
 
 from rayserver.jobs.procwrap.outputs import OutputTracker
+
+pytestmark = pytest.mark.shared_server
 
 
 def test_the_scan_finds_created_and_changed_files_only(tmp_path: Path) -> None:

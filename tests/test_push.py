@@ -26,6 +26,8 @@ from rayserver.client import follow as follow_mod
 from rayserver.client.connection import Client, Target
 from rayserver.jobs.jobdb import JobDB
 
+pytestmark = pytest.mark.shared_server
+
 
 def job_of(srv: Any, job_id: int, query: str = "", timeout: float = 30) -> dict[str, Any]:
     status, job = srv.request("GET", f"/v1/jobs/{job_id}{query}", timeout=timeout)

@@ -161,9 +161,11 @@ def test_ctrl_c_in_a_shimmed_rpict_cancels_its_job(server: Any, rayhome: RayHome
     wait_until(lambda: not _rpicts_in(proj), 20, "no rpict left")
 
 
-def test_outside_the_project_or_off_runs_locally(server: Any, rayhome: RayHome) -> None:
+def test_outside_the_project_or_off_runs_locally(
+    server: Any, rayhome: RayHome, tmp_path: Path
+) -> None:
     proj = make_project(rayhome)
-    outside = rayhome.path.parent / "elsewhere"
+    outside = tmp_path / "elsewhere"
     outside.mkdir()
     for name in ("scene.oct", "scene.rad"):  # oconv's octree names its scene files
         (outside / name).write_bytes((proj / name).read_bytes())

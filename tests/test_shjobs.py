@@ -25,6 +25,8 @@ from rayserver.common.paths import Layout
 from rayserver.jobs.jobdb import JobDB
 from rayserver.jobs.procwrap.shprogress import ShProgress, script_commands
 
+pytestmark = pytest.mark.shared_server
+
 MARK = "+rayserver-0123abcd+ "
 
 # The daylight factor of a sensor grid under a uniform sky, as the recipes compute it.
@@ -298,7 +300,7 @@ def test_rayfront_run_script_lists_what_it_wrote(server: Any, rayhome: RayHome) 
     run = rayfront(rayhome, "run", "--stdout", "views.log", "--script", "views.sh", cwd=proj)
     assert run.returncode == 0, run.stderr
     assert (proj / "count.txt").read_text() == "rays: 32\n"
-    job = rayfront(rayhome, "status", "1", cwd=proj).stdout
+    job = rayfront(rayhome, "status", str(server.jobs_before + 1), cwd=proj).stdout
     for name in ("count.txt", "view_1.txt", "view_-1.txt", "room.oct"):
         assert f"{name}  (" in job, job
     assert "step 1: sh views.sh" in job or "sh views.sh" in job, job
