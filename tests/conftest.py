@@ -6,6 +6,10 @@ any process still carrying this test's unique RAYFRONT_HOME in its
 environment (procwraps run in sessions of their own, so the group alone
 does not reach them). Processes are only ever found by that environment
 entry and ended by pid, never by name.
+
+Tests marked ``shared_server`` get one server per test process instead
+(sharedserver.py says what is put right between them); it is stopped the
+same way when the process's tests are over.
 """
 
 from __future__ import annotations
@@ -40,6 +44,22 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if not hasattr(config, "workerinput"):  # once, in the process that starts the workers
         _bytecode_cache(config)
+    else:
+        _own_session()
+
+
+def _own_session() -> None:
+    """Each xdist worker leads a session of its own, as every server it starts already does.
+
+    Linux shares a busy machine's cpu between sessions, not processes (autogroup, on by
+    default): measured beside two CPU hogs, three busy loops in one session got 0.65 of
+    a cpu together. So, with all three workers (and the rayfront commands and direct
+    Radiance runs they start) in the caller's one session, the suite got a third of a
+    2-core machine; with a session each, the workers get a share each. The terminal's
+    Ctrl-C still reaches the controller, which stops the workers (their input closes).
+    """
+    with contextlib.suppress(OSError):  # already a group leader: started that way
+        os.setsid()
 
 
 def _bytecode_cache(config: pytest.Config) -> None:
