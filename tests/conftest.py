@@ -365,6 +365,17 @@ def start_server(
     return server
 
 
+def ready(srv: ServerProc, timeout: float = 20) -> ServerProc:
+    """``srv`` once its worker answers ``GET /v1/info``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if srv.request("GET", "/v1/info", timeout=2)[0] == 200:
+                return srv
+        time.sleep(0.05)
+    raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
+
+
 def stop_everything(home: RayHome, procs: list[subprocess.Popen[str]]) -> list[int]:
     """End what a test started; returns the pids that needed a SIGKILL."""
     for proc in procs:
@@ -432,7 +443,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProc]:
 
     For a test marked shared_server: this test process's shared server (sharedserver.py).
     """
-    from sharedserver import marked, ready
+    from sharedserver import marked
 
     if not marked(request.node):
         yield ready(request.getfixturevalue("server_factory")("-f"))

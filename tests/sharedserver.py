@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RayHome, ServerProc, make_home, start_server, stop_everything
+from conftest import RayHome, ServerProc, make_home, ready, start_server, stop_everything
 
 NON_FINAL = "queued,running"
 
@@ -46,19 +46,6 @@ def marked(node: pytest.Item) -> bool:
         and (not mark.args or bool(mark.args[0]))
         and "server" in getattr(node, "fixturenames", ())
     )
-
-
-def ready(srv: ServerProc, timeout: float = 20) -> ServerProc:
-    """``srv`` once its worker answers ``GET /v1/info``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if srv.request("GET", "/v1/info", timeout=2)[0] == 200:
-                return srv
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
 
 
 class SharedServer:

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from conftest import ready
 
 from rayserver.common import credentials
 from rayserver.common.credentials import CredentialsError
@@ -596,16 +597,6 @@ def wait_server_log(srv: Any, text: str, timeout: float = 10.0) -> str:
     raise AssertionError(f"no {text!r} in the server's log:\n{server_log(srv)}")
 
 
-def wait_info(srv: Any) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if srv.request("GET", "/v1/info", timeout=2)[0] == 200:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
-
-
 def test_server_makes_token_0640_and_demands_it(server: Any) -> None:
     token_file = server.home.path / "config" / "token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o640
@@ -647,7 +638,7 @@ def test_server_refuses_to_start_with_world_readable_token(
 def test_server_with_tokens_off_warns_at_start(rayhome: Any, server_factory: Any) -> None:
     rayhome.write_settings(settings_text(rayhome, 'token_file = ""\n'))
     srv = server_factory("-f")
-    wait_info(srv)
+    ready(srv)
     wait_server_log(srv, "tokens are switched off")
     assert not (rayhome.path / "config" / "token").exists()
     assert srv.request("GET", "/v1/jobs", token=False)[0] == 200
@@ -657,7 +648,7 @@ def test_server_refuses_addresses_outside_allow(rayhome: Any, server_factory: An
     # The server listens on 127.0.0.1; 127.0.0.2 as source plays an outside host.
     rayhome.write_settings(settings_text(rayhome, 'allow = ["127.0.0.1/32"]\n'))
     srv = server_factory("-f")
-    wait_info(srv)
+    ready(srv)
     bad = connect_from("127.0.0.2", rayhome.port)
     with contextlib.suppress(OSError):
         bad.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -681,7 +672,7 @@ def test_server_refuses_addresses_outside_allow(rayhome: Any, server_factory: An
 def test_server_limits_body_and_slow_clients(rayhome: Any, server_factory: Any) -> None:
     rayhome.write_settings(settings_text(rayhome, "max_body_bytes = 2000\nclient_timeout = 1\n"))
     srv = server_factory("-f")
-    wait_info(srv)
+    ready(srv)
     status, body = srv.request("POST", "/v1/jobs", {"location": "projects", "project": "x" * 5000})
     assert status == 413 and body["status"] == 413 and "2000 bytes" in body["error"]
     status, body = srv.request("GET", "/v1/no-such-thing")

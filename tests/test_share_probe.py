@@ -24,24 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RayHome, http_request, make_home
+from conftest import RayHome, http_request, make_home, ready
 from test_openapi import document, response_validator
 
 ENDPOINT = "/v1/share-probe"
 # Holds live in the worker: the tests that count them or edit the hosts file opt out.
 pytestmark = pytest.mark.shared_server
-
-
-def ready(srv: Any) -> Any:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if srv.request("GET", "/v1/info", timeout=2)[0] == 200:
-                return srv
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"server never answered /v1/info:\n{srv.output}")
 
 
 def probe_file(folder: Path, nonce: str | None = None, name: str | None = None) -> tuple[str, str]:
