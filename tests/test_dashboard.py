@@ -37,8 +37,6 @@ from rayserver.jobs.jobdb import JobDB
 from rayserver.server import security
 from rayserver.server.dashboard import routes as dashboard
 
-pytestmark = pytest.mark.shared_server
-
 SCENE = """\
 void light bright 0 0 3 100 100 100
 bright sphere lamp 0 0 4 0 0 3 0.5
@@ -59,7 +57,7 @@ def bin_path(name: str) -> str:
 
 
 # One xdist worker runs this module: its module-scoped fixture is built once.
-pytestmark = pytest.mark.xdist_group("dashboard")
+pytestmark = [pytest.mark.xdist_group("dashboard"), pytest.mark.shared_server]
 
 
 @pytest.fixture(scope="module")
