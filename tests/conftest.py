@@ -82,6 +82,7 @@ def _bytecode_cache(config: pytest.Config) -> None:
     config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups it finds
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """One xdist worker runs every Slurm test: they share one cluster and count its cpus."""
     for item in items:
