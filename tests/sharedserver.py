@@ -1,7 +1,7 @@
 """One rayserver per test process, shared by the tests marked ``shared_server``.
 
-Starting a server costs about 0.55 s of cpu (supervisor, worker, fork server:
-measured); the ~250 starts were half the suite's cpu. A test that only asks a
+Starting a server costs about 0.55 s of cpu (supervisor 0.12, worker 0.36, fork
+server 0.1: measured); the ~260 starts were a third of the suite's cpu. A test that only asks a
 server things (submits, probes, streams, reads jobs) does not need its own:
 marked ``shared_server`` (on the test or its module; ``shared_server(False)``
 takes one test back out), a test using the ``server`` fixture gets this
